@@ -1,0 +1,144 @@
+"""The `synthtune` command line. Each command is a thin wrapper over a library function.
+
+    synthtune --help
+    synthtune demo [--config configs/demo.yaml] [key=value ...]
+    synthtune score IN.jsonl --out OUT.jsonl [--json]
+    synthtune data check FILE.jsonl [--lenient]
+    synthtune models prepare NAME | synthtune models info NAME
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from synthtune import __version__
+
+app = typer.Typer(name="synthtune", no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
+                  help="Synthesize reasoning data, fine-tune and evaluate specialist models.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect and validate datasets.")
+models_app = typer.Typer(no_args_is_help=True, help="Fetch, build and inspect models.")
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+
+# soft_wrap: error lines carry file paths, which must stay whole for editors and grep.
+err_console = Console(stderr=True, soft_wrap=True)
+
+OverridesArg = Annotated[list[str] | None, typer.Argument(
+    help="config overrides as key=value, e.g. n_questions=3 model=tiny-llama", show_default=False)]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"synthtune {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                 help="print the version and exit")] = False,
+          verbose: Annotated[bool, typer.Option("--verbose", "-v", help="debug logging")] = False) -> None:
+    # Logging is configured here, in the entry point, never at import time.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+
+
+@app.command()
+def demo(
+    overrides: OverridesArg = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config (see configs/demo.yaml)")] = None,
+    model: Annotated[str | None, typer.Option(help="HF id, local dir, or built-in name")] = None,
+    output_dir: Annotated[str | None, typer.Option(help="where results go")] = None,
+) -> None:
+    """Run the README's main job: few-shot GSM8K on the embedded model, scored end to end."""
+    from synthtune.config import DemoConfig, load_config
+    from synthtune.demo import run_demo
+
+    cfg = load_config(DemoConfig, config, overrides or [], model=model, output_dir=output_dir)
+    console = Console()
+    summary = run_demo(cfg, console=console)
+    console.print_json(json.dumps(summary))
+
+
+@app.command()
+def score(
+    input: Annotated[Path, typer.Argument(help="JSONL rows with question, answer, completions (or completion)")],
+    out: Annotated[Path, typer.Option("--out", help="where the scored JSONL is written")],
+    json_only: Annotated[bool, typer.Option("--json", help="print only the one-line JSON summary")] = False,
+    lenient: Annotated[bool, typer.Option(help="skip malformed rows (and report how many) instead of failing")] = False,
+) -> None:
+    """Score any model's GSM8K outputs: extraction, correctness, majority vote, maj@k and pass@k."""
+    from synthtune.score import score_file
+
+    summary = score_file(input, out, lenient=lenient)
+    if not json_only:
+        err_console.print(f"scored {summary['n_questions']} questions -> {out}")
+    typer.echo(json.dumps(summary))
+
+
+@data_app.command("check")
+def data_check(
+    path: Annotated[Path, typer.Argument(help="JSONL with question and answer fields (GSM8K format)")],
+    lenient: Annotated[bool, typer.Option(help="skip malformed rows (and report them) instead of failing")] = False,
+    json_only: Annotated[bool, typer.Option("--json", help="print only the JSON summary")] = False,
+) -> None:
+    """Validate a GSM8K-format file: fields, final answers, and every calculator annotation."""
+    from synthtune.data.validate import check_file
+
+    report = check_file(path, lenient=lenient)
+    if not json_only:
+        for line in report.pop("problems_preview", []):
+            err_console.print(Text(line, style="yellow"))
+    else:
+        report.pop("problems_preview", None)
+    typer.echo(json.dumps(report))
+
+
+@models_app.command("prepare")
+def models_prepare(
+    name: Annotated[str, typer.Argument(help="smollm2-135m-instruct, tiny-llama, tiny-t5, an HF id or a dir")],
+    seed: Annotated[int, typer.Option(help="seed for the tiny models")] = 0,
+) -> None:
+    """Fetch/convert/build a model once (useful before going offline); prints its local path."""
+    from synthtune.models import resolve_model
+
+    typer.echo(resolve_model(name, seed=seed))
+
+
+@models_app.command("info")
+def models_info(
+    name: Annotated[str, typer.Argument(help="smollm2-135m-instruct, tiny-llama, tiny-t5, an HF id or a dir")],
+    trust_remote_code: Annotated[bool, typer.Option(help="allow the model repo's own Python code to run")] = False,
+) -> None:
+    """Print a model's kind (causal or seq2seq), size and the dtype/device it would load with."""
+    from synthtune.models import model_info
+
+    typer.echo(json.dumps(model_info(name, trust_remote_code=trust_remote_code), indent=2))
+
+
+def main() -> None:
+    """Console entry point: known user errors print one clear message, not a traceback."""
+    from synthtune.config import ConfigError
+    from synthtune.data.jsonl import DataError
+    from synthtune.models import ModelError
+
+    try:
+        app()
+    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+        # Text, not markup: messages may hold brackets (e.g. "openai/gsm8k[test]").
+        err_console.print(Text.assemble(("error: ", "bold red"), str(err)))
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("[yellow]interrupted[/]: everything written so far is kept")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

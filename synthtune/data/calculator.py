@@ -1,0 +1,564 @@
+"""Check the arithmetic written in a solution, without ``eval``.
+
+GSM8K solutions carry calculator annotations, ``48/2 = <<48/2=24>>24``, and synthesized solutions
+imitate them, or write equations in prose (``5 * $3 = $15``, ``12 x 4 = 48``).  A solution whose
+arithmetic is wrong is a poor training example even when its final answer happens to be right, so
+the synthesis loop filters on :func:`check_calculations`.
+
+Expressions are evaluated by a small recursive-descent parser over exact fractions: model text is
+untrusted, and ``eval`` (even on an AST whitelist) makes it easy to forget a node type or to let
+``9**9**9`` stall the process.  Exponents are capped for the same reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from decimal import Decimal
+from fractions import Fraction
+from itertools import pairwise
+
+__all__ = ["CalcError", "CalcReport", "check_calculations", "evaluate"]
+
+# 10**64 is far beyond any grade-school quantity, and bounding exponents (and nesting) bounds the
+# size of every intermediate Fraction, so hostile input cannot make a check slow.
+MAX_EXPONENT = 64
+MAX_DEPTH = 50
+MAX_TOKENS = 200
+
+ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
+
+# One token at a time.  ``x``/``×`` multiply and ``÷`` divides only in prose; ``%`` is modulo in
+# annotations (Python syntax) but a percent sign in prose.
+_TOKEN_RE = re.compile(
+    r"""
+      (?P<ws>[ \t]+)
+    | (?P<mixed>(?P<whole>\d+)[ \t]+(?:and[ \t]+)?(?P<mnum>[1-9]\d*)/(?P<mden>\d+)(?![\d/.]))
+    | (?P<frac>(?P<fnum>[1-9]\d*|0)/(?P<fden>\d+)(?![\d/.]))
+    | (?P<num>(?:[$€£¥₹][ \t]*)?(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?(?!\d)|(?:[$€£¥₹][ \t]*)?\.\d+)
+      (?P<pct>[ \t]?%)?
+    | (?P<op>\*\*|//|[-+*/^×÷\u2212\u2013])
+    | (?P<lp>\() | (?P<rp>\)) | (?P<eq>=)
+    | (?P<word>[^\W\d_]+)
+    | (?P<other>.)
+    """,
+    re.VERBOSE | re.DOTALL,
+)
+# The en dash is a minus in "$2,430 – $2,100"; ranges ("5–6 hours") never reach a check on their own.
+_OP_ALIASES = {"×": "*", "÷": "/", "\u2212": "-", "\u2013": "-", "^": "**"}
+
+
+class CalcError(ValueError):
+    """An expression that cannot be evaluated (bad syntax, division by zero, huge exponent)."""
+
+
+@dataclass
+class CalcReport:
+    """Outcome of :func:`check_calculations`.
+
+    ``fraction`` is ``n_correct / n_checked``, or None when the text had nothing to check (callers
+    must not read "no arithmetic" as "all arithmetic right" or "all wrong").
+    """
+
+    n_checked: int = 0
+    n_correct: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float | None:
+        return self.n_correct / self.n_checked if self.n_checked else None
+
+    def as_dict(self) -> dict[str, object]:
+        return {"n_checked": self.n_checked, "n_correct": self.n_correct, "fraction": self.fraction,
+                "errors": list(self.errors)}
+
+
+@dataclass(frozen=True)
+class _Tok:
+    kind: str  # "num", "op", "(", ")", "=", or "break"
+    text: str
+    start: int
+    end: int
+    value: Fraction | None = None
+    decimals: int = 0
+    percent: bool = False
+    fraction: bool = False  # a written fraction such as "1/3" (prose), itself a division
+
+
+def _number_token(text: str, start: int, end: int, percent: bool) -> _Tok:
+    digits = text.lstrip("$€£¥₹ \t").replace(",", "")
+    decimals = len(digits.split(".", 1)[1]) if "." in digits else 0
+    return _Tok("num", text, start, end, Fraction(Decimal(digits)), decimals, percent)
+
+
+def _tokenize(text: str, prose: bool) -> list[_Tok]:
+    """Split ``text`` into numbers, operators, parentheses, ``=`` and breaks (anything else).
+
+    In prose a number glued to letters ("2x", "5A", "D3", "1.2Y") is algebra or a label, and a
+    number with a leading zero ("0900") is a clock time, so both become breaks rather than values.
+    A tight fraction ("1/3") is one number there, as in "25 / 1/3 = 75", and so is a mixed number
+    ("1 1/2", "1 and 1/3").
+    """
+    tokens: list[_Tok] = []
+    pos = 0
+    while pos < len(text):
+        m = _TOKEN_RE.match(text, pos)
+        assert m is not None  # the "other" branch matches any character
+        if m["mixed"] is not None and not (prose and int(m["mnum"]) < int(m["mden"])):
+            # Annotations are Python, and "3 10/2" is no mixed number: read the first number alone.
+            m = _TOKEN_RE.match(text[: m.end("whole")], pos)
+        elif m["frac"] is not None and not prose:
+            m = _TOKEN_RE.match(text[: m.end("fnum")], pos)
+        assert m is not None
+        pos = m.end()
+        kind = next(name for name in _KINDS if m[name] is not None)
+        if kind == "ws":
+            continue
+        start, end = m.start(), m.end()
+        glued_before = _glued_before(tokens, text, start)
+        if kind in ("mixed", "frac"):
+            if kind == "mixed":
+                value: Fraction | None = int(m["whole"]) + Fraction(int(m["mnum"]), int(m["mden"]))
+            else:
+                value = Fraction(int(m["fnum"]), int(m["fden"])) if int(m["fden"]) else None
+            if value is None or glued_before or _letter_at(text, end):
+                tokens.append(_Tok("break", m.group(), start, end))
+            else:
+                tokens.append(_Tok("num", m.group(), start, end, value, 0, False, True))
+        elif kind == "num":
+            num_text = m["num"]
+            end = start + len(num_text)
+            digits = num_text.lstrip("$€£¥₹ \t")
+            leading_zero = len(digits) > 1 and digits[0] == "0" and digits[1].isdigit()
+            if prose and leading_zero and _space_thousands(tokens, text, start, digits):
+                # "$80 000", "18 000 watts": a space as thousands separator, as GSM8K sometimes writes.
+                prev = tokens.pop()
+                assert prev.value is not None
+                merged = prev.value * 1000 + int(digits)
+                tokens.append(_Tok("num", text[prev.start:end], prev.start, end, merged, 0, prev.percent))
+                continue
+            glued = glued_before or (_letter_at(text, end) and not _x_operator_follows(text, end))
+            if prose and (glued or leading_zero):
+                # Algebra ("2x", "5A", "D3") and clock times ("0900") are not quantities to check.
+                tokens.append(_Tok("break", m.group(), start, m.end()))
+                continue
+            tokens.append(_number_token(num_text, start, end, bool(m["pct"]) and prose))
+            if m["pct"] and not prose:
+                tokens.append(_Tok("op", "%", m.start("pct"), m.end("pct")))
+        elif kind == "op":
+            tokens.append(_Tok("op", _OP_ALIASES.get(m["op"], m["op"]), start, end))
+        elif kind in ("lp", "rp", "eq"):
+            prev = tokens[-1] if tokens else None
+            if prose and kind == "lp" and prev and prev.end == start and prev.kind in ("num", ")"):
+                # "2(50+100)" and "66(1/3)": multiplication written by juxtaposition.
+                tokens.append(_Tok("op", "*", start, start))
+            tokens.append(_Tok({"lp": "(", "rp": ")", "eq": "="}[kind], m.group(), start, end))
+        elif (kind == "word" and prose and m.group() in ("x", "X") and tokens
+              and tokens[-1].kind in ("num", ")") and _x_operator_follows(text, start)):
+            tokens.append(_Tok("op", "*", start, end))
+        elif kind == "word" and prose and tokens and tokens[-1].kind == "num" and (
+            units := _UNIT_WORDS_RE.match(text, start)
+        ):
+            # "3 packs × $4.50 = $13.50", "2.5 hours × 60 = 150": unit words between a number and the
+            # next operator are read past, as a person reads them.
+            pos = units.end()
+        elif kind == "other" and not prose and m.group() == "%":
+            tokens.append(_Tok("op", "%", start, end))
+        else:
+            tokens.append(_Tok("break", m.group(), start, end))
+    return tokens
+
+
+# Up to three words, then an operator (a lone "x" counts when a number follows it).  Not before "=":
+# "... by 11/20 we get X = $1200" and "1/2 a cup = 4 ounces" end an expression rather than qualify it.
+_UNIT_WORDS_RE = re.compile(
+    r"[^\W\d_]+(?:[ \t]+[^\W\d_]+){0,2}(?=[ \t]*(?:[-+*/×÷\u2212]|[xX][ \t]*[$€£¥₹(.\d]))"
+)
+_KINDS = ("ws", "mixed", "frac", "num", "op", "lp", "rp", "eq", "word", "other")
+
+
+def _letter_at(text: str, pos: int) -> bool:
+    return pos < len(text) and text[pos].isalpha()
+
+
+def _space_thousands(tokens: list[_Tok], text: str, start: int, digits: str) -> bool:
+    if len(digits) != 3 or not tokens or tokens[-1].kind != "num" or tokens[-1].fraction:
+        return False
+    prev = tokens[-1]
+    prev_digits = prev.text.lstrip("$€£¥₹ \t")
+    return text[prev.end:start] == " " and prev_digits.isdigit() and len(prev_digits) <= 3
+
+
+def _glued_before(tokens: list[_Tok], text: str, start: int) -> bool:
+    # The "x" of "12x4" is a letter touching the 4, but it was already read as a times sign.
+    if not (start and text[start - 1].isalpha()):
+        return False
+    return not (tokens and tokens[-1].kind == "op" and tokens[-1].end == start)
+
+
+_X_OPERATOR_RE = re.compile(r"[xX][ \t]*[$€£¥₹(.\d]")
+
+
+def _x_operator_follows(text: str, pos: int) -> bool:
+    """Whether ``text[pos]`` is an ``x`` used as a times sign: "12 x 4", "12x4", "75x 8", "0.2 x $50"."""
+    return bool(_X_OPERATOR_RE.match(text, pos)) and not _letter_at(text, pos + 1)
+
+
+class _Parser:
+    """Recursive descent with Python's precedence: ``+ -`` < ``* / // %`` < unary ``-`` < ``**``."""
+
+    def __init__(self, tokens: list[_Tok], percent_as_fraction: bool) -> None:
+        self.tokens = tokens
+        self.pos = 0
+        self.depth = 0
+        self.percent_as_fraction = percent_as_fraction
+
+    def parse(self) -> Fraction:
+        if not self.tokens:
+            raise CalcError("empty expression")
+        if len(self.tokens) > MAX_TOKENS:
+            raise CalcError("expression too long")
+        value = self._sum()
+        if self.pos != len(self.tokens):
+            raise CalcError(f"unexpected {self.tokens[self.pos].text!r}")
+        return value
+
+    def _peek_op(self, *ops: str) -> str | None:
+        if self.pos < len(self.tokens):
+            tok = self.tokens[self.pos]
+            if tok.kind == "op" and tok.text in ops:
+                return tok.text
+        return None
+
+    def _sum(self) -> Fraction:
+        value = self._product()
+        while op := self._peek_op("+", "-"):
+            self.pos += 1
+            rhs = self._product()
+            value = value + rhs if op == "+" else value - rhs
+        return value
+
+    def _product(self) -> Fraction:
+        value = self._unary()
+        while op := self._peek_op("*", "/", "//", "%"):
+            self.pos += 1
+            rhs = self._unary()
+            if op == "*":
+                value *= rhs
+                continue
+            if rhs == 0:
+                raise CalcError("division by zero")
+            if op == "/":
+                value /= rhs
+            elif op == "//":
+                value = Fraction(value // rhs)
+            else:
+                value = value % rhs
+        return value
+
+    def _unary(self) -> Fraction:
+        if op := self._peek_op("-", "+"):
+            self.pos += 1
+            self._enter()
+            try:
+                value = self._unary()
+            finally:
+                self.depth -= 1
+            return -value if op == "-" else value
+        return self._power()
+
+    def _power(self) -> Fraction:
+        base = self._atom()
+        if self._peek_op("**"):
+            self.pos += 1
+            self._enter()
+            try:
+                exponent = self._unary()  # right-associative, and 2**-1 is legal
+            finally:
+                self.depth -= 1
+            if exponent.denominator != 1:
+                raise CalcError("fractional exponent")
+            if abs(exponent) > MAX_EXPONENT:
+                raise CalcError(f"exponent larger than {MAX_EXPONENT}")
+            if base == 0 and exponent < 0:
+                raise CalcError("division by zero")
+            return base ** int(exponent)
+        return base
+
+    def _atom(self) -> Fraction:
+        if self.pos >= len(self.tokens):
+            raise CalcError("expression ends early")
+        tok = self.tokens[self.pos]
+        if tok.kind == "num":
+            self.pos += 1
+            assert tok.value is not None
+            return tok.value / 100 if tok.percent and self.percent_as_fraction else tok.value
+        if tok.kind == "(":
+            self.pos += 1
+            self._enter()
+            try:
+                value = self._sum()
+            finally:
+                self.depth -= 1
+            if self.pos >= len(self.tokens) or self.tokens[self.pos].kind != ")":
+                raise CalcError("unbalanced parentheses")
+            self.pos += 1
+            return value
+        raise CalcError(f"unexpected {tok.text!r}")
+
+    def _enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise CalcError("expression nested too deeply")
+
+
+def _values(tokens: list[_Tok]) -> set[Fraction]:
+    """Every value ``tokens`` can mean: "20%" is 0.2 in "20% * 50" but 20 in "0.2 * 100 = 20%"."""
+    readings = (True, False) if any(t.percent for t in tokens) else (False,)
+    return {_Parser(tokens, as_fraction).parse() for as_fraction in readings}
+
+
+def evaluate(expression: str, prose: bool = False) -> Fraction:
+    """Exact value of an arithmetic expression; :class:`CalcError` if it is not one.
+
+    >>> evaluate("48/2"), evaluate("(1/2)*14 + 2**3"), evaluate("12 x 4", prose=True)
+    (Fraction(24, 1), Fraction(15, 1), Fraction(48, 1))
+    """
+    tokens = _tokenize(expression, prose)
+    if any(t.kind in ("break", "=") for t in tokens):
+        bad = next(t for t in tokens if t.kind in ("break", "="))
+        raise CalcError(f"unexpected {bad.text!r}")
+    return _Parser(tokens, percent_as_fraction=True).parse()
+
+
+def _round_half_up(value: Fraction, places: int) -> Fraction:
+    scale = 10**places
+    scaled = abs(value) * scale
+    rounded = Fraction(int(scaled + Fraction(1, 2)), scale)
+    return rounded if value >= 0 else -rounded
+
+
+def _agrees(exact: Fraction, written: Fraction, decimals: int) -> bool:
+    """Whether ``written`` is ``exact`` or ``exact`` rounded to the decimals actually written.
+
+    GSM8K writes ``<<10/3=3.33>>`` and ``<<2/3=0.67>>``; both rounding directions of a tie (half up,
+    half even) are accepted because writers use either, and with two or more decimals so is cutting
+    the digits off ("16.66" for 16.666...).  An integer result is only accepted when it is exact:
+    "7/2 = 3" is the kind of slip the check exists to catch.
+    """
+    if exact == written:
+        return True
+    if decimals == 0:
+        return False
+    scale = 10**decimals
+    accepted = {_round_half_up(exact, decimals), Fraction(round(exact * scale), scale)}
+    if decimals >= 2:
+        # "15/90 * 100% = 16.66", "3/21 * 100% = 14.28": GSM8K writers also cut repeating decimals.
+        accepted.add(Fraction(int(exact * scale), scale))
+    return written in accepted
+
+
+def _fmt(value: Fraction) -> str:
+    if value.denominator == 1:
+        return str(value.numerator)
+    as_float = float(value)
+    return f"{as_float:.6g}"
+
+
+def _check_annotation(body: str) -> str | None:
+    """None if ``body`` (the text between ``<<`` and ``>>``) is right, else what is wrong."""
+    if "=" not in body:
+        return f"<<{body}>>: no '=' in annotation"
+    lhs, rhs = body.rsplit("=", 1)
+    try:
+        exact = evaluate(lhs)
+    except CalcError as exc:
+        return f"<<{body}>>: cannot evaluate {lhs.strip()!r} ({exc})"
+    rhs_tokens = _tokenize(rhs, prose=False)
+    sign = 1
+    if len(rhs_tokens) == 2 and rhs_tokens[0].kind == "op" and rhs_tokens[0].text == "-":
+        sign, rhs_tokens = -1, rhs_tokens[1:]
+    if len(rhs_tokens) != 1 or rhs_tokens[0].kind != "num" or rhs_tokens[0].value is None:
+        # GSM8K has a few like <<3/4=3/4>>: a result written as an expression must be exact.
+        try:
+            written = evaluate(rhs)
+        except CalcError:
+            return f"<<{body}>>: result {rhs.strip()!r} is not a number"
+        return None if written == exact else f"<<{body}>>: {lhs.strip()} is {_fmt(exact)}, not {rhs.strip()}"
+    if _agrees(exact, sign * rhs_tokens[0].value, rhs_tokens[0].decimals):
+        return None
+    return f"<<{body}>>: {lhs.strip()} is {_fmt(exact)}, not {rhs.strip()}"
+
+
+def _longest_parseable(tokens: list[_Tok], from_end: bool) -> list[_Tok] | None:
+    """The longest run of ``tokens`` ending at its end (or starting at its start) that parses."""
+    n = len(tokens)
+    for size in range(min(n, MAX_TOKENS), 0, -1):
+        part = tokens[n - size:] if from_end else tokens[:size]
+        try:
+            _values(part)
+        except CalcError:
+            continue
+        return part
+    return None
+
+
+def _has_operator(tokens: list[_Tok]) -> bool:
+    # Only a binary operator (or a written fraction) makes a calculation; "x = -5" or "D3 = 644"
+    # merely restates a value.
+    return any(t.fraction for t in tokens) or any(
+        t.kind == "op" and prev.kind in ("num", ")") for prev, t in pairwise(tokens)
+    )
+
+
+def _percent_after_sign(tokens: list[_Tok]) -> bool:
+    # "10 - 20% = 8" means "less 20% of 10", which neither reading of a percent sign captures.
+    return any(t.percent and prev.kind == "op" and prev.text in "+-" for prev, t in pairwise(tokens))
+
+
+def _left_side(text: str, part: list[_Tok]) -> list[_Tok] | None:
+    """The expression on the left of an ``=``, or None when it is not safely complete.
+
+    Prose cuts expressions short: "S + 143 = ..." (a variable), "X*2 - $40 = ..." or "$80 000 x 20/100"
+    (a space as thousands separator).  When what precedes the parseable tail is a number or an
+    operator, or the tail opens with a sign that binds to something unseen, the equation is skipped
+    rather than reported as wrong.
+    """
+    left = _longest_parseable(part, from_end=True)
+    if not left:
+        return None
+    dropped = part[: len(part) - len(left)]
+    if dropped and dropped[-1].kind in ("num", "op"):
+        return None
+    if (len(left) == 3 and left[1].text == "-" and left[0].end == left[1].start == left[2].start - 1
+            and left[0].value is not None and left[2].value is not None and left[0].value < left[2].value):
+        return None  # "Weeks 1-2 = ...": a range, not a subtraction
+    first = left[0]
+    if first.kind == "op":
+        if first.text != "-":
+            return None
+        prev = text[: first.start].rstrip()[-1:]
+        if prev and (prev.isalnum() or prev in ").%"):
+            return None
+    return left
+
+
+_MIXED_TAIL_RE = re.compile(r"[ \t]+and[ \t]+[($€£¥₹]?\d+/\d+")
+_CENTS_TAIL_RE = re.compile(r"[ \t]*(?:cents?\b|¢)")
+_REMAINDER_TAIL_RE = re.compile(
+    r"(?:[ \t]+[^\W\d_]+){0,3}[ \t]*,?[ \t]*(?:with[ \t]+)?(?:a[ \t]+)?(?:remainder\b|rem\b|[rR][ \t]*\d)"
+)
+
+
+def _right_side(text: str, part: list[_Tok]) -> list[_Tok] | None:
+    """The value on the right of an ``=``, or None when it continues in a way we cannot read.
+
+    "= 30 + M trees", "= 24/Y", "= 18 000 watts" and "= $10/hour" all leave an operator or a number
+    behind the parseable head; those are skipped.
+    """
+    right = _longest_parseable(part, from_end=False)
+    if not right:
+        return None
+    rest = part[len(right):]
+    if rest and rest[0].kind in ("num", "op", "("):
+        return None
+    if _MIXED_TAIL_RE.match(text, right[-1].end):
+        return None  # "= 16 and (2/3)", "= $3 and $1/3": a mixed number spelled out
+    return right
+
+
+def _prose_equations(text: str, annotated: list[tuple[int, int]]) -> list[str | None]:
+    """Check "a op b = c" equations in prose; one entry per equation, None when it is right."""
+    results: list[str | None] = []
+    segment: list[_Tok] = []
+    for tok in [*_tokenize(text, prose=True), _Tok("break", "", len(text), len(text))]:
+        if tok.kind != "break":
+            segment.append(tok)
+            continue
+        parts: list[list[_Tok]] = [[]]
+        for t in segment:
+            if t.kind == "=":
+                parts.append([])
+            else:
+                parts[-1].append(t)
+        segment = []
+        for i in range(len(parts) - 1):
+            # Only the first side of a chain can have been cut short by the text before it.
+            left = _left_side(text, parts[i]) if i == 0 else _longest_parseable(parts[i], from_end=False)
+            if i > 0 and left is not None and len(left) != len(parts[i]):
+                left = None
+            right = _right_side(text, parts[i + 1])
+            if not left or not right or not _has_operator(left):
+                continue
+            if _percent_after_sign(left) or _percent_after_sign(right):
+                continue
+            lo, hi = left[0].start, right[-1].end
+            # The prose around an annotation ("48/2 = <<48/2=24>>24") repeats it: count it once.
+            if any(lo <= a_start and a_end <= hi for a_start, a_end in annotated):
+                continue
+            results.append(_check_equation(text, left, right, parts[i + 1]))
+    return results
+
+
+def _check_equation(text: str, left: list[_Tok], right: list[_Tok], right_part: list[_Tok]) -> str | None:
+    try:
+        lhs_values = _values(left)
+        rhs_values = _values(right)
+    except CalcError:  # pragma: no cover - both sides were chosen because they parse
+        return None
+    # A single written number, possibly negative, is compared allowing for rounding.
+    written = right[-1] if len(right) == 1 or (len(right) == 2 and right[0].text == "-") else None
+    if written is not None and _CENTS_TAIL_RE.match(text, right[-1].end):
+        # "$2.50 - $2.24 = 26 cents": dollars on the left, cents on the right.
+        lhs_values = lhs_values | {v * 100 for v in lhs_values}
+    if written is not None and _REMAINDER_TAIL_RE.match(text, right[-1].end):
+        # "13 / 6 = 2 full cycles with a remainder of 1": integer division, said so in words.
+        lhs_values = lhs_values | {Fraction(v.numerator // v.denominator) for v in lhs_values}
+    for exact in lhs_values:
+        for value in rhs_values:
+            if written is not None and _agrees(exact, value, written.decimals):
+                return None
+            if written is None and exact == value:
+                return None
+        # A running total, "3 * 4 = 12 + 2 = 14": the left side equals the first number on the right.
+        first = right_part[0]
+        if len(right) > 1 and first.kind == "num" and first.value is not None and (
+            _agrees(exact, first.value, first.decimals) or (first.percent and exact == first.value / 100)
+        ):
+            return None
+    equation = text[left[0].start: right[-1].end]
+    shown = ", ".join(sorted(_fmt(v) for v in lhs_values))
+    return f"{equation}: left side is {shown}"
+
+
+def check_calculations(text: str) -> CalcReport:
+    """Check every ``<<expr=result>>`` annotation and every plain equation in ``text``.
+
+    >>> r = check_calculations("She sold 48/2 = <<48/2=24>>24 clips, then 48+24 = <<48+24=72>>72.")
+    >>> r.n_checked, r.n_correct, r.fraction
+    (2, 2, 1.0)
+    >>> r = check_calculations("5 * $3 = $15 and 12 x 4 = 46")
+    >>> r.n_checked, r.n_correct, r.errors
+    (2, 1, ['12 x 4 = 46: left side is 48'])
+    >>> check_calculations("No arithmetic here.").fraction is None
+    True
+    """
+    report = CalcReport()
+    annotated: list[tuple[int, int]] = []
+    for match in ANNOTATION_RE.finditer(text):
+        annotated.append(match.span())
+        report.n_checked += 1
+        problem = _check_annotation(match.group(1))
+        if problem is None:
+            report.n_correct += 1
+        else:
+            report.errors.append(problem)
+    # Blank the annotations (same length, so positions still line up) before reading the prose.
+    prose = ANNOTATION_RE.sub(lambda m: " " * len(m.group()), text)
+    for problem in _prose_equations(prose, annotated):
+        report.n_checked += 1
+        if problem is None:
+            report.n_correct += 1
+        else:
+            report.errors.append(problem)
+    return report

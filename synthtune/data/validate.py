@@ -1,0 +1,38 @@
+"""`synthtune data check`: is a GSM8K-format file fit to train or evaluate on?"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from synthtune.data.answers import extract_gold
+from synthtune.data.calculator import check_calculations
+from synthtune.data.jsonl import read_jsonl
+
+PREVIEW = 10
+
+
+def check_file(path: str | Path, lenient: bool = False) -> dict:
+    """Validate fields (strict unless ``lenient``), final answers and calculator annotations."""
+    res = read_jsonl(path, required=("question", "answer"), lenient=lenient)
+    problems: list[str] = [f"{path}:{line}: skipped: {reason}" for line, reason in res.skipped]
+    no_final = 0
+    checked = correct = 0
+    for row, line in zip(res.rows, res.lines, strict=True):
+        if extract_gold(row["answer"]) is None:
+            no_final += 1
+            problems.append(f"{path}:{line}: answer has no final '#### <number>' line")
+        calc = check_calculations(str(row["answer"]))
+        checked += calc.n_checked
+        correct += calc.n_correct
+        problems.extend(f"{path}:{line}: {e}" for e in calc.errors)
+    return {
+        "path": str(path),
+        "n_rows": len(res.rows),
+        "n_skipped": len(res.skipped),
+        "n_without_final_answer": no_final,
+        "calc_checked": checked,
+        "calc_correct": correct,
+        "calc_fraction": round(correct / checked, 6) if checked else None,
+        "n_problems": len(problems),
+        "problems_preview": problems[:PREVIEW],
+    }

@@ -1,0 +1,76 @@
+"""Batched generation with local transformers models (causal or seq2seq).
+
+This is the plain path: left-padded batches, ``generate``, stop strings, decoded new text.
+The synthesis backend builds its faster shared-prefill sampler on top of the same contract:
+``prompts in -> list of k completions per prompt out``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from tqdm.auto import tqdm
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    top_k: int = 0
+    num_samples: int = 1
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """Cut ``text`` at the first stop string (the stop string itself is dropped).
+
+    >>> truncate_at_stop("#### 4\\n\\nProblem: next", ["\\n\\nProblem:"])
+    '#### 4'
+    """
+    cut = len(text)
+    for s in stop:
+        i = text.find(s)
+        if i != -1:
+            cut = min(cut, i)
+    return text[:cut]
+
+
+def generate(lm, prompts: Sequence[str], params: SamplingParams | None = None, *, batch_size: int = 8,
+             add_special_tokens: bool = True, progress: bool = True, desc: str = "generating") -> list[list[str]]:
+    """Return ``params.num_samples`` completions for each prompt, in prompt order."""
+    import torch
+
+    params = params or SamplingParams()
+    tok, model = lm.tokenizer, lm.model
+    if not lm.is_seq2seq:
+        # Left padding keeps every prompt's last token adjacent to its first new token.
+        tok.padding_side = "left"
+    gen_kwargs = dict(max_new_tokens=params.max_new_tokens, num_return_sequences=params.num_samples,
+                      pad_token_id=tok.pad_token_id)
+    if params.temperature > 0:
+        gen_kwargs.update(do_sample=True, temperature=params.temperature, top_p=params.top_p,
+                          top_k=params.top_k or None)
+    else:
+        gen_kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if params.stop:
+        gen_kwargs.update(stop_strings=list(params.stop), tokenizer=tok)
+    torch.manual_seed(params.seed)
+    results: list[list[str]] = []
+    bar = tqdm(total=len(prompts), desc=desc, unit="prompt", disable=not progress)
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(lm.device)
+        with torch.inference_mode():
+            out = model.generate(**enc, **gen_kwargs)
+        # Causal outputs repeat the (padded) prompt; seq2seq outputs are only the decoder side.
+        new = out if lm.is_seq2seq else out[:, enc["input_ids"].shape[1]:]
+        texts = tok.batch_decode(new, skip_special_tokens=True)
+        texts = [truncate_at_stop(t, params.stop).strip() for t in texts]
+        k = params.num_samples
+        results.extend(texts[i * k:(i + 1) * k] for i in range(len(chunk)))
+        bar.update(len(chunk))
+    bar.close()
+    return results

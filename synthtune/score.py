@@ -1,0 +1,198 @@
+"""Score any model's GSM8K outputs: ``synthtune score IN.jsonl --out OUT.jsonl [--json]``.
+
+Input rows hold ``question``, ``answer`` (GSM8K gold text such as ``"... #### 72"``, or a number)
+and ``completions`` (a list of strings; a single ``completion`` string is accepted too).  Output rows
+are the input plus ``extracted``, ``correct``, ``majority`` and ``majority_correct``, so a scored
+file can be inspected line by line next to its source.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from synthtune.data.answers import extract_answer, extract_flexible, extract_gold, extract_strict
+from synthtune.data.jsonl import DataError, read_jsonl, write_jsonl
+from synthtune.synth.vote import majority_vote
+
+__all__ = ["score_file", "score_rows"]
+
+REQUIRED = ("question", "answer")
+# The summary is printed as one JSON line; the count of skipped lines is exact, the reasons a preview.
+SKIPPED_PREVIEW = 20
+_HINT = "each line needs 'question', 'answer' and 'completions' (a list of strings)"
+
+
+def _completions(row: dict[str, Any], source: str, line: int) -> list[str]:
+    has_list, has_one = "completions" in row, "completion" in row
+    if has_list and has_one:
+        raise DataError(source, line, "is given together with 'completion'", "keep only one of the two",
+                        field="completions")
+    if not has_list and not has_one:
+        raise DataError(source, line, "is missing", _HINT, field="completions")
+    if has_one:
+        value = row["completion"]
+        if not isinstance(value, str):
+            raise DataError(source, line, f"is {_json_type(value)}, not a string", _HINT,
+                            field="completion")
+        return [value]
+    value = row["completions"]
+    if not isinstance(value, list):
+        raise DataError(source, line, f"is {_json_type(value)}, not a list of strings", _HINT,
+                        field="completions")
+    if not value:
+        raise DataError(source, line, "is an empty list", "give at least one completion per question",
+                        field="completions")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise DataError(source, line, f"item {i} is {_json_type(item)}, not a string",
+                            "write a failed generation as an empty string", field="completions")
+    return value
+
+
+def _json_type(value: Any) -> str:
+    """How a JSON user would name the type of ``value``, with its article: "a list", "an object"."""
+    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), f"a {type(value).__name__}")
+
+
+def _gold(row: dict[str, Any], source: str, line: int) -> str:
+    value = row.get("answer")
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(source, line, f"is {_json_type(value)}, not a string or number", _HINT,
+                        field="answer")
+    gold = extract_gold(value)
+    if gold is None:
+        raise DataError(source, line, "has no final answer",
+                        "write the gold answer as GSM8K's '... #### 72' or as a bare number", field="answer")
+    return gold
+
+
+def _ratio(num: int, den: int) -> float | None:
+    # None rather than 0.0 for an empty input: "no data" must not read as "0% accuracy".
+    return num / den if den else None
+
+
+def score_rows(
+    rows: Sequence[dict[str, Any]],
+    *,
+    source: str = "<rows>",
+    lines: Sequence[int] | None = None,
+    lenient: bool = False,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Score ``rows``; return ``(out_rows, summary)``.
+
+    ``source`` and ``lines`` (1-based, parallel to ``rows``) only serve error messages; they default
+    to ``<rows>`` and the row positions.  A bad row raises :class:`DataError`, or with ``lenient`` is
+    left out and counted in ``summary["n_skipped"]`` (the first reasons in ``skipped_preview``).
+
+    Summary keys: ``n_questions``, ``n_completions``, ``parse_rate`` (completions with an extracted
+    answer), ``accuracy`` (over completions), ``maj_at_k`` (questions whose majority answer is right),
+    ``pass_at_k`` (questions with at least one right completion), ``k`` (completions per question, or
+    None if it varies), ``strict_accuracy`` and ``flexible_accuracy`` (lm-eval's two extractors, over
+    completions).  Rates are None when there is nothing to divide by.
+    """
+    skipped: list[tuple[int, str]] = []
+    out_rows, summary = _score(rows, source, lines, lenient, skipped)
+    if lenient:
+        _report_skipped(summary, skipped)
+    return out_rows, summary
+
+
+def _report_skipped(summary: dict[str, Any], skipped: list[tuple[int, str]]) -> None:
+    skipped = sorted(skipped)
+    summary["n_skipped"] = len(skipped)
+    preview = skipped[:SKIPPED_PREVIEW]
+    summary["skipped_preview"] = [{"line": line, "reason": reason} for line, reason in preview]
+
+
+def _score(
+    rows: Sequence[dict[str, Any]],
+    source: str,
+    lines: Sequence[int] | None,
+    lenient: bool,
+    skipped: list[tuple[int, str]],
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    out_rows: list[dict[str, Any]] = []
+    n_completions = n_parsed = n_correct = n_strict = n_flexible = n_maj = n_pass = 0
+    sizes: set[int] = set()
+    for index, row in enumerate(rows):
+        line = lines[index] if lines is not None else index + 1
+        try:
+            if not isinstance(row, dict):
+                raise DataError(source, line, f"holds {_json_type(row)}, not an object", _HINT)
+            for name in REQUIRED:
+                if name not in row:
+                    raise DataError(source, line, "is missing", _HINT, field=name)
+            gold = _gold(row, source, line)
+            completions = _completions(row, source, line)
+        except DataError as exc:
+            if not lenient:
+                raise
+            skipped.append((line, exc.reason))
+            continue
+        extracted = [extract_answer(c) for c in completions]
+        correct = [answer == gold for answer in extracted]
+        vote = majority_vote(extracted)
+        out_rows.append({
+            **row,
+            "extracted": extracted,
+            "correct": correct,
+            "majority": vote.answer,
+            "majority_correct": vote.answer == gold,
+        })
+        sizes.add(len(completions))
+        n_completions += len(completions)
+        n_parsed += sum(answer is not None for answer in extracted)
+        n_correct += sum(correct)
+        n_strict += sum(extract_strict(c) == gold for c in completions)
+        n_flexible += sum(extract_flexible(c) == gold for c in completions)
+        n_maj += vote.answer == gold
+        n_pass += any(correct)
+    n_questions = len(out_rows)
+    summary: dict[str, Any] = {
+        "n_questions": n_questions,
+        "n_completions": n_completions,
+        "parse_rate": _ratio(n_parsed, n_completions),
+        "accuracy": _ratio(n_correct, n_completions),
+        "maj_at_k": _ratio(n_maj, n_questions),
+        "pass_at_k": _ratio(n_pass, n_questions),
+        "k": sizes.pop() if len(sizes) == 1 else None,
+        "strict_accuracy": _ratio(n_strict, n_completions),
+        "flexible_accuracy": _ratio(n_flexible, n_completions),
+    }
+    return out_rows, summary
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return os.path.samefile(a, b)  # also catches hard links
+    except OSError:
+        return False
+
+
+def score_file(
+    in_path: str | os.PathLike[str], out_path: str | os.PathLike[str], lenient: bool = False
+) -> dict[str, Any]:
+    """Score the JSONL file ``in_path``, write scored rows to ``out_path``, return the summary.
+
+    The output is written atomically and may never be the input file: scoring in place would destroy
+    the raw completions if anything went wrong.  With ``lenient``, unreadable or invalid lines are
+    skipped, and ``n_skipped`` in the summary says how many (``skipped_preview`` shows the first).
+    """
+    in_path, out_path = Path(in_path), Path(out_path)
+    if _same_file(in_path, out_path):
+        raise DataError(out_path, None, "is the input file; refusing to overwrite it",
+                        "pass a different --out path")
+    data = read_jsonl(in_path, required=REQUIRED, lenient=lenient)
+    skipped = list(data.skipped)  # lines that were not even JSON objects, then rows that fail validation
+    out_rows, summary = _score(data.rows, str(in_path), data.lines, lenient, skipped)
+    if lenient:
+        _report_skipped(summary, skipped)
+    write_jsonl(out_path, out_rows)
+    return summary

@@ -1,0 +1,102 @@
+"""The prompt generator: a meta-prompt, k exemplars, then the target question.
+
+Two formats:
+
+* ``plain``: the workshop's ``Problem:`` / ``Answer:`` blocks, for base and seq2seq models;
+* ``chat``: the model's chat template, exemplars as earlier user/assistant turns, for
+  instruct models.
+
+Exemplars are never the target itself, and callers draw them from a split other than the one
+being answered (the 2023 code drew both from GSM8K test, then evaluated on it).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DEFAULT_META_PROMPT = (
+    "Solve the grade-school math problem step by step. Show each calculation, "
+    "then give the final answer on its own line as '#### <number>'."
+)
+FORMATS = ("plain", "chat")
+STRATEGIES = ("random", "fixed")
+#: Where a plain-format completion has finished its answer and begun inventing the next problem.
+PLAIN_STOP = ("\n\nProblem:", "\nProblem:")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    question: str
+    exemplar_ids: tuple[int, ...]
+    format: str
+
+    @property
+    def sha(self) -> str:
+        """A short content hash, recorded as provenance with every generated sample."""
+        return hashlib.sha256(self.text.encode()).hexdigest()[:16]
+
+    @property
+    def add_special_tokens(self) -> bool:
+        # A rendered chat template already holds its BOS/role tokens; adding them again
+        # would double the BOS.
+        return self.format != "chat"
+
+
+def select_exemplars(pool: Sequence[dict], k: int, *, question: str, strategy: str = "random",
+                     seed: int = 0) -> list[int]:
+    """Indices of k exemplars from ``pool``, never one whose question is the target's.
+
+    ``random`` draws a fresh seeded sample per target (the seed is mixed with the question so
+    each target gets its own, reproducible set); ``fixed`` always takes the first k eligible
+    rows, which makes every prompt share one prefix.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown exemplar strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
+    target = _norm(question)
+    eligible = [i for i, row in enumerate(pool) if _norm(row["question"]) != target]
+    if k > len(eligible):
+        raise ValueError(f"asked for {k} exemplars but the pool has only {len(eligible)} eligible rows")
+    if strategy == "fixed":
+        return eligible[:k]
+    digest = hashlib.sha256(f"{seed}\0{target}".encode()).digest()
+    rng = random.Random(int.from_bytes(digest[:8], "big"))
+    return rng.sample(eligible, k)
+
+
+def build_prompt(question: str, pool: Sequence[dict], *, k: int = 8, fmt: str = "plain",
+                 tokenizer=None, strategy: str = "random", seed: int = 0,
+                 meta_prompt: str = DEFAULT_META_PROMPT) -> Prompt:
+    """Render one few-shot prompt. ``tokenizer`` is needed for ``chat`` (its template)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"unknown prompt format {fmt!r}; use one of {', '.join(FORMATS)}")
+    ids = select_exemplars(pool, k, question=question, strategy=strategy, seed=seed) if k else []
+    shots = [pool[i] for i in ids]
+    if fmt == "plain":
+        blocks = [meta_prompt.strip()] if meta_prompt else []
+        blocks += [f"Problem: {ex['question'].strip()}\nAnswer: {ex['answer'].strip()}" for ex in shots]
+        blocks.append(f"Problem: {question.strip()}\nAnswer:")
+        text = "\n\n".join(blocks)
+    else:
+        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the 'chat' format needs a tokenizer with a chat template; use fmt='plain' "
+                             "for base or seq2seq models")
+        messages = [{"role": "system", "content": meta_prompt}] if meta_prompt else []
+        for ex in shots:
+            messages += [{"role": "user", "content": ex["question"].strip()},
+                         {"role": "assistant", "content": ex["answer"].strip()}]
+        messages.append({"role": "user", "content": question.strip()})
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return Prompt(text=text, question=question, exemplar_ids=tuple(ids), format=fmt)
+
+
+def default_format(tokenizer, is_seq2seq: bool) -> str:
+    """``chat`` for decoder models that ship a chat template, else ``plain``."""
+    return "chat" if (not is_seq2seq and getattr(tokenizer, "chat_template", None)) else "plain"
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split()).lower()

@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny models are built once per session (seconds, no network)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# The CLI under test is the one `make` installed next to this interpreter.
+SYNTHTUNE = str(Path(sys.executable).parent / "synthtune")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from synthtune.models import load_model
+
+    return load_model("tiny-llama", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def tiny_t5():
+    from synthtune.models import load_model
+
+    return load_model("tiny-t5", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gsm8k_dir() -> Path:
+    """The full GSM8K when this machine has it (make exports SYNTHTUNE_GSM8K_DIR), else skip."""
+    value = os.environ.get("SYNTHTUNE_GSM8K_DIR")
+    path = Path(value) if value else REPO.parent / "shared" / "data" / "gsm8k"
+    if not (path / "train.jsonl").exists():
+        pytest.skip("full GSM8K not on this machine (set SYNTHTUNE_GSM8K_DIR to use it)")
+    return path
+
+
+def cli_env(**extra: str) -> dict:
+    env = dict(os.environ)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def synthtune_bin() -> str:
+    if not shutil.which(SYNTHTUNE):
+        pytest.fail(f"{SYNTHTUNE} is missing: run the tests through `make test`, which installs it")
+    return SYNTHTUNE

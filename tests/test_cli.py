@@ -1,0 +1,111 @@
+"""The real console script, run as a user runs it."""
+
+import json
+import subprocess
+
+import pytest
+import typer.main
+
+from synthtune import __version__
+from synthtune.cli import app
+
+
+def run(bin_, *args, check=True, **kw):
+    proc = subprocess.run([bin_, *args], capture_output=True, text=True, timeout=600, **kw)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _command_paths(cmd, prefix=()):
+    yield prefix
+    if hasattr(cmd, "commands"):  # a group (typer may vendor its own click)
+        for name, sub in cmd.commands.items():
+            yield from _command_paths(sub, (*prefix, name))
+
+
+def test_version(synthtune_bin):
+    assert run(synthtune_bin, "--version").stdout.strip() == f"synthtune {__version__}"
+
+
+@pytest.mark.parametrize("path", list(_command_paths(typer.main.get_command(app))), ids=" ".join)
+def test_every_command_has_help(synthtune_bin, path):
+    out = run(synthtune_bin, *path, "--help").stdout
+    assert "Usage:" in out and len(out.splitlines()) > 3
+
+
+def test_score_end_to_end(synthtune_bin, tmp_path):
+    src = tmp_path / "in.jsonl"
+    rows = [
+        {"question": "q1", "answer": "3*4=<<3*4=12>>12\n#### 12",
+         "completions": ["3*4 = 12. The answer is 12.", "#### 13", "**Answer:** 12"]},
+        {"question": "q2", "answer": 1500, "completion": "She pays $1,500.00 in total."},
+        {"question": "q3", "answer": "#### 7", "completions": ["I cannot tell.", "It is 8", "8 apples."]},
+    ]
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out.jsonl"
+    proc = run(synthtune_bin, "score", str(src), "--out", str(out), "--json")
+    summary = json.loads(proc.stdout)
+    assert summary["n_questions"] == 3 and summary["n_completions"] == 7
+    assert summary["parse_rate"] == pytest.approx(6 / 7)
+    assert summary["accuracy"] == pytest.approx(3 / 7)
+    assert summary["maj_at_k"] == pytest.approx(2 / 3) and summary["pass_at_k"] == pytest.approx(2 / 3)
+    scored = [json.loads(line) for line in out.read_text().splitlines()]
+    assert scored[0]["extracted"] == ["12", "13", "12"] and scored[0]["correct"] == [True, False, True]
+    assert scored[0]["majority"] == "12" and scored[0]["majority_correct"] is True
+    assert scored[1]["majority_correct"] is True
+    assert scored[2]["extracted"] == [None, "8", "8"] and scored[2]["majority_correct"] is False
+
+
+def test_score_bad_input_names_file_line_field(synthtune_bin, tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text(json.dumps({"question": "q", "answer": "1", "completions": ["1"]}) + "\n"
+                   + json.dumps({"question": "q", "completions": ["1"]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    out.write_text("keep me\n")
+    proc = run(synthtune_bin, "score", str(src), "--out", str(out), check=False)
+    assert proc.returncode == 2
+    assert f"{src}:2" in proc.stderr and "answer" in proc.stderr and "Traceback" not in proc.stderr
+    assert out.read_text() == "keep me\n", "a failed run must not touch existing output"
+    lenient = json.loads(run(synthtune_bin, "score", str(src), "--out", str(out), "--lenient", "--json").stdout)
+    assert lenient["n_questions"] == 1 and lenient["n_skipped"] == 1
+    same = run(synthtune_bin, "score", str(src), "--out", str(src), check=False)
+    assert same.returncode != 0 and len(src.read_text().splitlines()) == 2
+
+
+def test_data_check(synthtune_bin, tmp_path):
+    import constants
+
+    ok = json.loads(run(synthtune_bin, "data", "check", str(constants.BUNDLED_GSM8K_DIR / "train.jsonl"),
+                        "--json").stdout)
+    assert ok["n_rows"] >= 30 and ok["calc_fraction"] == 1.0 and ok["n_problems"] == 0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "answer": "2*3 = <<2*3=7>>7 eggs\n#### 7"}) + "\n"
+                   + json.dumps({"question": "q2", "answer": "no final line"}) + "\n")
+    proc = run(synthtune_bin, "data", "check", str(bad))
+    rep = json.loads(proc.stdout)
+    assert rep["calc_checked"] >= 1 and rep["calc_correct"] == 0 and rep["n_without_final_answer"] == 1
+    assert f"{bad}:1" in proc.stderr and f"{bad}:2" in proc.stderr
+
+
+def test_models_info_and_prepare(synthtune_bin):
+    info = json.loads(run(synthtune_bin, "models", "info", "tiny-llama").stdout)
+    assert info["kind"] == "causal" and info["params"] > 0
+    path = run(synthtune_bin, "models", "prepare", "tiny-t5").stdout.strip()
+    assert path.endswith("tiny-t5-seed0-v1")
+    missing = run(synthtune_bin, "models", "info", "./no/such/dir", check=False)
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_demo_cli_on_tiny_model(synthtune_bin, tmp_path):
+    out = tmp_path / "demo"
+    proc = run(synthtune_bin, "demo", "model=tiny-llama", "n_questions=2", "max_new_tokens=8", "shots=3",
+               "--output-dir", str(out))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_questions"] == 2 and summary["prompt_format"] == "chat"
+    assert '"n_questions": 2' in proc.stdout
+    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(len(r["exemplar_ids"]) == 3 for r in rows)
+    assert (out / "config.yaml").exists()
+    bad = run(synthtune_bin, "demo", "n_questionz=2", check=False)
+    assert bad.returncode == 2 and "Did you mean 'n_questions'" in bad.stderr

@@ -1,0 +1,64 @@
+from pathlib import Path
+
+import pytest
+
+from synthtune.config import ConfigError, DemoConfig, field_help, load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Every shipped recipe, with the config class it must parse into (torchtune's test_configs idea).
+SHIPPED = {"configs/demo.yaml": DemoConfig}
+
+
+@pytest.mark.parametrize("rel", sorted(SHIPPED))
+def test_every_shipped_config_parses(rel):
+    cfg = load_config(SHIPPED[rel], REPO / rel)
+    assert isinstance(cfg, SHIPPED[rel])
+    # the run command sits at the top of every config
+    assert (REPO / rel).read_text().splitlines()[0].startswith("# synthtune ")
+
+
+def test_all_configs_are_registered():
+    found = {str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")
+             if "accelerate" not in p.parts}
+    assert found <= set(SHIPPED), f"add {found - set(SHIPPED)} to SHIPPED with its config class"
+
+
+def test_precedence_defaults_yaml_overrides_kwargs(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("n_questions: 3\nshots: 4\nmodel: tiny-llama\n")
+    cfg = load_config(DemoConfig, p, ["shots=2", "device=cpu"], model="tiny-t5")
+    assert (cfg.n_questions, cfg.shots, cfg.device, cfg.model) == (3, 2, "cpu", "tiny-t5")
+    assert cfg.max_new_tokens == DemoConfig().max_new_tokens
+
+
+def test_unknown_key_names_file_line_and_valid_keys(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: tiny-llama\n\nn_question: 3\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(DemoConfig, p)
+    msg = str(err.value)
+    assert f"{p}:3" in msg and "'n_question'" in msg and "Did you mean 'n_questions'" in msg
+    assert "max_new_tokens" in msg  # the list of valid keys
+
+
+def test_wrong_type_and_bad_choice(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("shots: eight\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:1: shots: expected an integer"):
+        load_config(DemoConfig, p)
+    with pytest.raises(ConfigError, match="prompt_format must be one of auto, plain, chat"):
+        load_config(DemoConfig, None, ["prompt_format=html"])
+    with pytest.raises(ConfigError, match="is not key=value"):
+        load_config(DemoConfig, None, ["shots"])
+
+
+def test_bad_yaml_points_at_line(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: tiny-llama\nshots: [1, 2\n")
+    with pytest.raises(ConfigError, match=r"c.yaml:\d+: not valid YAML"):
+        load_config(DemoConfig, p)
+
+
+def test_every_field_has_help():
+    assert all(field_help(DemoConfig).values())
