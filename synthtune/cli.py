@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import sys
@@ -35,6 +37,33 @@ OverridesArg = Annotated[list[str] | None, typer.Argument(
     help="config overrides as key=value, e.g. n_questions=3 model=tiny-llama", show_default=False)]
 
 
+_result_streams: list = []
+
+
+def results_on_stdout(fn):
+    """Keep stdout for the command's result (JSON, a path); send everything else to stderr.
+
+    Libraries print to stdout on their own: DeepSpeed's logger binds ``sys.stdout`` when it is
+    imported (accelerate imports it inside ``save_pretrained``), which would corrupt ``--json``
+    output. Inside the command, stdout is stderr; ``emit`` writes to the real stdout.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        _result_streams.append(sys.stdout)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                return fn(*args, **kwargs)
+        finally:
+            _result_streams.pop()
+
+    return wrapper
+
+
+def emit(text: str) -> None:
+    print(text, file=_result_streams[-1] if _result_streams else sys.stdout, flush=True)
+
+
 def _version(value: bool) -> None:
     if value:
         typer.echo(f"synthtune {__version__}")
@@ -51,6 +80,7 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 @app.command()
+@results_on_stdout
 def demo(
     overrides: OverridesArg = None,
     config: Annotated[Path | None, typer.Option("--config", help="YAML config (see configs/demo.yaml)")] = None,
@@ -62,12 +92,12 @@ def demo(
     from synthtune.demo import run_demo
 
     cfg = load_config(DemoConfig, config, overrides or [], model=model, output_dir=output_dir)
-    console = Console()
-    summary = run_demo(cfg, console=console)
-    console.print_json(json.dumps(summary))
+    summary = run_demo(cfg, console=Console(stderr=True))
+    emit(json.dumps(summary, indent=2))
 
 
 @app.command()
+@results_on_stdout
 def score(
     input: Annotated[Path, typer.Argument(help="JSONL rows with question, answer, completions (or completion)")],
     out: Annotated[Path, typer.Option("--out", help="where the scored JSONL is written")],
@@ -80,10 +110,11 @@ def score(
     summary = score_file(input, out, lenient=lenient)
     if not json_only:
         err_console.print(f"scored {summary['n_questions']} questions -> {out}")
-    typer.echo(json.dumps(summary))
+    emit(json.dumps(summary))
 
 
 @data_app.command("check")
+@results_on_stdout
 def data_check(
     path: Annotated[Path, typer.Argument(help="JSONL with question and answer fields (GSM8K format)")],
     lenient: Annotated[bool, typer.Option(help="skip malformed rows (and report them) instead of failing")] = False,
@@ -98,10 +129,11 @@ def data_check(
             err_console.print(Text(line, style="yellow"))
     else:
         report.pop("problems_preview", None)
-    typer.echo(json.dumps(report))
+    emit(json.dumps(report))
 
 
 @models_app.command("prepare")
+@results_on_stdout
 def models_prepare(
     name: Annotated[str, typer.Argument(help="smollm2-135m-instruct, tiny-llama, tiny-t5, an HF id or a dir")],
     seed: Annotated[int, typer.Option(help="seed for the tiny models")] = 0,
@@ -109,10 +141,11 @@ def models_prepare(
     """Fetch/convert/build a model once (useful before going offline); prints its local path."""
     from synthtune.models import resolve_model
 
-    typer.echo(resolve_model(name, seed=seed))
+    emit(resolve_model(name, seed=seed))
 
 
 @models_app.command("info")
+@results_on_stdout
 def models_info(
     name: Annotated[str, typer.Argument(help="smollm2-135m-instruct, tiny-llama, tiny-t5, an HF id or a dir")],
     trust_remote_code: Annotated[bool, typer.Option(help="allow the model repo's own Python code to run")] = False,
@@ -120,7 +153,7 @@ def models_info(
     """Print a model's kind (causal or seq2seq), size and the dtype/device it would load with."""
     from synthtune.models import model_info
 
-    typer.echo(json.dumps(model_info(name, trust_remote_code=trust_remote_code), indent=2))
+    emit(json.dumps(model_info(name, trust_remote_code=trust_remote_code), indent=2))
 
 
 def main() -> None:

@@ -1,6 +1,7 @@
 """The real console script, run as a user runs it."""
 
 import json
+import os
 import subprocess
 
 import pytest
@@ -88,11 +89,14 @@ def test_data_check(synthtune_bin, tmp_path):
     assert f"{bad}:1" in proc.stderr and f"{bad}:2" in proc.stderr
 
 
-def test_models_info_and_prepare(synthtune_bin):
-    info = json.loads(run(synthtune_bin, "models", "info", "tiny-llama").stdout)
+def test_models_info_and_prepare(synthtune_bin, tmp_path):
+    # A fresh cache: the model is built (and saved) inside the command, and whatever the
+    # libraries print while saving (DeepSpeed logs to stdout) must not corrupt the JSON.
+    env = {**os.environ, "SYNTHTUNE_CACHE_DIR": str(tmp_path)}
+    info = json.loads(run(synthtune_bin, "models", "info", "tiny-llama", env=env).stdout)
     assert info["kind"] == "causal" and info["params"] > 0
-    path = run(synthtune_bin, "models", "prepare", "tiny-t5").stdout.strip()
-    assert path.endswith("tiny-t5-seed0-v1")
+    path = run(synthtune_bin, "models", "prepare", "tiny-t5", env=env).stdout.strip()
+    assert path == str(tmp_path / "models" / "tiny-t5-seed0-v1")
     missing = run(synthtune_bin, "models", "info", "./no/such/dir", check=False)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
