@@ -2,6 +2,7 @@
 
     synthtune --help
     synthtune demo [--config configs/demo.yaml] [key=value ...]
+    synthtune synth --model M --questions SRC [--exemplars SRC] --k 8 --rounds 2 --out DIR [--config X.yaml]
     synthtune score IN.jsonl --out OUT.jsonl [--json]
     synthtune data check FILE.jsonl [--lenient]
     synthtune models prepare NAME | synthtune models info NAME
@@ -94,6 +95,32 @@ def demo(
     cfg = load_config(DemoConfig, config, overrides or [], model=model, output_dir=output_dir)
     summary = run_demo(cfg, console=Console(stderr=True))
     emit(json.dumps(summary, indent=2))
+
+
+@app.command()
+@results_on_stdout
+def synth(
+    overrides: OverridesArg = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML recipe (see configs/synth/)")] = None,
+    model: Annotated[str | None, typer.Option(help="HF id, local dir, or built-in name")] = None,
+    questions: Annotated[str | None, typer.Option(help="bundled:train, gsm8k:train, hub:train, dir:train or a JSONL")] = None,
+    exemplars: Annotated[str | None, typer.Option(help="exemplar pool (never a test split); default: train")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="samples per question in round 1")] = None,
+    rounds: Annotated[int | None, typer.Option(help="retry rounds for unsolved questions")] = None,
+    out: Annotated[str | None, typer.Option(help="output directory (rerun the same command to resume)")] = None,
+    backend: Annotated[str | None, typer.Option(help="generation backend")] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N questions")] = None,
+    json_only: Annotated[bool, typer.Option("--json", help="print only the JSON summary")] = False,
+) -> None:
+    """Synthesize rationales: k samples per question, vote, evaluate, keep distinct correct paths."""
+    from synthtune.config import SynthConfig, load_config
+    from synthtune.synth.pipeline import run_synthesis
+
+    cfg = load_config(SynthConfig, config, overrides or [], model=model, questions=questions, exemplars=exemplars,
+                      k=k, rounds=rounds, out=out, backend=backend, limit=limit)
+    log = (lambda msg: None) if json_only else (lambda msg: err_console.print(Text(msg)))
+    summary = run_synthesis(cfg, progress=not json_only, log=log)
+    emit(json.dumps(summary, indent=None if json_only else 2))
 
 
 @app.command()

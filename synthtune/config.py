@@ -59,6 +59,50 @@ class DemoConfig:
     device: str | None = opt(None, "cpu, cuda, cuda:1...; default: cuda when available")
 
 
+@dataclass
+class SynthConfig:
+    """`synthtune synth`: prompts -> k samples -> vote -> evaluator -> kept dataset, in rounds."""
+
+    model: str = opt("smollm2-135m-instruct", "HF id, local dir, or a built-in name")
+    backend: str = opt("hf", "generation backend", ["hf"])
+    questions: str = opt("bundled:train", "questions to synthesize rationales for: bundled:SPLIT, gsm8k:SPLIT "
+                         "(folder or hub), hub:SPLIT, dir:SPLIT, or a JSONL path (answer field optional)")
+    exemplars: str | None = opt(None, "exemplar pool (same spec forms); default: the train split of the "
+                                "questions' source. Never a test split. If it is the questions' own source, "
+                                "it is split off so no question is ever an exemplar")
+    exemplar_pool_size: int = opt(12, "rows held out as exemplars when exemplars and questions share a source")
+    limit: int | None = opt(None, "only the first N questions")
+    out: str | None = opt(None, "output directory; default outputs/synth/<model>-<questions>")
+    gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl")
+    shots: int = opt(8, "exemplars per prompt")
+    strategy: str = opt("random", "exemplar choice: random (fresh per question and round), fixed (shared "
+                        "prefix), similar (lexical nearest)", ["random", "fixed", "similar"])
+    prompt_format: str = opt("auto", "auto = chat template for instruct models, else plain", ["auto", "plain", "chat"])
+    k: int = opt(8, "samples per question in round 1")
+    k_growth: float = opt(1.0, "multiply k by this each later round (e.g. 2 for 8 -> 16)")
+    rounds: int = opt(2, "a question with no consensus or no passing path is retried up to this many rounds")
+    temperature: float = opt(0.7, "sampling temperature in round 1")
+    temperature_step: float = opt(0.2, "added to the temperature each later round (more diverse retries)")
+    top_p: float = opt(0.95, "nucleus sampling")
+    top_k: int = opt(0, "top-k sampling (0 = off)")
+    max_new_tokens: int = opt(256, "per sample; GSM8K rationales average ~120 tokens")
+    stop: list[str] = opt([], "extra stop strings (plain format always stops at a new 'Problem:')")
+    batch_size: int = opt(4, "questions per batch; results are flushed after every batch")
+    min_agreement: float = opt(0.5, "without gold: below this majority share a question has no consensus")
+    use_gold: bool = opt(True, "keep only rationales that reach the gold answer when one exists (rejection "
+                         "sampling); false = self-consistency only")
+    min_calc: float = opt(1.0, "minimum fraction of correct calculations in a kept rationale")
+    reward_model: str | None = opt(None, "optional HF sequence-classification reward model (path or hub id)")
+    min_reward: float | None = opt(None, "drop rationales scoring below this (reward model); none = rank only")
+    max_keep: int = opt(4, "at most this many distinct rationales per question")
+    diversity: str = opt("greedy", "greedy: no two kept paths with ROUGE-L F >= threshold; workshop: the 2023 "
+                         "rule (mean self-ROUGE-L recall below the group mean); none", ["greedy", "workshop", "none"])
+    rouge_threshold: float = opt(0.7, "ROUGE-L F at or above which two paths count as the same (Self-Instruct)")
+    seed: int = opt(0, "seed for exemplars and sampling")
+    device: str | None = opt(None, "cpu, cuda...; default cuda when available")
+    trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
+
+
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------

@@ -2,12 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from synthtune.config import ConfigError, DemoConfig, field_help, load_config
+from synthtune.config import ConfigError, DemoConfig, SynthConfig, field_help, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Every shipped recipe, with the config class it must parse into (torchtune's test_configs idea).
-SHIPPED = {"configs/demo.yaml": DemoConfig}
+SHIPPED = {"configs/demo.yaml": DemoConfig, "configs/synth/smollm2_bundled.yaml": SynthConfig}
 
 
 @pytest.mark.parametrize("rel", sorted(SHIPPED))
@@ -60,5 +60,6 @@ def test_bad_yaml_points_at_line(tmp_path):
         load_config(DemoConfig, p)
 
 
-def test_every_field_has_help():
-    assert all(field_help(DemoConfig).values())
+@pytest.mark.parametrize("cls", [DemoConfig, SynthConfig])
+def test_every_field_has_help(cls):
+    assert all(field_help(cls).values())

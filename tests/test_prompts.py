@@ -49,3 +49,15 @@ def test_chat_format_uses_template(pool, tiny_llama, tiny_t5):
 def test_too_many_shots_is_an_error(pool):
     with pytest.raises(ValueError, match="eligible"):
         select_exemplars(pool, len(pool) + 1, question="x")
+
+
+def test_similar_strategy_picks_lexical_neighbours(pool):
+    target = pool[3]["question"]
+    # a near-copy of pool[3] (one word changed) must be the nearest exemplar; pool[3] itself is excluded
+    twin = {"question": target.replace(" ", "  ", 1).replace("How", "how"), "answer": "x #### 1"}
+    near = {"question": target + " Round to the nearest whole number.", "answer": "y #### 2"}
+    ext = [*pool, near]
+    ids = select_exemplars(ext, 3, question=twin["question"], strategy="similar")
+    assert ids[-1] == len(ext) - 1  # most similar last, right before the target
+    assert 3 not in ids  # pool[3] is the target itself (same normalized text)
+    assert ids == select_exemplars(ext, 3, question=twin["question"], strategy="similar")

@@ -114,3 +114,28 @@ def rationale_and_answer(gold: str) -> tuple[str, str]:
     if not sep:
         return gold.strip(), ""
     return head.strip(), tail.strip()
+
+
+def load_source(spec: str, gsm8k_dir: str | Path | None = None, *, lenient: bool = False,
+                limit: int | None = None) -> Split:
+    """Load questions (and gold answers, when present) from a source spec.
+
+    ``bundled:train``, ``gsm8k:test`` (the configured folder, else the hub), ``hub:train``,
+    ``dir:train``, or a path to any JSONL file with a ``question`` field (``answer`` optional:
+    without gold, synthesis falls back to self-consistency).
+    """
+    name, sep, split = spec.partition(":")
+    if sep and name in ("bundled", "gsm8k", "hub", "dir") and not Path(spec).exists():
+        return load_split(split, "auto" if name == "gsm8k" else name, gsm8k_dir, lenient=lenient, limit=limit)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise DataError(spec, None, "is neither an existing JSONL file nor a source spec",
+                        "use bundled:train, gsm8k:train, hub:train, dir:train or a path to a .jsonl file")
+    res = read_jsonl(path, required=("question",), lenient=lenient)
+    rows = res.rows[:limit] if limit is not None else res.rows
+    return Split(rows, str(path), path.stem, res.skipped)
+
+
+def is_test_source(spec: str) -> bool:
+    """True for specs naming a test split: those must never feed few-shot exemplars."""
+    return spec.endswith(":test") or Path(spec).stem == "test"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import random
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,7 +23,7 @@ DEFAULT_META_PROMPT = (
     "then give the final answer on its own line as '#### <number>'."
 )
 FORMATS = ("plain", "chat")
-STRATEGIES = ("random", "fixed")
+STRATEGIES = ("random", "fixed", "similar")
 #: Where a plain-format completion has finished its answer and begun inventing the next problem.
 PLAIN_STOP = ("\n\nProblem:", "\nProblem:")
 
@@ -52,7 +53,9 @@ def select_exemplars(pool: Sequence[dict], k: int, *, question: str, strategy: s
 
     ``random`` draws a fresh seeded sample per target (the seed is mixed with the question so
     each target gets its own, reproducible set); ``fixed`` always takes the first k eligible
-    rows, which makes every prompt share one prefix.
+    rows, which makes every prompt share one prefix; ``similar`` takes the k most similar
+    questions by word-set Jaccard similarity (cheap, lexical: shared names and nouns tend to
+    mean a similar problem type), most similar last so it sits next to the target.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown exemplar strategy {strategy!r}; use one of {', '.join(STRATEGIES)}")
@@ -62,6 +65,10 @@ def select_exemplars(pool: Sequence[dict], k: int, *, question: str, strategy: s
         raise ValueError(f"asked for {k} exemplars but the pool has only {len(eligible)} eligible rows")
     if strategy == "fixed":
         return eligible[:k]
+    if strategy == "similar":
+        words = _words(question)
+        ranked = sorted(eligible, key=lambda i: (-_jaccard(words, _words(pool[i]["question"])), i))
+        return ranked[:k][::-1]
     digest = hashlib.sha256(f"{seed}\0{target}".encode()).digest()
     rng = random.Random(int.from_bytes(digest[:8], "big"))
     return rng.sample(eligible, k)
@@ -96,6 +103,14 @@ def build_prompt(question: str, pool: Sequence[dict], *, k: int = 8, fmt: str = 
 def default_format(tokenizer, is_seq2seq: bool) -> str:
     """``chat`` for decoder models that ship a chat template, else ``plain``."""
     return "chat" if (not is_seq2seq and getattr(tokenizer, "chat_template", None)) else "plain"
+
+
+def _words(text: str) -> frozenset[str]:
+    return frozenset(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 0.0
 
 
 def _norm(text: str) -> str:

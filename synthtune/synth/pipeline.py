@@ -1,0 +1,418 @@
+"""The synthesis loop: prompts -> k samples -> vote -> evaluator -> kept, or back for another round.
+
+Files in the output directory:
+
+* ``kept.jsonl``: append-only kept examples (question, rationale, answer, scores, provenance);
+* ``status.jsonl``: append-only, one record per question per round, with the stage counts;
+* ``summary.json``, ``agreement_hist.png``, ``config.yaml``.
+
+Resume: kept rows are appended before the status records of the same batch. On start, kept
+rows whose (question, round) has no status record belong to a batch that was in flight when
+the run died; they are dropped (and a torn last line with them), and that round is redone.
+So a rerun after ``kill -9`` has no duplicates and loses only the batch in flight.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import constants
+from synthtune.config import ConfigError, SynthConfig, save_config, to_dict
+from synthtune.data.answers import extract_answer, extract_gold
+from synthtune.data.gsm8k import is_test_source, load_source
+from synthtune.data.jsonl import DataError, append_jsonl, write_jsonl
+from synthtune.diversity import select_diverse, workshop_rule
+from synthtune.generation import SamplingParams
+from synthtune.synth.prompts import PLAIN_STOP, build_prompt, default_format
+from synthtune.synth.scorers import calculator_score, gold_correctness, vote_share
+from synthtune.synth.vote import majority_vote
+
+KEPT, STATUS, SUMMARY, HIST = "kept.jsonl", "status.jsonl", "summary.json", "agreement_hist.png"
+#: The evaluator's stages, in order; each status record counts the samples that got past each.
+STAGES = ("sampled", "finished", "parsed", "on_target", "calc_ok", "reward_ok", "kept")
+#: Settings that change what a question's samples are; a rerun must match them to resume.
+FINGERPRINT_KEYS = ("model", "backend", "questions", "exemplars", "exemplar_pool_size", "shots", "strategy",
+                    "prompt_format", "seed", "use_gold")
+
+
+def question_id(text: str) -> str:
+    return hashlib.sha256(" ".join(text.split()).encode()).hexdigest()[:12]
+
+
+@dataclass
+class Item:
+    id: str
+    question: str
+    gold: str | None
+
+
+@dataclass
+class RunState:
+    """What earlier runs in this directory finished, rebuilt from its files."""
+
+    rounds_done: dict[str, int] = field(default_factory=dict)  # question id -> rounds completed
+    kept_texts: dict[str, list[str]] = field(default_factory=dict)  # question id -> kept rationales
+    records: list[dict] = field(default_factory=list)  # every status record
+    dropped_in_flight: int = 0
+
+
+# --------------------------------------------------------------------------------------------
+# sources
+# --------------------------------------------------------------------------------------------
+
+
+def load_items(cfg: SynthConfig) -> tuple[list[Item], list[dict], str]:
+    """Questions to answer and the exemplar pool, guaranteed disjoint; the pool never from test."""
+    q_split = load_source(cfg.questions, cfg.gsm8k_dir)
+    ex_spec = cfg.exemplars or _train_spec_of(cfg.questions)
+    if is_test_source(ex_spec):
+        raise ConfigError(f"exemplars={ex_spec!r} is a test split: few-shot exemplars drawn from the test set "
+                          f"leak it into every prompt (the 2023 workshop's bug). Use a train split or a file "
+                          f"of your own.")
+    rows = q_split.rows
+    if ex_spec == cfg.questions:
+        # One source for both: hold out a seeded slice as the pool, so no question is ever an
+        # exemplar (for itself or, through reuse, for the others).
+        order = sorted(range(len(rows)), key=lambda i: hashlib.sha256(f"{cfg.seed}:{i}".encode()).hexdigest())
+        n_pool = min(cfg.exemplar_pool_size, len(rows) - 1)
+        if n_pool < cfg.shots:
+            raise ConfigError(f"{cfg.questions} has {len(rows)} rows: too few to hold out {cfg.shots} exemplars "
+                              f"and still have questions; pass exemplars=... from another source")
+        pool_idx = set(order[:n_pool])
+        pool = [rows[i] for i in sorted(pool_idx)]
+        rows = [r for i, r in enumerate(rows) if i not in pool_idx]
+    else:
+        pool = load_source(ex_spec, cfg.gsm8k_dir).rows
+        if not all("answer" in r for r in pool):
+            raise DataError(ex_spec, None, "has rows without an 'answer'", "exemplars need worked solutions",
+                            field="answer")
+    asked = {" ".join(r["question"].split()).lower() for r in rows}
+    pool = [r for r in pool if " ".join(r["question"].split()).lower() not in asked]
+    if cfg.limit is not None:
+        rows = rows[:cfg.limit]
+    items, seen = [], set()
+    for r in rows:
+        qid = question_id(r["question"])
+        if qid in seen:  # duplicated questions would otherwise be synthesized twice
+            continue
+        seen.add(qid)
+        gold = r.get("answer")
+        items.append(Item(qid, r["question"], str(gold) if gold is not None and cfg.use_gold else None))
+    return items, pool, ex_spec
+
+
+def _train_spec_of(spec: str) -> str:
+    name, sep, split = spec.partition(":")
+    if sep and name in ("bundled", "gsm8k", "hub", "dir"):
+        return f"{name}:train"
+    return spec
+
+
+# --------------------------------------------------------------------------------------------
+# resume
+# --------------------------------------------------------------------------------------------
+
+
+def _read_lines(path: Path) -> list[dict]:
+    """JSONL rows; a torn last line (the process died mid-write) is dropped, anything else fails."""
+    if not path.exists():
+        return []
+    out = []
+    lines = path.read_text().splitlines()
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            if n == len(lines):
+                break
+            raise DataError(path, n, "is not valid JSON", "the file was edited by hand or corrupted; "
+                            "move it away to start over") from None
+    return out
+
+
+def load_state(out_dir: Path) -> RunState:
+    state = RunState()
+    status = _read_lines(out_dir / STATUS)
+    done_rounds = {(r["id"], r["round"]) for r in status}
+    for r in status:
+        state.rounds_done[r["id"]] = max(state.rounds_done.get(r["id"], 0), r["round"] + 1)
+    state.records = status
+    kept = _read_lines(out_dir / KEPT)
+    good = [r for r in kept if (r["id"], r["provenance"]["round"]) in done_rounds]
+    state.dropped_in_flight = len(kept) - len(good)
+    kept_path = out_dir / KEPT
+    if kept_path.exists() and (state.dropped_in_flight or kept_path.read_text().count("\n") != len(kept)):
+        write_jsonl(kept_path, good)  # atomic: drops the in-flight batch and any torn line
+    # status.jsonl may also end in a torn line; rewrite it whole so appends start on a clean line
+    status_path = out_dir / STATUS
+    if status_path.exists() and status_path.read_text().count("\n") != len(status):
+        write_jsonl(status_path, status)
+    for r in good:
+        state.kept_texts.setdefault(r["id"], []).append(r["rationale"])
+    return state
+
+
+def _fingerprint(cfg: SynthConfig) -> dict:
+    return {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
+
+
+def _check_resume(out_dir: Path, cfg: SynthConfig) -> None:
+    path = out_dir / "fingerprint.json"
+    fp = _fingerprint(cfg)
+    if path.exists():
+        old = json.loads(path.read_text())
+        diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v}
+        if diff:
+            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ConfigError(f"{out_dir} holds a run with other settings ({changes}); resuming would mix "
+                              f"them. Use another out=..., or restore the settings to continue that run.")
+    else:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(fp, indent=2) + "\n")
+
+
+# --------------------------------------------------------------------------------------------
+# the evaluator for one question
+# --------------------------------------------------------------------------------------------
+
+
+def evaluate_question(item: Item, samples, cfg: SynthConfig, kept_before: Sequence[str],
+                      reward_fn: Callable | None = None) -> tuple[list[int], dict, dict[str, list]]:
+    """Decide which samples to keep. Returns (kept indices, status fields, per-sample scores)."""
+    texts = [s.text for s in samples]
+    answers = [extract_answer(t) for t in texts]
+    vote = majority_vote(answers)
+    gold = extract_gold(item.gold) if item.gold is not None else None
+    scores = {"vote_share": vote_share(item.question, texts), "calc": calculator_score(item.question, texts),
+              "gold": gold_correctness(item.question, texts, item.gold) if gold is not None else [None] * len(texts)}
+    consensus = vote.answer is not None and vote.share >= cfg.min_agreement
+    target = gold if gold is not None else (vote.answer if consensus else None)
+    counts = Counter(sampled=len(samples))
+    passing: list[int] = []
+    for i, s in enumerate(samples):
+        if s.finish_reason == "length":  # never finished its answer: not a usable rationale
+            continue
+        counts["finished"] += 1
+        if answers[i] is None:
+            continue
+        counts["parsed"] += 1
+        if target is None or answers[i] != target:
+            continue
+        counts["on_target"] += 1
+        calc = scores["calc"][i]
+        if calc is not None and calc < cfg.min_calc:
+            continue
+        counts["calc_ok"] += 1
+        passing.append(i)
+    reward = [None] * len(texts)
+    if reward_fn is not None and passing:
+        got = reward_fn(item.question, [texts[i] for i in passing], item.gold)
+        for i, r in zip(passing, got, strict=True):
+            reward[i] = r
+        if cfg.min_reward is not None:
+            passing = [i for i in passing if reward[i] is not None and reward[i] >= cfg.min_reward]
+    scores["reward"] = reward
+    counts["reward_ok"] = len(passing)
+    kept = _select(passing, texts, reward, kept_before, cfg)
+    counts["kept"] = len(kept)
+    if kept:
+        reason = "kept"
+    elif gold is None and not consensus:
+        reason = "no_consensus"
+    else:
+        reason = "no_passing_path" if len(kept_before) < cfg.max_keep else "no_new_distinct_path"
+    status = {"majority": vote.answer, "vote_share": round(vote.share, 4), "consensus": consensus,
+              "gold": gold, "reason": reason, "stages": {k: counts.get(k, 0) for k in STAGES}}
+    return kept, status, scores
+
+
+def _select(passing: list[int], texts: list[str], reward: list, kept_before: Sequence[str],
+            cfg: SynthConfig) -> list[int]:
+    room = cfg.max_keep - len(kept_before)
+    if room <= 0 or not passing:
+        return []
+    if cfg.diversity == "none":
+        return passing[:room]
+    if cfg.diversity == "workshop":
+        chosen = [passing[j] for j in workshop_rule([texts[i] for i in passing])]
+        return chosen[:room]
+    # Paths kept in earlier rounds come first with top priority, so a new path must differ from them too.
+    pool = list(kept_before) + [texts[i] for i in passing]
+    prio = [float("inf")] * len(kept_before) + [r if r is not None else 0.0 for r in (reward[i] for i in passing)]
+    picked = select_diverse(pool, max_keep=cfg.max_keep, threshold=cfg.rouge_threshold, priority=prio)
+    return [passing[j - len(kept_before)] for j in picked if j >= len(kept_before)][:room]
+
+
+# --------------------------------------------------------------------------------------------
+# the loop
+# --------------------------------------------------------------------------------------------
+
+
+def default_out_dir(cfg: SynthConfig) -> Path:
+    slug = f"{Path(cfg.model).name}-{cfg.questions.replace(':', '-').replace('/', '_')}"
+    return constants.OUTPUTS_DIR / "synth" / slug
+
+
+def run_synthesis(cfg: SynthConfig, backend=None, *, progress: bool = True, log: Callable[[str], None] = print,
+                  reward_fn: Callable | None = None) -> dict:
+    """Run (or resume) synthesis; returns the summary also written to ``summary.json``."""
+    out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    cfg = replace(cfg, out=str(out_dir))
+    items, pool, ex_spec = load_items(cfg)
+    _check_resume(out_dir, cfg)
+    save_config(cfg, out_dir / "config.yaml")
+    state = load_state(out_dir)
+    if state.dropped_in_flight:
+        log(f"resume: dropped {state.dropped_in_flight} kept rows of a batch that was in flight; redoing it")
+    if backend is None:
+        from synthtune.synth.backends import make_backend
+
+        backend = make_backend(cfg.backend, cfg.model, device=cfg.device, seed=cfg.seed,
+                               trust_remote_code=cfg.trust_remote_code)
+    if reward_fn is None and cfg.reward_model:
+        from synthtune.synth.scorers import RewardModelScorer
+
+        reward_fn = RewardModelScorer(cfg.reward_model, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+    fmt = default_format(backend.tokenizer, backend.is_seq2seq) if cfg.prompt_format == "auto" else cfg.prompt_format
+    stop = tuple(cfg.stop) + (PLAIN_STOP if fmt == "plain" else ())
+    log(f"synth: {len(items)} questions from {cfg.questions}, {len(pool)} exemplars from {ex_spec}, "
+        f"{cfg.shots}-shot {fmt} prompts, k={cfg.k}, up to {cfg.rounds} rounds -> {out_dir}")
+    done = {qid for qid, texts in state.kept_texts.items() if texts}
+    t_run, n_samples, n_tokens = time.perf_counter(), 0, 0
+    round_reports = []
+    for rnd in range(cfg.rounds):
+        todo = [it for it in items if it.id not in done and state.rounds_done.get(it.id, 0) == rnd]
+        skipped = sum(1 for it in items if it.id in done or state.rounds_done.get(it.id, 0) > rnd)
+        if not todo:
+            continue
+        k = max(1, int(round(cfg.k * cfg.k_growth ** rnd)))
+        temperature = min(cfg.temperature + cfg.temperature_step * rnd, 2.0)
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p,
+                                top_k=cfg.top_k, num_samples=k, stop=stop, seed=cfg.seed + 7919 * rnd)
+        rep = {"round": rnd + 1, "questions": len(todo), "skipped_done": skipped, "k": k,
+               "temperature": round(temperature, 3), "kept_questions": 0, "kept_examples": 0}
+        bar = _bar(progress, len(todo), f"round {rnd + 1}/{cfg.rounds}")
+        t_round = time.perf_counter()
+        for start in range(0, len(todo), cfg.batch_size):
+            batch = todo[start:start + cfg.batch_size]
+            # A fresh exemplar draw each round (the seed moves with the round) gives retries new context.
+            prompts = [build_prompt(it.question, pool, k=cfg.shots, fmt=fmt, tokenizer=backend.tokenizer,
+                                    strategy=cfg.strategy, seed=cfg.seed + 7919 * rnd) for it in batch]
+            outs = backend.sample(prompts, replace(params, seed=params.seed + start))
+            kept_rows, status_rows = [], []
+            for it, prompt, samples in zip(batch, prompts, outs, strict=True):
+                n_samples += len(samples)
+                n_tokens += sum(s.n_tokens for s in samples)
+                kept, status, scores = evaluate_question(it, samples, cfg, state.kept_texts.get(it.id, []), reward_fn)
+                for i in kept:
+                    kept_rows.append(_kept_row(it, samples[i], i, scores, prompt, backend, cfg, rnd, temperature,
+                                               params.seed + start))
+                    state.kept_texts.setdefault(it.id, []).append(samples[i].text)
+                final = bool(kept) or rnd + 1 >= cfg.rounds
+                status_rows.append({"id": it.id, "round": rnd, "status": "done" if kept else
+                                    ("failed" if final else "retry"), "question": it.question, "k": k,
+                                    "temperature": round(temperature, 3), "prompt_sha": prompt.sha, **status})
+                if kept:
+                    done.add(it.id)
+                    rep["kept_questions"] += 1
+                    rep["kept_examples"] += len(kept)
+            # kept rows first, then the status that vouches for them (see the module docstring)
+            append_jsonl(out_dir / KEPT, kept_rows)
+            append_jsonl(out_dir / STATUS, status_rows)
+            state.records.extend(status_rows)
+            for r in status_rows:
+                state.rounds_done[r["id"]] = r["round"] + 1
+            elapsed = time.perf_counter() - t_run
+            bar.update(len(batch))
+            bar.set_postfix(kept=len(done), samples_s=f"{n_samples / elapsed:.2f}", tok_s=f"{n_tokens / elapsed:.1f}")
+        bar.close()
+        rep["seconds"] = round(time.perf_counter() - t_round, 2)
+        round_reports.append(rep)
+        log(f"round {rnd + 1}: {rep['questions']} questions (k={k}, T={rep['temperature']}), "
+            f"{rep['kept_questions']} solved, {rep['kept_examples']} rationales kept, {rep['seconds']} s")
+    elapsed = time.perf_counter() - t_run
+    summary = build_summary(out_dir, items, state, cfg, round_reports,
+                            {"elapsed_s": round(elapsed, 2), "samples": n_samples, "new_tokens": n_tokens,
+                             "samples_per_s": round(n_samples / elapsed, 3) if elapsed and n_samples else None,
+                             "tokens_per_s": round(n_tokens / elapsed, 2) if elapsed and n_tokens else None})
+    return summary
+
+
+def _kept_row(it: Item, sample, index: int, scores: dict, prompt, backend, cfg: SynthConfig, rnd: int,
+              temperature: float, seed: int) -> dict:
+    answer = extract_answer(sample.text)
+    rationale = sample.text.strip()
+    # `answer` is a GSM8K-format target (reasoning, then "#### n") so any loader that reads
+    # question/answer JSONL, training included, can use the kept set as is.
+    body = rationale.rsplit("####", 1)[0].rstrip() if "####" in rationale else rationale
+    return {
+        "id": it.id, "question": it.question, "rationale": rationale, "answer": f"{body}\n#### {answer}",
+        "final_answer": answer, "gold": extract_gold(it.gold) if it.gold is not None else None,
+        "scores": {"vote_share": scores["vote_share"][index], "calc": scores["calc"][index],
+                   "gold": scores["gold"][index], "reward": scores["reward"][index]},
+        "provenance": {"model": cfg.model, "backend": backend.name, "prompt_sha": prompt.sha, "round": rnd,
+                       "seed": seed, "sample_index": index, "temperature": round(temperature, 3),
+                       "exemplar_ids": list(prompt.exemplar_ids), "n_tokens": sample.n_tokens},
+    }
+
+
+def _bar(enabled: bool, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="q", disable=not enabled, dynamic_ncols=True)
+
+
+def build_summary(out_dir: Path, items: list[Item], state: RunState, cfg: SynthConfig, rounds: list[dict],
+                  speed: dict) -> dict:
+    """Counts at each stage over every round of every run in this directory, plus this run's speed."""
+    ids = {it.id for it in items}
+    records = [r for r in state.records if r["id"] in ids]
+    stages = Counter()
+    for r in records:
+        stages.update(r["stages"])
+    last = {}
+    for r in records:
+        last[r["id"]] = r
+    n_done = sum(1 for qid in ids if state.kept_texts.get(qid))
+    failed = Counter(r["reason"] for qid, r in last.items() if not state.kept_texts.get(qid)
+                     and state.rounds_done.get(qid, 0) >= cfg.rounds)
+    n_kept = sum(len(state.kept_texts.get(qid, [])) for qid in ids)
+    first_shares = [r["vote_share"] for r in records if r["round"] == 0]
+    summary = {
+        "questions": len(items), "solved": n_done, "failed": sum(failed.values()), "failed_reasons": dict(failed),
+        "pending": len(items) - n_done - sum(failed.values()), "kept_examples": n_kept,
+        "stages": {k: stages.get(k, 0) for k in STAGES}, "rounds": rounds, **speed,
+        "config": {k: v for k, v in to_dict(cfg).items() if k in ("model", "questions", "k", "rounds", "shots")},
+        "dataset": str(out_dir / KEPT), "out_dir": str(out_dir),
+    }
+    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    if first_shares:
+        plot_agreement(first_shares, cfg.min_agreement, out_dir / HIST)
+    return summary
+
+
+def plot_agreement(shares: Sequence[float], min_agreement: float, path: Path) -> None:
+    """Histogram of first-round majority shares: how often the k samples agree."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.hist(shares, bins=[i / 10 for i in range(11)], color="#4c72b0", edgecolor="white")
+    ax.axvline(min_agreement, color="#c44e52", linestyle="--", label=f"min_agreement = {min_agreement}")
+    ax.set_xlabel("majority vote share (round 1)")
+    ax.set_ylabel("questions")
+    ax.set_title(f"Self-consistency agreement over {len(shares)} questions")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
