@@ -1,7 +1,8 @@
 """k-sample throughput: workshop-style vs HF num_return_sequences vs naive shared prefill vs sample_k.
 
 Run (CPU, repo root; the issue's setting):
-    .venv/bin/python bench/sampling_bench.py --threads 2 --out bench/results/sampling_bench_cpu.json
+    .venv/bin/python bench/sampling_bench.py --threads 2 [--out /tmp/sampling_bench_cpu.json]
+(on a shared machine add OMP_WAIT_POLICY=PASSIVE: see bench/RESULTS.md)
 GPU, random-init SmolLM2-135M-shaped model in bf16, random 2,057-token prompt (imports only torch,
 transformers and synthtune/synth/sampler.py, loaded by file path):
     python bench/sampling_bench.py --random-init --device cuda --out $OUT/sampling_bench_gpu.json

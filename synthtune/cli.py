@@ -125,6 +125,112 @@ def synth(
 
 @app.command()
 @results_on_stdout
+def train(
+    overrides: OverridesArg = None,
+    config: Annotated[Path | None, typer.Option("--config", help="training recipe (configs/train/*.yaml)")] = None,
+    json_only: Annotated[bool, typer.Option("--json", help="print only the JSON summary")] = False,
+) -> None:
+    """Fine-tune on one process (same recipes as `accelerate launch fine_tune/train.py`)."""
+    from synthtune.config import TrainConfig, load_config
+    from synthtune.train.loop import train as run_train
+
+    cfg = load_config(TrainConfig, config, overrides or [])
+    summary = run_train(cfg, progress=not json_only)
+    summary.pop("history", None)
+    emit(json.dumps(summary, indent=None if json_only else 2))
+
+
+@app.command()
+@results_on_stdout
+def prep(
+    model: Annotated[str, typer.Option(help="HF id, local dir, or built-in name (only its tokenizer is loaded)")],
+    data: Annotated[str, typer.Option(help="bundled:train, gsm8k:train, hub:train, dir:train or a JSONL")],
+    fmt: Annotated[str, typer.Option("--format", help="plain, chat, or auto (chat when the model has a template)")]
+    = "auto",
+    max_length: Annotated[int, typer.Option(help="longest example (seq2seq: encoder input) in tokens")] = 512,
+    max_target_length: Annotated[int | None, typer.Option(help="seq2seq labels limit; default max-length")] = None,
+    truncation: Annotated[str, typer.Option(help="drop over-long examples, or truncate them (cuts the answer)")]
+    = "drop",
+    out: Annotated[str | None, typer.Option(help="output dir; default outputs/prep/<model>_<data>_<fmt>_<len>")]
+    = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N rows")] = None,
+    json_only: Annotated[bool, typer.Option("--json", help="print only the one-line JSON summary")] = False,
+) -> None:
+    """Tokenize data for fine-tuning: label masks, length stats, histogram, and a saved arrow dataset."""
+    from synthtune.prep import run_prep
+
+    try:
+        summary = run_prep(model, data, fmt=fmt, max_length=max_length, max_target_length=max_target_length,
+                           truncation=truncation, out=out, limit=limit)
+    except ValueError as err:
+        if type(err) is not ValueError:  # DataError and friends print through main()
+            raise
+        raise typer.BadParameter(str(err)) from err
+    if not json_only:
+        err_console.print(Text(f"{summary['n_kept']} of {summary['n']} examples -> {summary['dataset']}; "
+                               f"p99 {summary['p99']} tokens, recommended max_length "
+                               f"{summary['recommended_max_length']}"))
+    emit(json.dumps(summary, indent=None if json_only else 2))
+
+
+@app.command()
+@results_on_stdout
+def memory(
+    model: Annotated[str, typer.Option(help="HF id, local dir, config.json path, or built-in name")] = "smollm2-135m-instruct",
+    method: Annotated[str, typer.Option(help="full | lora | qlora (4-bit base)")] = "full",
+    lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
+    lora_targets: Annotated[str, typer.Option(help="comma list of module names (q,v) or all-linear")] = "q,v",
+    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout (>0 keeps a mask and an input copy per adapter)")] = 0.0,
+    batch_size: Annotated[int, typer.Option(help="micro-batch per GPU")] = 8,
+    seq_len: Annotated[int, typer.Option(help="tokens per sequence (seq2seq: encoder length)")] = 256,
+    target_len: Annotated[int | None, typer.Option(help="seq2seq decoder length (default: seq-len)")] = None,
+    grad_ckpt: Annotated[bool, typer.Option("--grad-ckpt/--no-grad-ckpt", help="gradient checkpointing (~30% slower)")] = False,
+    precision: Annotated[str, typer.Option(help="fp32 | bf16 (bf16 weights) | bf16-mixed (fp32 weights + autocast)")] = "bf16-mixed",
+    optimizer: Annotated[str, typer.Option(help="adamw | adamw-8bit | sgd")] = "adamw",
+    zero_stage: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage 0..3")] = 0,
+    offload: Annotated[str, typer.Option(help="none | optimizer | all (ZeRO offload to CPU)")] = "none",
+    gpus: Annotated[int, typer.Option(help="GPUs per node")] = 1,
+    nodes: Annotated[int, typer.Option(help="nodes")] = 1,
+    attn: Annotated[str, typer.Option(help="sdpa | flash | eager (eager keeps S x S probabilities)")] = "sdpa",
+    fit: Annotated[bool, typer.Option("--fit", help="search method/ZeRO/ckpt/micro-batch for the fastest setup that fits")] = False,
+    gpu_gib: Annotated[float, typer.Option(help="--fit: memory per GPU, GiB")] = 80.0,
+    headroom: Annotated[float, typer.Option(help="--fit: fraction kept free for the allocator's fragmentation")] = 0.1,
+    cpu_gib: Annotated[float | None, typer.Option(help="--fit: host RAM per node, GiB (enables offload options)")] = None,
+    global_batch: Annotated[int | None, typer.Option(help="--fit: sequences per optimizer step (sets gradient accumulation)")] = None,
+    train_config: Annotated[str, typer.Option(help="--fit: training recipe named in the printed command")] = "configs/train/X.yaml",
+    trust_remote_code: Annotated[bool, typer.Option(help="allow the model repo's own Python code to run")] = False,
+    json_only: Annotated[bool, typer.Option("--json", help="print only the JSON object")] = False,
+) -> None:
+    """Estimate peak GPU memory per GPU for a training setup, or --fit the fastest setup that fits."""
+    from synthtune.memory.estimate import Setup, estimate
+    from synthtune.memory.fit import fit as fit_search
+    from synthtune.memory.report import estimate_json, print_estimate, print_fit
+    from synthtune.memory.shape import load_shape
+
+    setup = Setup(method=method, lora_r=lora_r, lora_targets=lora_targets, lora_dropout=lora_dropout,
+                  precision=precision, optimizer=optimizer, zero_stage=zero_stage, offload=offload, gpus=gpus,
+                  nodes=nodes, batch_size=batch_size, seq_len=seq_len, target_len=target_len, grad_ckpt=grad_ckpt,
+                  attn=attn)
+    try:
+        setup.check()
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    shape = load_shape(model, trust_remote_code=trust_remote_code)
+    if fit:
+        result = fit_search(shape, setup, gpu_gib, headroom=headroom, cpu_gib=cpu_gib, global_batch=global_batch,
+                            train_config=train_config)
+        if not json_only:
+            print_fit(result, err_console)
+        emit(json.dumps(result, indent=None if json_only else 2))
+        return
+    est = estimate(shape, setup)
+    if not json_only:
+        print_estimate(est, err_console)
+    emit(json.dumps(estimate_json(est), indent=None if json_only else 2))
+
+
+@app.command()
+@results_on_stdout
 def score(
     input: Annotated[Path, typer.Argument(help="JSONL rows with question, answer, completions (or completion)")],
     out: Annotated[Path, typer.Option("--out", help="where the scored JSONL is written")],

@@ -103,6 +103,68 @@ class SynthConfig:
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
 
 
+@dataclass
+class TrainConfig:
+    """`fine_tune/train.py` / `synthtune train`: full or LoRA fine-tuning, seq2seq or causal."""
+
+    model: str = opt("tiny-llama", "HF id, local dir, or a built-in name (smollm2-135m-instruct, tiny-llama, tiny-t5)")
+    random_init: bool = opt(False, "build the model from its config with random weights instead of loading them: "
+                            "speed and memory checks of shapes whose weights you don't have (model may be a "
+                            "config.json path)")
+    tokenizer: str | None = opt(None, "tokenizer to use (model id, dir or built-in name); default: the model's")
+    method: str = opt("lora", "full: every weight trains; lora: low-rank adapters (peft); qlora: LoRA on a 4-bit "
+                      "base (CUDA + bitsandbytes)", ["full", "lora", "qlora"])
+    lora_r: int = opt(8, "LoRA rank")
+    lora_alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)")
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input; costs one mask per adapted input on GPU")
+    lora_targets: list[str] = opt(["all-linear"], "module names to adapt (e.g. q_proj,v_proj or q,v for T5), or "
+                                  "all-linear")
+    data: str = opt("bundled:train", "training data: bundled:train, gsm8k:train, a synth kept.jsonl, or any JSONL "
+                    "with question and answer")
+    eval_data: str | None = opt("bundled:test", "held-out data for eval loss and accuracy (none to skip)")
+    gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl")
+    limit: int | None = opt(None, "use only the first N training rows")
+    prompt_format: str = opt("plain", "plain: 'Question: ...\nAnswer: ...'; chat: the tokenizer's chat template; "
+                             "auto: chat when the tokenizer has one", ["plain", "chat", "auto"])
+    max_length: int = opt(512, "token limit per example; GSM8K with SmolLM2's tokenizer: p99 399, max 543 "
+                          "(the workshop's 256 cut 15.7% of answers)")
+    max_target_length: int | None = opt(None, "seq2seq: label length limit (default max_length)")
+    packing: bool = opt(False, "causal: pack examples into max_length rows (position ids restart per example)")
+    group_by_length: bool = opt(True, "batch similar lengths together: less padding, same data per epoch")
+    per_device_batch_size: int = opt(4, "micro-batch per process")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step; the loss is normalized by the "
+                                           "label tokens of the whole window, so accumulation equals a big batch")
+    learning_rate: float = opt(2e-4, "peak LR (LoRA ~1e-4..3e-4; full fine-tuning ~1e-5..5e-5)")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    lr_scheduler: str = opt("cosine", "decay after warmup", ["cosine", "linear", "constant"])
+    warmup_steps: int = opt(0, "linear warmup, in optimizer steps")
+    max_steps: int = opt(-1, "optimizer steps to run; -1 = num_epochs over the data")
+    num_epochs: float = opt(1.0, "epochs when max_steps is -1")
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
+    precision: str = opt("auto", "auto: bf16 weights for LoRA and bf16-mixed for full on bf16 GPUs, fp32 on CPU; "
+                         "fp32; bf16 (weights and autocast); bf16-mixed (fp32 master weights, bf16 autocast)",
+                         ["auto", "fp32", "bf16", "bf16-mixed"])
+    gradient_checkpointing: bool = opt(False, "~30% slower, activations ~1/layers: recompute them in backward")
+    compile: bool = opt(False, "torch.compile the model (slow first steps; pays off on long GPU runs)")
+    seed: int = opt(0, "seed for init, data order and dropout")
+    output_dir: str | None = opt(None, "run directory; default outputs/train/<model>-<method>")
+    logging_steps: int = opt(5, "log loss/LR/tokens per second every N optimizer steps")
+    eval_steps: int = opt(0, "evaluate every N optimizer steps (0 = only at the end)")
+    eval_accuracy_samples: int = opt(16, "questions answered by greedy generation for accuracy at each eval "
+                                     "(0 = loss only)")
+    eval_max_new_tokens: int = opt(192, "generation budget per eval answer")
+    save_steps: int = opt(0, "checkpoint every N optimizer steps (0 = only the final model)")
+    save_total_limit: int = opt(2, "keep the last N checkpoints")
+    stop_at_step: int | None = opt(None, "save a checkpoint and stop at this step, as a preempted job would; "
+                                   "continue later with resume_from=latest (the schedule still spans max_steps)")
+    resume_from: str | None = opt(None, "latest, or a checkpoint directory: restores model, optimizer, scheduler, "
+                                  "RNG and data position")
+    log_with: str = opt("tensorboard", "accelerate tracker", ["tensorboard", "wandb", "none"])
+    trace_memory: bool = opt(True, "sample memory (and GPU utilization) in the background; CSV + PNG")
+    device: str | None = opt(None, "single-process runs only: cpu or cuda (accelerate decides under launch)")
+    trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
+
+
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------

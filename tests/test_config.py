@@ -2,12 +2,14 @@ from pathlib import Path
 
 import pytest
 
-from synthtune.config import ConfigError, DemoConfig, SynthConfig, field_help, load_config
+from synthtune.config import ConfigError, DemoConfig, SynthConfig, TrainConfig, field_help, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 
 # Every shipped recipe, with the config class it must parse into (torchtune's test_configs idea).
-SHIPPED = {"configs/demo.yaml": DemoConfig, "configs/synth/smollm2_bundled.yaml": SynthConfig}
+SHIPPED = {"configs/demo.yaml": DemoConfig, "configs/synth/smollm2_bundled.yaml": SynthConfig,
+           **{f"configs/train/{n}.yaml": TrainConfig for n in ("smoke", "smollm2_lora_cpu", "flan_ul2_lora",
+                                                                "flan_ul2_full", "llama_1b_lora", "llama_8b_lora_zero3")}}
 
 
 @pytest.mark.parametrize("rel", sorted(SHIPPED))
@@ -15,7 +17,8 @@ def test_every_shipped_config_parses(rel):
     cfg = load_config(SHIPPED[rel], REPO / rel)
     assert isinstance(cfg, SHIPPED[rel])
     # the run command sits at the top of every config
-    assert (REPO / rel).read_text().splitlines()[0].startswith("# synthtune ")
+    first = (REPO / rel).read_text().splitlines()[0]
+    assert first.startswith(("# synthtune ", "# accelerate launch ")), first
 
 
 def test_all_configs_are_registered():
@@ -60,6 +63,16 @@ def test_bad_yaml_points_at_line(tmp_path):
         load_config(DemoConfig, p)
 
 
-@pytest.mark.parametrize("cls", [DemoConfig, SynthConfig])
+@pytest.mark.parametrize("cls", [DemoConfig, SynthConfig, TrainConfig])
 def test_every_field_has_help(cls):
     assert all(field_help(cls).values())
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "accelerate").glob("*.yaml")), ids=lambda p: p.name)
+def test_accelerate_configs_load_and_open_with_their_command(path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    first = path.read_text().splitlines()[0]
+    assert "accelerate launch --config_file configs/accelerate/" + path.name in first
+    cfg = load_config_from_file(str(path))  # accelerate's own loader: unknown keys raise
+    assert cfg.num_processes >= 1 and cfg.distributed_type is not None

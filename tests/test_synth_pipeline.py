@@ -10,7 +10,6 @@ import datasets
 import pytest
 
 from synthtune.config import ConfigError, SynthConfig
-from synthtune.data.gsm8k import load_split
 from synthtune.synth.pipeline import KEPT, STATUS, evaluate_question, load_items, run_synthesis
 from synthtune.synth.sampler import Sample
 

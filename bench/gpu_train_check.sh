@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# Device run (one call, wheels carried in .whl/, see below):
+#   set -o pipefail; bash bench/gpu_train_check.sh 2>&1 | tee $OUT/log.txt
+# CPU dry run of the same script (tiny shapes, 2 steps, no wheel install):
+#   GPU_CHECK_DRY=1 PYTHON=.venv/bin/python OUT=/tmp/gpucheck bash bench/gpu_train_check.sh
+#
+# Issue 5, part 6 (GPU check): synthtune's real training loop (fine_tune/train.py under
+# accelerate launch) in bf16 on random-init real shapes, no weights needed:
+#   ul2_lora_single  Flan-UL2 shape (configs/models/flan-ul2), LoRA r=8 on q,v, batch 2 x 256, one GPU
+#   llama1b_lora     Llama-3.2-1B shape (configs/models/llama-3.2-1b-shape), LoRA all-linear r=16, 8 x 512
+#   llama1b_full     the same shape, full fine-tuning, bf16-mixed (fp32 master weights)
+#   ul2_lora_zero3   the first run under DeepSpeed ZeRO-3 in one process (configs/accelerate/zero3_1proc.yaml)
+# ZeRO-3 runs last because it is the slowest and most likely to overrun: it gets whatever time is
+# left. Each run's summary.json is copied to $OUT/<run>.json; a failing or timed-out run is logged
+# and the script goes on. Each launch passes --mixed_precision bf16, matching the loop's own
+# Accelerator(mixed_precision=...) for precision=bf16/bf16-mixed (the loop's value wins anyway;
+# under DeepSpeed accelerate turns it into the DS config's bf16.enabled).
+#
+# Wheels: the device image lacks datasets, deepspeed and a few of their needs. Here, in the repo
+# root (.whl/ is git-ignored):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux2014_x86_64 -d .whl datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19 \
+#     hjson==3.1.0 pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 \
+#     typing-inspection==0.4.5 typing-extensions==4.16.0 nvitop==1.7.2
+#   pip wheel --no-deps deepspeed==0.19.8 -w .whl          # sdist only: pure-Python wheel, ops JIT
+#   pip download ... -d .whl/extra pyarrow==26.0.1          # installed there only if its pyarrow < 24
+# and the run names `carry: [".whl"]`.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT=${OUT:-/tmp/gpu_train_check_out}
+mkdir -p "$OUT"
+DRY=${GPU_CHECK_DRY:-0}
+BUDGET=${GPU_CHECK_BUDGET_S:-280}   # seconds for the whole script; the last run gets what is left
+PY=${PYTHON:-python3}
+T0=$SECONDS
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+export SYNTHTUNE_CACHE_DIR=${SYNTHTUNE_CACHE_DIR:-/tmp/stcache} SYNTHTUNE_OUTPUTS_DIR=${SYNTHTUNE_OUTPUTS_DIR:-/tmp/stout}
+RUNS_DIR=/tmp/gpu_train_check_runs
+
+if [ "$DRY" != 1 ] && [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "FATAL: wheel install failed"; exit 1; }
+  if ! $PY -c "import pyarrow,sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" 2>/dev/null \
+     && ls .whl/extra/pyarrow-*.whl >/dev/null 2>&1; then
+    echo "device pyarrow missing or < 24: installing the carried one"
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/extra/pyarrow-*.whl
+  fi
+  export PYTHONPATH=/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
+  export DS_ACCELERATOR=cuda   # the wheel was built on a CPU machine and records accelerator_name='cpu'
+else
+  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
+fi
+echo "wheels ready after $((SECONDS - T0)) s"
+
+{
+  date -u +%FT%TZ
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
+  $PY - <<'EOF'
+import importlib, sys
+print("python", sys.version.split()[0])
+for m in ("torch", "transformers", "peft", "accelerate", "deepspeed", "datasets", "pyarrow", "tokenizers", "nvitop"):
+    try:
+        mod = importlib.import_module(m)
+        print(m, getattr(mod, "__version__", "?"), getattr(mod, "__file__", ""))
+    except Exception as e:  # noqa: BLE001
+        print(m, "IMPORT FAILED:", repr(e)[:300])
+import torch
+print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+EOF
+} 2>&1 | tee "$OUT/env.txt"
+
+UL2=configs/models/flan-ul2
+LLAMA=configs/models/llama-3.2-1b-shape
+STEPS=12
+FULL_PREC=bf16-mixed
+MP=bf16
+if [ "$DRY" = 1 ]; then
+  # same structure, tiny dims, real vocab sizes
+  M=/tmp/gpu_train_check_models
+  mkdir -p $M/ul2 $M/llama
+  $PY - "$M" <<'EOF'
+import json, sys
+m = sys.argv[1]
+ul2 = json.load(open("configs/models/flan-ul2/config.json"))
+ul2.update(d_model=64, d_ff=128, d_kv=16, num_heads=4, num_layers=2, num_decoder_layers=2)
+json.dump(ul2, open(f"{m}/ul2/config.json", "w"), indent=1)
+ll = json.load(open("configs/models/llama-3.2-1b-shape/config.json"))
+ll.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+          num_key_value_heads=2, head_dim=16)
+json.dump(ll, open(f"{m}/llama/config.json", "w"), indent=1)
+EOF
+  UL2=$M/ul2; LLAMA=$M/llama; STEPS=2; FULL_PREC=fp32; MP=no
+fi
+
+COMMON="random_init=true data=bundled:train eval_data=bundled:test eval_steps=0 eval_accuracy_samples=2 \
+eval_max_new_tokens=16 save_steps=0 log_with=none logging_steps=4 warmup_steps=2 gradient_accumulation_steps=1 \
+max_steps=$STEPS"
+
+# run NAME CAP_S ACCEL_YAML [train.py args...]
+run() {
+  local name=$1 cap=$2 accel=$3; shift 3
+  local left=$((BUDGET - (SECONDS - T0)))
+  local t=$((cap < left ? cap : left))
+  if [ "$t" -lt 25 ]; then echo "=== $name SKIPPED: only ${left}s of the budget left"; return; fi
+  local od=$RUNS_DIR/$name s=$SECONDS rc
+  rm -rf "$od"
+  echo "=== $name: start $(date -u +%T), timeout ${t}s"
+  nvidia-smi --query-gpu=memory.used --format=csv,noheader 2>/dev/null | sed 's/^/GPU memory used before: /'
+  timeout -k 5 "$t" $PY -m accelerate.commands.launch --config_file "configs/accelerate/$accel" \
+    --mixed_precision $MP fine_tune/train.py "$@" output_dir="$od"
+  rc=$?
+  echo "=== $name: rc=$rc after $((SECONDS - s))s$([ $rc = 124 ] && echo ' (TIMED OUT)')"
+  if [ -f "$od/summary.json" ]; then
+    cp "$od/summary.json" "$OUT/$name.json"
+    $PY - "$od/summary.json" <<'EOF'
+import json, sys
+s = json.load(open(sys.argv[1]))
+keys = ("steps", "trainable_params", "total_params", "train_tokens_run", "train_seconds", "tokens_per_s",
+        "total_seconds", "first_train_loss", "final_train_loss", "final_eval_loss")
+print("SUMMARY", json.dumps({k: s.get(k) for k in keys} | {"memory": s.get("memory")}))
+EOF
+  else
+    echo "=== $name: no summary.json"
+  fi
+  rm -rf "$od/final"   # the full model's weights are ~5 GB: keep /tmp small
+}
+
+run ul2_lora_single 90 single_gpu.yaml --config configs/train/flan_ul2_lora.yaml $COMMON \
+  model=$UL2 tokenizer=tiny-t5 method=lora lora_r=8 "lora_targets=[q,v]" per_device_batch_size=2 \
+  max_length=256 max_target_length=256 precision=bf16
+
+run llama1b_lora 45 single_gpu.yaml --config configs/train/llama_1b_lora.yaml $COMMON \
+  model=$LLAMA tokenizer=tiny-llama prompt_format=plain method=lora lora_r=16 "lora_targets=[all-linear]" \
+  per_device_batch_size=8 max_length=512 precision=bf16
+
+run llama1b_full 55 single_gpu.yaml --config configs/train/llama_1b_lora.yaml $COMMON \
+  model=$LLAMA tokenizer=tiny-llama prompt_format=plain method=full learning_rate=2.0e-5 \
+  per_device_batch_size=8 max_length=512 precision=$FULL_PREC
+
+run ul2_lora_zero3 600 zero3_1proc.yaml --config configs/train/flan_ul2_lora.yaml $COMMON \
+  model=$UL2 tokenizer=tiny-t5 method=lora lora_r=8 "lora_targets=[q,v]" per_device_batch_size=2 \
+  max_length=256 max_target_length=256 precision=bf16
+
+echo "=== all done after $((SECONDS - T0))s"
+ls -la "$OUT"

@@ -1,0 +1,279 @@
+"""Padding benchmark: real (non-pad) training tokens/s, the workshop's batching vs synthtune.prep's.
+
+Run: .venv/bin/python bench/padding_bench.py   # full GSM8K from SYNTHTUNE_GSM8K_DIR or ../shared/data/gsm8k
+     .venv/bin/python bench/padding_bench.py --steps 2 --tasks causal   # a quick look
+
+Two tasks, each a fixed number of LoRA training steps (forward + backward + AdamW step) per variant:
+
+* causal: SmolLM2-135M-Instruct (the embedded model), LoRA r=8 on q_proj,v_proj (the workshop's
+  choice of modules), ``Question: ...\\nAnswer: ...<eos>``;
+* seq2seq: a random-init T5 with Flan-T5-small's shape (d_model 512, d_ff 1024, 6+6 layers, 8 heads,
+  gated-GELU) and the SmolLM2 tokenizer (49k BPE, so sequence lengths are those of a real
+  tokenizer; the tiny-t5 tokenizer's 1k vocab makes every sequence ~1.7x longer than any real
+  model sees), LoRA r=8 on q,v.
+
+Variants: ``workshop`` truncates and pads every example to 256 tokens (seq2seq: inputs and labels to
+256 each) in random fixed batches; ``grouped`` drops the >p99 examples, length-groups batches
+(:func:`synthtune.prep.length_grouped_order`) and pads per batch; ``packed`` (causal only) packs
+examples into 512-token rows with a block-diagonal mask, half as many rows per batch so a step sees
+about as many tokens as the workshop's. Variants run interleaved one step at a time (A,B,C,A,B,C,...) so
+load from other processes on the machine spreads over all of them; one untimed warm-up step each first.
+Both wall-clock and process-CPU-time throughput are reported: under contention the CPU-time ratio is
+the steadier of the two.
+Throughput counts real tokens only: tokens of the (possibly truncated) examples, never padding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import constants  # noqa: E402
+from synthtune.data.gsm8k import load_source  # noqa: E402
+from synthtune.prep import (  # noqa: E402
+    CausalCollator,
+    PackedCollator,
+    Seq2SeqCollator,
+    iter_batches,
+    length_grouped_order,
+    length_stats,
+    pack_sequences,
+    padding_waste,
+    tokenize_rows,
+)
+
+WORKSHOP_LEN = 256
+
+
+def gsm8k_train() -> tuple[list[dict], str]:
+    directory = constants.gsm8k_dir() or (REPO.parent / "shared" / "data" / "gsm8k")
+    if (directory / "train.jsonl").exists():
+        return load_source("dir:train", gsm8k_dir=directory).rows, f"GSM8K train ({directory.name}/train.jsonl)"
+    print("full GSM8K not found: using the 36-row bundled sample (numbers will not be representative)",
+          file=sys.stderr)
+    return load_source("bundled:train").rows, "bundled sample (36 rows)"
+
+
+def random_batches(n: int, batch_size: int, seed: int) -> list[list[int]]:
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return [b for b in iter_batches(order, batch_size) if len(b) == batch_size]
+
+
+def grouped_batches(lengths: list[int], batch_size: int, seed: int) -> list[list[int]]:
+    return [b for b in iter_batches(length_grouped_order(lengths, batch_size, seed), batch_size)
+            if len(b) == batch_size]
+
+
+class Variant:
+    """One batching scheme: its rows, its batches (index lists into rows), and its collator."""
+
+    def __init__(self, name: str, rows, batches, collate, real_tokens, padded_tokens):
+        self.name, self.rows, self.batches, self.collate = name, rows, batches, collate
+        self.real_tokens, self.padded_tokens = real_tokens, padded_tokens
+        self.cursor = 0
+        self.steps = self.tokens = self.computed = 0
+        self.seconds = self.cpu_seconds = 0.0
+
+    def next_batch(self):
+        feats = [self.rows[i] for i in self.batches[self.cursor % len(self.batches)]]
+        self.cursor += 1
+        return feats
+
+
+def train_step(model, opt, batch) -> tuple[float, float]:
+    """Wall seconds and this process's CPU seconds (all threads) for one optimizer step."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    loss = model(**batch).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def run_interleaved(model, opt, variants: list[Variant], steps: int, rounds: int, log) -> None:
+    for v in variants:  # warm-up: allocator, thread pools, first-call overheads
+        train_step(model, opt, v.collate(v.next_batch()))
+    per_round = [steps // rounds + (1 if r < steps % rounds else 0) for r in range(rounds)]
+    for r, k in enumerate(per_round):
+        for v in variants:
+            for _ in range(k):
+                feats = v.next_batch()
+                batch = v.collate(feats)
+                dt, cpu = train_step(model, opt, batch)
+                v.steps += 1
+                v.seconds += dt
+                v.cpu_seconds += cpu
+                v.tokens += v.real_tokens(feats)
+                v.computed += v.padded_tokens(batch)
+            log(f"  round {r + 1}/{rounds} {v.name}: {v.steps} steps, {v.tokens / v.seconds:.0f} real tok/s so far "
+                f"(load {os.getloadavg()[0]:.1f})")
+
+
+def lora(model, targets: list[str]):
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
+    model = get_peft_model(model, cfg)
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    return model, opt
+
+
+def bench_causal(rows, args, log) -> dict:
+    from synthtune.models import load_model
+
+    lm = load_model("smollm2-135m-instruct", device="cpu", dtype="fp32")
+    tok = lm.tokenizer
+    model, opt = lora(lm.model, ["q_proj", "v_proj"])
+    full = tokenize_rows(rows, tok, is_seq2seq=False, fmt="plain", max_length=4096, warn=False)
+    facts = {**length_stats(full.lengths), "over_256": sum(1 for x in full.lengths if x > WORKSHOP_LEN),
+             "padding_waste_at_256": round(padding_waste(full.lengths, WORKSHOP_LEN), 4)}
+    ours_len = facts["recommended_max_length"]
+    workshop = tokenize_rows(rows, tok, is_seq2seq=False, max_length=WORKSHOP_LEN, truncation="truncate", warn=False)
+    ours = tokenize_rows(rows, tok, is_seq2seq=False, max_length=ours_len, warn=False)
+    w_rows, o_rows = list(workshop.dataset), list(ours.dataset)
+    packed = list(pack_sequences(ours.dataset, max_length=2 * WORKSHOP_LEN))
+    bs = args.batch_size
+
+    def count(feats):
+        return sum(len(f["input_ids"]) for f in feats)
+
+    def padded(batch):
+        return batch["input_ids"].numel()
+
+    variants = [
+        Variant("workshop", w_rows, random_batches(len(w_rows), bs, args.seed),
+                CausalCollator(tok.pad_token_id, pad_to_multiple_of=WORKSHOP_LEN), count, padded),
+        Variant("grouped", o_rows, grouped_batches([len(r["input_ids"]) for r in o_rows], bs, args.seed)[1:],
+                CausalCollator(tok.pad_token_id), count, padded),
+        Variant("packed", packed, random_batches(len(packed), max(1, bs // 2), args.seed),
+                PackedCollator(tok.pad_token_id), count, padded),
+    ]
+    log(f"causal: SmolLM2-135M LoRA r=8 q,v, batch {bs} (packed: {max(1, bs // 2)} x 512), "
+        f"{args.steps} steps per variant in {args.rounds} rounds")
+    run_interleaved(model, opt, variants, args.steps, args.rounds, log)
+    return {"facts": facts, "ours_max_length": ours_len, "dropped_by_ours": ours.stats["n_dropped"],
+            "truncated_by_workshop": workshop.stats["n_truncated"],
+            "packed_rows": len(packed), "packed_fill": round(sum(len(r["input_ids"]) for r in packed)
+                                                            / (len(packed) * 2 * WORKSHOP_LEN), 4),
+            "variants": summarize(variants)}
+
+
+def bench_seq2seq(rows, args, log) -> dict:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from synthtune.prep import load_tokenizer_for
+
+    tok, _ = load_tokenizer_for("smollm2-135m-instruct")
+    pad_id = tok.convert_tokens_to_ids("<|endoftext|>")  # a pad distinct from EOS for the T5 config
+    torch.manual_seed(args.seed)
+    cfg = T5Config(vocab_size=len(tok), d_model=512, d_kv=64, d_ff=1024, num_layers=6, num_decoder_layers=6,
+                   num_heads=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+                   pad_token_id=pad_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=pad_id)
+    model, opt = lora(T5ForConditionalGeneration(cfg), ["q", "v"])
+    full = tokenize_rows(rows, tok, is_seq2seq=True, fmt="plain", max_length=4096, warn=False)
+    facts = {"input": length_stats(full.lengths), "labels": length_stats(full.target_lengths),
+             "inputs_over_256": sum(1 for x in full.lengths if x > WORKSHOP_LEN),
+             "labels_over_256": sum(1 for x in full.target_lengths if x > WORKSHOP_LEN),
+             "padding_waste_at_256_256": round(1 - sum(min(a, 256) + min(b, 256) for a, b in zip(
+                 full.lengths, full.target_lengths, strict=True)) / (len(full.lengths) * 512), 4)}
+    in_len, out_len = facts["input"]["recommended_max_length"], facts["labels"]["recommended_max_length"]
+    workshop = tokenize_rows(rows, tok, is_seq2seq=True, max_length=WORKSHOP_LEN, truncation="truncate", warn=False)
+    ours = tokenize_rows(rows, tok, is_seq2seq=True, max_length=in_len, max_target_length=out_len, warn=False)
+    w_rows, o_rows = list(workshop.dataset), list(ours.dataset)
+    bs = args.seq2seq_batch_size
+
+    def count(feats):
+        return sum(len(f["input_ids"]) + len(f["labels"]) for f in feats)
+
+    def padded(batch):  # encoder and decoder tokens both cost compute
+        return batch["input_ids"].numel() + batch["labels"].numel()
+
+    variants = [
+        Variant("workshop", w_rows, random_batches(len(w_rows), bs, args.seed),
+                Seq2SeqCollator(pad_id, pad_to_multiple_of=WORKSHOP_LEN), count, padded),
+        Variant("grouped", o_rows, grouped_batches(list(ours.dataset["length"]), bs, args.seed)[1:],
+                Seq2SeqCollator(pad_id), count, padded),
+    ]
+    log(f"seq2seq: T5 flan-t5-small shape, random init, LoRA r=8 q,v, batch {bs}, "
+        f"{args.steps} steps per variant in {args.rounds} rounds")
+    run_interleaved(model, opt, variants, args.steps, args.rounds, log)
+    return {"facts": facts, "ours_max_length": in_len, "ours_max_target_length": out_len,
+            "dropped_by_ours": ours.stats["n_dropped"], "truncated_by_workshop": workshop.stats["n_truncated"],
+            "variants": summarize(variants)}
+
+
+def summarize(variants: list[Variant]) -> dict:
+    base = variants[0].tokens / variants[0].seconds
+    base_cpu = variants[0].tokens / variants[0].cpu_seconds
+    out = {}
+    for v in variants:
+        tps, tpc = v.tokens / v.seconds, v.tokens / v.cpu_seconds
+        out[v.name] = {
+            "steps": v.steps, "seconds": round(v.seconds, 2), "s_per_step": round(v.seconds / v.steps, 3),
+            "real_tokens": v.tokens, "real_tokens_per_s": round(tps, 1),
+            "padding_fraction": round(1 - v.tokens / v.computed, 4), "speedup_vs_workshop": round(tps / base, 3),
+            # CPU seconds move less than wall seconds when other processes share the cores
+            "cpu_seconds": round(v.cpu_seconds, 2), "real_tokens_per_cpu_s": round(tpc, 1),
+            "cpu_speedup_vs_workshop": round(tpc / base_cpu, 3)}
+    return out
+
+
+def table(result: dict) -> str:
+    lines = ["| variant | steps | s/step | real tokens | padding | real tok/s (wall) | vs workshop "
+             "| real tok/CPU-s | vs workshop |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, v in result["variants"].items():
+        lines.append(f"| {name} | {v['steps']} | {v['s_per_step']:.2f} | {v['real_tokens']} | "
+                     f"{v['padding_fraction']:.1%} | {v['real_tokens_per_s']:.1f} | {v['speedup_vs_workshop']:.2f}x "
+                     f"| {v['real_tokens_per_cpu_s']:.1f} | {v['cpu_speedup_vs_workshop']:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=8, help="timed steps per variant and task")
+    ap.add_argument("--rounds", type=int, default=None, help="interleaving rounds; default: one step per round")
+    ap.add_argument("--batch-size", type=int, default=4, help="causal batch (packed: half as many 512-token rows)")
+    ap.add_argument("--seq2seq-batch-size", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tasks", default="causal,seq2seq")
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "padding_bench.json")
+    args = ap.parse_args()
+    args.rounds = args.rounds or args.steps
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    rows, data_name = gsm8k_train()
+    result = {"data": data_name, "n_rows": len(rows), "args": {k: str(v) for k, v in vars(args).items()},
+              "env": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
+                      "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}}
+    t0 = time.time()
+    for task in args.tasks.split(","):
+        result[task] = bench_causal(rows, args, log) if task == "causal" else bench_seq2seq(rows, args, log)
+        print(f"\n{task}\n{table(result[task])}\n", flush=True)
+    result["env"]["loadavg_end"] = os.getloadavg()
+    result["wall_s"] = round(time.time() - t0, 1)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out} ({result['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()

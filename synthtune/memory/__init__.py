@@ -1,0 +1,15 @@
+"""Memory: estimate before training (analytical, LoRA-aware), trace while training (measured).
+
+    from synthtune.memory import Setup, estimate, load_shape, MemoryTracer
+    est = estimate(load_shape("tiny-llama"), Setup(method="lora", batch_size=8, seq_len=256))
+    with MemoryTracer("outputs/run", interval_s=0.5) as tr:
+        ...
+    tr.summary()
+"""
+
+from synthtune.memory.estimate import Estimate, Setup, estimate, workshop_rule
+from synthtune.memory.shape import FLAN_UL2_CONFIG, ModelShape, load_shape, shape_from_config
+from synthtune.memory.trace import MemoryTracer
+
+__all__ = ["Estimate", "FLAN_UL2_CONFIG", "MemoryTracer", "ModelShape", "Setup", "estimate", "load_shape",
+           "shape_from_config", "workshop_rule"]

@@ -1,0 +1,100 @@
+"""Training and eval data: tokenized once (cached), batched by length, collated per batch."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from synthtune.config import TrainConfig
+
+
+class EpochOrder:
+    """A sampler whose order is a pure function of (seed, epoch): the same on every rank and
+    after a resume, which is what makes skipping the consumed batches exact."""
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool):
+        self.lengths = lengths
+        self.batch_size = batch_size
+        self.seed = seed
+        self.group_by_length = group_by_length
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        import torch
+
+        from synthtune.prep import length_grouped_order
+
+        if self.group_by_length:
+            return iter(length_grouped_order(self.lengths, self.batch_size, seed=self.seed + self.epoch))
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(len(self.lengths), generator=g).tolist())
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+
+@dataclass
+class TrainData:
+    train_loader: object
+    eval_loader: object | None
+    eval_questions: list[dict]
+    stats: dict = field(default_factory=dict)
+
+    def report_lines(self) -> list[str]:
+        s = self.stats
+        lines = [f"train: {s['train']['n']} examples ({s['train'].get('n_truncated', 0)} truncated at "
+                 f"max_length), {s['train_batches']} batches of {s['batch_size']}"]
+        if "eval" in s:
+            lines.append(f"eval: {s['eval']['n']} examples for loss, {len(self.eval_questions)} questions for accuracy")
+        return lines
+
+
+def _fmt(cfg: TrainConfig, tokenizer, seq2seq: bool) -> str:
+    if cfg.prompt_format != "auto":
+        return cfg.prompt_format
+    return "chat" if (not seq2seq and getattr(tokenizer, "chat_template", None)) else "plain"
+
+
+def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool) -> TrainData:
+    import torch
+    from torch.utils.data import DataLoader
+
+    import constants
+    from synthtune.data.gsm8k import load_source
+    from synthtune.prep import CausalCollator, PackedCollator, Seq2SeqCollator, pack_sequences, tokenize_rows
+
+    fmt = _fmt(cfg, tokenizer, seq2seq)
+    cache = constants.CACHE_DIR / "prep"
+    rows = load_source(cfg.data, cfg.gsm8k_dir, limit=cfg.limit).rows
+    rows = [r for r in rows if r.get("answer")]
+    train = tokenize_rows(rows, tokenizer, is_seq2seq=seq2seq, fmt=fmt, max_length=cfg.max_length,
+                          max_target_length=cfg.max_target_length, cache_dir=cache)
+    ds = train.dataset
+    if seq2seq:
+        collator = Seq2SeqCollator(tokenizer.pad_token_id)
+    elif cfg.packing:
+        ds = pack_sequences(ds, cfg.max_length)
+        collator = PackedCollator(tokenizer.pad_token_id)
+    else:
+        collator = CausalCollator(tokenizer.pad_token_id)
+    lengths = [len(x) for x in ds["input_ids"]]
+    sampler = EpochOrder(lengths, cfg.per_device_batch_size, cfg.seed, cfg.group_by_length and not cfg.packing)
+    # A private generator: creating a DataLoader iterator draws a seed from its generator, and
+    # drawing from the global RNG would shift dropout masks after a resume (which restores the
+    # global RNG but re-creates the iterator at a different point).
+    train_loader = DataLoader(ds, batch_size=cfg.per_device_batch_size, sampler=sampler, collate_fn=collator,
+                              drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
+    stats = {"train": train.stats, "format": fmt, "batch_size": cfg.per_device_batch_size,
+             "train_batches": len(train_loader), "packed_rows": len(ds) if cfg.packing else None}
+    eval_loader, questions = None, []
+    if cfg.eval_data:
+        erows = [r for r in load_source(cfg.eval_data, cfg.gsm8k_dir).rows if r.get("answer")]
+        ev = tokenize_rows(erows, tokenizer, is_seq2seq=seq2seq, fmt=fmt, max_length=cfg.max_length,
+                           max_target_length=cfg.max_target_length, cache_dir=cache)
+        ecoll = Seq2SeqCollator(tokenizer.pad_token_id) if seq2seq else CausalCollator(tokenizer.pad_token_id)
+        eval_loader = DataLoader(ev.dataset, batch_size=cfg.per_device_batch_size, shuffle=False, collate_fn=ecoll)
+        questions = erows[:cfg.eval_accuracy_samples]
+        stats["eval"] = ev.stats
+    return TrainData(train_loader, eval_loader, questions, stats)

@@ -1,0 +1,95 @@
+"""In-training evaluation: eval loss (token mean over all ranks) and GSM8K accuracy by generation.
+
+Loss alone says little about whether a model got better at math; the 2023 run never measured
+accuracy at all. Accuracy here uses the training prompt format, greedy decoding, and the same
+answer extraction as `synthtune score`.
+"""
+
+from __future__ import annotations
+
+from synthtune.config import TrainConfig
+
+
+def eval_loss(acc, model, loader, seq2seq: bool) -> float | None:
+    import torch
+
+    from synthtune.train.loop import model_inputs, token_loss_sum
+
+    if loader is None:
+        return None
+    total = torch.zeros((), device=acc.device, dtype=torch.float64)
+    count = torch.zeros((), device=acc.device, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in loader:
+            out = model(**model_inputs(batch, seq2seq))
+            total += token_loss_sum(out.logits, batch["labels"], seq2seq).double()
+            labels = batch["labels"] if seq2seq else batch["labels"][:, 1:]
+            count += (labels != -100).sum()
+    total = acc.reduce(total, reduction="sum")
+    count = acc.reduce(count, reduction="sum")
+    return float(total / count.clamp(min=1))
+
+
+def _zero3(acc) -> bool:
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
+
+
+def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig, seq2seq: bool) -> dict:
+    """Greedy answers to ``questions``, split over ranks, gathered; strict and flexible accuracy."""
+    import torch
+    from accelerate.utils import gather_object
+
+    from synthtune.data.answers import extract_strict, is_correct
+    from synthtune.prep import format_example
+    from synthtune.train.data import _fmt
+
+    if not questions:
+        return {}
+    fmt = _fmt(cfg, tokenizer, seq2seq)
+    rank, world = acc.process_index, acc.num_processes
+    mine = questions[rank::world]
+    # Under ZeRO-3 every rank must join every forward (synced_gpus), so all ranks run the same
+    # number of generate calls; short shards repeat their last question and drop the repeat.
+    per_rank = -(-len(questions) // world)
+    padded = mine + [mine[-1] if mine else questions[0]] * (per_rank - len(mine))
+    unwrapped = acc.unwrap_model(model)
+    was_training = unwrapped.training
+    unwrapped.eval()
+    if not seq2seq:
+        tokenizer.padding_side = "left"
+    results = []
+    bs = max(1, cfg.per_device_batch_size)
+    for start in range(0, len(padded), bs):
+        chunk = padded[start:start + bs]
+        prompts = [format_example(r, tokenizer, fmt=fmt, is_seq2seq=seq2seq)[0] for r in chunk]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True,
+                        add_special_tokens=fmt != "chat").to(acc.device)
+        with torch.no_grad(), acc.autocast():
+            out = unwrapped.generate(**enc, max_new_tokens=cfg.eval_max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, synced_gpus=_zero3(acc),
+                                     use_cache=True)
+        new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
+        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        for j, (row, text) in enumerate(zip(chunk, texts, strict=True)):
+            if start + j < len(mine):
+                results.append({"correct": is_correct(text, row["answer"]),
+                                "strict": extract_strict(text) is not None})
+    tokenizer.padding_side = "right"
+    if was_training:
+        unwrapped.train()
+    everything = gather_object(results)
+    n = len(everything)
+    return {"eval/accuracy": sum(r["correct"] for r in everything) / n if n else 0.0,
+            "eval/format_rate": sum(r["strict"] for r in everything) / n if n else 0.0,
+            "eval/n_questions": n}
+
+
+def evaluate(acc, model, tokenizer, loader, questions, cfg: TrainConfig, seq2seq: bool) -> dict:
+    model.eval()
+    metrics = {}
+    loss = eval_loss(acc, model, loader, seq2seq)
+    if loss is not None:
+        metrics["eval/loss"] = loss
+    metrics.update(eval_accuracy(acc, model, tokenizer, questions, cfg, seq2seq))
+    return metrics

@@ -1,0 +1,297 @@
+"""The training loop, on accelerate: one process on a laptop, DDP, DeepSpeed ZeRO or FSDP at scale.
+
+Gradient accumulation is done per *window* of micro-batches: the window's label tokens are
+counted (across all ranks) before its backward passes, and each micro-batch's summed token loss
+is divided by that count. So the update equals one big batch of the same tokens, however the
+tokens fall into micro-batches (the mean-of-means bug that per-micro-batch averaging has).
+Windows never straddle an epoch end: the few batches that do not fill a last window are left
+for the next epoch's reshuffle.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from synthtune.config import TrainConfig, save_config, to_dict
+from synthtune.train import checkpoint as ckpt
+from synthtune.train.data import build_train_data
+from synthtune.train.evaluate import evaluate
+from synthtune.train.setup import (
+    apply_lora,
+    default_output_dir,
+    resolve_precision,
+    trainable_parameters,
+    validate,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def token_loss_sum(logits, labels, is_seq2seq: bool):
+    """Summed cross-entropy over label tokens (labels == -100 are ignored), computed in fp32."""
+    import torch.nn.functional as F
+
+    if not is_seq2seq:  # causal: position t predicts token t+1
+        logits, labels = logits[:, :-1, :], labels[:, 1:]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=-100, reduction="sum")
+
+
+def batch_tokens(batch: dict, is_seq2seq: bool) -> int:
+    """Real (non-pad) tokens a step processes: the input side, plus the labels for seq2seq,
+    whose decoder runs over them too."""
+    n = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    if is_seq2seq:
+        n += int((batch["labels"] != -100).sum())
+    return n
+
+
+def model_inputs(batch: dict, is_seq2seq: bool) -> dict:
+    keys = ("input_ids", "attention_mask", "position_ids", "labels") if is_seq2seq else \
+        ("input_ids", "attention_mask", "position_ids")
+    # seq2seq models build decoder inputs from labels (shifted right); causal models get no labels
+    # so they skip their own loss: ours is summed and normalized per accumulation window.
+    return {k: batch[k] for k in keys if k in batch}
+
+
+def load_for_training(cfg: TrainConfig, weights_dtype: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from synthtune.models import is_seq2seq_config, load_config, load_tokenizer, resolve_model
+
+    path = resolve_model(cfg.model, seed=cfg.seed)
+    mcfg = load_config(path, trust_remote_code=cfg.trust_remote_code)
+    seq2seq = is_seq2seq_config(mcfg)
+    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    kwargs = {"dtype": torch.bfloat16 if weights_dtype == "bf16" else torch.float32,
+              "trust_remote_code": cfg.trust_remote_code}
+    if cfg.method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                           bnb_4bit_compute_dtype=torch.bfloat16)
+    if cfg.random_init:
+        # Built whole, directly on the GPU when one is used (a 20B shape never touches host
+        # memory), and outside deepspeed.zero.Init: under the accelerate DeepSpeed plugin,
+        # from_config would otherwise build partitioned modules with skipped weight init, and
+        # LoRA on top of those did not learn in the H200 check. DeepSpeed shards it at prepare.
+        import contextlib
+
+        from accelerate.state import AcceleratorState, PartialState
+
+        device = PartialState().device
+        plugin = getattr(AcceleratorState(), "deepspeed_plugin", None)
+        no_zero_init = plugin.zero3_init_context_manager(enable=False) if plugin else contextlib.nullcontext()
+        with no_zero_init, torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            model = cls.from_config(mcfg, dtype=kwargs["dtype"], trust_remote_code=cfg.trust_remote_code)
+    else:
+        model = cls.from_pretrained(path, **kwargs)
+    tok_path = resolve_model(cfg.tokenizer, seed=cfg.seed) if cfg.tokenizer else path
+    tok = load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        # Labels are masked by position, never by pad id, so pad == eos is safe here.
+        tok.pad_token = tok.eos_token
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+    elif cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if cfg.method == "lora":
+            # frozen embeddings produce no grad; checkpointed blocks then see inputs that need none
+            model.enable_input_require_grads()
+    model.config.use_cache = False
+    if cfg.method in ("lora", "qlora"):
+        model = apply_lora(model, cfg, seq2seq)
+    return model, tok, seq2seq, path
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
+    """Run (or resume) training; returns the summary also written to ``summary.json``."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin, ProjectConfiguration, set_seed
+    from tqdm.auto import tqdm
+    from transformers import get_scheduler
+
+    validate(cfg)
+    out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
+    cfg = replace(cfg, output_dir=str(out_dir))
+    use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    prec = resolve_precision(cfg, not use_cpu, (not use_cpu) and torch.cuda.is_bf16_supported())
+    G = cfg.gradient_accumulation_steps
+    acc = Accelerator(
+        mixed_precision=prec.mixed_precision, cpu=use_cpu,
+        gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=G, sync_with_dataloader=False,
+                                                                adjust_scheduler=False),
+        log_with=None if cfg.log_with == "none" else cfg.log_with,
+        project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")))
+    main = acc.is_main_process
+    say = (lambda m: tqdm.write(f"[train] {m}")) if main else (lambda m: None)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    set_seed(cfg.seed)
+
+    tracer = None
+    if cfg.trace_memory and main:
+        from synthtune.memory.trace import MemoryTracer
+
+        tracer = MemoryTracer(out_dir, interval_s=0.5)
+        tracer.start()
+
+    t0 = time.perf_counter()
+    model, tok, seq2seq, model_path = load_for_training(cfg, prec.weights_dtype)
+    n_train, n_total = trainable_parameters(model)
+    say(f"{cfg.model} ({'seq2seq' if seq2seq else 'causal'}), method={cfg.method}, precision={cfg.precision} "
+        f"-> weights {prec.weights_dtype}, autocast {prec.mixed_precision}; trainable {n_train:,} / {n_total:,} "
+        f"({100 * n_train / n_total:.2f}%), {acc.num_processes} process(es) on {acc.device}")
+
+    with acc.main_process_first():
+        data = build_train_data(cfg, tok, seq2seq)
+    for line in data.report_lines():
+        say(line)
+    train_dl, eval_dl = data.train_loader, data.eval_loader
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is not None:
+        # accelerate's clip_grad_norm_ is a no-op under DeepSpeed: the engine clips, from its config.
+        plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.compile:
+        model = torch.compile(model)
+    model, opt, train_dl = acc.prepare(model, opt, train_dl)
+    if eval_dl is not None:
+        eval_dl = acc.prepare(eval_dl)
+    windows_per_epoch = len(train_dl) // G
+    if windows_per_epoch == 0:
+        raise ValueError(f"{len(train_dl)} batches per process cannot fill one accumulation window of {G}; "
+                         f"lower gradient_accumulation_steps or per_device_batch_size")
+    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * windows_per_epoch)
+    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps,
+                          num_training_steps=total_steps)
+    sched = acc.prepare(sched)
+    if cfg.log_with != "none":
+        acc.init_trackers("synthtune", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+                                               for k, v in to_dict(cfg).items()})
+
+    state = ckpt.TrainState()
+    if cfg.resume_from:
+        resume_dir = ckpt.find_resume_dir(out_dir, cfg.resume_from)
+        acc.load_state(str(resume_dir))
+        state = ckpt.TrainState.load(resume_dir)
+        say(f"resumed from {resume_dir} at step {state.global_step} (epoch {state.epoch}, "
+            f"batch {state.batch_in_epoch})")
+
+    world = acc.num_processes
+    history: list[dict] = []
+    bar = tqdm(total=total_steps, initial=state.global_step, desc="training", unit="step",
+               disable=not (progress and main), dynamic_ncols=True)
+    t_train = time.perf_counter()
+    tokens_seen_run = tokens_at_log = 0
+    t_log = t_train
+    loss_accum, tok_accum = 0.0, 0
+    model.train()
+    while state.global_step < total_steps:
+        train_dl.set_epoch(state.epoch)
+        batches = acc.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl
+        window: list[dict] = []
+        for batch in batches:
+            window.append(batch)
+            if len(window) < G:
+                continue
+            n_label = sum(int((b["labels"] != -100).sum()) for b in window)
+            n_label = int(acc.reduce(torch.tensor(n_label, device=acc.device), reduction="sum").item())
+            window_loss = torch.zeros((), device=acc.device)
+            for mb in window:
+                with acc.accumulate(model):
+                    out = model(**model_inputs(mb, seq2seq))
+                    loss_sum = token_loss_sum(out.logits, mb["labels"], seq2seq)
+                    # accelerate divides by G; DDP averages over ranks: both undone here, so the
+                    # step's gradient is the global token mean over the whole window.
+                    acc.backward(loss_sum * G * world / max(n_label, 1))
+                    window_loss += loss_sum.detach()
+                    if acc.sync_gradients and cfg.max_grad_norm > 0:
+                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                tokens_seen_run += batch_tokens(mb, seq2seq)
+            state.batch_in_epoch += G
+            state.global_step += 1
+            window = []
+            loss_accum += float(acc.reduce(window_loss, reduction="sum").item())
+            tok_accum += n_label
+            bar.update(1)
+            if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
+                # the rate since the last log, so warm-up steps don't hide the steady state
+                now = time.perf_counter()
+                rate = (tokens_seen_run - tokens_at_log) * world / max(now - t_log, 1e-9)
+                tokens_at_log, t_log = tokens_seen_run, now
+                rec = {"step": state.global_step, "loss": loss_accum / max(tok_accum, 1),
+                       "lr": sched.get_last_lr()[0], "tokens_per_s": rate}
+                history.append(rec)
+                acc.log({"train/loss": rec["loss"], "train/lr": rec["lr"], "train/tokens_per_s": rec["tokens_per_s"]},
+                        step=state.global_step)
+                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                loss_accum, tok_accum = 0.0, 0
+            if cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and state.global_step < total_steps:
+                metrics = evaluate(acc, model, tok, eval_dl, data.eval_questions, cfg, seq2seq)
+                history.append({"step": state.global_step, **metrics})
+                say(f"step {state.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                              if isinstance(v, float)))
+                acc.log(metrics, step=state.global_step)
+                model.train()
+            if cfg.save_steps and state.global_step % cfg.save_steps == 0:
+                ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit)
+            if state.global_step >= total_steps:
+                break
+            if cfg.stop_at_step is not None and state.global_step >= cfg.stop_at_step:
+                ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit)
+                bar.close()
+                say(f"stopped at step {state.global_step} (stop_at_step); resume with resume_from=latest")
+                if tracer is not None:
+                    tracer.stop()
+                acc.end_training()
+                return {"stopped_at_step": state.global_step, "output_dir": str(out_dir)}
+        else:  # the epoch ran out: next epoch from its first batch
+            state.epoch += 1
+            state.batch_in_epoch = 0
+            continue
+        break
+    bar.close()
+    train_s = time.perf_counter() - t_train
+    final_metrics = evaluate(acc, model, tok, eval_dl, data.eval_questions, cfg, seq2seq)
+    history.append({"step": state.global_step, **final_metrics})
+    acc.log(final_metrics, step=state.global_step)
+    final_dir = ckpt.save_final(acc, model, tok, out_dir / "final", is_peft=cfg.method in ("lora", "qlora"))
+    if cfg.save_steps:
+        ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit)
+    mem = tracer.stop() if tracer is not None else {}
+    if torch.cuda.is_available() and not use_cpu:
+        mem["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    train_losses = [h["loss"] for h in history if "loss" in h]
+    summary = {
+        "model": cfg.model, "model_path": model_path, "method": cfg.method, "kind": "seq2seq" if seq2seq else "causal",
+        "steps": state.global_step, "epochs_completed": state.epoch, "processes": world,
+        "trainable_params": n_train, "total_params": n_total,
+        "train_tokens_run": tokens_seen_run * world, "train_seconds": round(train_s, 2),
+        "tokens_per_s": round(tokens_seen_run * world / max(train_s, 1e-9), 2),
+        "total_seconds": round(time.perf_counter() - t0, 2),
+        "first_train_loss": train_losses[0] if train_losses else None,
+        "final_train_loss": train_losses[-1] if train_losses else None,
+        **{f"final_{k.replace('/', '_')}": v for k, v in final_metrics.items()},
+        "memory": mem, "final_dir": str(final_dir), "history": history, "data": data.stats,
+    }
+    if main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    acc.wait_for_everyone()
+    acc.end_training()  # closes trackers and, under launch, the process group: keep it last
+    return summary

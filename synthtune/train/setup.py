@@ -1,0 +1,128 @@
+"""Everything a training run needs before its first step, each piece small and testable.
+
+``validate`` runs before any weights load, so a typo in a recipe costs seconds, not a model
+download: unknown LoRA targets, a max_length over the model's limit, missing data, qlora
+without CUDA all fail here with the key and the reason.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import constants
+from synthtune.config import ConfigError, TrainConfig
+
+
+@dataclass
+class Precision:
+    weights_dtype: str  # "fp32" | "bf16"
+    mixed_precision: str  # accelerate's: "no" | "bf16"
+
+
+def resolve_precision(cfg: TrainConfig, cuda: bool, bf16_ok: bool) -> Precision:
+    choice = cfg.precision
+    if choice == "auto":
+        if not (cuda and bf16_ok):
+            return Precision("fp32", "no")
+        # LoRA: bf16 frozen base weights halve memory at no accuracy cost (the adapters stay fp32
+        # in peft). Full fine-tuning: fp32 master weights, since bf16 updates lose small steps.
+        choice = "bf16" if cfg.method in ("lora", "qlora") else "bf16-mixed"
+    if choice in ("bf16", "bf16-mixed") and not (cuda and bf16_ok):
+        if choice == "bf16":
+            return Precision("bf16", "no")  # CPUs can run bf16 weights; autocast on CPU buys nothing here
+        raise ConfigError(f"precision={choice}: bf16 autocast needs a CUDA GPU with bf16 support; use fp32")
+    return {"fp32": Precision("fp32", "no"), "bf16": Precision("bf16", "bf16"),
+            "bf16-mixed": Precision("fp32", "bf16")}[choice]
+
+
+def default_output_dir(cfg: TrainConfig) -> Path:
+    return constants.OUTPUTS_DIR / "train" / f"{Path(cfg.model).name}-{cfg.method}"
+
+
+def lora_target_modules(cfg: TrainConfig):
+    return "all-linear" if cfg.lora_targets in (["all-linear"], ["all_linear"]) else list(cfg.lora_targets)
+
+
+def _matching_modules(model, targets) -> list[str]:
+    names = [n for n, _ in model.named_modules()]
+    if targets == "all-linear":
+        return names
+    return [n for n in names if any(n == t or n.endswith("." + t) or re.fullmatch(t, n) for t in targets)]
+
+
+def validate(cfg: TrainConfig) -> None:
+    """Fail fast, naming the key and the reason, before any weights are loaded."""
+    import torch
+
+    from synthtune.data.gsm8k import load_source
+    from synthtune.data.jsonl import DataError
+    from synthtune.models import ModelError, is_seq2seq_config, load_config
+
+    if cfg.per_device_batch_size < 1 or cfg.gradient_accumulation_steps < 1:
+        raise ConfigError("per_device_batch_size and gradient_accumulation_steps must be >= 1")
+    if cfg.max_steps == 0 or (cfg.max_steps < 0 and cfg.num_epochs <= 0):
+        raise ConfigError("max_steps: set a positive max_steps, or max_steps=-1 with num_epochs > 0")
+    if cfg.method == "qlora":
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise ConfigError("method=qlora needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU; "
+                              "use method=lora otherwise") from None
+        if not torch.cuda.is_available():
+            raise ConfigError("method=qlora needs a CUDA GPU (4-bit kernels); use method=lora on CPU")
+    for key in ("data", "eval_data"):
+        spec = getattr(cfg, key)
+        if spec is None:
+            continue
+        try:
+            load_source(spec, cfg.gsm8k_dir, limit=1)
+        except DataError as err:
+            raise ConfigError(f"{key}: {err}") from None
+    if cfg.random_init and cfg.method == "qlora":
+        raise ConfigError("random_init with method=qlora: 4-bit quantization needs real weights to quantize")
+    if cfg.resume_from not in (None, "latest") and not Path(cfg.resume_from).is_dir():
+        raise ConfigError(f"resume_from: {cfg.resume_from} is not a checkpoint directory (or use 'latest')")
+    try:
+        mcfg = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except ModelError as err:
+        raise ConfigError(f"model: {err}") from None
+    limit = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None)
+    if limit and not is_seq2seq_config(mcfg) and cfg.max_length > limit:
+        raise ConfigError(f"max_length={cfg.max_length} is over {cfg.model}'s limit of {limit} positions")
+    if cfg.packing and is_seq2seq_config(mcfg):
+        raise ConfigError("packing=true is for causal models; seq2seq batches are already dynamic")
+    if cfg.method in ("lora", "qlora"):
+        targets = lora_target_modules(cfg)
+        if targets != "all-linear":
+            from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+            cls = AutoModelForSeq2SeqLM if is_seq2seq_config(mcfg) else AutoModelForCausalLM
+            with torch.device("meta"):
+                meta = cls.from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
+            unmatched = [t for t in targets if not _matching_modules(meta, [t])]
+            if unmatched:
+                leaves = sorted({n.rsplit(".", 1)[-1] for n, m in meta.named_modules()
+                                 if isinstance(m, torch.nn.Linear)})
+                raise ConfigError(f"lora_targets: {unmatched} match no module of {cfg.model}; its linear "
+                                  f"layers are named {', '.join(leaves)} (or use all-linear)")
+
+
+def apply_lora(model, cfg: TrainConfig, is_seq2seq: bool):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=lora_target_modules(cfg),
+                      task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq else TaskType.CAUSAL_LM)
+    return get_peft_model(model, lcfg)
+
+
+def trainable_parameters(model) -> tuple[int, int]:
+    # ZeRO-3 partitions leave empty local tensors; ds_numel is the full size.
+    def numel(p):
+        return getattr(p, "ds_numel", p.numel())
+
+    trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(numel(p) for p in model.parameters())
+    return trainable, total
