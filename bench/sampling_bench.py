@@ -16,7 +16,6 @@ each is timed --repeats times and the best time is reported (other processes may
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -38,16 +37,13 @@ LABELS = {
 
 
 def load_sampler(standalone: bool):
-    if not standalone:
-        from synthtune.synth import sampler
+    if standalone:
+        # the GPU machine has torch + transformers but not synthtune's other dependencies; the
+        # sampler needs only those plus synthtune.generation, importable from the checkout
+        sys.path.insert(0, str(REPO))
+    from synthtune.synth import sampler
 
-        return sampler
-    # by file path: the GPU machine has torch + transformers but not synthtune's dependencies
-    spec = importlib.util.spec_from_file_location("synthtune_sampler", REPO / "synthtune" / "synth" / "sampler.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses resolve their module through sys.modules
-    spec.loader.exec_module(mod)
-    return mod
+    return sampler
 
 
 class IdTokenizer:

@@ -3,6 +3,9 @@
     synthtune --help
     synthtune demo [--config configs/demo.yaml] [key=value ...]
     synthtune synth --model M --questions SRC [--exemplars SRC] --k 8 --rounds 2 --out DIR [--config X.yaml]
+    synthtune prep --model M --data SRC [--max-length N] [--out DIR]
+    synthtune train --config configs/train/smoke.yaml [key=value ...]
+    synthtune memory --model M --method lora ... [--fit --gpu-gib 40 --gpus 4] [--json]
     synthtune score IN.jsonl --out OUT.jsonl [--json]
     synthtune data check FILE.jsonl [--lenient]
     synthtune models prepare NAME | synthtune models info NAME

@@ -357,21 +357,24 @@ def _log_progress(msg: str) -> None:
     print(f"[synthtune] {msg}", file=sys.stderr, flush=True)
 
 
-def count_parameters_from_config(config, trust_remote_code: bool = False) -> int:
-    """Exact parameter count without weights: build the model on the meta device."""
+def meta_model(config, trust_remote_code: bool = False):
+    """The model's module tree with no memory behind it (the meta device): shapes, names, counts."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     cls = AutoModelForSeq2SeqLM if is_seq2seq_config(config) else AutoModelForCausalLM
     with torch.device("meta"):
-        model = cls.from_config(config, trust_remote_code=trust_remote_code)
-    # Tied weights are one tensor: count unique storages, as the optimizer sees them.
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
+        return cls.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def unique_parameter_count(model) -> int:
+    """Tied weights are one tensor: count each parameter once, as the optimizer sees them."""
+    return sum({id(p): p.numel() for p in model.parameters()}.values())
+
+
+def count_parameters_from_config(config, trust_remote_code: bool = False) -> int:
+    """Exact parameter count without weights."""
+    return unique_parameter_count(meta_model(config, trust_remote_code=trust_remote_code))
 
 
 def model_info(name_or_path: str, trust_remote_code: bool = False) -> dict:

@@ -166,6 +166,12 @@ def test_fit_small_model_needs_no_checkpointing():
     assert "single_gpu.yaml" in r["command"]
 
 
+def test_fit_multinode_command():
+    r = fit(load_shape("tiny-llama"), Setup(seq_len=128, gpus=8, nodes=2), 80, methods=("full",), global_batch=256)
+    assert "--num_processes 16 --num_machines 2" in r["command"]
+    assert r["overrides"]["gradient_accumulation_steps"] * r["best"]["batch_size"] * 16 >= 256
+
+
 # ---------------------------------------------------------------- the CLI
 
 

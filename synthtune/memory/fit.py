@@ -42,7 +42,9 @@ def _speed(s: Setup) -> float:
 
 def _launcher(s: Setup) -> str:
     if s.zero_stage == 3:
-        return "zero3_offload" if s.offload != "none" else "zero3"
+        if s.offload != "none":
+            return "zero3_offload"  # offloads optimizer states and parameters ("all")
+        return "zero3_multinode" if s.nodes > 1 else "zero3"
     return "multi_gpu" if s.world > 1 else "single_gpu"
 
 
@@ -58,7 +60,8 @@ def launch_command(s: Setup, train_config: str, global_batch: int | None) -> tup
     parts = ["accelerate launch", f"--config_file configs/accelerate/{_launcher(s)}.yaml",
              f"--num_processes {s.world}"]
     if s.nodes > 1:
-        parts += [f"--num_machines {s.nodes}", "--machine_rank $NODE_RANK", "--main_process_ip $MASTER_ADDR"]
+        # run on every node with RANK=0..nodes-1 (as configs/accelerate/zero3_multinode.yaml says)
+        parts += [f"--num_machines {s.nodes}", "--machine_rank $RANK", "--main_process_ip $MAIN_NODE"]
     parts += ["fine_tune/train.py", f"--config {train_config}"]
 
     def fmt(v: Any) -> str:

@@ -104,17 +104,12 @@ def resolve_targets(shape: ModelShape, targets: str | list[str]) -> str | list[s
 def shape_from_config(config, name: str = "", trust_remote_code: bool = False) -> ModelShape:
     """Build a :class:`ModelShape` from a transformers config by meta-device instantiation."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
-    cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
-    with torch.device("meta"):
-        model = cls.from_config(config, trust_remote_code=trust_remote_code)
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
+    from synthtune.models import is_seq2seq_config, meta_model, unique_parameter_count
+
+    seq2seq = is_seq2seq_config(config)
+    model = meta_model(config, trust_remote_code=trust_remote_code)
+    total = unique_parameter_count(model)
     out_emb = model.get_output_embeddings()
     in_emb = model.get_input_embeddings()
     out_name = next((n for n, m in model.named_modules() if m is out_emb), "lm_head")

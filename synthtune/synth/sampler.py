@@ -31,8 +31,9 @@ Seq2seq models, and causal models whose attention this can't reproduce (sliding 
 soft-capping, non-"full_attention" layers), fall back to ``generate(num_return_sequences=k)``
 with the same ``Sample`` results.
 
-This module imports only torch and transformers (plus ``synthtune.generation`` when it is
-importable) so the GPU benchmark can load it by file path on a machine without synthtune.
+This module imports only torch, transformers and ``synthtune.generation`` (tqdm), so the GPU
+benchmark runs it from a bare checkout (repo root on ``sys.path``) where synthtune's other
+dependencies are missing.
 """
 
 from __future__ import annotations
@@ -43,28 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-try:
-    from synthtune.generation import SamplingParams, truncate_at_stop
-except ImportError:  # loaded by file path without the package (bench on a bare GPU machine)
-
-    @dataclass
-    class SamplingParams:  # type: ignore[no-redef]  # mirror of synthtune.generation.SamplingParams
-        max_new_tokens: int = 256
-        temperature: float = 0.0
-        top_p: float = 1.0
-        top_k: int = 0
-        num_samples: int = 1
-        stop: tuple[str, ...] = ()
-        seed: int = 0
-
-    def truncate_at_stop(text: str, stop: Sequence[str]) -> str:  # type: ignore[no-redef]
-        cut = len(text)
-        for s in stop:
-            i = text.find(s)
-            if i != -1:
-                cut = min(cut, i)
-        return text[:cut]
-
+from synthtune.generation import SamplingParams, truncate_at_stop
 
 ATTN_NAME = "synthtune_shared_prefix"
 # Prompt remainders longer than this are prefilled in chunks, bounding the [rows, heads, chunk,

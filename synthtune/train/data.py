@@ -57,7 +57,7 @@ def _fmt(cfg: TrainConfig, tokenizer, seq2seq: bool) -> str:
     return "chat" if (not seq2seq and getattr(tokenizer, "chat_template", None)) else "plain"
 
 
-def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool) -> TrainData:
+def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool = False) -> TrainData:
     import torch
     from torch.utils.data import DataLoader
 
@@ -76,7 +76,9 @@ def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool) -> TrainData:
         collator = Seq2SeqCollator(tokenizer.pad_token_id)
     elif cfg.packing:
         ds = pack_sequences(ds, cfg.max_length)
-        collator = PackedCollator(tokenizer.pad_token_id)
+        # The block-diagonal mask must match the activations' dtype under bf16 (sdpa refuses mixing).
+        collator = PackedCollator(tokenizer.pad_token_id,
+                                  mask_dtype=torch.bfloat16 if mask_bf16 else None)
     else:
         collator = CausalCollator(tokenizer.pad_token_id)
     lengths = [len(x) for x in ds["input_ids"]]

@@ -59,6 +59,34 @@ def model_inputs(batch: dict, is_seq2seq: bool) -> dict:
     return {k: batch[k] for k in keys if k in batch}
 
 
+def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict) -> dict | None:
+    """The estimator's per-GPU peak for this very run, to sit beside the measured peak.
+
+    The longest training example sets the largest batch shape, so it is the sequence length
+    used. On CPU the number is what a GPU would need for the same run.
+    """
+    from synthtune.memory.estimate import Setup, estimate
+    from synthtune.memory.shape import load_shape
+
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    precision = "fp32" if prec.mixed_precision == "no" and prec.weights_dtype == "fp32" else (
+        "bf16" if prec.weights_dtype == "bf16" else "bf16-mixed")
+    train_stats = stats.get("train", {})
+    seq = int(cfg.max_length if cfg.packing else train_stats.get("max", cfg.max_length))
+    target = train_stats.get("target", {}).get("max")
+    try:
+        setup = Setup(method=cfg.method, lora_r=cfg.lora_r, lora_targets=",".join(cfg.lora_targets),
+                      lora_dropout=cfg.lora_dropout, precision=precision,
+                      zero_stage=getattr(plugin, "zero_stage", 0) if plugin else 0, gpus=acc.num_processes,
+                      batch_size=cfg.per_device_batch_size, seq_len=max(seq, 1), target_len=target,
+                      grad_ckpt=cfg.gradient_checkpointing)
+        est = estimate(load_shape(cfg.model, trust_remote_code=cfg.trust_remote_code), setup)
+    except (ValueError, KeyError, NotImplementedError) as err:  # an architecture it does not model
+        logger.warning("memory estimate unavailable: %s", err)
+        return None
+    return {"per_gpu_gib": round(est.per_gpu_gib, 3), "seq_len": seq, "precision": precision}
+
+
 def load_for_training(cfg: TrainConfig, weights_dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
@@ -154,7 +182,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         f"({100 * n_train / n_total:.2f}%), {acc.num_processes} process(es) on {acc.device}")
 
     with acc.main_process_first():
-        data = build_train_data(cfg, tok, seq2seq)
+        data = build_train_data(cfg, tok, seq2seq, mask_bf16="bf16" in (prec.weights_dtype, prec.mixed_precision))
     for line in data.report_lines():
         say(line)
     train_dl, eval_dl = data.train_loader, data.eval_loader
@@ -277,6 +305,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     mem = tracer.stop() if tracer is not None else {}
     if torch.cuda.is_available() and not use_cpu:
         mem["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    mem["estimate"] = predicted_memory(cfg, prec, acc, data.stats)
     train_losses = [h["loss"] for h in history if "loss" in h]
     summary = {
         "model": cfg.model, "model_path": model_path, "method": cfg.method, "kind": "seq2seq" if seq2seq else "causal",

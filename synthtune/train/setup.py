@@ -96,11 +96,9 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.method in ("lora", "qlora"):
         targets = lora_target_modules(cfg)
         if targets != "all-linear":
-            from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+            from synthtune.models import meta_model
 
-            cls = AutoModelForSeq2SeqLM if is_seq2seq_config(mcfg) else AutoModelForCausalLM
-            with torch.device("meta"):
-                meta = cls.from_config(mcfg, trust_remote_code=cfg.trust_remote_code)
+            meta = meta_model(mcfg, trust_remote_code=cfg.trust_remote_code)
             unmatched = [t for t in targets if not _matching_modules(meta, [t])]
             if unmatched:
                 leaves = sorted({n.rsplit(".", 1)[-1] for n, m in meta.named_modules()
