@@ -6,6 +6,8 @@
     synthtune prep --model M --data SRC [--max-length N] [--out DIR]
     synthtune train --config configs/train/smoke.yaml [key=value ...]
     synthtune memory --model M --method lora ... [--fit --gpu-gib 40 --gpus 4] [--json]
+    synthtune eval --model M [--adapter DIR] [--split test] [--limit N] [--shots 0|8] [--k 1] [--compare]
+    synthtune merge --model M --adapter DIR --out DIR
     synthtune score IN.jsonl --out OUT.jsonl [--json]
     synthtune data check FILE.jsonl [--lenient]
     synthtune models prepare NAME | synthtune models info NAME
@@ -232,6 +234,47 @@ def memory(
     emit(json.dumps(estimate_json(est), indent=None if json_only else 2))
 
 
+@app.command("eval")
+@results_on_stdout
+def eval_cmd(
+    overrides: OverridesArg = None,
+    model: Annotated[str | None, typer.Option(help="base model: HF id, local dir, or built-in name")] = None,
+    adapter: Annotated[str | None, typer.Option(help="LoRA adapter dir (a training run's final/)")] = None,
+    split: Annotated[str | None, typer.Option(help="train or test")] = None,
+    limit: Annotated[int | None, typer.Option(help="only the first N questions")] = None,
+    shots: Annotated[int | None, typer.Option(help="0 (training format) or 8 (exemplars from train)")] = None,
+    k: Annotated[int | None, typer.Option("--k", help="samples per question (1 = greedy)")] = None,
+    seed: Annotated[int | None, typer.Option(help="seed for exemplars and sampling")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="base and base+adapter side by side")] = False,
+    out: Annotated[str | None, typer.Option(help="output directory")] = None,
+    json_only: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
+) -> None:
+    """GSM8K accuracy by generation: strict and flexible accuracy, parse rate, maj@k; --compare."""
+    from synthtune.config import load_config
+    from synthtune.evaluate import EvalConfig, comparison_table, run_eval
+
+    cfg = load_config(EvalConfig, None, overrides or [], model=model, adapter=adapter, split=split, limit=limit,
+                      shots=shots, k=k, seed=seed, out=out, compare=compare or None)
+    report = run_eval(cfg, progress=not json_only)
+    if not json_only:
+        err_console.print(comparison_table(report))
+    emit(json.dumps(report, indent=None if json_only else 2))
+
+
+@app.command()
+@results_on_stdout
+def merge(
+    model: Annotated[str, typer.Option(help="the adapter's base model")],
+    adapter: Annotated[str, typer.Option(help="LoRA adapter dir (a training run's final/)")],
+    out: Annotated[str, typer.Option(help="new directory for the merged model")],
+    atol: Annotated[float, typer.Option(help="largest allowed logit difference vs the adapter model")] = 1e-4,
+) -> None:
+    """Merge a LoRA adapter into its base (merge_and_unload), save safetensors, verify the logits."""
+    from synthtune.merge import merge_adapter
+
+    emit(json.dumps(merge_adapter(model, adapter, out, atol=atol), indent=2))
+
+
 @app.command()
 @results_on_stdout
 def score(
@@ -296,11 +339,12 @@ def main() -> None:
     """Console entry point: known user errors print one clear message, not a traceback."""
     from synthtune.config import ConfigError
     from synthtune.data.jsonl import DataError
+    from synthtune.merge import MergeMismatch
     from synthtune.models import ModelError
 
     try:
         app()
-    except (ConfigError, DataError, ModelError, FileNotFoundError) as err:
+    except (ConfigError, DataError, ModelError, MergeMismatch, FileNotFoundError) as err:
         # Text, not markup: messages may hold brackets (e.g. "openai/gsm8k[test]").
         err_console.print(Text.assemble(("error: ", "bold red"), str(err)))
         sys.exit(2)

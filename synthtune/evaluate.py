@@ -1,0 +1,138 @@
+"""`synthtune eval`: GSM8K accuracy by generation, for a base model, an adapter, or both side by side.
+
+It reports the three numbers lm-evaluation-harness users compare against: strict accuracy (the
+`#### n` form, like its gsm8k strict-match), flexible accuracy (the last number, like
+flexible-extract) and parse rate; with k > 1 samples, maj@k and pass@k. Few-shot exemplars only
+ever come from the train split.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import constants
+from synthtune.config import ConfigError, opt
+
+
+@dataclass
+class EvalConfig:
+    """`synthtune eval`: accuracy of a model (and optionally its LoRA adapter) on GSM8K."""
+
+    model: str = opt("smollm2-135m-instruct", "base model: HF id, local dir, or a built-in name")
+    adapter: str | None = opt(None, "LoRA adapter directory (a training run's final/)")
+    split: str = opt("test", "split to evaluate", ["train", "test"])
+    source: str = opt("bundled", "GSM8K source", ["bundled", "auto", "hub", "dir"])
+    gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl")
+    limit: int | None = opt(None, "only the first N questions")
+    shots: int = opt(0, "0: the training format 'Question: ...\\nAnswer:'; 8: few-shot exemplars from train")
+    k: int = opt(1, "samples per question: 1 = greedy; >1 = sampling with maj@k and pass@k")
+    temperature: float = opt(0.7, "sampling temperature when k > 1")
+    max_new_tokens: int = opt(256, "generation budget per answer")
+    batch_size: int = opt(8, "questions per generate() call (k=1)")
+    prompt_format: str = opt("plain", "plain or chat (the tokenizer's template); match what training used",
+                             ["plain", "chat", "auto"])
+    compare: bool = opt(False, "evaluate the base model and the adapter in one run, side by side")
+    seed: int = opt(0, "seed for exemplars and sampling")
+    out: str | None = opt(None, "output directory; default outputs/eval/<timestamp>")
+    device: str | None = opt(None, "cpu, cuda...; default cuda when available")
+
+
+def load_with_adapter(model: str, adapter: str | None, *, device: str | None = None, seed: int = 0):
+    """Base model, with the LoRA adapter attached when given (peft picks the causal/seq2seq class)."""
+    from synthtune.models import load_model
+
+    lm = load_model(model, device=device, seed=seed)
+    if adapter:
+        from peft import PeftModel
+
+        if not (Path(adapter) / "adapter_config.json").exists():
+            raise ConfigError(f"adapter: {adapter} holds no adapter_config.json (pass a training run's final/)")
+        lm.model = PeftModel.from_pretrained(lm.model, adapter).to(lm.device).eval()
+        lm.name = f"{model}+{Path(adapter).name}"
+    return lm
+
+
+def _prompts(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict]) -> tuple[list[str], bool]:
+    from synthtune.prep import format_example, resolve_format
+    from synthtune.synth.prompts import build_prompt
+
+    fmt = resolve_format(cfg.prompt_format, lm.tokenizer, lm.is_seq2seq)
+    if cfg.shots == 0:
+        return [format_example(r, lm.tokenizer, fmt=fmt, is_seq2seq=lm.is_seq2seq)[0] for r in rows], fmt != "chat"
+    prompts = [build_prompt(r["question"], pool, k=cfg.shots, fmt=fmt, tokenizer=lm.tokenizer, seed=cfg.seed)
+               for r in rows]
+    return [p.text for p in prompts], prompts[0].add_special_tokens
+
+
+def evaluate_model(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict], progress: bool = True) -> tuple[list, dict]:
+    from synthtune.generation import SamplingParams, generate
+    from synthtune.score import score_rows
+    from synthtune.synth.prompts import PLAIN_STOP
+
+    texts, add_special = _prompts(cfg, lm, rows, pool)
+    stop = PLAIN_STOP + ("\nQuestion:",) if cfg.prompt_format != "chat" else ()
+    t0 = time.perf_counter()
+    if cfg.k == 1:
+        comps = generate(lm, texts, SamplingParams(max_new_tokens=cfg.max_new_tokens, stop=stop, seed=cfg.seed),
+                         batch_size=cfg.batch_size, add_special_tokens=add_special, progress=progress,
+                         desc=f"eval {lm.name}")
+    else:
+        from synthtune.synth.sampler import sample_k
+
+        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                num_samples=cfg.k, stop=stop, seed=cfg.seed)
+        comps = [[s.text for s in samples] for samples in
+                 sample_k(lm, texts, params, add_special_tokens=add_special, progress=progress)]
+    seconds = time.perf_counter() - t0
+    scored, summary = score_rows([{"question": r["question"], "answer": r["answer"], "completions": c}
+                                  for r, c in zip(rows, comps, strict=True)])
+    summary = {"model": lm.name, "shots": cfg.shots, "k": cfg.k, "seconds": round(seconds, 2), **summary}
+    return scored, summary
+
+
+def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
+    from synthtune.data.gsm8k import load_split
+    from synthtune.data.jsonl import write_jsonl
+
+    if cfg.compare and not cfg.adapter:
+        raise ConfigError("compare: needs adapter=DIR (the base model is compared with base + adapter)")
+    out = Path(cfg.out) if cfg.out else constants.OUTPUTS_DIR / "eval" / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = load_split(cfg.split, cfg.source, cfg.gsm8k_dir, limit=cfg.limit).rows
+    # Exemplars come from train only; evaluating train with shots would let a question see itself,
+    # which build_prompt prevents by excluding the target from its own exemplars.
+    pool = load_split("train", cfg.source, cfg.gsm8k_dir).rows if cfg.shots else []
+    runs = [(None, "base")] if cfg.compare else []
+    runs.append((cfg.adapter, "adapter" if cfg.adapter else "base"))
+    results = {}
+    for adapter, label in runs:
+        lm = load_with_adapter(cfg.model, adapter, device=cfg.device, seed=cfg.seed)
+        scored, summary = evaluate_model(replace(cfg, adapter=adapter), lm, rows, pool, progress)
+        write_jsonl(out / f"{label}_outputs.jsonl", scored)
+        results[label] = summary
+    report = {"split": cfg.split, "source": cfg.source, "n_questions": len(rows), "out_dir": str(out), **results}
+    (out / "eval_summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+METRICS = ("strict_accuracy", "flexible_accuracy", "accuracy", "parse_rate", "maj_at_k", "pass_at_k")
+
+
+def comparison_table(report: dict):
+    from rich.table import Table
+
+    labels = [k for k in ("base", "adapter") if k in report]
+    table = Table(title=f"GSM8K {report['split']} ({report['n_questions']} questions)")
+    table.add_column("metric")
+    for label in labels:
+        table.add_column(f"{label}: {report[label]['model']}")
+    for m in METRICS:
+        table.add_row(m, *[_fmt(report[label].get(m)) for label in labels])
+    return table
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)

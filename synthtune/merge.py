@@ -1,0 +1,76 @@
+"""`synthtune merge`: fold a LoRA adapter into its base model, and prove the result is the same model.
+
+Users keep reporting merged models that behave differently from the adapter (a different base
+revision, a dtype round-trip, tied embeddings). So the merge is checked twice: the merged
+module's logits against the adapter model's, then the saved directory, reloaded with plain
+transformers (what vLLM and everyone else will do), against the same logits.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from synthtune.config import ConfigError
+
+PROBES = ("Question: Ann has 3 apples and buys 4 more. How many apples does she have?\nAnswer:",
+          "Question: A train travels 60 miles per hour for 2 hours. How far does it go?\nAnswer:",
+          "The answer is")
+
+
+class MergeMismatch(RuntimeError):
+    pass
+
+
+def _logits(model, tokenizer, is_seq2seq: bool):
+    import torch
+
+    enc = tokenizer(list(PROBES), return_tensors="pt", padding=True).to(model.device)
+    with torch.no_grad():
+        if is_seq2seq:
+            start = torch.full((enc["input_ids"].shape[0], 1), model.config.decoder_start_token_id,
+                               device=model.device)
+            return model(**enc, decoder_input_ids=start).logits.float()
+        return model(**enc).logits.float()
+
+
+def merge_adapter(model: str, adapter: str, out: str | Path, *, atol: float = 1e-4, dtype: str | None = None) -> dict:
+    """Merge, save as safetensors with tokenizer and generation config, and verify; returns a report."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    from synthtune.models import load_model
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ConfigError(f"--out {out} is not empty; merging would overwrite it. Pick a new directory.")
+    if not (Path(adapter) / "adapter_config.json").exists():
+        raise ConfigError(f"--adapter {adapter} holds no adapter_config.json (pass a training run's final/)")
+    # fp32 on CPU unless asked: the check compares logits, and bf16 rounding would blur it.
+    lm = load_model(model, device="cpu", dtype=dtype or "fp32")
+    peft_model = PeftModel.from_pretrained(lm.model, adapter).eval()
+    before = _logits(peft_model, lm.tokenizer, lm.is_seq2seq)
+    merged = peft_model.merge_and_unload().eval()
+    after = _logits(merged, lm.tokenizer, lm.is_seq2seq)
+    diff_merge = float((before - after).abs().max())
+    if diff_merge > atol:
+        raise MergeMismatch(f"merged logits differ from the adapter's by {diff_merge:.3g} (> {atol}); nothing saved")
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    merged.save_pretrained(tmp, safe_serialization=True)
+    lm.tokenizer.save_pretrained(tmp)
+    if getattr(merged, "generation_config", None) is not None:
+        merged.generation_config.save_pretrained(tmp)
+    cls = AutoModelForSeq2SeqLM if lm.is_seq2seq else AutoModelForCausalLM
+    reloaded = cls.from_pretrained(tmp, dtype=torch.float32).eval()
+    diff_reload = float((_logits(reloaded, lm.tokenizer, lm.is_seq2seq) - before).abs().max())
+    if diff_reload > atol:
+        shutil.rmtree(tmp)
+        raise MergeMismatch(f"the saved merged model, reloaded with transformers, differs from the adapter by "
+                            f"{diff_reload:.3g} (> {atol}); nothing saved")
+    tmp.rename(out)
+    return {"model": model, "adapter": adapter, "out": str(out), "max_abs_diff_merged": diff_merge,
+            "max_abs_diff_reloaded": diff_reload, "atol": atol, "probes": len(PROBES),
+            "files": sorted(p.name for p in out.iterdir())}

@@ -1,0 +1,88 @@
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from synthtune.config import TrainConfig, load_config
+from synthtune.merge import MergeMismatch, merge_adapter
+from synthtune.train.loop import train
+
+
+@pytest.fixture(scope="module")
+def adapter(tmp_path_factory):
+    out = tmp_path_factory.mktemp("adapter")
+    smoke = Path(__file__).resolve().parents[1] / "configs" / "train" / "smoke.yaml"
+    cfg = load_config(TrainConfig, smoke,
+                      [f"output_dir={out}", "max_steps=4", "save_steps=0", "eval_steps=0", "eval_data=null",
+                       "trace_memory=false", "log_with=none", "learning_rate=0.02"])
+    train(cfg, progress=False)
+    return out / "final"
+
+
+def test_eval_compare_through_cli(synthtune_bin, adapter, tmp_path):
+    out = tmp_path / "eval"
+    proc = subprocess.run([synthtune_bin, "eval", "--model", "tiny-llama", "--adapter", str(adapter), "--compare",
+                           "--limit", "3", "--out", str(out), "--json", "max_new_tokens=8"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["n_questions"] == 3 and set(report) >= {"base", "adapter"}
+    for label in ("base", "adapter"):
+        s = report[label]
+        assert s["n_questions"] == 3 and 0 <= s["strict_accuracy"] <= s["flexible_accuracy"] + 1e-9
+        rows = [json.loads(line) for line in (out / f"{label}_outputs.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all({"extracted", "correct", "majority_correct"} <= set(r) for r in rows)
+    assert report["adapter"]["model"].endswith("+final")
+    assert json.loads((out / "eval_summary.json").read_text())["n_questions"] == 3
+
+
+def test_eval_few_shot_and_sampling(tmp_path):
+    from synthtune.evaluate import EvalConfig, run_eval
+
+    rep = run_eval(EvalConfig(model="tiny-llama", limit=2, shots=8, k=3, max_new_tokens=6, out=str(tmp_path)),
+                   progress=False)
+    s = rep["base"]
+    assert s["k"] == 3 and s["n_completions"] == 6 and "maj_at_k" in s and "pass_at_k" in s
+
+
+def test_eval_compare_needs_adapter():
+    from synthtune.config import ConfigError
+    from synthtune.evaluate import EvalConfig, run_eval
+
+    with pytest.raises(ConfigError, match="compare"):
+        run_eval(EvalConfig(model="tiny-llama", compare=True))
+
+
+def test_merge_matches_adapter_and_reloads(adapter, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from synthtune.models import resolve_model
+
+    rep = merge_adapter("tiny-llama", str(adapter), tmp_path / "merged")
+    assert rep["max_abs_diff_merged"] <= 1e-4 and rep["max_abs_diff_reloaded"] <= 1e-4
+    assert "model.safetensors" in rep["files"] and "tokenizer.json" in rep["files"]
+    ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama")),
+                                             str(adapter)).eval()
+    base = AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama")).eval()
+    with torch.no_grad():
+        assert torch.allclose(merged(ids).logits, with_adapter(ids).logits, atol=1e-5)
+        assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-5)
+
+
+def test_merge_fails_loudly_and_saves_nothing(adapter, tmp_path):
+    from synthtune.config import ConfigError
+
+    with pytest.raises(MergeMismatch, match="nothing saved"):
+        merge_adapter("tiny-llama", str(adapter), tmp_path / "strict", atol=0.0)
+    assert not (tmp_path / "strict").exists() and not (tmp_path / "strict.tmp").exists()
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("x")
+    with pytest.raises(ConfigError, match="not empty"):
+        merge_adapter("tiny-llama", str(adapter), tmp_path / "full")
+    with pytest.raises(ConfigError, match="adapter_config.json"):
+        merge_adapter("tiny-llama", str(tmp_path), tmp_path / "x")
