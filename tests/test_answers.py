@@ -27,21 +27,21 @@ from synthtune.data.answers import (
 )
 
 NATALIA = (
-    "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-    "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+    "Lena sold 48/2 = <<48/2=24>>24 stickers in June.\n"
+    "Lena sold 48+24 = <<48+24=72>>72 stickers altogether in May and June.\n#### 72"
 )
 JANET_COT = (
-    "Janet's ducks lay 16 eggs per day. She eats 3 and bakes with 4, so 16 - 3 - 4 = 9 eggs are left. "
+    "Marta's hens lay 16 eggs per day. She eats 3 and bakes with 4, so 16 - 3 - 4 = 9 eggs are left. "
 )
 NEXT_Q = (
-    "\n\nQuestion: A robe takes 2 bolts of blue fiber and half that much white fiber. How many bolts?"
+    "\n\nQuestion: A quilt needs 2 rolls of red thread and half that much gold thread. How many rolls?"
 )
 
 # --- GSM8K format (fine-tuned models reproduce "#### n") -------------------------------------------
 GSM8K_FORMAT = [
     (NATALIA, "#### 72", "72", True),
     ("#### 72", 72, "72", True),
-    ("Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
+    ("Ravi earns 12/60 = $<<12/60=0.2>>0.2 per minute.\nWorking 50 minutes, she earned 0.2 x 50 = "
      "$<<0.2*50=10>>10.\n#### 10", "#### 10", "10", True),
     ("She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### $18", 18, "18", True),
     ("The total is 1,234 apples.\n#### 1,234", "#### 1234", "1234", True),
@@ -50,9 +50,9 @@ GSM8K_FORMAT = [
     ("The temperature fell 12 - 17 = -5 degrees.\n#### -5", -5, "-5", True),
     (NATALIA + NEXT_Q, 72, "72", True),
     (NATALIA + "<|endoftext|>Question: Tom has 5 cats and 3 dogs. #### 8", 72, "72", True),
-    ("Natalia sold 48+24 = <<48+24=70>>70 clips.\n#### 70", "#### 72", "70", False),
+    ("Lena sold 48+24 = <<48+24=70>>70 stickers.\n#### 70", "#### 72", "70", False),
     ("#### **72**", 72, "72", True),
-    ("#### 72 clips", 72, "72", True),
+    ("#### 72 stickers", 72, "72", True),
     ("16 - 3 - 4 = <<16-3-4=9>>9\n9 * 2 = <<9*2=18>>18\n#### 18\n\n#### 18", 18, "18", True),
     ("#### 1,000,000.00", "#### 1,000,000", "1000000", True),
     ("Final answer: #### 18", 18, "18", True),
@@ -64,17 +64,17 @@ GSM8K_FORMAT = [
 
 # --- lm-eval CoT style ("The answer is n.") and base models in few-shot mode -----------------------
 THE_ANSWER_IS = [
-    ("Natalia sold 48 / 2 = 24 clips in May. In total she sold 48 + 24 = 72 clips. The answer is "
+    ("Lena sold 48 / 2 = 24 stickers in June. In total she sold 48 + 24 = 72 stickers. The answer is "
      "72.", 72, "72",
      True),
-    ("Natalia sold 48 / 2 = 24 clips in May. In total she sold 48 + 24 = 72 clips. The answer is 72.\n\n"
-     "Q: Weng earns $12 an hour for babysitting. Yesterday, she did 50 minutes of babysitting. How much "
-     "did she "
-     "earn?\nA: Weng earns 12 / 60 = 0.2 dollars per minute. 0.2 * 50 = 10. The answer is "
+    ("Lena sold 48 / 2 = 24 stickers in June. In total she sold 48 + 24 = 72 stickers. The answer is 72.\n\n"
+     "Q: Ravi earns $12 an hour for tutoring. Yesterday, he tutored for 50 minutes. How much "
+     "did he "
+     "earn?\nA: Ravi earns 12 / 60 = 0.2 dollars per minute. 0.2 * 50 = 10. The answer is "
      "10.", 72, "72", True),
     ("The total cost is 1,000 + 234.50 = 1,234.50. The answer is $1,234.50.", "1234.5", "1234.5", True),
     ("The answer is: 18", 18, "18", True),
-    ("She makes 9 * 2 = 18 dollars. The answer is 18 dollars. Question: A robe takes 2 bolts of blue "
+    ("She makes 9 * 2 = 18 dollars. The answer is 18 dollars. Question: A quilt needs 2 rolls of red "
      "fiber.", 18,
      "18", True),
     ("The answer is 5.\n\nI hope this helps! Let me know if you have 2 more questions.", 5, "5", True),
@@ -95,7 +95,7 @@ THE_ANSWER_IS = [
     ("Therefore, the answer is 18 and not 20.", 18, "18", True),
     ("It takes 3 + 4 = 7 hours. the answer is 7 hours.", 7, "7", True),
     ("The answer is 5. Wait, that's wrong. 16 - 3 - 4 = 9, 9 * 2 = 18. The answer is 18.", 18, "18", True),
-    ("The answer is 72\n\nQuestion 2: How many clips did she sell in June? The answer is "
+    ("The answer is 72\n\nQuestion 2: How many stickers did she sell in June? The answer is "
      "36.", 72, "72", True),
     ("25 / 2 = 12.5. The answer is 12.5 hours", "12.5", "12.5", True),
     ("The answer is 1,200.", "#### 1,200", "1200", True),
@@ -106,7 +106,7 @@ THE_ANSWER_IS = [
     ("The answer is 10/2 = 5.", 5, "5", True),
     ("The answer is 5 * 3 = 15 cookies.", 15, "15", True),
     ("The answer is 15 cookies (5 * 3 = 15).", 15, "15", True),
-    ("In total: 72 clips. The answer is: **72 clips**", 72, "72", True),
+    ("In total: 72 stickers. The answer is: **72 stickers**", 72, "72", True),
     ("The answer is not 20. The correct answer is 18.", 18, "18", True),
     ("The answer is $ 18", 18, "18", True),
     ("The answer is 5 apples and 3 oranges.", 5, "5", True),
@@ -152,24 +152,24 @@ MARKDOWN = [
     ("Answer: 18 apples.", 18, "18", True),
     ("A: 18", 18, "18", True),
     ("A: 18 dollars", 18, "18", True),
-    ("A: Natalia sold 48/2 = 24 clips in May.\nNatalia sold 48+24 = 72 clips altogether in April and "
+    ("A: Lena sold 48/2 = 24 stickers in June.\nLena sold 48+24 = 72 stickers altogether in April and "
      "May.", 72,
      "72", True),
     ("Step 1: 16 - 3 - 4 = 9 eggs\nStep 2: 9 * $2 = $18\n\n**Answer: $18**", 18, "18", True),
-    ("Janet's ducks lay 16 eggs per day.\n\n1. She eats 3 eggs for breakfast.\n2. She bakes muffins with "
+    ("Marta's hens lay 16 eggs per day.\n\n1. She eats 3 eggs for breakfast.\n2. She bakes muffins with "
      "4 eggs."
      "\n3. Remaining eggs: 16 - 3 - 4 = 9.\n4. She sells them at $2 each: 9 \u00d7 $2 = "
-     "$18.\n\n**Answer:** Janet "
+     "$18.\n\n**Answer:** Marta "
      "makes **$18** every day at the farmers' market.", 18, "18", True),
-    ("To solve this:\n\n- Eggs left: 16 - 3 - 4 = 9\n- Money: 9 * $2 = $18\n\nSo Janet makes $18 every "
+    ("To solve this:\n\n- Eggs left: 16 - 3 - 4 = 9\n- Money: 9 * $2 = $18\n\nSo Marta makes $18 every "
      "day.", 18,
      "18", True),
     ("**Step 3:** Multiply: 9 \u00d7 2 = 18\n\n**Final answer: 18 dollars**", 18, "18", True),
     ("Total = **$1,234**", 1234, "1234", True),
-    ("## Solution\n\n1. Clips in May: 48 / 2 = 24\n2. Total: 48 + 24 = 72\n\n**Natalia sold 72 clips.**", 72,
+    ("## Solution\n\n1. Stickers in June: 48 / 2 = 24\n2. Total: 48 + 24 = 72\n\n**Lena sold 72 stickers.**", 72,
      "72", True),
     ("| Month | Clips |\n|---|---|\n| April | 48 |\n| May | 24 |\n| Total | 72 |", 72, "72", True),
-    ("Sure! Let's break it down.\n\n**Problem:** Janet has 16 eggs and uses 7.\n\n**Solution:** 16 - 7 = 9, "
+    ("Sure! Let's break it down.\n\n**Problem:** Marta has 16 eggs and uses 7.\n\n**Solution:** 16 - 7 = 9, "
      "9 * 2 = 18.\n\n**Answer:** 18", 18, "18", True),
     ("Answer: 5 (hours)", 5, "5", True),
     ("*Answer*: 18", 18, "18", True),
@@ -196,7 +196,7 @@ LATEX = [
     ("\\boxed{x = 5}", 5, "5", True),
     ("\\boxed{16 - 3 - 4 = 9}", 9, "9", True),
     ("First I got \\boxed{20}, but 16 - 3 - 4 = 9 and 9 * 2 = 18, so \\boxed{18}.", 18, "18", True),
-    ("\\[ 9 \\times 2 = 18 \\]\nTherefore Janet makes \\(\\boxed{18}\\) dollars.", 18, "18", True),
+    ("\\[ 9 \\times 2 = 18 \\]\nTherefore Marta makes \\(\\boxed{18}\\) dollars.", 18, "18", True),
     ("\\boxed{18\\%}", 18, "18", True),
     ("\\boxed{-5}", -5, "-5", True),
     ("\\boxed 72", 72, "72", True),
@@ -208,24 +208,24 @@ LATEX = [
     ("The final answer is: $\\boxed{\\$1,234.50}$", "1234.50", "1234.5", True),
     ("\\boxed{\\textbf{72}}", 72, "72", True),
     ("The answer is $\\frac{5}{2}$.", "2.5", "2.5", True),
-    ("\\boxed{}\n\nSo she sold 72 clips.", 72, "72", True),  # an empty box is no answer
+    ("\\boxed{}\n\nSo she sold 72 stickers.", 72, "72", True),  # an empty box is no answer
     ("**Final Answer**\n\\[\n\\boxed{72}\n\\]", 72, "72", True),
 ]
 
 # --- no marker: last number, truncation, odd endings ----------------------------------------------
 FALLBACK = [
     (JANET_COT + "She sells them for 9 * 2 = 18 dollars", 18, "18", True),
-    ("She sold 48/2 = 24 clips in May. Altogether she sold 48 + 24 = ", 72, "24", False),  # cut before answer
+    ("She sold 48/2 = 24 stickers in June. Altogether she sold 48 + 24 = ", 72, "24", False),  # cut before answer
     (JANET_COT + "so she makes 9 * 2 = 18 dol", 18, "18", True),
     ("Eggs left: 16 - 3 - 4 = 9. So the total is 18.\n\nStep 3:", 18, "18", True),
     ("Step 1: 16 - 3 - 4 = 9\nStep 2: 9 * 2 = 18\nStep 3", 18, "18", True),
-    ("1. Janet has 16 eggs.\n2. She eats 3 and bakes 4: 16 - 3 - 4 = 9.\n3. She sells 9 \u00d7 $2 = "
+    ("1. Marta has 16 eggs.\n2. She eats 3 and bakes 4: 16 - 3 - 4 = 9.\n3. She sells 9 \u00d7 $2 = "
      "$18.\n4.", 18,
      "18", True),
     ("72.", 72, "72", True),
-    ("Total clips:\n72.", 72, "72", True),
+    ("Total stickers:\n72.", 72, "72", True),
     ("She earns 9 * 2 = $18 every day.\n\nDate: 2023-10-05", 18, "18", True),
-    ("Janet makes 9 * 2 = $18.\n\nPosted on March 5, 2021", 18, "18", True),
+    ("Marta makes 9 * 2 = $18.\n\nPosted on March 5, 2021", 18, "18", True),
     ("She has earned $18 per day as of 12/05/2021.", 18, "18", True),
     ("She scored 18 points and finished 3rd.", 18, "18", True),
     ("He earns $18 by the 5th day.", 18, "18", True),
@@ -245,10 +245,10 @@ FALLBACK = [
     ("She makes 9 * 2 = 18 dollars.</s>Question: What is 20 + 5?", 18, "18", True),
     ("She makes 18 dollars.\n\nUser: thanks! Can you do 25 + 7?", 18, "18", True),
     ("She makes 18 dollars.\n\nHuman: And if she had 20 eggs?", 18, "18", True),
-    ("Question: Janet's ducks lay 16 eggs. She eats 3 and bakes with 4. How much does she make at $2 an "
+    ("Question: Marta's hens lay 16 eggs. She eats 3 and bakes with 4. How much does she make at $2 an "
      "egg?\n"
      "Answer: 18", 18, "18", True),
-    ("Problem: Janet's ducks lay 16 eggs per day.\nSolution: 16 - 3 - 4 = 9, and 9 * 2 = 18.\nThe answer "
+    ("Problem: Marta's hens lay 16 eggs per day.\nSolution: 16 - 3 - 4 = 9, and 9 * 2 = 18.\nThe answer "
      "is 18.",
      18, "18", True),
     ("Total: $1,000,000", 1000000, "1000000", True),
@@ -280,7 +280,7 @@ FALLBACK = [
     ("$18", 18, "18", True),
     ("   18   ", 18, "18", True),
     ("18 \n\n\n", 18, "18", True),
-    ("Janet has 16 eggs. She sells 9 and keeps the rest", 7, "9", False),
+    ("Marta has 16 eggs. She sells 9 and keeps the rest", 7, "9", False),
     ("The result: 3 x 4 = 12, then 12 + 6 = 18.\n\nThanks for asking! \U0001f60a", 18, "18", True),
     ("They need 12 / 4 = 3 cars.\n\n---\n\n**Question 2**: How many seats?", 3, "3", True),
     ("Each costs $2.50, so 4 cost 4 * 2.5 = 10.", 10, "10", True),
@@ -303,7 +303,7 @@ SMALL_MODELS = [
     ("If the answer is 10, then 10 * 2 = 20 eggs, which is too many. So she makes 9 * 2 = "
      "18.", 18, "18", True),
     ("Suppose the answer is 5. Then 5 + 3 = 8, not 9. So it must be 6.", 6, "6", True),
-    ("#### 1. Understand the problem\nJanet has 16 eggs.\n#### 2. Compute\n16 - 3 - 4 = 9, 9 * 2 = 18", 18,
+    ("#### 1. Understand the problem\nMarta has 16 eggs.\n#### 2. Compute\n16 - 3 - 4 = 9, 9 * 2 = 18", 18,
      "18", True),
     ("#### Step 1\n16 - 3 - 4 = 9\n#### Step 2\n9 * 2 = 18\n#### 18", 18, "18", True),
     ("The answer is 18\n\n\n\n\n\n\n\n", 18, "18", True),
@@ -406,7 +406,7 @@ def test_is_correct_compares_numbers_not_text():
 def test_trim_completion():
     assert trim_completion("The answer is 18." + NEXT_Q) == "The answer is 18."
     # Nothing numeric before the label: it is the model restating the problem, not a new one.
-    echo = "Question: Janet has 16 eggs.\nAnswer: 18"
+    echo = "Question: Marta has 16 eggs.\nAnswer: 18"
     assert trim_completion(echo) == echo
     assert trim_completion("18<|eot_id|>garbage 99") == "18"
     assert trim_completion("any questions: 5 more") == "any questions: 5 more"  # lower case is prose

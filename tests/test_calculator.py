@@ -72,15 +72,15 @@ def test_annotation_error_messages_say_what_is_wrong():
 def test_gsm8k_solution_counts_each_calculation_once():
     # The prose "48/2 = 24" around an annotation repeats it and must not be counted twice.
     text = (
-        "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-        "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"
+        "Lena sold 48/2 = <<48/2=24>>24 stickers in June.\n"
+        "Lena sold 48+24 = <<48+24=72>>72 stickers altogether in May and June.\n#### 72"
     )
     report = check_calculations(text)
     assert (report.n_checked, report.n_correct, report.fraction, report.errors) == (2, 2, 1.0, [])
 
 
 def test_wrong_annotation_inside_right_prose_is_reported():
-    report = check_calculations("She sold 48/2 = <<48/2=25>>25 clips.")
+    report = check_calculations("She sold 48/2 = <<48/2=25>>25 stickers.")
     assert (report.n_checked, report.n_correct) == (1, 0)
 
 

@@ -15,7 +15,7 @@ from synthtune.score import score_file, score_rows
 
 ROWS = [
     {
-        "question": "Janet's ducks lay 16 eggs...",
+        "question": "Marta's hens lay 16 eggs...",
         "answer": "16 - 3 - 4 = <<16-3-4=9>>9\n9 * 2 = <<9*2=18>>18\n#### 18",
         "completions": [
             "16 - 3 - 4 = 9 eggs, 9 * 2 = 18. The answer is 18.",
@@ -25,12 +25,12 @@ ROWS = [
         ],
     },
     {
-        "question": "Natalia sold clips...",
+        "question": "Lena sold stickers...",
         "answer": 72,
         "completions": ["The answer is 70.", "The answer is 71.", "The answer is 72.", "#### 71"],
     },
     {
-        "question": "Weng earns $12 an hour...",
+        "question": "Ravi earns $12 an hour...",
         "answer": "10",
         "completions": ["\\boxed{11}", "The answer is 12.", "no idea", "no idea either"],
     },

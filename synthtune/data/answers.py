@@ -111,7 +111,7 @@ ANSWER_PHRASE_RE = re.compile(
 )
 
 # "A: 18" as its own short line.  In few-shot CoT prompts "A:" also opens the reasoning
-# ("A: Natalia sold 48/2 = 24 clips..."), so it only counts when the rest of the line is the number
+# ("A: Lena sold 48/2 = 24 stickers..."), so it only counts when the rest of the line is the number
 # and at most a few unit words.
 SHORT_A_RE = re.compile(r"(?:^|(?<=[\s(]))A[ \t]*:[ \t]*")
 _SHORT_TAIL_RE = re.compile(r"[ \t]*(?:[^\W\d_][\w'’]*[ \t]*){0,4}[.!]?[ \t*]*(?:\n|$)")
@@ -302,8 +302,8 @@ def trim_completion(completion: str) -> str:
 
     >>> trim_completion("The answer is 18.\\n\\nQuestion: Tom has 3 cats...")
     'The answer is 18.'
-    >>> trim_completion("Problem: Janet has 16 eggs.\\nSolution: 16 - 3 = 13")
-    'Problem: Janet has 16 eggs.\\nSolution: 16 - 3 = 13'
+    >>> trim_completion("Problem: Marta has 16 eggs.\\nSolution: 16 - 3 = 13")
+    'Problem: Marta has 16 eggs.\\nSolution: 16 - 3 = 13'
     """
     first_digit = re.search(r"\d", completion)
     cut = CONTINUATION_RE.search(completion, first_digit.end()) if first_digit else None
@@ -415,9 +415,9 @@ def _repair_truncated(text: str, match: re.Match[str]) -> Fraction | None:
 def extract_answer(completion: str) -> str | None:
     """The final numeric answer in a model completion, normalized; None if there is no number.
 
-    >>> extract_answer("She sold 48 + 24 = 72 clips.\\n#### 72")
+    >>> extract_answer("She sold 48 + 24 = 72 stickers.\\n#### 72")
     '72'
-    >>> extract_answer("So Janet makes 9 * 2 = $18 every day. The answer is $18.")
+    >>> extract_answer("So Marta makes 9 * 2 = $18 every day. The answer is $18.")
     '18'
     >>> extract_answer("**Final Answer:** $\\\\boxed{1,234.50}$")
     '1234.5'
@@ -540,7 +540,7 @@ def extract_flexible(completion: str) -> str | None:
 def extract_gold(text: str | int | float) -> str | None:
     """The normalized gold answer: GSM8K's ``... #### 72`` or a bare number.
 
-    >>> extract_gold("48/2 = <<48/2=24>>24 clips.\\n#### 1,234"), extract_gold(72), extract_gold(" 72 ")
+    >>> extract_gold("48/2 = <<48/2=24>>24 stickers.\\n#### 1,234"), extract_gold(72), extract_gold(" 72 ")
     ('1234', '72', '72')
     >>> extract_gold("no answer here") is None
     True

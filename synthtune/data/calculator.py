@@ -534,7 +534,7 @@ def _check_equation(text: str, left: list[_Tok], right: list[_Tok], right_part: 
 def check_calculations(text: str) -> CalcReport:
     """Check every ``<<expr=result>>`` annotation and every plain equation in ``text``.
 
-    >>> r = check_calculations("She sold 48/2 = <<48/2=24>>24 clips, then 48+24 = <<48+24=72>>72.")
+    >>> r = check_calculations("She sold 48/2 = <<48/2=24>>24 stickers, then 48+24 = <<48+24=72>>72.")
     >>> r.n_checked, r.n_correct, r.fraction
     (2, 2, 1.0)
     >>> r = check_calculations("5 * $3 = $15 and 12 x 4 = 46")
