@@ -6,6 +6,7 @@
     synthtune prep --model M --data SRC [--max-length N] [--out DIR]
     synthtune train --config configs/train/smoke.yaml [key=value ...]
     synthtune memory --model M --method lora ... [--fit --gpu-gib 40 --gpus 4] [--json]
+    synthtune infer --model M [--adapter DIR] (--prompt TEXT | --input FILE.jsonl) [--k N] [--json]
     synthtune eval --model M [--adapter DIR] [--split test] [--limit N] [--shots 0|8] [--k 1] [--compare]
     synthtune merge --model M --adapter DIR --out DIR
     synthtune score IN.jsonl --out OUT.jsonl [--json]
@@ -232,6 +233,30 @@ def memory(
     if not json_only:
         print_estimate(est, err_console)
     emit(json.dumps(estimate_json(est), indent=None if json_only else 2))
+
+
+@app.command()
+@results_on_stdout
+def infer(
+    model: Annotated[str, typer.Option(help="base model: HF id, local dir, or built-in name")],
+    adapter: Annotated[str | None, typer.Option(help="LoRA adapter dir (a training run's final/)")] = None,
+    prompt: Annotated[list[str] | None, typer.Option(help="a question (repeatable)")] = None,
+    input: Annotated[str | None, typer.Option("--input", help="JSONL with a question field")] = None,
+    out: Annotated[str | None, typer.Option(help="write results as JSONL here")] = None,
+    k: Annotated[int, typer.Option("--k", help="samples per question (1 = greedy)")] = 1,
+    max_new_tokens: Annotated[int, typer.Option(help="generation budget")] = 256,
+    prompt_format: Annotated[str, typer.Option("--format", help="plain or chat: what training used")] = "plain",
+    json_only: Annotated[bool, typer.Option("--json", help="print results as JSON lines only")] = False,
+) -> None:
+    """Answer questions with a model and its LoRA adapter, in the prompt format training used."""
+    from synthtune.infer import infer as run_infer
+
+    rows = run_infer(model, adapter=adapter, prompts=prompt, input_path=input, out_path=out, k=k,
+                     max_new_tokens=max_new_tokens, fmt=prompt_format, progress=not json_only)
+    for r in rows:
+        if not json_only:
+            err_console.print(Text(f"Q: {r['question']}\nA: {r['completions'][0]}\n", style="cyan"))
+        emit(json.dumps(r))
 
 
 @app.command("eval")

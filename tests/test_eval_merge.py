@@ -86,3 +86,20 @@ def test_merge_fails_loudly_and_saves_nothing(adapter, tmp_path):
         merge_adapter("tiny-llama", str(adapter), tmp_path / "full")
     with pytest.raises(ConfigError, match="adapter_config.json"):
         merge_adapter("tiny-llama", str(tmp_path), tmp_path / "x")
+
+
+def test_infer_cli_jsonl_in_and_out(synthtune_bin, adapter, tmp_path):
+    src = tmp_path / "q.jsonl"
+    src.write_text(json.dumps({"question": "What is 2+2?", "id": 7}) + "\n" + json.dumps({"question": "3+3?"}) + "\n")
+    out = tmp_path / "answers.jsonl"
+    proc = subprocess.run([synthtune_bin, "infer", "--model", "tiny-llama", "--adapter", str(adapter), "--input",
+                           str(src), "--out", str(out), "--k", "2", "--max-new-tokens", "5", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    printed = [json.loads(line) for line in proc.stdout.splitlines()]
+    saved = [json.loads(line) for line in out.read_text().splitlines()]
+    assert printed == saved and len(saved) == 2 and saved[0]["id"] == 7
+    assert all(len(r["completions"]) == 2 and len(r["answers"]) == 2 for r in saved)
+    bad = subprocess.run([synthtune_bin, "infer", "--model", "tiny-llama", "--input", str(src), "--out", str(src)],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "input" in bad.stderr and len(src.read_text().splitlines()) == 2

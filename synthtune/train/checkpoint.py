@@ -126,3 +126,11 @@ def _prod(shape) -> int:
     for d in shape:
         n *= int(d)
     return n
+
+
+def find_latest_run(root: Path) -> Path | None:
+    """The most recently finished training run under ``root`` (one with a final adapter or model)."""
+    if not root.exists():
+        return None
+    runs = [p for p in root.iterdir() if (p / "final").is_dir() and (p / "summary.json").exists()]
+    return max(runs, key=lambda p: (p / "summary.json").stat().st_mtime, default=None)

@@ -1,0 +1,51 @@
+"""`synthtune infer`: answer prompts or a JSONL of questions with a model and its LoRA adapter.
+
+Prompts are formatted the way training formatted them (``Question: ...\\nAnswer:`` or the chat
+template), so an adapter sees at inference exactly the context it was trained on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from synthtune.config import ConfigError
+
+
+def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None = None,
+          input_path: str | None = None, out_path: str | None = None, k: int = 1, temperature: float = 0.7,
+          max_new_tokens: int = 256, fmt: str = "plain", batch_size: int = 8, seed: int = 0,
+          device: str | None = None, progress: bool = True) -> list[dict]:
+    """Rows ``{question, completions, answers}`` (plus the input row's fields), also written as JSONL."""
+    from synthtune.data.answers import extract_answer
+    from synthtune.data.jsonl import read_jsonl, write_jsonl
+    from synthtune.evaluate import load_with_adapter
+    from synthtune.generation import SamplingParams, generate
+    from synthtune.prep import format_example, resolve_format
+    from synthtune.synth.prompts import PLAIN_STOP
+
+    if (prompts is None) == (input_path is None):
+        raise ConfigError("give either --prompt TEXT (repeatable) or --input FILE.jsonl, not both or neither")
+    if out_path and input_path and Path(out_path).resolve() == Path(input_path).resolve():
+        raise ConfigError("--out is the --input file; pick another path so the input is kept")
+    rows = [{"question": p} for p in prompts] if prompts is not None else \
+        read_jsonl(input_path, required=("question",)).rows
+    lm = load_with_adapter(model, adapter, device=device, seed=seed)
+    fmt = resolve_format(fmt, lm.tokenizer, lm.is_seq2seq)
+    texts = [format_example({"question": r["question"], "answer": ""}, lm.tokenizer, fmt=fmt,
+                            is_seq2seq=lm.is_seq2seq)[0] for r in rows]
+    stop = PLAIN_STOP + ("\nQuestion:",) if fmt == "plain" else ()
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if k > 1 else 0.0,
+                            num_samples=k, stop=stop, seed=seed)
+    if k == 1:
+        outs = generate(lm, texts, params, batch_size=batch_size, add_special_tokens=fmt != "chat",
+                        progress=progress, desc="infer")
+    else:
+        from synthtune.synth.sampler import sample_k
+
+        outs = [[s.text for s in ss] for ss in
+                sample_k(lm, texts, params, add_special_tokens=fmt != "chat", progress=progress)]
+    results = [{**r, "completions": c, "answers": [extract_answer(t) for t in c], "model": lm.name}
+               for r, c in zip(rows, outs, strict=True)]
+    if out_path:
+        write_jsonl(out_path, results)
+    return results
