@@ -167,3 +167,26 @@ def test_synth_cli_on_tiny_model(synthtune_bin, tmp_path):
     assert summary["questions"] == 3 and summary["stages"]["sampled"] == 6
     assert len(_rows(out / STATUS)) == 3 and (out / "config.yaml").exists()
     assert summary["new_tokens"] > 0 and summary["tokens_per_s"] > 0
+
+
+def test_reward_model_scorer_with_a_real_classifier(tmp_path):
+    # A tiny random sequence-classification model saved to disk: the scorer loads it like any
+    # local path or hub id and returns one float per completion, deterministic and input-dependent.
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from synthtune.models import load_config, resolve_model
+    from synthtune.synth.scorers import RewardModelScorer
+
+    cfg = load_config("tiny-llama")
+    cfg.num_labels = 1
+    import torch
+
+    torch.manual_seed(0)
+    LlamaForSequenceClassification(cfg).save_pretrained(tmp_path / "rm")
+    AutoTokenizer.from_pretrained(resolve_model("tiny-llama")).save_pretrained(tmp_path / "rm")
+    scorer = RewardModelScorer(str(tmp_path / "rm"), device="cpu", batch_size=2)
+    comps = ["4 + 4 = 8\n#### 8", "I give up.", "The answer is 8, because 4 and 4 make 8."]
+    a = scorer("What is 4 + 4?", comps)
+    assert len(a) == 3 and all(isinstance(x, float) for x in a)
+    assert a == scorer("What is 4 + 4?", comps)
+    assert len(set(a)) > 1
