@@ -68,24 +68,19 @@ def _prompts(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict]) -> tuple[l
 
 
 def evaluate_model(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict], progress: bool = True) -> tuple[list, dict]:
-    from synthtune.generation import SamplingParams, generate
+    from synthtune.generation import SamplingParams, complete
     from synthtune.score import score_rows
     from synthtune.synth.prompts import PLAIN_STOP
 
     texts, add_special = _prompts(cfg, lm, rows, pool)
-    stop = PLAIN_STOP + ("\nQuestion:",) if cfg.prompt_format != "chat" else ()
+    # plain prompts (special tokens added by the tokenizer) can run on into a made-up next problem;
+    # a chat turn ends with its end-of-turn token instead
+    stop = PLAIN_STOP + ("\nQuestion:",) if add_special else ()
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature if cfg.k > 1 else 0.0,
+                            num_samples=cfg.k, stop=stop, seed=cfg.seed)
     t0 = time.perf_counter()
-    if cfg.k == 1:
-        comps = generate(lm, texts, SamplingParams(max_new_tokens=cfg.max_new_tokens, stop=stop, seed=cfg.seed),
-                         batch_size=cfg.batch_size, add_special_tokens=add_special, progress=progress,
-                         desc=f"eval {lm.name}")
-    else:
-        from synthtune.synth.sampler import sample_k
-
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                num_samples=cfg.k, stop=stop, seed=cfg.seed)
-        comps = [[s.text for s in samples] for samples in
-                 sample_k(lm, texts, params, add_special_tokens=add_special, progress=progress)]
+    comps = complete(lm, texts, params, batch_size=cfg.batch_size, add_special_tokens=add_special,
+                     progress=progress, desc=f"eval {lm.name}")
     seconds = time.perf_counter() - t0
     scored, summary = score_rows([{"question": r["question"], "answer": r["answer"], "completions": c}
                                   for r, c in zip(rows, comps, strict=True)])

@@ -19,7 +19,7 @@ def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None =
     from synthtune.data.answers import extract_answer
     from synthtune.data.jsonl import read_jsonl, write_jsonl
     from synthtune.evaluate import load_with_adapter
-    from synthtune.generation import SamplingParams, generate
+    from synthtune.generation import SamplingParams, complete
     from synthtune.prep import format_example, resolve_format
     from synthtune.synth.prompts import PLAIN_STOP
 
@@ -36,14 +36,8 @@ def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None =
     stop = PLAIN_STOP + ("\nQuestion:",) if fmt == "plain" else ()
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if k > 1 else 0.0,
                             num_samples=k, stop=stop, seed=seed)
-    if k == 1:
-        outs = generate(lm, texts, params, batch_size=batch_size, add_special_tokens=fmt != "chat",
-                        progress=progress, desc="infer")
-    else:
-        from synthtune.synth.sampler import sample_k
-
-        outs = [[s.text for s in ss] for ss in
-                sample_k(lm, texts, params, add_special_tokens=fmt != "chat", progress=progress)]
+    outs = complete(lm, texts, params, batch_size=batch_size, add_special_tokens=fmt != "chat",
+                    progress=progress, desc="infer")
     results = [{**r, "completions": c, "answers": [extract_answer(t) for t in c], "model": lm.name}
                for r, c in zip(rows, outs, strict=True)]
     if out_path:

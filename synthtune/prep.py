@@ -67,7 +67,9 @@ _PREP_VERSION = 1
 def resolve_format(fmt: str, tokenizer, is_seq2seq: bool) -> str:
     """``auto`` -> ``chat`` for decoder models whose tokenizer has a chat template, else ``plain``."""
     if fmt == "auto":
-        return "chat" if (not is_seq2seq and getattr(tokenizer, "chat_template", None)) else "plain"
+        from synthtune.synth.prompts import default_format
+
+        return default_format(tokenizer, is_seq2seq)
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)} or auto")
     if fmt == "chat":

@@ -51,21 +51,22 @@ class TrainData:
         return lines
 
 
-def _fmt(cfg: TrainConfig, tokenizer, seq2seq: bool) -> str:
-    if cfg.prompt_format != "auto":
-        return cfg.prompt_format
-    return "chat" if (not seq2seq and getattr(tokenizer, "chat_template", None)) else "plain"
-
-
 def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool = False) -> TrainData:
     import torch
     from torch.utils.data import DataLoader
 
     import constants
     from synthtune.data.gsm8k import load_source
-    from synthtune.prep import CausalCollator, PackedCollator, Seq2SeqCollator, pack_sequences, tokenize_rows
+    from synthtune.prep import (
+        CausalCollator,
+        PackedCollator,
+        Seq2SeqCollator,
+        pack_sequences,
+        resolve_format,
+        tokenize_rows,
+    )
 
-    fmt = _fmt(cfg, tokenizer, seq2seq)
+    fmt = resolve_format(cfg.prompt_format, tokenizer, seq2seq)
     cache = constants.CACHE_DIR / "prep"
     rows = load_source(cfg.data, cfg.gsm8k_dir, limit=cfg.limit).rows
     rows = [r for r in rows if r.get("answer")]

@@ -41,12 +41,11 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
     from accelerate.utils import gather_object
 
     from synthtune.data.answers import extract_strict, is_correct
-    from synthtune.prep import format_example
-    from synthtune.train.data import _fmt
+    from synthtune.prep import format_example, resolve_format
 
     if not questions:
         return {}
-    fmt = _fmt(cfg, tokenizer, seq2seq)
+    fmt = resolve_format(cfg.prompt_format, tokenizer, seq2seq)
     rank, world = acc.process_index, acc.num_processes
     mine = questions[rank::world]
     # Under ZeRO-3 every rank must join every forward (synced_gpus), so all ranks run the same
