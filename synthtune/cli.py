@@ -94,7 +94,7 @@ def demo(
     model: Annotated[str | None, typer.Option(help="HF id, local dir, or built-in name")] = None,
     output_dir: Annotated[str | None, typer.Option(help="where results go")] = None,
 ) -> None:
-    """Run the README's main job: few-shot GSM8K on the embedded model, scored end to end."""
+    """The README's whole job in one run: synthesize, SFT set, prep, LoRA fine-tune, base vs tuned eval."""
     from synthtune.config import DemoConfig, load_config
     from synthtune.demo import run_demo
 

@@ -42,19 +42,39 @@ def opt(default: Any, help: str, choices: Iterable[Any] | None = None):
 
 @dataclass
 class DemoConfig:
-    """`synthtune demo`: the README's main job on the embedded model."""
+    """`synthtune demo`: the README's whole pipeline on one small model, in one run.
+
+    synthesize -> SFT set (kept + gold rationales) -> preprocess -> LoRA fine-tune -> base vs tuned.
+    """
 
     model: str = opt("smollm2-135m-instruct", "HF id, local dir, or a built-in name (smollm2-135m-instruct, "
                      "tiny-llama, tiny-t5)")
-    source: str = opt("bundled", "GSM8K source for exemplars and questions", ["bundled", "auto", "hub", "dir"])
+    source: str = opt("bundled", "GSM8K source: train questions are synthesized and trained on, test ones "
+                      "evaluated", ["bundled", "auto", "hub", "dir"])
     gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl (for source=dir/auto)")
-    shots: int = opt(8, "exemplars per prompt, drawn from the train split only")
-    n_questions: int = opt(6, "how many test questions to answer")
-    prompt_format: str = opt("auto", "auto = chat template for instruct models, else plain Problem:/Answer:",
-                             ["auto", "plain", "chat"])
-    max_new_tokens: int = opt(200, "generation budget per answer; GSM8K rationales average ~120 tokens")
-    batch_size: int = opt(4, "prompts per generate() call")
-    seed: int = opt(0, "seed for exemplar choice and sampling")
+    # 1. synthesis
+    synth_questions: int = opt(8, "train questions to synthesize rationales for")
+    shots: int = opt(4, "exemplars per synthesis prompt, drawn from train only (held apart from the questions)")
+    k: int = opt(4, "samples per question")
+    rounds: int = opt(1, "synthesis rounds (unsolved questions are retried with fresh exemplars)")
+    temperature: float = opt(0.7, "synthesis sampling temperature")
+    synth_max_new_tokens: int = opt(200, "per sample; GSM8K rationales average ~120 tokens")
+    # 2. SFT set, 3. preprocessing
+    gold_rationales: bool = opt(True, "add the train split's gold rationales to the kept ones (a 135M model keeps "
+                                "few of its own)")
+    max_length: int = opt(512, "token limit per training example (the histogram shows where the data sits)")
+    # 4. fine-tuning
+    train_steps: int = opt(30, "LoRA optimizer steps")
+    train_batch_size: int = opt(4, "examples per step")
+    learning_rate: float = opt(5e-4, "peak LR (cosine after 3 warmup steps)")
+    lora_r: int = opt(16, "LoRA rank (all linear layers)")
+    # 5. evaluation
+    eval_questions: int | None = opt(None, "test questions for base vs tuned (default: the whole split)")
+    eval_max_new_tokens: int = opt(200, "generation budget per answer")
+    eval_batch_size: int = opt(7, "questions per generate() call")
+    train_format: str = opt("plain", "prompt format for training and evaluation (plain: 'Question: ...\\nAnswer:')",
+                            ["plain", "chat", "auto"])
+    seed: int = opt(0, "seed for exemplars, sampling, init and data order")
     output_dir: str | None = opt(None, "where results go; default outputs/demo/<timestamp>")
     device: str | None = opt(None, "cpu, cuda, cuda:1...; default: cuda when available")
 
@@ -201,6 +221,23 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
 
 def to_dict(cfg) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
+
+
+def cli_overrides(cfg, base=None, skip: Iterable[str] = ()) -> list[str]:
+    """``key=value`` words that rebuild ``cfg`` from ``base`` (default: the class defaults).
+
+    Reports print these so every stage can be rerun by hand; values are YAML, as overrides are read.
+    """
+    base = base if base is not None else type(cfg)()
+    words = []
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if f.name in skip or value == getattr(base, f.name):
+            continue
+        text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
+        text = text.removesuffix("\n...").strip()
+        words.append(f"{f.name}={text}")
+    return words
 
 
 def save_config(cfg, path: str | Path) -> None:

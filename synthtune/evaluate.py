@@ -113,7 +113,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     return report
 
 
-METRICS = ("strict_accuracy", "flexible_accuracy", "accuracy", "parse_rate", "maj_at_k", "pass_at_k")
+METRICS = ("strict_accuracy", "flexible_accuracy", "accuracy", "parse_rate", "format_rate", "maj_at_k", "pass_at_k")
 
 
 def comparison_table(report: dict):

@@ -93,7 +93,8 @@ def score_rows(
     answer), ``accuracy`` (over completions), ``maj_at_k`` (questions whose majority answer is right),
     ``pass_at_k`` (questions with at least one right completion), ``k`` (completions per question, or
     None if it varies), ``strict_accuracy`` and ``flexible_accuracy`` (lm-eval's two extractors, over
-    completions).  Rates are None when there is nothing to divide by.
+    completions), ``format_rate`` (completions that end in GSM8K's ``#### n`` form, right or wrong).
+    Rates are None when there is nothing to divide by.
     """
     skipped: list[tuple[int, str]] = []
     out_rows, summary = _score(rows, source, lines, lenient, skipped)
@@ -117,7 +118,7 @@ def _score(
     skipped: list[tuple[int, str]],
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     out_rows: list[dict[str, Any]] = []
-    n_completions = n_parsed = n_correct = n_strict = n_flexible = n_maj = n_pass = 0
+    n_completions = n_parsed = n_correct = n_strict = n_flexible = n_maj = n_pass = n_format = 0
     sizes: set[int] = set()
     for index, row in enumerate(rows):
         line = lines[index] if lines is not None else index + 1
@@ -148,7 +149,9 @@ def _score(
         n_completions += len(completions)
         n_parsed += sum(answer is not None for answer in extracted)
         n_correct += sum(correct)
-        n_strict += sum(extract_strict(c) == gold for c in completions)
+        strict = [extract_strict(c) for c in completions]
+        n_format += sum(answer is not None for answer in strict)
+        n_strict += sum(answer == gold for answer in strict)
         n_flexible += sum(extract_flexible(c) == gold for c in completions)
         n_maj += vote.answer == gold
         n_pass += any(correct)
@@ -163,6 +166,7 @@ def _score(
         "k": sizes.pop() if len(sizes) == 1 else None,
         "strict_accuracy": _ratio(n_strict, n_completions),
         "flexible_accuracy": _ratio(n_flexible, n_completions),
+        "format_rate": _ratio(n_format, n_completions),
     }
     return out_rows, summary
 

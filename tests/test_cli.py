@@ -101,15 +101,30 @@ def test_models_info_and_prepare(synthtune_bin, tmp_path):
     assert missing.returncode == 2 and "does not exist" in missing.stderr
 
 
-def test_demo_cli_on_tiny_model(synthtune_bin, tmp_path):
+def test_demo_cli_runs_every_stage_on_tiny_model(synthtune_bin, tmp_path):
     out = tmp_path / "demo"
-    proc = run(synthtune_bin, "demo", "model=tiny-llama", "n_questions=2", "max_new_tokens=8", "shots=3",
-               "--output-dir", str(out))
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_questions"] == 2 and summary["prompt_format"] == "chat"
-    assert '"n_questions": 2' in proc.stdout
-    rows = [json.loads(line) for line in (out / "answers.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 and all(len(r["exemplar_ids"]) == 3 for r in rows)
-    assert (out / "config.yaml").exists()
-    bad = run(synthtune_bin, "demo", "n_questionz=2", check=False)
-    assert bad.returncode == 2 and "Did you mean 'n_questions'" in bad.stderr
+    proc = run(synthtune_bin, "demo", "model=tiny-llama", "synth_questions=2", "k=2", "synth_max_new_tokens=8",
+               "train_steps=3", "eval_questions=3", "eval_max_new_tokens=8", "--output-dir", str(out))
+    summary = json.loads(proc.stdout)
+    assert summary == json.loads((out / "summary.json").read_text())
+    assert list(summary["seconds"]) == ["synthesize", "sft set", "preprocess", "fine-tune", "evaluate"]
+    # stage 1 sampled k per question; stage 2 holds every bundled train gold rationale plus what was kept
+    status = [json.loads(line) for line in (out / "synth" / "status.jsonl").read_text().splitlines()]
+    assert len(status) == 2 and all(r["k"] == 2 for r in status)
+    sft = [json.loads(line) for line in (out / "sft.jsonl").read_text().splitlines()]
+    assert summary["sft"]["gold"] == 36 and len(sft) == summary["sft"]["n"] == 36 + summary["sft"]["synthesized"]
+    assert summary["prep"]["n"] == len(sft) and (out / "prep" / "length_hist.png").exists()
+    train = json.loads((out / "train" / "summary.json").read_text())
+    assert train["steps"] == 3 and train["memory"]["png"] and (out / "train" / "loss.png").exists()
+    assert (out / "train" / "final" / "adapter_model.safetensors").exists()
+    for label in ("base", "adapter"):
+        rows = (out / "eval" / f"{label}_outputs.jsonl").read_text().splitlines()
+        assert len(rows) == 3
+    report = (out / "report.md").read_text()
+    for heading in ("## 5. Base vs tuned", "## 1. Synthesize", "## 3. Preprocess", "## 4. Fine-tune", "## Repeat it"):
+        assert heading in report
+    for image in ("prep/length_hist.png", "train/memory_trace.png", "train/loss.png", "eval/base_vs_tuned.png"):
+        assert f"]({image})" in report and (out / image).exists()
+    assert "synthtune train --config configs/train/smollm2_lora_cpu.yaml model=tiny-llama" in report
+    bad = run(synthtune_bin, "demo", "train_stepz=2", check=False)
+    assert bad.returncode == 2 and "Did you mean 'train_steps'" in bad.stderr

@@ -29,20 +29,20 @@ def test_all_configs_are_registered():
 
 def test_precedence_defaults_yaml_overrides_kwargs(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("n_questions: 3\nshots: 4\nmodel: tiny-llama\n")
+    p.write_text("synth_questions: 3\nshots: 4\nmodel: tiny-llama\n")
     cfg = load_config(DemoConfig, p, ["shots=2", "device=cpu"], model="tiny-t5")
-    assert (cfg.n_questions, cfg.shots, cfg.device, cfg.model) == (3, 2, "cpu", "tiny-t5")
-    assert cfg.max_new_tokens == DemoConfig().max_new_tokens
+    assert (cfg.synth_questions, cfg.shots, cfg.device, cfg.model) == (3, 2, "cpu", "tiny-t5")
+    assert cfg.eval_max_new_tokens == DemoConfig().eval_max_new_tokens
 
 
 def test_unknown_key_names_file_line_and_valid_keys(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("model: tiny-llama\n\nn_question: 3\n")
+    p.write_text("model: tiny-llama\n\ntrain_step: 3\n")
     with pytest.raises(ConfigError) as err:
         load_config(DemoConfig, p)
     msg = str(err.value)
-    assert f"{p}:3" in msg and "'n_question'" in msg and "Did you mean 'n_questions'" in msg
-    assert "max_new_tokens" in msg  # the list of valid keys
+    assert f"{p}:3" in msg and "'train_step'" in msg and "Did you mean 'train_steps'" in msg
+    assert "eval_max_new_tokens" in msg  # the list of valid keys
 
 
 def test_wrong_type_and_bad_choice(tmp_path):
@@ -50,8 +50,8 @@ def test_wrong_type_and_bad_choice(tmp_path):
     p.write_text("shots: eight\n")
     with pytest.raises(ConfigError, match=r"c.yaml:1: shots: expected an integer"):
         load_config(DemoConfig, p)
-    with pytest.raises(ConfigError, match="prompt_format must be one of auto, plain, chat"):
-        load_config(DemoConfig, None, ["prompt_format=html"])
+    with pytest.raises(ConfigError, match="train_format must be one of plain, chat, auto"):
+        load_config(DemoConfig, None, ["train_format=html"])
     with pytest.raises(ConfigError, match="is not key=value"):
         load_config(DemoConfig, None, ["shots"])
 

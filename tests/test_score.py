@@ -56,6 +56,7 @@ def test_score_rows_adds_fields_and_summarizes():
         "k": 4,
         "strict_accuracy": 1 / 12,
         "flexible_accuracy": 3 / 12,
+        "format_rate": 2 / 12,  # the two '#### n' completions, one right and one wrong
     }
     assert "extracted" not in ROWS[0]  # the input rows are not modified
 

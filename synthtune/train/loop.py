@@ -320,6 +320,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         "memory": mem, "final_dir": str(final_dir), "history": history, "data": data.stats,
     }
     if main:
+        from synthtune.train.plots import plot_history
+
+        curve = plot_history(history, out_dir / "loss.png")
+        summary["loss_png"] = str(curve) if curve else None
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     acc.wait_for_everyone()
     acc.end_training()  # closes trackers and, under launch, the process group: keep it last

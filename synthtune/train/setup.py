@@ -8,6 +8,7 @@ without CUDA all fail here with the key and the reason.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +114,11 @@ def apply_lora(model, cfg: TrainConfig, is_seq2seq: bool):
     lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=lora_target_modules(cfg),
                       task_type=TaskType.SEQ_2_SEQ_LM if is_seq2seq else TaskType.CAUSAL_LM)
-    return get_peft_model(model, lcfg)
+    with warnings.catch_warnings():
+        # peft reads transformers' deprecated `is_gradient_checkpointing` attribute: a warning on
+        # every run that the user can do nothing about
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        return get_peft_model(model, lcfg)
 
 
 def trainable_parameters(model) -> tuple[int, int]:

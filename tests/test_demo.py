@@ -1,0 +1,72 @@
+"""The demo's own pieces: the SFT set, the learned-or-not verdict, the commands it prints, plots.
+
+Run: pytest tests/test_demo.py   (the whole demo on tiny-llama runs in tests/test_cli.py)
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+
+import constants
+from synthtune.config import DemoConfig, SynthConfig, TrainConfig, cli_overrides, load_config
+from synthtune.demo import TRAIN_RECIPE, build_sft_set, demo_train_config, learned
+from synthtune.train.plots import plot_history
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_sft_set_puts_kept_first_keeps_gold_and_drops_exact_repeats(tmp_path):
+    kept = _jsonl(tmp_path / "kept.jsonl", [
+        {"question": "Q1", "answer": "a model's path\n#### 3", "rationale": "...", "scores": {}},
+        {"question": "Q1", "answer": "a model's path\n#### 3"},  # a repeat (e.g. two runs into one folder)
+    ])
+    gold = [{"question": "Q1", "answer": "the gold path\n#### 3"}, {"question": "Q2 ", "answer": "x\n#### 1"},
+            {"question": "Q2", "answer": "x\n#### 1"}]  # same after stripping: one row
+    info = build_sft_set(kept, gold, tmp_path / "sft.jsonl")
+    rows = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    assert [(r["question"].strip(), r["origin"]) for r in rows] == [("Q1", "synthesized"), ("Q1", "gold"),
+                                                                     ("Q2", "gold")]
+    assert set(rows[0]) == {"question", "answer", "origin"}  # scores/provenance stay in kept.jsonl
+    assert info == {"path": str(tmp_path / "sft.jsonl"), "n": 3, "synthesized": 1, "gold": 2}
+
+
+def test_sft_set_without_a_kept_file_is_gold_only(tmp_path):
+    info = build_sft_set(tmp_path / "missing.jsonl", [{"question": "Q", "answer": "#### 1"}], tmp_path / "s.jsonl")
+    assert (info["n"], info["synthesized"], info["gold"]) == (1, 0, 1)
+
+
+def test_learned_lists_only_metrics_that_rose():
+    base = {"format_rate": 0.0, "parse_rate": 0.93, "strict_accuracy": 0.0, "flexible_accuracy": 0.07}
+    assert learned({"base": base, "adapter": {**base, "format_rate": 1.0, "parse_rate": 1.0}}) == [
+        "format_rate", "parse_rate"]
+    assert learned({"base": base, "adapter": {**base, "flexible_accuracy": 0.0}}) == []
+    assert learned({"base": base, "adapter": {**base, "strict_accuracy": None}}) == []
+
+
+def test_cli_overrides_rebuild_the_config():
+    cfg = SynthConfig(k=3, limit=5, stop=["\nQ:", "a b"], min_reward=0.5, out="out dir/x", use_gold=False)
+    words = cli_overrides(cfg)
+    assert load_config(SynthConfig, None, words) == cfg
+    assert all(w.split("=")[0] in {"k", "limit", "stop", "min_reward", "out", "use_gold"} for w in words)
+    assert cli_overrides(SynthConfig()) == []
+
+
+def test_the_printed_train_command_reproduces_the_demo_training_config(tmp_path):
+    recipe, tcfg = demo_train_config(DemoConfig(model="tiny-llama", train_steps=7), "data/sft.jsonl", tmp_path / "t")
+    assert (tcfg.max_steps, tcfg.eval_accuracy_samples, tcfg.gradient_accumulation_steps) == (7, 0, 1)
+    words = shlex.split(" ".join(cli_overrides(tcfg, base=recipe)))  # as a shell would split the report's line
+    assert load_config(TrainConfig, constants.REPO_ROOT / TRAIN_RECIPE, words) == tcfg
+
+
+def test_plot_history_draws_losses_and_rates(tmp_path):
+    hist = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5},
+            {"step": 2, "eval/loss": 1.7, "eval/accuracy": 0.1, "eval/format_rate": 0.5}]
+    path = plot_history(hist, tmp_path / "loss.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_history([{"step": 3, "eval/accuracy": 0.2}], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
