@@ -70,3 +70,22 @@ def test_plot_history_draws_losses_and_rates(tmp_path):
     assert plot_history([{"step": 3, "eval/accuracy": 0.2}], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
 
+
+
+def test_latest_run_is_found_under_train_and_under_demo_runs(tmp_path):
+    import os
+
+    from synthtune.train.checkpoint import find_latest_run
+
+    def finished(path, mtime):
+        (path / "final").mkdir(parents=True)
+        (path / "summary.json").write_text("{}")
+        os.utime(path / "summary.json", (mtime, mtime))
+        return path
+
+    assert find_latest_run(tmp_path / "train", tmp_path / "demo") is None  # neither exists yet
+    finished(tmp_path / "train" / "smoke", 1_000)
+    (tmp_path / "train" / "crashed").mkdir()  # no final/: never a candidate
+    demo = finished(tmp_path / "demo" / "20261128-064000" / "train", 2_000)
+    assert find_latest_run(tmp_path / "train", tmp_path / "demo") == demo
+    assert find_latest_run(tmp_path / "train") == tmp_path / "train" / "smoke"

@@ -128,9 +128,16 @@ def _prod(shape) -> int:
     return n
 
 
-def find_latest_run(root: Path) -> Path | None:
-    """The most recently finished training run under ``root`` (one with a final adapter or model)."""
-    if not root.exists():
-        return None
-    runs = [p for p in root.iterdir() if (p / "final").is_dir() and (p / "summary.json").exists()]
+def find_latest_run(*roots: Path) -> Path | None:
+    """The most recently finished training run (one with a final adapter or model) under ``roots``.
+
+    A run is a direct child of a root (``outputs/train/<run>``) or the ``train/`` folder of one
+    (``outputs/demo/<timestamp>/train``, where `synthtune demo` trains).
+    """
+    runs = []
+    for root in roots:
+        if root.exists():
+            for child in root.iterdir():
+                runs += [p for p in (child, child / "train")
+                         if (p / "final").is_dir() and (p / "summary.json").exists()]
     return max(runs, key=lambda p: (p / "summary.json").stat().st_mtime, default=None)
