@@ -27,6 +27,10 @@ from synthtune.config import DemoConfig, cli_overrides, load_config, save_config
 STAGES = ("synthesize", "sft set", "preprocess", "fine-tune", "evaluate")
 #: the training recipe the demo starts from; its own keys are overridden by the demo's
 TRAIN_RECIPE = "configs/train/smollm2_lora_cpu.yaml"
+#: what each synthesis funnel stage counts (synth.pipeline.STAGES)
+FUNNEL = {"sampled": "drawn", "finished": "ended before the token budget", "parsed": "a final answer could be read",
+          "on_target": "that answer is the gold one", "calc_ok": "and every calculation in it is right",
+          "reward_ok": "and the reward model (when set) accepts it", "kept": "and it differs from the paths kept"}
 #: base vs tuned rows of the report, in this order
 REPORT_METRICS = (("format_rate", "`#### n` format followed"), ("parse_rate", "an answer could be extracted"),
                   ("strict_accuracy", "strict accuracy (`#### n` is right)"),
@@ -269,11 +273,18 @@ def _section_synth(run: DemoRun) -> list[str]:
              f"{s['questions']} train questions, {run.cfg.shots}-shot prompts, k={run.cfg.k}, {run.cfg.rounds} "
              f"round(s)" + (f": {s['samples']} samples, {s['new_tokens']} new tokens at {s['tokens_per_s']} tok/s."
                              if s["samples"] else " (resumed from an earlier run in this folder)."), "",
-             "| stage | samples |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in st.items()]
+             "| stage | samples | meaning |", "|---|---|---|"]
+    lines += [f"| {k} | {v} | {FUNNEL.get(k, '')} |" for k, v in st.items()]
     lines += ["", f"**{s['solved']} of {s['questions']} questions solved, {s['kept_examples']} rationales kept.** "
               "A rationale is kept when it reaches the gold answer, its arithmetic checks out and it differs from "
               "the other kept ones (ROUGE-L).", ""]
+    stages = list(st.items())
+    drops = [(a[0], b[0], a[1] - b[1]) for a, b in zip(stages, stages[1:], strict=False) if a[1] > b[1]]
+    if drops:
+        src, dst, n = max(drops, key=lambda d: d[2])
+        lines += [f"The largest loss is between `{src}` and `{dst}`: {n} samples. "
+                  + ("With no kept rationale the SFT set is gold rationales only; a larger model, more samples "
+                     "(k) or more rounds keep more." if not s["kept_examples"] else ""), ""]
     hist = Path(s["out_dir"]) / "agreement_hist.png"
     if hist.exists():
         lines += [f"![agreement]({run.rel(hist)})", ""]
