@@ -121,9 +121,11 @@ def lively_adapter(tmp_path_factory):
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory, key_env, lively_adapter):
     logs = tmp_path_factory.mktemp("servers")
-    # a 50 ms window: requests sent together by the backend's threads land in one batch
-    args = ["--api-key-env", KEY_ENV, "--adapter", f"math={lively_adapter}", "--batch-window-ms", "50"]
-    procs = start_servers([(logs / "a.log", args), (logs / "b.log", args)], env=key_env)
+    args = ["--api-key-env", KEY_ENV, "--adapter", f"math={lively_adapter}"]
+    # b: a batch closes after 250 ms or at 4 prompts, so the 4 requests of the batching test meet
+    # in one batch even when the machine is busy, without waiting out the window
+    procs = start_servers([(logs / "a.log", [*args, "--batch-window-ms", "50"]),
+                           (logs / "b.log", [*args, "--batch-window-ms", "250", "--max-batch", "4"])], env=key_env)
     yield procs
     for p in procs:
         p.stop()
