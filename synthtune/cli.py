@@ -3,6 +3,8 @@
     synthtune --help
     synthtune demo [--config configs/demo.yaml] [key=value ...]
     synthtune synth --model M --questions SRC [--exemplars SRC] --k 8 --rounds 2 --out DIR [--config X.yaml]
+    synthtune synth --backend openai --endpoint URL [--endpoint URL ...] --served-model NAME [--api-key-env VAR]
+    synthtune serve --model M [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000]
     synthtune prep --model M --data SRC [--max-length N] [--out DIR]
     synthtune train --config configs/train/smoke.yaml [key=value ...]
     synthtune memory --model M --method lora ... [--fit --gpu-gib 40 --gpus 4] [--json]
@@ -114,7 +116,14 @@ def synth(
     k: Annotated[int | None, typer.Option("--k", help="samples per question in round 1")] = None,
     rounds: Annotated[int | None, typer.Option(help="retry rounds for unsolved questions")] = None,
     out: Annotated[str | None, typer.Option(help="output directory (rerun the same command to resume)")] = None,
-    backend: Annotated[str | None, typer.Option(help="generation backend")] = None,
+    backend: Annotated[str | None, typer.Option(help="hf (this process loads the model) or openai (servers)")] = None,
+    endpoint: Annotated[list[str] | None, typer.Option(
+        help="openai backend: server API base, e.g. http://host:8000/v1 (repeat for several; round-robin)")] = None,
+    served_model: Annotated[str | None, typer.Option(help="openai backend: model name on the servers "
+                                                     "(default: --model)")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="openai backend: environment variable holding the API "
+                                                    "key (never logged or written)")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="openai backend: requests in flight at once")] = None,
     limit: Annotated[int | None, typer.Option(help="only the first N questions")] = None,
     json_only: Annotated[bool, typer.Option("--json", help="print only the JSON summary")] = False,
 ) -> None:
@@ -123,10 +132,40 @@ def synth(
     from synthtune.synth.pipeline import run_synthesis
 
     cfg = load_config(SynthConfig, config, overrides or [], model=model, questions=questions, exemplars=exemplars,
-                      k=k, rounds=rounds, out=out, backend=backend, limit=limit)
+                      k=k, rounds=rounds, out=out, backend=backend, endpoints=endpoint or None,
+                      served_model=served_model, api_key_env=api_key_env, concurrency=concurrency, limit=limit)
     log = (lambda msg: None) if json_only else (lambda msg: err_console.print(Text(msg)))
     summary = run_synthesis(cfg, progress=not json_only, log=log)
     emit(json.dumps(summary, indent=None if json_only else 2))
+
+
+@app.command()
+@results_on_stdout
+def serve(
+    model: Annotated[str, typer.Option(help="base model: HF id, local dir, or built-in name")] = "smollm2-135m-instruct",
+    adapter: Annotated[list[str] | None, typer.Option(
+        help="LoRA adapter as NAME=DIR (or DIR: named after the folder), served as model NAME; repeatable")] = None,
+    host: Annotated[str, typer.Option(help="address to bind; keep 127.0.0.1 unless others must reach it")]
+    = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port (0 = any free one; the chosen one is printed)")] = 8000,
+    served_model_name: Annotated[str | None, typer.Option(help="name clients use for the base model "
+                                                          "(default: --model)")] = None,
+    api_key_env: Annotated[str | None, typer.Option(help="require the key held in this environment variable "
+                                                    "(Authorization: Bearer)")] = None,
+    max_batch: Annotated[int, typer.Option(help="most prompts generated together in one batch")] = 32,
+    batch_window_ms: Annotated[float, typer.Option(help="how long the first request waits for others to batch "
+                                                   "with (latency vs batch size)")] = 5.0,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads (one per core; fewer when sharing "
+                                                "the machine)")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda...; default cuda when available")] = None,
+    seed: Annotated[int, typer.Option(help="seed for built-in tiny models and requests without a seed")] = 0,
+) -> None:
+    """Serve a model and its LoRA adapters over an OpenAI-compatible HTTP API (for local use and tests)."""
+    from synthtune.serve import serve as run_serve
+
+    run_serve(model, adapter or [], host=host, port=port, served_name=served_model_name, api_key_env=api_key_env,
+              device=device, seed=seed, max_batch=max_batch, batch_window_ms=batch_window_ms, threads=threads,
+              log=lambda msg: err_console.print(Text(msg)))
 
 
 @app.command()

@@ -84,7 +84,21 @@ class SynthConfig:
     """`synthtune synth`: prompts -> k samples -> vote -> evaluator -> kept dataset, in rounds."""
 
     model: str = opt("smollm2-135m-instruct", "HF id, local dir, or a built-in name")
-    backend: str = opt("hf", "generation backend", ["hf"])
+    backend: str = opt("hf", "generation backend: hf = this process loads the model; openai = OpenAI-compatible "
+                       "servers (vLLM, TGI, llama.cpp, `synthtune serve`) at endpoints=...", ["hf", "openai"])
+    endpoints: list[str] = opt([], "openai backend: server base URLs (http://host:8000/v1); requests go round-robin "
+                               "over them. Not part of the resume fingerprint: rerun against other servers freely")
+    served_model: str | None = opt(None, "openai backend: the model name the servers serve (vLLM "
+                                   "--served-model-name, or a --lora-modules name); default: model")
+    api_key_env: str | None = opt(None, "openai backend: name of the environment variable holding the API key "
+                                  "(sent as a Bearer token; never logged or written). Unset: no key is sent")
+    concurrency: int = opt(8, "openai backend: requests in flight at once over all endpoints; a batch only fills "
+                           "it when batch_size >= concurrency")
+    request_timeout: float = opt(600.0, "openai backend: seconds per request (k long samples on a busy server "
+                                 "take minutes); a timeout is retried")
+    max_retries: int = opt(6, "openai backend: retries per request on 429, 5xx, timeouts and connection errors")
+    retry_backoff: float = opt(1.0, "openai backend: first retry wait in seconds, doubled each retry (with "
+                               "jitter, at most 60 s); a server's Retry-After wins when longer")
     questions: str = opt("bundled:train", "questions to synthesize rationales for: bundled:SPLIT, gsm8k:SPLIT "
                          "(folder or hub), hub:SPLIT, dir:SPLIT, or a JSONL path (answer field optional)")
     exemplars: str | None = opt(None, "exemplar pool (same spec forms); default: the train split of the "

@@ -360,7 +360,7 @@ FULL_SCALE = """\
 # 1. synthesize on GPU servers: one `vllm serve` per machine, synthtune spreads requests over them
 vllm serve meta-llama/Llama-3.1-8B-Instruct --port 8000
 synthtune synth --backend openai --endpoint http://gpu-1:8000/v1 --endpoint http://gpu-2:8000/v1 \\
-    --served-model meta-llama/Llama-3.1-8B-Instruct questions=gsm8k:train k=16 rounds=3
+    --model meta-llama/Llama-3.1-8B-Instruct --questions gsm8k:train --k 16 --rounds 3 --concurrency 64 batch_size=128
 # 2-3. the SFT set is the kept.jsonl (add gold rationales as the demo does), then check lengths
 synthtune prep --model meta-llama/Llama-3.1-8B-Instruct --data outputs/synth/<run>/kept.jsonl --max-length 512
 # how much memory will it take? (per GPU, 4 GPUs, ZeRO-3)

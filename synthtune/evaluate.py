@@ -40,7 +40,19 @@ class EvalConfig:
     device: str | None = opt(None, "cpu, cuda...; default cuda when available")
 
 
-def load_with_adapter(model: str, adapter: str | None, *, device: str | None = None, seed: int = 0):
+def check_adapter_dir(adapter: str) -> None:
+    """A peft adapter directory with safetensors weights (a pickled .bin is never loaded)."""
+    path = Path(adapter)
+    if not (path / "adapter_config.json").exists():
+        raise ConfigError(f"adapter: {adapter} holds no adapter_config.json (pass a training run's final/)")
+    if not (path / "adapter_model.safetensors").exists():
+        raise ConfigError(f"adapter: {adapter} has no adapter_model.safetensors; only safetensors adapters are "
+                          f"loaded (pickled weights can run code). Re-save it with save_pretrained(..., "
+                          f"safe_serialization=True)")
+
+
+def load_with_adapter(model: str, adapter: str | None, *, device: str | None = None, seed: int = 0,
+                      adapter_name: str = "default"):
     """Base model, with the LoRA adapter attached when given (peft picks the causal/seq2seq class)."""
     from synthtune.models import load_model
 
@@ -48,9 +60,8 @@ def load_with_adapter(model: str, adapter: str | None, *, device: str | None = N
     if adapter:
         from peft import PeftModel
 
-        if not (Path(adapter) / "adapter_config.json").exists():
-            raise ConfigError(f"adapter: {adapter} holds no adapter_config.json (pass a training run's final/)")
-        lm.model = PeftModel.from_pretrained(lm.model, adapter).to(lm.device).eval()
+        check_adapter_dir(adapter)
+        lm.model = PeftModel.from_pretrained(lm.model, adapter, adapter_name=adapter_name).to(lm.device).eval()
         lm.name = f"{model}+{Path(adapter).name}"
     return lm
 

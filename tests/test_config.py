@@ -8,6 +8,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Every shipped recipe, with the config class it must parse into (torchtune's test_configs idea).
 SHIPPED = {"configs/demo.yaml": DemoConfig, "configs/synth/smollm2_bundled.yaml": SynthConfig,
+           "configs/synth/openai_vllm.yaml": SynthConfig,
            **{f"configs/train/{n}.yaml": TrainConfig for n in ("smoke", "smollm2_lora_cpu", "flan_ul2_lora",
                                                                 "flan_ul2_full", "llama_1b_lora", "llama_8b_lora_zero3")}}
 

@@ -1,7 +1,8 @@
 """Generation backends behind ``synthtune synth --backend``.
 
-A backend turns prompts into k samples each. The interface is deliberately one method, so a
-server-backed backend (OpenAI-compatible: vLLM, TGI, llama.cpp) fits behind the same flag.
+A backend turns prompts into k samples each. The interface is deliberately one method, so the
+server-backed ``openai`` backend (vLLM, TGI, llama.cpp, ``synthtune serve``; see
+``synthtune.synth.openai_backend``) fits behind the same flag.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ from synthtune.generation import SamplingParams
 from synthtune.synth.prompts import Prompt
 from synthtune.synth.sampler import Sample, sample_k
 
-BACKENDS = ("hf",)
+BACKENDS = ("hf", "openai")
 
 
 class Backend(Protocol):
     name: str
     model_name: str
+    tokenizer: object | None  # the local tokenizer, for prompt rendering; None when a server renders
+    is_seq2seq: bool
+    # True when the server applies the chat template: chat prompts then carry messages, not text
+    chat_on_server: bool
 
     def sample(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Sample]]:
         """``params.num_samples`` samples for each prompt, in prompt order."""
@@ -29,6 +34,7 @@ class HFBackend:
     """Local transformers model; causal models share each prompt's prefill among its k samples."""
 
     name = "hf"
+    chat_on_server = False
 
     def __init__(self, lm, batch_size: int = 1):
         self.lm = lm
@@ -56,6 +62,24 @@ def make_backend(name: str, model: str, *, device: str | None = None, seed: int 
     from synthtune.models import load_model
 
     if name != "hf":
-        raise ConfigError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)}")
+        raise ConfigError(f"unknown backend {name!r} for a local model; available: hf (and openai, which "
+                          f"needs endpoints: see backend_for)")
     lm = load_model(model, device=device, seed=seed, trust_remote_code=trust_remote_code)
     return HFBackend(lm, batch_size=batch_size)
+
+
+def backend_for(cfg):
+    """The backend a ``SynthConfig`` asks for."""
+    from synthtune.config import ConfigError
+
+    if cfg.backend == "openai":
+        from synthtune.synth.openai_backend import OpenAIBackend
+
+        return OpenAIBackend(cfg.endpoints, cfg.served_model or cfg.model, api_key_env=cfg.api_key_env,
+                             concurrency=cfg.concurrency, request_timeout=cfg.request_timeout,
+                             max_retries=cfg.max_retries, retry_backoff=cfg.retry_backoff)
+    if cfg.endpoints:
+        raise ConfigError(f"endpoints are only used by backend=openai (backend={cfg.backend}); add --backend openai "
+                          f"to generate on those servers")
+    return make_backend(cfg.backend, cfg.model, device=cfg.device, seed=cfg.seed,
+                        trust_remote_code=cfg.trust_remote_code)

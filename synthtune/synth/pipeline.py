@@ -37,8 +37,9 @@ KEPT, STATUS, SUMMARY, HIST = "kept.jsonl", "status.jsonl", "summary.json", "agr
 #: The evaluator's stages, in order; each status record counts the samples that got past each.
 STAGES = ("sampled", "finished", "parsed", "on_target", "calc_ok", "reward_ok", "kept")
 #: Settings that change what a question's samples are; a rerun must match them to resume.
-FINGERPRINT_KEYS = ("model", "backend", "questions", "exemplars", "exemplar_pool_size", "shots", "strategy",
-                    "prompt_format", "seed", "use_gold")
+#: The endpoints are left out on purpose: a rerun against other servers, or more of them, resumes.
+FINGERPRINT_KEYS = ("model", "backend", "served_model", "questions", "exemplars", "exemplar_pool_size", "shots",
+                    "strategy", "prompt_format", "seed", "use_gold")
 
 
 def question_id(text: str) -> str:
@@ -266,25 +267,52 @@ def run_synthesis(cfg: SynthConfig, backend=None, *, progress: bool = True, log:
     """Run (or resume) synthesis; returns the summary also written to ``summary.json``."""
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg)
     cfg = replace(cfg, out=str(out_dir))
+    if cfg.backend == "openai" and not cfg.served_model:
+        # recorded by name, so config.yaml and the resume fingerprint say what the servers ran
+        cfg = replace(cfg, served_model=cfg.model)
     items, pool, ex_spec = load_items(cfg)
     _check_resume(out_dir, cfg)
     save_config(cfg, out_dir / "config.yaml")
     state = load_state(out_dir)
     if state.dropped_in_flight:
         log(f"resume: dropped {state.dropped_in_flight} kept rows of a batch that was in flight; redoing it")
-    if backend is None:
-        from synthtune.synth.backends import make_backend
+    own_backend = backend is None
+    if own_backend:
+        from synthtune.synth.backends import backend_for
 
-        backend = make_backend(cfg.backend, cfg.model, device=cfg.device, seed=cfg.seed,
-                               trust_remote_code=cfg.trust_remote_code)
+        backend = backend_for(cfg)
+    try:
+        return _run(cfg, backend, out_dir, items, pool, ex_spec, state, progress=progress, log=log,
+                    reward_fn=reward_fn)
+    finally:
+        if own_backend and hasattr(backend, "close"):
+            backend.close()
+
+
+def _prompt_format(cfg: SynthConfig, backend) -> str:
+    if cfg.prompt_format != "auto":
+        return cfg.prompt_format
+    # A server-side backend has no local tokenizer to look at: its servers hold instruct models
+    # far more often than base ones, and a template-less model fails with a message naming
+    # prompt_format=plain.
+    if getattr(backend, "chat_on_server", False):
+        return "chat"
+    return default_format(backend.tokenizer, backend.is_seq2seq)
+
+
+def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list[dict], ex_spec: str,
+         state: RunState, *, progress: bool, log: Callable[[str], None], reward_fn: Callable | None) -> dict:
     if reward_fn is None and cfg.reward_model:
         from synthtune.synth.scorers import RewardModelScorer
 
         reward_fn = RewardModelScorer(cfg.reward_model, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    fmt = default_format(backend.tokenizer, backend.is_seq2seq) if cfg.prompt_format == "auto" else cfg.prompt_format
+    fmt = _prompt_format(cfg, backend)
     stop = tuple(cfg.stop) + (PLAIN_STOP if fmt == "plain" else ())
+    chat_on_server = getattr(backend, "chat_on_server", False)
+    endpoints = getattr(backend, "endpoints", None)
+    via = f", {backend.name} backend ({backend.model_name}{f' on {len(endpoints)} endpoints' if endpoints else ''})"
     log(f"synth: {len(items)} questions from {cfg.questions}, {len(pool)} exemplars from {ex_spec}, "
-        f"{cfg.shots}-shot {fmt} prompts, k={cfg.k}, up to {cfg.rounds} rounds -> {out_dir}")
+        f"{cfg.shots}-shot {fmt} prompts, k={cfg.k}, up to {cfg.rounds} rounds{via} -> {out_dir}")
     done = {qid for qid, texts in state.kept_texts.items() if texts}
     t_run, n_samples, n_tokens = time.perf_counter(), 0, 0
     round_reports = []
@@ -305,7 +333,8 @@ def run_synthesis(cfg: SynthConfig, backend=None, *, progress: bool = True, log:
             batch = todo[start:start + cfg.batch_size]
             # A fresh exemplar draw each round (the seed moves with the round) gives retries new context.
             prompts = [build_prompt(it.question, pool, k=cfg.shots, fmt=fmt, tokenizer=backend.tokenizer,
-                                    strategy=cfg.strategy, seed=cfg.seed + 7919 * rnd) for it in batch]
+                                    strategy=cfg.strategy, seed=cfg.seed + 7919 * rnd, render_chat=not chat_on_server)
+                       for it in batch]
             outs = backend.sample(prompts, replace(params, seed=params.seed + start))
             kept_rows, status_rows = [], []
             for it, prompt, samples in zip(batch, prompts, outs, strict=True):
@@ -358,7 +387,7 @@ def _kept_row(it: Item, sample, index: int, scores: dict, prompt, backend, cfg: 
         "final_answer": answer, "gold": extract_gold(it.gold) if it.gold is not None else None,
         "scores": {"vote_share": scores["vote_share"][index], "calc": scores["calc"][index],
                    "gold": scores["gold"][index], "reward": scores["reward"][index]},
-        "provenance": {"model": cfg.model, "backend": backend.name, "prompt_sha": prompt.sha, "round": rnd,
+        "provenance": {"model": backend.model_name, "backend": backend.name, "prompt_sha": prompt.sha, "round": rnd,
                        "seed": seed, "sample_index": index, "temperature": round(temperature, 3),
                        "exemplar_ids": list(prompt.exemplar_ids), "n_tokens": sample.n_tokens},
     }
@@ -390,7 +419,8 @@ def build_summary(out_dir: Path, items: list[Item], state: RunState, cfg: SynthC
         "questions": len(items), "solved": n_done, "failed": sum(failed.values()), "failed_reasons": dict(failed),
         "pending": len(items) - n_done - sum(failed.values()), "kept_examples": n_kept,
         "stages": {k: stages.get(k, 0) for k in STAGES}, "rounds": rounds, **speed,
-        "config": {k: v for k, v in to_dict(cfg).items() if k in ("model", "questions", "k", "rounds", "shots")},
+        "config": {k: v for k, v in to_dict(cfg).items() if k in ("model", "backend", "served_model", "questions", "k",
+                                                                    "rounds", "shots")},
         "dataset": str(out_dir / KEPT), "out_dir": str(out_dir),
     }
     (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")

@@ -13,10 +13,11 @@ being answered (the 2023 code drew both from GSM8K test, then evaluated on it).
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 DEFAULT_META_PROMPT = (
     "Solve the grade-school math problem step by step. Show each calculation, "
@@ -34,6 +35,13 @@ class Prompt:
     question: str
     exemplar_ids: tuple[int, ...]
     format: str
+    # chat format: the conversation as (role, content) pairs. A server-side backend sends these
+    # and lets the server apply its own template; tuples keep the dataclass hashable.
+    messages: tuple[tuple[str, str], ...] = ()
+
+    def chat_messages(self) -> list[dict[str, str]]:
+        """The conversation in the OpenAI ``messages`` shape."""
+        return [{"role": role, "content": content} for role, content in self.messages]
 
     @property
     def sha(self) -> str:
@@ -76,8 +84,13 @@ def select_exemplars(pool: Sequence[dict], k: int, *, question: str, strategy: s
 
 def build_prompt(question: str, pool: Sequence[dict], *, k: int = 8, fmt: str = "plain",
                  tokenizer=None, strategy: str = "random", seed: int = 0,
-                 meta_prompt: str = DEFAULT_META_PROMPT) -> Prompt:
-    """Render one few-shot prompt. ``tokenizer`` is needed for ``chat`` (its template)."""
+                 meta_prompt: str = DEFAULT_META_PROMPT, render_chat: bool = True) -> Prompt:
+    """Render one few-shot prompt. ``tokenizer`` is needed for ``chat`` (its template).
+
+    ``render_chat=False`` is for backends whose server applies the chat template: no tokenizer is
+    needed, and ``text`` is the conversation as canonical JSON, so ``sha`` still pins the exact
+    content sent.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}; use one of {', '.join(FORMATS)}")
     ids = select_exemplars(pool, k, question=question, strategy=strategy, seed=seed) if k else []
@@ -87,17 +100,20 @@ def build_prompt(question: str, pool: Sequence[dict], *, k: int = 8, fmt: str = 
         blocks += [f"Problem: {ex['question'].strip()}\nAnswer: {ex['answer'].strip()}" for ex in shots]
         blocks.append(f"Problem: {question.strip()}\nAnswer:")
         text = "\n\n".join(blocks)
+        return Prompt(text=text, question=question, exemplar_ids=tuple(ids), format=fmt)
+    if render_chat and (tokenizer is None or not getattr(tokenizer, "chat_template", None)):
+        raise ValueError("the 'chat' format needs a tokenizer with a chat template; use fmt='plain' "
+                         "for base or seq2seq models")
+    turns = [("system", meta_prompt)] if meta_prompt else []
+    for ex in shots:
+        turns += [("user", ex["question"].strip()), ("assistant", ex["answer"].strip())]
+    turns.append(("user", question.strip()))
+    prompt = Prompt(text="", question=question, exemplar_ids=tuple(ids), format=fmt, messages=tuple(turns))
+    if render_chat:
+        text = tokenizer.apply_chat_template(prompt.chat_messages(), add_generation_prompt=True, tokenize=False)
     else:
-        if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the 'chat' format needs a tokenizer with a chat template; use fmt='plain' "
-                             "for base or seq2seq models")
-        messages = [{"role": "system", "content": meta_prompt}] if meta_prompt else []
-        for ex in shots:
-            messages += [{"role": "user", "content": ex["question"].strip()},
-                         {"role": "assistant", "content": ex["answer"].strip()}]
-        messages.append({"role": "user", "content": question.strip()})
-        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    return Prompt(text=text, question=question, exemplar_ids=tuple(ids), format=fmt)
+        text = json.dumps(prompt.chat_messages(), ensure_ascii=False, separators=(",", ":"))
+    return replace(prompt, text=text)
 
 
 def default_format(tokenizer, is_seq2seq: bool) -> str:

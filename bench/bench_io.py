@@ -1,0 +1,25 @@
+"""What every benchmark records beside its numbers: the machine, and the JSON written to --out."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from datetime import datetime, timezone
+from pathlib import Path
+
+
+def machine(**extra) -> dict:
+    """Date and machine; the load average says whether other jobs shared the CPU."""
+    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+            "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+                        "loadavg_1m_at_end": round(os.getloadavg()[0], 2), **extra}}
+
+
+def emit(result: dict, out: Path | None) -> None:
+    """Print the result as JSON, and write it to ``out`` when given."""
+    text = json.dumps(result, indent=2)
+    print(text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")

@@ -1,0 +1,510 @@
+"""The ``openai`` backend: synthesis against OpenAI-compatible servers.
+
+vLLM, TGI, llama.cpp, Ollama, hosted APIs and ``synthtune serve`` all speak this API, so scaling
+synthesis out means starting more servers and listing them with ``--endpoint``; nothing here
+schedules a cluster.
+
+* Plain prompts go to ``/completions`` as text; chat prompts go to ``/chat/completions`` as
+  ``messages``, and the server applies the model's own chat template.
+* One request per prompt asks for all k samples (``n=k``). An endpoint that answers with fewer
+  choices is taken to ignore ``n``: the missing samples, and from then on every request to it,
+  go out as parallel single-sample requests with distinct seeds.
+* At most ``concurrency`` requests are in flight, spread round-robin over the endpoints. Every
+  attempt takes the next endpoint, so a retry moves away from a server that just failed.
+* 408, 429, 5xx, timeouts and connection errors are retried with exponential backoff and jitter;
+  a ``Retry-After`` header wins when it asks for longer. Any other 4xx is permanent: the run stops
+  with the server's own message (an ``EndpointError``, which the CLI prints and exits 2 on).
+* The API key is read from the environment variable named by ``api_key_env``. It only ever goes
+  into the Authorization header and is scrubbed from server messages before they reach an error.
+
+Token counts: ``usage.completion_tokens`` covers all the choices of a request. With several
+choices, one that ended on ``length`` counts ``max_tokens`` and the rest of the total is shared
+among the others in proportion to their text length, so the sum stays exact. A server that
+reports no usage gives ``n_tokens=0``.
+
+Finish reasons: OpenAI's ``stop`` covers both EOS and a stop string. vLLM and ``synthtune serve``
+tell them apart with ``stop_reason`` (the matched string; null for EOS), and TGI says
+``eos_token`` / ``stop_sequence``. Without that detail a ``stop`` counts as ``eos``. Any other
+reason (``content_filter``...) is an unfinished answer and maps to ``length``, which the
+evaluator drops.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.client
+import itertools
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from datetime import timezone
+from urllib.parse import urlsplit
+
+from synthtune import __version__
+from synthtune.config import ConfigError
+from synthtune.generation import SamplingParams, truncate_at_stop
+from synthtune.models import ModelError
+from synthtune.synth.prompts import Prompt
+from synthtune.synth.sampler import Sample
+
+log = logging.getLogger(__name__)
+
+#: Statuses worth retrying: rate limits, request timeouts and server-side failures.
+RETRY_STATUSES = frozenset({408, 429}) | frozenset(range(500, 600))
+MAX_BACKOFF_S = 60.0
+#: A Retry-After above this is cut to it, so one header cannot stall a run for hours.
+MAX_RETRY_AFTER_S = 300.0
+#: The startup model check is a small request; a server that takes longer than this is not ready.
+MODELS_TIMEOUT_S = 30.0
+
+
+class EndpointError(ModelError):
+    """A server refused a request, or could not be reached within the retries."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+# --------------------------------------------------------------------------------------------
+# small pure pieces
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Endpoint:
+    url: str  # normalized API base, e.g. http://127.0.0.1:8000/v1
+    scheme: str
+    host: str
+    port: int
+    path: str
+    n_ok: bool | None = None  # whether it honours `n`; None until a multi-sample answer shows it
+
+    @classmethod
+    def parse(cls, url: str) -> Endpoint:
+        """An API base URL; a bare ``http://host:port`` gets ``/v1``, as vLLM and most servers use."""
+        parts = urlsplit(url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"endpoint {url!r} is not an http(s) URL; give the API base, e.g. "
+                              f"http://127.0.0.1:8000/v1")
+        if parts.username or parts.password:
+            raise ConfigError(f"endpoint {parts.hostname}: credentials in the URL would be written to "
+                              f"config.yaml; put the key in an environment variable and pass --api-key-env NAME")
+        if parts.query or parts.fragment:
+            raise ConfigError(f"endpoint {url!r}: drop the query/fragment; give the API base, e.g. "
+                              f"http://127.0.0.1:8000/v1")
+        path = parts.path.rstrip("/") or "/v1"
+        try:
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as err:
+            raise ConfigError(f"endpoint {url!r}: {err}") from None
+        return cls(url=f"{parts.scheme}://{parts.netloc}{path}", scheme=parts.scheme, host=parts.hostname,
+                   port=port, path=path)
+
+
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a Retry-After header (seconds or an HTTP date); None if absent or bad.
+
+    >>> parse_retry_after("3")
+    3.0
+    >>> parse_retry_after("soon") is None
+    True
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def retry_delay(attempt: int, backoff: float, retry_after: str | None = None,
+                rand: Callable[[], float] = random.random) -> float:
+    """Wait before retry ``attempt`` (0-based): ``backoff * 2**attempt`` with jitter, or Retry-After.
+
+    The jitter keeps half the wait and randomizes the other half, so clients that failed together
+    do not all come back together.
+    """
+    wait_s = min(MAX_BACKOFF_S, backoff * 2 ** attempt) * (0.5 + 0.5 * rand())
+    asked = parse_retry_after(retry_after)
+    if asked is not None:
+        wait_s = max(wait_s, min(asked, MAX_RETRY_AFTER_S))
+    return wait_s
+
+
+def finish_reason(choice: dict) -> str:
+    """A choice's finish reason in ``Sample`` terms: eos, stop or length (see the module notes)."""
+    reason = choice.get("finish_reason")
+    if reason == "stop":
+        return "stop" if isinstance(choice.get("stop_reason"), str) else "eos"
+    if reason in ("eos", "eos_token"):
+        return "eos"
+    if reason == "stop_sequence":
+        return "stop"
+    return "length"
+
+
+def split_tokens(total: int | None, texts: Sequence[str], reasons: Sequence[str], max_tokens: int) -> list[int]:
+    """Per-choice token counts from a request's ``completion_tokens`` (see the module notes)."""
+    n = len(texts)
+    if total is None or n == 0:
+        return [0] * n
+    if n == 1:
+        return [int(total)]
+    counts = [max_tokens if r == "length" else 0 for r in reasons]
+    open_ = [i for i, r in enumerate(reasons) if r != "length"]
+    rest = int(total) - sum(counts)
+    if rest < 0 or (not open_ and rest):  # the server counts differently: share the whole total instead
+        counts, open_, rest = [0] * n, list(range(n)), int(total)
+    if not open_:
+        return counts
+    weights = [max(1, len(texts[i])) for i in open_]
+    shares = [rest * w / sum(weights) for w in weights]
+    floors = [int(s) for s in shares]
+    # largest remainders get the leftover tokens, so the counts add up to the total exactly
+    for j in sorted(range(len(open_)), key=lambda j: floors[j] - shares[j])[:rest - sum(floors)]:
+        floors[j] += 1
+    for i, c in zip(open_, floors, strict=True):
+        counts[i] = c
+    return counts
+
+
+def server_message(data: bytes, limit: int = 400) -> str:
+    """The human part of an error body: OpenAI's error.message, vLLM's message, FastAPI's detail."""
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        text = data.decode("utf-8", "replace").strip()
+        return (text[:limit] + "...") if len(text) > limit else (text or "(empty body)")
+    msg = body
+    if isinstance(body, dict):
+        err = body.get("error")
+        msg = err.get("message", err) if isinstance(err, dict) else (err or body.get("message") or
+                                                                     body.get("detail") or body)
+    text = msg if isinstance(msg, str) else json.dumps(msg)
+    return (text[:limit] + "...") if len(text) > limit else text
+
+
+# --------------------------------------------------------------------------------------------
+# HTTP: keep-alive connections, one per (thread, endpoint)
+# --------------------------------------------------------------------------------------------
+
+# Errors that, on a reused keep-alive connection, mean the server closed it while idle (uvicorn
+# does after 5 s): the request never reached it, so it is resent on a fresh connection at once.
+_STALE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)
+
+
+class _Transport:
+    def __init__(self):
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._live: set[http.client.HTTPConnection] = set()
+
+    def request(self, ep: Endpoint, method: str, path: str, body: dict | None, headers: dict,
+                timeout: float) -> tuple[int, dict[str, str], bytes]:
+        data = json.dumps(body).encode() if body is not None else None
+        conn, reused = self._connection(ep, timeout)
+        try:
+            return self._send(ep, conn, method, path, data, headers)
+        except _STALE:
+            if not reused:
+                raise
+        conn, _ = self._connection(ep, timeout)
+        return self._send(ep, conn, method, path, data, headers)
+
+    def _send(self, ep: Endpoint, conn: http.client.HTTPConnection, method: str, path: str, data: bytes | None,
+              headers: dict) -> tuple[int, dict[str, str], bytes]:
+        try:
+            conn.request(method, ep.path + path, body=data, headers=headers)
+            resp = conn.getresponse()
+            payload = resp.read()
+        except (OSError, http.client.HTTPException):
+            self._drop(ep)
+            raise
+        if resp.will_close:
+            self._drop(ep)
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, payload
+
+    def _connection(self, ep: Endpoint, timeout: float) -> tuple[http.client.HTTPConnection, bool]:
+        conns = self._local.__dict__.setdefault("conns", {})
+        conn = conns.get(ep.url)
+        if conn is not None:
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+            return conn, True
+        cls = http.client.HTTPSConnection if ep.scheme == "https" else http.client.HTTPConnection
+        conn = cls(ep.host, ep.port, timeout=timeout)
+        conns[ep.url] = conn
+        with self._lock:
+            self._live.add(conn)
+        return conn, False
+
+    def _drop(self, ep: Endpoint) -> None:
+        conn = self._local.__dict__.get("conns", {}).pop(ep.url, None)
+        if conn is not None:
+            conn.close()
+            with self._lock:
+                self._live.discard(conn)
+
+    def abort(self) -> None:
+        """Break every open connection, so requests blocked on a hung server return now."""
+        import socket
+
+        with self._lock:
+            live = list(self._live)
+        for conn in live:
+            sock = conn.sock
+            if sock is not None:
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+# --------------------------------------------------------------------------------------------
+# the backend
+# --------------------------------------------------------------------------------------------
+
+
+class OpenAIBackend:
+    """k samples per prompt from OpenAI-compatible servers (see the module docstring)."""
+
+    name = "openai"
+    tokenizer = None
+    is_seq2seq = False
+    # the server applies the chat template: prompts carry their messages, and `auto` means chat
+    chat_on_server = True
+
+    def __init__(self, endpoints: Sequence[str], served_model: str, *, api_key_env: str | None = None,
+                 concurrency: int = 8, request_timeout: float = 600.0, max_retries: int = 6,
+                 retry_backoff: float = 1.0, check: bool = True):
+        if not endpoints:
+            raise ConfigError("backend=openai needs at least one endpoint: --endpoint http://HOST:8000/v1 "
+                              "(repeat it for several servers)")
+        self.endpoints = [Endpoint.parse(u) for u in endpoints]
+        dup = {e.url for e in self.endpoints if sum(x.url == e.url for x in self.endpoints) > 1}
+        if dup:
+            raise ConfigError(f"endpoint listed twice: {', '.join(sorted(dup))}; list each server once "
+                              f"(raise concurrency to send it more requests)")
+        for key, value, low in (("concurrency", concurrency, 1), ("max_retries", max_retries, 0)):
+            if value < low:
+                raise ConfigError(f"{key} must be >= {low}, got {value}")
+        if request_timeout <= 0 or retry_backoff < 0:
+            raise ConfigError(f"request_timeout must be > 0 and retry_backoff >= 0, got {request_timeout} "
+                              f"and {retry_backoff}")
+        self.model_name = served_model
+        self.concurrency = concurrency
+        self.request_timeout = float(request_timeout)
+        self.max_retries = max_retries
+        self.retry_backoff = float(retry_backoff)
+        self._key_env = api_key_env
+        self._key = _read_key(api_key_env)
+        self._headers = {"Content-Type": "application/json", "Accept": "application/json",
+                         "User-Agent": f"synthtune/{__version__}"}
+        if self._key:
+            self._headers["Authorization"] = f"Bearer {self._key}"
+        self._http = _Transport()
+        self._pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="synthtune-openai")
+        self._rr = itertools.count()
+        if check:
+            self.check_models()
+
+    def __repr__(self) -> str:  # never the headers: they hold the key
+        return f"OpenAIBackend({[e.url for e in self.endpoints]}, {self.model_name!r})"
+
+    def close(self) -> None:
+        self._http.abort()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- the public call ------------------------------------------------------------------------
+
+    def sample(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Sample]]:
+        """``params.num_samples`` samples for each prompt, in prompt order."""
+        if params.num_samples < 1 or params.max_new_tokens < 1:
+            raise ValueError("num_samples and max_new_tokens must be >= 1")
+        k = params.num_samples
+        got: list[list[Sample]] = [[] for _ in prompts]
+        seeds = [params.seed + 1] * len(prompts)  # the next seed for a single-sample top-up request
+        stop = threading.Event()
+        pending: dict[Future, tuple[int, int]] = {
+            self._pool.submit(self._complete, p, params, k, params.seed, stop): (i, k) for i, p in enumerate(prompts)}
+        try:
+            while pending:
+                done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    i, asked = pending.pop(fut)
+                    samples = fut.result()
+                    got[i].extend(samples)
+                    # a short answer: the server ignored n; the rest go out as single requests
+                    for _ in range(asked - len(samples)):
+                        pending[self._pool.submit(self._complete, prompts[i], params, 1, seeds[i], stop)] = (i, 1)
+                        seeds[i] += 1
+        except BaseException:
+            stop.set()
+            for fut in pending:
+                fut.cancel()
+            self._http.abort()
+            raise
+        return got
+
+    def check_models(self) -> None:
+        """Fail early, with the list of served names, when an endpoint does not serve the model."""
+        for ep in self.endpoints:
+            try:
+                payload = self._call("GET", "/models", lambda _ep: None, threading.Event(), only=ep,
+                                     timeout=min(self.request_timeout, MODELS_TIMEOUT_S))
+            except EndpointError as err:
+                if err.status == 404:  # a server without /models: the first request will tell
+                    log.warning("endpoint %s has no /models; skipping the served-model check", ep.url)
+                    continue
+                raise
+            ids = [m.get("id") for m in payload.get("data", []) if isinstance(m, dict)]
+            if self.model_name not in ids:
+                raise EndpointError(f"endpoint {ep.url} does not serve model {self.model_name!r}; it serves: "
+                                    f"{', '.join(map(str, ids)) or 'nothing'}. Pass --served-model with one of "
+                                    f"these (vLLM: its --served-model-name, or a --lora-modules name)")
+
+    # -- one prompt ----------------------------------------------------------------------------
+
+    def _complete(self, prompt: Prompt, params: SamplingParams, n: int, seed: int,
+                  stop: threading.Event) -> list[Sample]:
+        chat = prompt.format == "chat"
+        path = "/chat/completions" if chat else "/completions"
+        sent: dict[str, int] = {}
+
+        def body_for(ep: Endpoint) -> dict:
+            sent["n"] = n if ep.n_ok is not False else 1
+            body = {"model": self.model_name, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
+                    "top_p": params.top_p, "n": sent["n"], "seed": seed}
+            if params.stop:
+                body["stop"] = list(params.stop)
+            if params.top_k > 0:  # a vLLM/TGI extension; OpenAI's own API rejects unknown fields
+                body["top_k"] = params.top_k
+            if chat:
+                body["messages"] = prompt.chat_messages()
+            else:
+                body["prompt"] = prompt.text
+            return body
+
+        payload, ep = self._call("POST", path, body_for, stop, return_endpoint=True)
+        choices = payload.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise EndpointError(f"endpoint {ep.url} answered POST {path} with no choices "
+                                f"({json.dumps(payload)[:200]}); is it an OpenAI-compatible server?")
+        if sent["n"] > 1:
+            ep.n_ok = len(choices) >= sent["n"]
+            if not ep.n_ok:
+                log.warning("endpoint %s ignores n (asked %d samples, got %d): sending single-sample requests "
+                            "to it from now on", ep.url, sent["n"], len(choices))
+        choices = sorted(choices, key=lambda c: c.get("index", 0))[:sent["n"]]
+        texts = [((c.get("message") or {}).get("content") if chat else c.get("text")) or "" for c in choices]
+        reasons = [finish_reason(c) for c in choices]
+        usage = payload.get("usage") or {}
+        counts = split_tokens(usage.get("completion_tokens"), texts, reasons, params.max_new_tokens)
+        return [Sample(text=truncate_at_stop(t, params.stop).strip(), n_tokens=c, finish_reason=r)
+                for t, r, c in zip(texts, reasons, counts, strict=True)]
+
+    # -- the retry loop ------------------------------------------------------------------------
+
+    def _next_endpoint(self) -> Endpoint:
+        return self.endpoints[next(self._rr) % len(self.endpoints)]
+
+    def _call(self, method: str, path: str, body_for: Callable[[Endpoint], dict | None], stop: threading.Event,
+              *, only: Endpoint | None = None, timeout: float | None = None, return_endpoint: bool = False):
+        t0 = time.monotonic()
+        last, ep = "", None
+        for attempt in range(self.max_retries + 1):
+            if stop.is_set():
+                raise EndpointError("cancelled: another request of this batch failed")
+            ep = only or self._next_endpoint()
+            retry_after = None
+            try:
+                status, headers, data = self._http.request(ep, method, path, body_for(ep), self._headers,
+                                                           timeout or self.request_timeout)
+            except (OSError, http.client.HTTPException) as err:
+                last = _describe(err)
+            else:
+                if status == 200:
+                    payload = self._json(ep, method, path, data)
+                    return (payload, ep) if return_endpoint else payload
+                msg = self._scrub(server_message(data))
+                if status not in RETRY_STATUSES:
+                    raise self._permanent(ep, method, path, status, msg)
+                last, retry_after = f"HTTP {status}: {msg}", headers.get("retry-after")
+            if attempt == self.max_retries:
+                break
+            delay = retry_delay(attempt, self.retry_backoff, retry_after)
+            log.warning("endpoint %s: %s %s failed (%s); retry %d/%d in %.1f s", ep.url, method, path, last,
+                        attempt + 1, self.max_retries, delay)
+            stop.wait(delay)
+        where = ep.url if only else f"{len(self.endpoints)} endpoint(s), last {ep.url}"
+        tries = self.max_retries + 1
+        raise EndpointError(f"gave up on {method} {path} after {tries} attempt{'s' if tries > 1 else ''} over "
+                            f"{time.monotonic() - t0:.1f} s ({where}): {last}. Check that the servers are up and "
+                            f"reachable (--endpoint), then rerun the same command: finished batches are kept "
+                            f"and only the ones in flight are redone")
+
+    def _json(self, ep: Endpoint, method: str, path: str, data: bytes) -> dict:
+        try:
+            payload = json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            payload = None
+        if not isinstance(payload, dict):
+            raise EndpointError(f"endpoint {ep.url} answered {method} {path} with something other than a JSON "
+                                f"object ({self._scrub(server_message(data, 120))!r}); is the URL an OpenAI-"
+                                f"compatible API base, ending in /v1?")
+        return payload
+
+    def _permanent(self, ep: Endpoint, method: str, path: str, status: int, msg: str) -> EndpointError:
+        where = f"endpoint {ep.url}"
+        if status in (401, 403):
+            how = (f"set the key the server expects in ${self._key_env}" if self._key_env else
+                   "it wants an API key: export it in an environment variable and pass --api-key-env NAME")
+            return EndpointError(f"{where} rejected the API key (HTTP {status}: {msg}); {how}", status)
+        if status == 404:
+            return EndpointError(f"{where} has no {method} {path} for model {self.model_name!r} (HTTP 404: {msg}); "
+                                 f"check that the URL is the API base (ending in /v1) and that --served-model "
+                                 f"is a name listed by GET {ep.url}/models", status)
+        hint = ""
+        if path == "/chat/completions" and "template" in msg.lower():
+            hint = "; the served model has no chat template: set prompt_format=plain"
+        return EndpointError(f"{where} refused {method} {path} (HTTP {status}: {msg}){hint}. Fix the setting "
+                             f"the message names and rerun: finished batches are kept", status)
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+
+def _read_key(env: str | None) -> str | None:
+    if not env:
+        return None
+    key = os.environ.get(env)
+    if not key:
+        raise ConfigError(f"api_key_env={env}, but ${env} is not set (or empty); export the server's API key in "
+                          f"it, or drop --api-key-env for a server without keys")
+    return key
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, TimeoutError):
+        return "timed out (request_timeout)"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused (is the server running?)"
+    return f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+

@@ -1,0 +1,445 @@
+"""The `openai` backend against real `synthtune serve` processes (tiny-llama on 127.0.0.1, free ports).
+
+Two servers serve tiny-llama and a LoRA adapter ("math") behind an API key. On top of them:
+round-robin synthesis over both, a server killed mid-run and a rerun against its replacement, a
+real proxy process that injects 429/503 responses or drops `n`, and a wrong key.
+
+The random tiny model almost never ends a sample by itself, so the synthesis settings stop at the
+letter "s" and accept any self-consistent answer: samples then finish, often holding a number,
+and kept rows exist to check for duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from synthtune.config import ConfigError, SynthConfig
+from synthtune.data.gsm8k import load_split
+from synthtune.generation import SamplingParams
+from synthtune.synth.backends import HFBackend, backend_for
+from synthtune.synth.openai_backend import (
+    Endpoint,
+    EndpointError,
+    OpenAIBackend,
+    finish_reason,
+    parse_retry_after,
+    retry_delay,
+    split_tokens,
+)
+from synthtune.synth.pipeline import KEPT, STATUS, run_synthesis
+from synthtune.synth.prompts import build_prompt
+
+sys.path.insert(0, str(Path(__file__).parent))
+from server_helpers import (  # noqa: E402
+    KEY_ENV,
+    SYNTHTUNE,
+    http_json,
+    start_proxy,
+    start_servers,
+)
+
+KEY = "sk-test-7c1f0e9a5d"
+SYNTH_TIMEOUT_S = 300
+# settings that make the random model's samples finish and be kept (see the module docstring)
+LOOSE = ["use_gold=false", "min_agreement=0", "min_calc=0", "diversity=none", "stop=[s]", "max_new_tokens=16",
+         "shots=2", "exemplar_pool_size=12"]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def _cfg(endpoints, out, **kw) -> SynthConfig:
+    base = dict(backend="openai", model="tiny-llama", endpoints=list(endpoints), out=str(out), questions="bundled:train",
+                k=2, rounds=1, batch_size=4, concurrency=4, shots=2, exemplar_pool_size=12, max_new_tokens=16,
+                use_gold=False, min_agreement=0.0, min_calc=0.0, diversity="none", stop=["s"],
+                api_key_env=KEY_ENV, request_timeout=60, max_retries=3, retry_backoff=0.05)
+    base.update(kw)
+    return SynthConfig(**base)
+
+
+def _assert_no_duplicates(out: Path, n_questions: int, rounds: int) -> None:
+    status = _rows(out / STATUS)
+    assert len({(r["id"], r["round"]) for r in status}) == len(status), "a (question, round) recorded twice"
+    final = {r["id"] for r in status if r["status"] in ("done", "failed")}
+    assert len(final) == n_questions and {r["id"] for r in status} == final
+    kept = _rows(out / KEPT)
+    assert len({(r["id"], r["provenance"]["round"], r["provenance"]["sample_index"]) for r in kept}) == len(kept)
+    assert {r["id"] for r in kept} == {r["id"] for r in status if r["status"] == "done"}
+    assert max(r["round"] for r in status) < rounds
+
+
+def _secret_free(root: Path, *texts: str) -> None:
+    """The API key is written nowhere: no file under ``root``, no captured output."""
+    for path in root.rglob("*"):
+        if path.is_file():
+            assert KEY.encode() not in path.read_bytes(), f"the API key leaked into {path}"
+    for text in texts:
+        assert KEY not in text
+
+
+@pytest.fixture(scope="module")
+def key_env():
+    old = os.environ.get(KEY_ENV)
+    os.environ[KEY_ENV] = KEY
+    yield {**os.environ}
+    if old is None:
+        os.environ.pop(KEY_ENV, None)
+    else:
+        os.environ[KEY_ENV] = old
+
+
+@pytest.fixture(scope="module")
+def lively_adapter(tmp_path_factory):
+    """A LoRA adapter with large random weights: greedy decoding through it varies with the prompt
+    (the stock tiny model repeats one token), so exact comparisons mean something."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from synthtune.models import load_model
+
+    out = tmp_path_factory.mktemp("adapter") / "math"
+    lm = load_model("tiny-llama", device="cpu")
+    torch.manual_seed(0)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = get_peft_model(lm.model, LoraConfig(r=8, lora_alpha=256, target_modules=targets,
+                                                init_lora_weights=False))
+    model.save_pretrained(out)  # safetensors
+    return out
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory, key_env, lively_adapter):
+    logs = tmp_path_factory.mktemp("servers")
+    args = ["--api-key-env", KEY_ENV, "--adapter", f"math={lively_adapter}"]
+    # b: a batch closes after 250 ms or at 4 prompts, so the 4 requests of the batching test meet
+    # in one batch even when the machine is busy, without waiting out the window
+    procs = start_servers([(logs / "a.log", [*args, "--batch-window-ms", "50"]),
+                           (logs / "b.log", [*args, "--batch-window-ms", "250", "--max-batch", "4"])], env=key_env)
+    yield procs
+    for p in procs:
+        p.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# the pure pieces
+# --------------------------------------------------------------------------------------------
+
+
+def test_retry_delay_backs_off_with_jitter_and_honours_retry_after():
+    assert retry_delay(0, 1.0, rand=lambda: 0.0) == 0.5 and retry_delay(0, 1.0, rand=lambda: 1.0) == 1.0
+    assert retry_delay(3, 1.0, rand=lambda: 1.0) == 8.0  # doubles each retry
+    assert retry_delay(20, 1.0, rand=lambda: 1.0) == 60.0  # capped
+    assert retry_delay(0, 0.1, "7", rand=lambda: 1.0) == 7.0  # the server asked for longer: it wins
+    assert retry_delay(4, 1.0, "1", rand=lambda: 1.0) == 16.0  # our backoff is longer: it wins
+    assert retry_delay(0, 0.1, "100000", rand=lambda: 0.0) == 300.0  # one header cannot stall a run for a day
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now=1445412470.0) == 10.0
+    assert parse_retry_after(None) is None and parse_retry_after("later") is None
+
+
+def test_token_split_and_finish_reasons():
+    # one "length" choice counts max_tokens; the rest shares the remainder by text length, exactly
+    counts = split_tokens(40, ["aaaa", "aaaaaaaaaaaa", "x" * 50], ["eos", "stop", "length"], 16)
+    assert counts[2] == 16 and sum(counts) == 40 and counts[1] == 3 * counts[0]
+    assert split_tokens(7, ["a"], ["eos"], 16) == [7] and split_tokens(None, ["a", "b"], ["eos", "eos"], 4) == [0, 0]
+    assert sum(split_tokens(5, ["ab", "cd", "ef"], ["eos"] * 3, 8)) == 5
+    assert finish_reason({"finish_reason": "stop", "stop_reason": "\nProblem:"}) == "stop"
+    assert finish_reason({"finish_reason": "stop", "stop_reason": None}) == "eos"
+    assert finish_reason({"finish_reason": "stop"}) == "eos"  # OpenAI's own API
+    assert finish_reason({"finish_reason": "eos_token"}) == "eos" and finish_reason({"finish_reason": "length"}) == "length"
+    assert finish_reason({"finish_reason": "stop_sequence"}) == "stop"  # TGI
+    assert finish_reason({"finish_reason": "content_filter"}) == "length"  # unfinished: the evaluator drops it
+
+
+def test_endpoint_urls_and_config_errors(monkeypatch):
+    assert Endpoint.parse("http://h:8000").url == "http://h:8000/v1"
+    assert Endpoint.parse("https://api.example.com/api/v1/").url == "https://api.example.com/api/v1"
+    assert Endpoint.parse("https://api.example.com/api/v1/").port == 443
+    for bad, msg in (("h:8000", "not an http"), ("http://u:p@h/v1", "credentials"), ("http://h/v1?x=1", "query")):
+        with pytest.raises(ConfigError, match=msg):
+            Endpoint.parse(bad)
+    with pytest.raises(ConfigError, match="at least one endpoint"):
+        backend_for(SynthConfig(backend="openai"))
+    with pytest.raises(ConfigError, match="only used by backend=openai"):
+        backend_for(SynthConfig(endpoints=["http://127.0.0.1:9/v1"]))
+    monkeypatch.delenv("SYNTHTUNE_UNSET_KEY", raising=False)
+    with pytest.raises(ConfigError, match=r"\$SYNTHTUNE_UNSET_KEY is not set"):
+        OpenAIBackend(["http://127.0.0.1:9/v1"], "m", api_key_env="SYNTHTUNE_UNSET_KEY", check=False)
+    with pytest.raises(ConfigError, match="listed twice"):
+        OpenAIBackend(["http://127.0.0.1:9/v1", "http://127.0.0.1:9"], "m", check=False)
+
+
+def test_unreachable_endpoint_gives_up_with_a_clear_error():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    backend = OpenAIBackend([f"http://127.0.0.1:{port}/v1"], "m", max_retries=2, retry_backoff=0.01, check=False)
+    try:
+        with pytest.raises(EndpointError, match=r"after 3 attempts.*connection refused.*rerun the same command"):
+            backend.sample([build_prompt("q?", [], k=0)], SamplingParams(max_new_tokens=4))
+    finally:
+        backend.close()
+
+
+# --------------------------------------------------------------------------------------------
+# the server's API
+# --------------------------------------------------------------------------------------------
+
+
+def test_serve_models_completions_chat_and_errors(servers):
+    url = servers[0].url
+    status, models = http_json(f"{url}/models", key=KEY)
+    assert status == 200
+    assert [(m["id"], m["parent"]) for m in models["data"]] == [("tiny-llama", None), ("math", "tiny-llama")]
+    body = {"model": "tiny-llama", "prompt": ["Problem: 2+2?\nAnswer:", "Problem: 3+4?\nAnswer:"], "n": 3,
+            "max_tokens": 12, "temperature": 1.0, "stop": ["e"], "seed": 5}
+    status, out = http_json(f"{url}/completions", "POST", body, key=KEY)
+    assert status == 200 and out["object"] == "text_completion"
+    assert [c["index"] for c in out["choices"]] == list(range(6))
+    assert all("e" not in c["text"] for c in out["choices"])  # cut before the stop string
+    for c in out["choices"]:
+        assert c["finish_reason"] in ("stop", "length")
+        assert (c["stop_reason"] == "e") == (c["finish_reason"] == "stop" and c["stop_reason"] is not None)
+    assert out["usage"]["prompt_tokens"] > 0 and 6 <= out["usage"]["completion_tokens"] <= 6 * 12
+    status, chat = http_json(f"{url}/chat/completions", "POST",
+                             {"model": "math", "messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 5,
+                              "temperature": 0}, key=KEY)
+    assert status == 200 and chat["object"] == "chat.completion"
+    assert chat["choices"][0]["message"]["role"] == "assistant" and chat["usage"]["completion_tokens"] == 5
+    bad = [({"model": "tiny-llama", "prompt": "x", "n": 0}, 400, "n must be"),
+           ({"model": "tiny-llama", "prompt": "x", "temperature": -1}, 400, "temperature must be"),
+           ({"model": "tiny-llama", "prompt": "x", "top_p": 0}, 400, "top_p must be"),
+           ({"model": "tiny-llama", "prompt": "x", "max_tokens": 4000}, 400, "exceeds the model's context"),
+           ({"model": "tiny-llama", "prompt": "x", "stream": True}, 400, "stream is not supported"),
+           ({"model": "tiny-llama", "prompt": [1, 2]}, 400, "prompt must be"),
+           ({"model": "nope", "prompt": "x"}, 404, "does not exist")]
+    for body, code, msg in bad:
+        status, err = http_json(f"{url}/completions", "POST", body, key=KEY)
+        assert status == code and msg in err["error"]["message"], (body, err)
+    status, err = http_json(f"{url}/chat/completions", "POST", {"model": "math", "messages": [{"role": "x"}]}, key=KEY)
+    assert status == 400 and "role" in err["error"]["message"]
+    status, err = http_json(f"{url}/completions", "POST", raw=b"{not json", key=KEY)
+    assert status == 400 and "not valid JSON" in err["error"]["message"]
+    assert http_json(f"{url}/completions", "POST", {"model": "nope", "prompt": "x"}, key=KEY)[1]["error"]["code"] == \
+        "model_not_found"
+    for key in ("wrong", None):
+        status, err = http_json(f"{url}/models", key=key)
+        assert status == 401 and err["error"]["code"] == "invalid_api_key"
+    # one line per request, and never the key
+    assert len(servers[0].lines(r'"POST /v1/completions" 400')) >= 6
+    assert KEY not in servers[0].log.read_text()
+
+
+def test_adapter_is_selected_by_model_name(servers, lively_adapter):
+    from synthtune.evaluate import load_with_adapter
+    from synthtune.synth.sampler import sample_k
+
+    prompt = "Problem: Tom has 3 apples and buys 4 more. How many?\nAnswer:"
+
+    def served(model):
+        status, out = http_json(f"{servers[1].url}/completions", "POST",
+                                {"model": model, "prompt": prompt, "max_tokens": 12, "temperature": 0}, key=KEY)
+        assert status == 200
+        return out["choices"][0]["text"]
+
+    local = load_with_adapter("tiny-llama", str(lively_adapter), device="cpu")
+    ref = sample_k(local, [prompt], SamplingParams(max_new_tokens=12, temperature=0.0))[0][0]
+    assert served("math").strip() == ref.text and len(set(ref.token_ids)) > 3
+    assert served("tiny-llama") != served("math")  # the base model answers without the adapter
+
+
+def test_concurrent_requests_are_batched_and_routed_back(servers):
+    url = servers[1].url
+    prompts = [f"Problem: {a} + {a} = ?\nAnswer:" for a in (3, 17, 250, 4096)]
+
+    def ask(p):
+        status, out = http_json(f"{url}/completions", "POST",
+                                {"model": "math", "prompt": p, "max_tokens": 10, "temperature": 0}, key=KEY)
+        assert status == 200
+        return out["choices"][0]["text"]
+
+    alone = [ask(p) for p in prompts]
+    assert len(set(alone)) == len(prompts)
+    before = len(servers[1].lines(r"batch=[2-9]"))
+    results: dict[int, str] = {}
+    gate = threading.Barrier(len(prompts))
+
+    def worker(i):
+        gate.wait(timeout=30)
+        results[i] = ask(prompts[i])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    # batched together, each request still gets its own answer (greedy: the same as alone)
+    assert [results[i] for i in range(len(prompts))] == alone
+    assert len(servers[1].lines(r"batch=[2-9]")) > before
+
+
+# --------------------------------------------------------------------------------------------
+# the backend against the servers
+# --------------------------------------------------------------------------------------------
+
+
+def test_openai_backend_reproduces_the_hf_backend(servers, tiny_llama, key_env):
+    """Same prompts, same seed: samples through serve equal in-process samples, plain and chat."""
+    pool = load_split("train", "bundled").rows
+    questions = [r["question"] for r in load_split("test", "bundled").rows[:2]]
+    params = SamplingParams(max_new_tokens=12, temperature=1.0, top_p=0.95, num_samples=3, stop=(" the",), seed=11)
+    remote = OpenAIBackend([servers[0].url], "tiny-llama", api_key_env=KEY_ENV, concurrency=1)
+    local = HFBackend(tiny_llama)
+    try:
+        texts = set()
+        for fmt in ("plain", "chat"):
+            server_side = [build_prompt(q, pool, k=2, fmt=fmt, render_chat=False) for q in questions]
+            rendered = [build_prompt(q, pool, k=2, fmt=fmt, tokenizer=tiny_llama.tokenizer) for q in questions]
+            got = remote.sample(server_side, params)
+            for prompt, samples in zip(rendered, got, strict=True):
+                # one request per prompt, each seeded with params.seed: compare prompt by prompt
+                ref = local.sample([prompt], params)[0]
+                assert [(s.text, s.finish_reason) for s in samples] == [(s.text, s.finish_reason) for s in ref]
+                assert sum(s.n_tokens for s in samples) == sum(s.n_tokens for s in ref)
+            texts |= {s.text for g in got for s in g}
+        assert len(texts) >= 6  # real, varied samples, not a degenerate repeat
+    finally:
+        remote.close()
+
+
+def test_synth_over_two_endpoints_resumes_anywhere_and_never_writes_the_key(servers, key_env, tmp_path):
+    out = tmp_path / "two"
+    a, b = servers
+    cmd = [SYNTHTUNE, "synth", "--backend", "openai", "--endpoint", a.url, "--endpoint", b.url, "--model", "tiny-llama",
+           "--served-model", "tiny-llama", "--api-key-env", KEY_ENV, "--concurrency", "4", "--questions",
+           "bundled:train", "--limit", "8", "--k", "3", "--rounds", "2", "--out", str(out), "--json", "batch_size=4",
+           *LOOSE]
+    posts = [len(s.lines(r'"POST /v1/chat/completions" 200')) for s in servers]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=SYNTH_TIMEOUT_S, env=key_env)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert summary["questions"] == 8 and summary["stages"]["sampled"] >= 8 * 3 and summary["new_tokens"] > 0
+    assert summary["kept_examples"] > 0 and summary["config"]["backend"] == "openai"
+    # round-robin: both servers answered, chat prompts went to the chat endpoint
+    grew = [len(s.lines(r'"POST /v1/chat/completions" 200')) - n for s, n in zip(servers, posts, strict=True)]
+    assert min(grew) >= 2 and sum(grew) == summary["stages"]["sampled"] // 3
+    kept = _rows(out / KEPT)
+    assert kept[0]["provenance"]["backend"] == "openai" and kept[0]["provenance"]["model"] == "tiny-llama"
+    _assert_no_duplicates(out, 8, 2)
+    # a rerun against other endpoints resumes the same run: nothing is left to do
+    again = subprocess.run([*cmd[:5], b.url, *cmd[8:]], capture_output=True, text=True, timeout=SYNTH_TIMEOUT_S,
+                           env=key_env)
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["kept_examples"] == summary["kept_examples"] and len(_rows(out / KEPT)) == len(kept)
+    assert [len(s.lines(r'"POST /v1/chat/completions" 200')) - n for s, n in zip(servers, posts, strict=True)] == grew
+    _secret_free(out, proc.stdout, proc.stderr, again.stdout, again.stderr)
+    assert "api_key_env: " + KEY_ENV in (out / "config.yaml").read_text()
+
+
+def test_server_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path, key_env):
+    out, logs = tmp_path / "killed", tmp_path / "logs"
+    logs.mkdir()
+    # a 150 ms batching window makes each one-question batch take at least that long, so the
+    # kill below lands while most of the run is still ahead
+    (first,) = start_servers([(logs / "c.log", ["--batch-window-ms", "150"])])
+    run = None
+    try:
+        cmd = [SYNTHTUNE, "synth", "--backend", "openai", "--endpoint", first.url, "--model", "tiny-llama",
+               "--questions", "bundled:train", "--limit", "12", "--k", "2", "--rounds", "1", "--concurrency", "1",
+               "--out", str(out), "--json", "batch_size=1", "prompt_format=plain", "max_retries=1",
+               "retry_backoff=0.1", *LOOSE]
+        run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=key_env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and len(_rows(out / STATUS)) < 3 and run.poll() is None:
+            time.sleep(0.02)
+        first.stop(signal.SIGKILL)
+        stdout, stderr = run.communicate(timeout=SYNTH_TIMEOUT_S)
+    finally:
+        first.stop(signal.SIGKILL)
+        if run is not None and run.poll() is None:
+            run.kill()
+            run.wait(timeout=30)
+    done_before = len(_rows(out / STATUS))
+    assert run.returncode == 2, stderr
+    assert 3 <= done_before < 12, "the kill must land in the middle of the run"
+    assert "error:" in stderr and "gave up on POST /completions" in stderr and "rerun the same command" in stderr
+    assert "Traceback" not in stderr
+    # the replacement server listens elsewhere: the endpoint is not part of the run's identity
+    (second,) = start_servers([(logs / "d.log", [])])
+    try:
+        cmd[cmd.index(first.url)] = second.url
+        rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=SYNTH_TIMEOUT_S, env=key_env)
+    finally:
+        second.stop()
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert summary["questions"] == 12 and summary["pending"] == 0
+    # only the unfinished questions were asked again
+    assert summary["samples"] == 2 * (12 - done_before)
+    assert len(second.lines(r'"POST /v1/completions" 200')) == 12 - done_before
+    _assert_no_duplicates(out, 12, 1)
+
+
+def test_retries_on_injected_429_and_503(servers, tmp_path, key_env):
+    proxy = start_proxy(servers[0].url, tmp_path / "proxy.log", "--fail-429", "2", "--fail-503", "2")
+    try:
+        summary = run_synthesis(_cfg([proxy.url], tmp_path / "retried", limit=6), progress=False, log=lambda m: None)
+        _, stats = http_json(proxy.url.removesuffix("/v1") + "/proxy/stats")
+    finally:
+        proxy.stop()
+    assert stats["429"] == 2 and stats["503"] == 2
+    assert summary["questions"] == 6 and summary["stages"]["sampled"] == 6 * 2
+    assert stats["forwarded"] == 1 + 6  # the model check, then one request per question after its retry
+    _assert_no_duplicates(tmp_path / "retried", 6, 1)
+    # without retries, the same failure stops the run with the server's message
+    strict = start_proxy(servers[0].url, tmp_path / "strict.log", "--fail-429", "1")
+    try:
+        with pytest.raises(EndpointError, match=r"after 1 attempt .*HTTP 429: injected 429 by the test proxy"):
+            run_synthesis(_cfg([strict.url], tmp_path / "strict", limit=2, max_retries=0), progress=False,
+                          log=lambda m: None)
+    finally:
+        strict.stop()
+
+
+def test_server_that_ignores_n_gets_single_requests(servers, tmp_path, key_env):
+    proxy = start_proxy(servers[0].url, tmp_path / "proxy.log", "--ignore-n")
+    backend = OpenAIBackend([proxy.url], "tiny-llama", api_key_env=KEY_ENV, concurrency=1)
+    try:
+        pool = load_split("train", "bundled").rows
+        prompts = [build_prompt(q["question"], pool, k=1, fmt="plain") for q in load_split("test", "bundled").rows[:2]]
+        got = backend.sample(prompts, SamplingParams(max_new_tokens=8, temperature=1.0, num_samples=3, seed=3))
+        _, stats = http_json(proxy.url.removesuffix("/v1") + "/proxy/stats")
+    finally:
+        backend.close()
+        proxy.stop()
+    assert [len(g) for g in got] == [3, 3]
+    assert all(len({s.text for s in g}) == 3 for g in got)  # each single request has its own seed
+    # the first answer showed that n is ignored; from then on single requests: 1 + 2 + 3 in all
+    assert stats["n_dropped"] == 1 and stats["forwarded"] == 1 + 6
+
+
+def test_wrong_key_and_unknown_model_fail_clearly(servers, tmp_path, key_env):
+    out = tmp_path / "wrong"
+    env = {**key_env, KEY_ENV: "sk-wrong-key"}
+    proc = subprocess.run([SYNTHTUNE, "synth", "--backend", "openai", "--endpoint", servers[0].url, "--model",
+                           "tiny-llama", "--api-key-env", KEY_ENV, "--out", str(out), "--limit", "2"],
+                          capture_output=True, text=True, timeout=SYNTH_TIMEOUT_S, env=env)
+    assert proc.returncode == 2
+    assert f"endpoint {servers[0].url} rejected the API key (HTTP 401: invalid API key" in proc.stderr
+    assert f"${KEY_ENV}" in proc.stderr and "Traceback" not in proc.stderr
+    assert "sk-wrong-key" not in proc.stderr + proc.stdout
+    assert not any(b"sk-wrong-key" in p.read_bytes() for p in out.rglob("*") if p.is_file())
+    with pytest.raises(EndpointError, match=r"does not serve model 'nope'; it serves: tiny-llama, math"):
+        backend_for(replace(_cfg([servers[0].url], tmp_path / "x"), served_model="nope"))
