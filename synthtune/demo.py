@@ -257,8 +257,11 @@ def plot_comparison(eval_report: dict, path: Path) -> Path:
     return path
 
 
-def _pct(v) -> str:
-    return "-" if v is None else f"{v:.0%}"
+def _count(rate, n: int, pct: bool = True) -> str:
+    """``7/14 (50%)``: on a small test set the count says more than the percentage."""
+    if rate is None:
+        return "-"
+    return f"{round(rate * n)}/{n}" + (f" ({rate:.0%})" if pct else "")
 
 
 def _excerpt(text: str, n: int = 260) -> str:
@@ -336,11 +339,15 @@ def _section_eval(run: DemoRun) -> list[str]:
     lines = ["## 5. Base vs tuned", "",
              f"{e['n_questions']} held-out test questions, greedy, the training prompt format.", "",
              "| metric | base | tuned |", "|---|---|---|"]
-    lines += [f"| {label} | {_pct(base.get(n))} | {_pct(tuned.get(n))} |" for n, label in REPORT_METRICS]
+    n = e["n_questions"]
+    lines += [f"| {label} | {_count(base.get(m), n)} | {_count(tuned.get(m), n)} |" for m, label in REPORT_METRICS]
     if gained:
-        names = [n.replace("_", " ") for n in gained]
+        names = [f"{m.replace('_', ' ')} {_count(base.get(m), n, pct=False)} -> {_count(tuned.get(m), n, pct=False)}"
+                 for m in gained]
         verdict = ("**The tuned model learned:** " + (", ".join(names[:-1]) + " and " if len(names) > 1 else "")
-                   + f"{names[-1]} rose on questions it never saw.")
+                   + f"{names[-1]} rose on questions it never saw. With {n} questions one answer moves a rate by "
+                   f"{1 / n:.0%}, so read a change of one or two answers as noise; a jump in the format rate is "
+                   "the model taking on the training data's form.")
     else:
         verdict = ("**No held-out metric rose.** Lower loss alone does not show learning: try more train_steps, "
                    "a higher learning_rate, or more data (source=auto with the full GSM8K).")
