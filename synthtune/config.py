@@ -62,6 +62,8 @@ class DemoConfig:
     # 2. SFT set, 3. preprocessing
     gold_rationales: bool = opt(True, "add the train split's gold rationales to the kept ones (a 135M model keeps "
                                 "few of its own)")
+    gold_limit: int | None = opt(200, "at most this many gold rationales (the first N of train; the bundled "
+                                 "split has 36, the full GSM8K 7,473)")
     max_length: int = opt(512, "token limit per training example (the histogram shows where the data sits)")
     # 4. fine-tuning
     train_steps: int = opt(30, "LoRA optimizer steps")
@@ -69,7 +71,8 @@ class DemoConfig:
     learning_rate: float = opt(5e-4, "peak LR (cosine after 3 warmup steps)")
     lora_r: int = opt(16, "LoRA rank (all linear layers)")
     # 5. evaluation
-    eval_questions: int | None = opt(None, "test questions for base vs tuned (default: the whole split)")
+    eval_questions: int | None = opt(14, "test questions for base vs tuned, the first N (the bundled split has 14, "
+                                     "the full GSM8K 1,319: hours on a CPU); null = the whole split")
     eval_max_new_tokens: int = opt(200, "generation budget per answer")
     eval_batch_size: int = opt(7, "questions per generate() call")
     train_format: str = opt("plain", "prompt format for training and evaluation (plain: 'Question: ...\\nAnswer:')",
@@ -156,6 +159,7 @@ class TrainConfig:
     data: str = opt("bundled:train", "training data: bundled:train, gsm8k:train, a synth kept.jsonl, or any JSONL "
                     "with question and answer")
     eval_data: str | None = opt("bundled:test", "held-out data for eval loss and accuracy (none to skip)")
+    eval_limit: int | None = opt(None, "use only the first N eval rows (the full GSM8K test has 1,319)")
     gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl")
     limit: int | None = opt(None, "use only the first N training rows")
     prompt_format: str = opt("plain", "plain: 'Question: ...\nAnswer: ...'; chat: the tokenizer's chat template; "

@@ -144,7 +144,7 @@ def _sft_set(run: DemoRun, say) -> str:
     from synthtune.data.gsm8k import load_source
 
     c = run.cfg
-    gold = load_source(_data_spec(c, "train"), c.gsm8k_dir).rows if c.gold_rationales else []
+    gold = load_source(_data_spec(c, "train"), c.gsm8k_dir, limit=c.gold_limit).rows if c.gold_rationales else []
     run.sft = build_sft_set(Path(run.synth["dataset"]), gold, run.out / "sft.jsonl")
     if run.sft["n"] == 0:
         raise RuntimeError("the SFT set is empty: synthesis kept nothing and gold_rationales=false; "
@@ -172,7 +172,8 @@ def demo_train_config(cfg: DemoConfig, data: str, output_dir: Path):
     recipe = load_config(TrainConfig, constants.REPO_ROOT / TRAIN_RECIPE)
     # Base vs tuned accuracy is measured once, in stage 5, with the same code as `synthtune eval`;
     # during training only the eval loss is tracked, so the short run spends its time learning.
-    tcfg = replace(recipe, model=cfg.model, data=data, eval_data=_data_spec(cfg, "test"), gsm8k_dir=cfg.gsm8k_dir,
+    tcfg = replace(recipe, model=cfg.model, data=data, eval_data=_data_spec(cfg, "test"),
+                   eval_limit=cfg.eval_questions, gsm8k_dir=cfg.gsm8k_dir,
                    prompt_format=cfg.train_format, max_length=cfg.max_length, max_steps=cfg.train_steps,
                    per_device_batch_size=cfg.train_batch_size, gradient_accumulation_steps=1,
                    learning_rate=cfg.learning_rate, warmup_steps=min(3, cfg.train_steps), lora_r=cfg.lora_r,

@@ -58,6 +58,7 @@ def test_cli_overrides_rebuild_the_config():
 def test_the_printed_train_command_reproduces_the_demo_training_config(tmp_path):
     recipe, tcfg = demo_train_config(DemoConfig(model="tiny-llama", train_steps=7), "data/sft.jsonl", tmp_path / "t")
     assert (tcfg.max_steps, tcfg.eval_accuracy_samples, tcfg.gradient_accumulation_steps) == (7, 0, 1)
+    assert (tcfg.eval_data, tcfg.eval_limit) == ("bundled:test", DemoConfig().eval_questions)
     words = shlex.split(" ".join(cli_overrides(tcfg, base=recipe)))  # as a shell would split the report's line
     assert load_config(TrainConfig, constants.REPO_ROOT / TRAIN_RECIPE, words) == tcfg
 

@@ -184,3 +184,17 @@ def test_deepspeed_zero3_saves_a_real_adapter(tmp_path):
         before = base(ids).logits
         tuned = PeftModel.from_pretrained(base, str(out / "final")).eval()
         assert not torch.allclose(tuned(ids).logits, before, atol=1e-5)
+
+
+def test_limit_and_eval_limit_take_the_first_rows():
+    from synthtune.prep import load_tokenizer_for
+    from synthtune.train.data import build_train_data
+
+    tok, seq2seq = load_tokenizer_for("tiny-llama")
+    tok.pad_token = tok.pad_token or tok.eos_token
+    cfg = load_config(TrainConfig, SMOKE, ["limit=5", "eval_limit=3", "eval_accuracy_samples=10"])
+    data = build_train_data(cfg, tok, seq2seq)
+    assert (data.stats["train"]["n"], data.stats["eval"]["n"], len(data.eval_questions)) == (5, 3, 3)
+    full = build_train_data(load_config(TrainConfig, SMOKE, ["eval_accuracy_samples=100"]), tok, seq2seq)
+    assert (full.stats["train"]["n"], full.stats["eval"]["n"]) == (36, 14)
+    assert [q["question"] for q in data.eval_questions] == [q["question"] for q in full.eval_questions[:3]]

@@ -93,7 +93,7 @@ def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool
              "train_batches": len(train_loader), "packed_rows": len(ds) if cfg.packing else None}
     eval_loader, questions = None, []
     if cfg.eval_data:
-        erows = [r for r in load_source(cfg.eval_data, cfg.gsm8k_dir).rows if r.get("answer")]
+        erows = [r for r in load_source(cfg.eval_data, cfg.gsm8k_dir, limit=cfg.eval_limit).rows if r.get("answer")]
         ev = tokenize_rows(erows, tokenizer, is_seq2seq=seq2seq, fmt=fmt, max_length=cfg.max_length,
                            max_target_length=cfg.max_target_length, cache_dir=cache)
         ecoll = Seq2SeqCollator(tokenizer.pad_token_id) if seq2seq else CausalCollator(tokenizer.pad_token_id)
