@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -152,6 +153,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
     cfg = replace(cfg, output_dir=str(out_dir))
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
+    if use_cpu:
+        # DeepSpeed (imported by peft/accelerate when saving) otherwise probes for an accelerator
+        # and warns "unable to detect" a GPU on every CPU run; CPU is the answer either way.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     prec = resolve_precision(cfg, not use_cpu, (not use_cpu) and torch.cuda.is_bf16_supported())
     G = cfg.gradient_accumulation_steps
     acc = Accelerator(
