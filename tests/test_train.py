@@ -149,6 +149,7 @@ def test_two_process_ddp_run(tmp_path):
     (["data=/no/such/file.jsonl"], "data:"),
     (["resume_from=/no/such/ckpt"], "resume_from"),
     (["model=tiny-t5", "packing=true"], "packing"),
+    (["pad_to_multiple_of=0"], "pad_to_multiple_of"),
 ])
 def test_bad_configs_fail_before_loading(override, match):
     cfg = load_config(TrainConfig, SMOKE, override)
@@ -198,3 +199,25 @@ def test_limit_and_eval_limit_take_the_first_rows():
     full = build_train_data(load_config(TrainConfig, SMOKE, ["eval_accuracy_samples=100"]), tok, seq2seq)
     assert (full.stats["train"]["n"], full.stats["eval"]["n"]) == (36, 14)
     assert [q["question"] for q in data.eval_questions] == [q["question"] for q in full.eval_questions[:3]]
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5"])
+def test_pad_to_multiple_of_buckets_every_batch_shape(model):
+    from synthtune.prep import IGNORE_INDEX, load_tokenizer_for
+    from synthtune.train.data import build_train_data
+
+    tok, seq2seq = load_tokenizer_for(model)
+    tok.pad_token = tok.pad_token or tok.eos_token
+    cfg = load_config(TrainConfig, SMOKE, [f"model={model}", "pad_to_multiple_of=64"])
+    data = build_train_data(cfg, tok, seq2seq)
+    for loader in (data.train_loader, data.eval_loader):
+        for batch in loader:
+            lengths = batch["attention_mask"].sum(1)
+            # the smallest multiple of 64 that holds the longest row, on both sides for seq2seq
+            assert batch["input_ids"].shape[1] == -(-int(lengths.max()) // 64) * 64
+            real_labels = (batch["labels"] != IGNORE_INDEX).sum(1)
+            last_label = max(int(torch.nonzero(row != IGNORE_INDEX).max()) + 1 for row in batch["labels"])
+            assert batch["labels"].shape[1] == -(-(last_label if not seq2seq else int(real_labels.max())) // 64) * 64
+            if not seq2seq:  # the padded columns carry neither attention nor loss
+                cols = torch.arange(batch["labels"].shape[1])
+                assert (batch["labels"][cols[None, :] >= lengths[:, None]] == IGNORE_INDEX).all()

@@ -73,15 +73,16 @@ def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool
     train = tokenize_rows(rows, tokenizer, is_seq2seq=seq2seq, fmt=fmt, max_length=cfg.max_length,
                           max_target_length=cfg.max_target_length, cache_dir=cache)
     ds = train.dataset
+    multiple = cfg.pad_to_multiple_of
     if seq2seq:
-        collator = Seq2SeqCollator(tokenizer.pad_token_id)
+        collator = Seq2SeqCollator(tokenizer.pad_token_id, pad_to_multiple_of=multiple)
     elif cfg.packing:
         ds = pack_sequences(ds, cfg.max_length)
         # The block-diagonal mask must match the activations' dtype under bf16 (sdpa refuses mixing).
         collator = PackedCollator(tokenizer.pad_token_id,
                                   mask_dtype=torch.bfloat16 if mask_bf16 else None)
     else:
-        collator = CausalCollator(tokenizer.pad_token_id)
+        collator = CausalCollator(tokenizer.pad_token_id, pad_to_multiple_of=multiple)
     lengths = [len(x) for x in ds["input_ids"]]
     sampler = EpochOrder(lengths, cfg.per_device_batch_size, cfg.seed, cfg.group_by_length and not cfg.packing)
     # A private generator: creating a DataLoader iterator draws a seed from its generator, and
@@ -96,7 +97,7 @@ def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool
         erows = [r for r in load_source(cfg.eval_data, cfg.gsm8k_dir, limit=cfg.eval_limit).rows if r.get("answer")]
         ev = tokenize_rows(erows, tokenizer, is_seq2seq=seq2seq, fmt=fmt, max_length=cfg.max_length,
                            max_target_length=cfg.max_target_length, cache_dir=cache)
-        ecoll = Seq2SeqCollator(tokenizer.pad_token_id) if seq2seq else CausalCollator(tokenizer.pad_token_id)
+        ecoll = (Seq2SeqCollator if seq2seq else CausalCollator)(tokenizer.pad_token_id, pad_to_multiple_of=multiple)
         eval_loader = DataLoader(ev.dataset, batch_size=cfg.per_device_batch_size, shuffle=False, collate_fn=ecoll)
         questions = erows[:cfg.eval_accuracy_samples]
         stats["eval"] = ev.stats

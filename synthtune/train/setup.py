@@ -63,6 +63,9 @@ def validate(cfg: TrainConfig) -> None:
 
     if cfg.per_device_batch_size < 1 or cfg.gradient_accumulation_steps < 1:
         raise ConfigError("per_device_batch_size and gradient_accumulation_steps must be >= 1")
+    if cfg.pad_to_multiple_of is not None and cfg.pad_to_multiple_of < 1:
+        raise ConfigError(f"pad_to_multiple_of: {cfg.pad_to_multiple_of} is not a positive number of tokens "
+                          f"(e.g. 64 on GPUs), or null to pad to the longest row")
     if cfg.max_steps == 0 or (cfg.max_steps < 0 and cfg.num_epochs <= 0):
         raise ConfigError("max_steps: set a positive max_steps, or max_steps=-1 with num_epochs > 0")
     if cfg.method == "qlora":
