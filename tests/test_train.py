@@ -80,11 +80,12 @@ def test_saved_adapter_reloads_with_same_logits(tmp_path):
     base_path = resolve_model("tiny-llama")
     reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_path),
                                          str(tmp_path / "run" / "final")).eval()
-    # the checkpoint holds the full trained state dict, saved by a different path (accelerate)
+    # the checkpoint holds the trained adapter, saved by a different path (accelerate's save_state);
+    # the frozen base comes from the base model itself
     trained = apply_lora(AutoModelForCausalLM.from_pretrained(base_path), cfg, False)
     state = load_file(tmp_path / "run" / "checkpoints" / "step-0000004" / "model.safetensors")
     res = trained.load_state_dict(state, strict=False)
-    assert not res.unexpected_keys and all("lm_head" in k for k in res.missing_keys)  # tied to the embeddings
+    assert not res.unexpected_keys and res.missing_keys and not any("lora_" in k for k in res.missing_keys)
     trained.eval()
     ids = torch.tensor([[5, 17, 42, 99, 3, 250, 8]])
     with torch.no_grad():
@@ -131,6 +132,13 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert resumed["steps"] == 8
     assert resumed["final_train_loss"] == pytest.approx(full["final_train_loss"], rel=1e-5)
     assert resumed["final_eval_loss"] == pytest.approx(full["final_eval_loss"], rel=1e-5)
+    # LoRA checkpoints hold the adapter, not the frozen base: as many tensors as trainable ones
+    saved = load_file(tmp_path / "resumed" / "checkpoints" / "step-0000004" / "model.safetensors")
+    assert saved and all("lora_" in k for k in saved)
+    assert sum(t.numel() for t in saved.values()) == full["trainable_params"]
+    # a checkpoint from other LoRA settings is refused with the reason, not half-loaded
+    with pytest.raises(ConfigError, match="does not match this model"):
+        train(_cfg(tmp_path, "resumed", resume_from="latest", lora_r=4, **common), progress=False)
 
 
 def test_two_process_ddp_run(tmp_path):

@@ -2,6 +2,7 @@
 
 A checkpoint is accelerate's ``save_state`` (model, optimizer, scheduler, RNG of every rank;
 DeepSpeed's own sharded format under ZeRO) plus ``trainer_state.json`` with the data position.
+LoRA checkpoints hold the adapter weights only (:func:`adapter_only_checkpoints`).
 It is written to a temporary name and renamed when whole, so a crash mid-save never leaves a
 checkpoint that ``resume_from=latest`` would pick up half-written.
 """
@@ -50,6 +51,56 @@ def find_resume_dir(out_dir: Path, resume_from: str) -> Path:
     if not (path / STATE_FILE).exists():
         raise FileNotFoundError(f"resume_from={resume_from}: not a checkpoint (no {STATE_FILE})")
     return path
+
+
+def adapter_only_checkpoints(acc, model) -> bool:
+    """Make ``save_state``/``load_state`` keep only what trains (LoRA) plus buffers, not the frozen base.
+
+    accelerate writes the whole state dict of every prepared model into each checkpoint: for LoRA on
+    an 8B model that is 16 GB of frozen weights per checkpoint, rewritten at every ``save_steps``.
+    The frozen base is the one the run started from, so a resume reloads it from the model anyway.
+    On load, every key saved must exist in the model and every key missing must be a frozen
+    parameter; anything else is an error, never a silently half-loaded model. DeepSpeed and FSDP
+    keep their own checkpoint formats and are left alone. Returns whether the hooks were installed.
+    """
+    from accelerate.utils import DistributedType
+
+    from synthtune.config import ConfigError
+
+    if acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
+        return False
+    # remove_duplicate=False: a tied lm_head is its own key in the state dict
+    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+
+    def drop_frozen(models, weights, output_dir) -> None:
+        for sd in weights:
+            for key in [k for k in sd if k in frozen]:
+                del sd[key]
+
+    def load_trainable(models, input_dir) -> None:
+        from safetensors.torch import load_file
+
+        for i, m in enumerate(models):
+            path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
+            if not path.exists():
+                raise ConfigError(f"resume_from: checkpoint {input_dir} has no {path.name}: it was not written by this "
+                                        f"version's LoRA checkpointing; resume from a newer checkpoint or retrain")
+            sd = load_file(str(path))
+            current = {k: tuple(v.shape) for k, v in m.state_dict().items()}
+            unexpected = sorted(k for k in sd if k not in current)
+            reshaped = sorted(f"{k} {tuple(v.shape)} vs {current[k]}" for k, v in sd.items()
+                              if k in current and tuple(v.shape) != current[k])
+            not_frozen = sorted(k for k in current if k not in sd and k not in frozen)
+            if unexpected or reshaped or not_frozen:
+                raise ConfigError(f"resume_from: checkpoint {path} does not match this model (unexpected keys "
+                                  f"{unexpected[:3]}, other shapes {reshaped[:3]}, trainable keys missing "
+                                  f"{not_frozen[:3]}); resume with the same model, method and LoRA settings")
+            m.load_state_dict(sd, strict=False)
+        models.clear()  # loaded here; accelerate's strict load would reject the frozen keys' absence
+
+    acc.register_save_state_pre_hook(drop_frozen)
+    acc.register_load_state_pre_hook(load_trainable)
+    return True
 
 
 def save_checkpoint(acc, out_dir: Path, state: TrainState, keep: int) -> Path:

@@ -201,6 +201,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.compile:
         model = torch.compile(model)
     model, opt, train_dl = acc.prepare(model, opt, train_dl)
+    if cfg.method in ("lora", "qlora"):
+        ckpt.adapter_only_checkpoints(acc, model)
     if eval_dl is not None:
         eval_dl = acc.prepare(eval_dl)
     windows_per_epoch = len(train_dl) // G
