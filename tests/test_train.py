@@ -141,14 +141,24 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         train(_cfg(tmp_path, "resumed", resume_from="latest", lora_r=4, **common), progress=False)
 
 
-def test_two_process_ddp_run(tmp_path):
+def test_two_process_ddp_run_stops_and_resumes(tmp_path):
     out = tmp_path / "ddp"
-    _launch("cpu_2proc.yaml", f"output_dir={out}", "max_steps=6", "eval_steps=0", "save_steps=3",
-            "trace_memory=false", "log_with=none")
+    common = (f"output_dir={out}", "max_steps=6", "eval_steps=0", "save_steps=3", "trace_memory=false",
+              "log_with=none")
+    _launch("cpu_2proc.yaml", *common, "stop_at_step=3")
+    ckpt = out / "checkpoints" / "step-0000003"
+    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
+    saved = load_file(ckpt / "model.safetensors")  # the adapter, not the frozen base
+    assert saved and all("lora_" in k for k in saved)
+    _launch("cpu_2proc.yaml", *common, "resume_from=latest")
     s = json.loads((out / "summary.json").read_text())
     assert s["processes"] == 2 and s["steps"] == 6 and s["final_eval_n_questions"] == 4
-    ckpt = out / "checkpoints" / "step-0000006"
-    assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
+    # and it ends where a run that never stopped ends
+    whole = tmp_path / "whole"
+    _launch("cpu_2proc.yaml", *(f"output_dir={whole}" if c.startswith("output_dir=") else c for c in common))
+    w = json.loads((whole / "summary.json").read_text())
+    assert s["final_train_loss"] == pytest.approx(w["final_train_loss"], rel=1e-5)
+    assert s["final_eval_loss"] == pytest.approx(w["final_eval_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("override,match", [

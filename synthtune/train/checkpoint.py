@@ -69,23 +69,25 @@ def adapter_only_checkpoints(acc, model) -> bool:
 
     if acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         return False
-    # remove_duplicate=False: a tied lm_head is its own key in the state dict
-    frozen = {n for n, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+    # Names of the unwrapped model (accelerate saves DDP models without the "module." prefix);
+    # remove_duplicate=False: a tied lm_head is its own key in the state dict.
+    frozen = {n for n, p in acc.unwrap_model(model).named_parameters(remove_duplicate=False) if not p.requires_grad}
 
     def drop_frozen(models, weights, output_dir) -> None:
         for sd in weights:
-            for key in [k for k in sd if k in frozen]:
+            for key in [k for k in sd if k.removeprefix("module.") in frozen]:
                 del sd[key]
 
     def load_trainable(models, input_dir) -> None:
         from safetensors.torch import load_file
 
-        for i, m in enumerate(models):
+        for i, wrapped in enumerate(models):
+            m = acc.unwrap_model(wrapped)
             path = Path(input_dir) / f"model{f'_{i}' if i else ''}.safetensors"
             if not path.exists():
                 raise ConfigError(f"resume_from: checkpoint {input_dir} has no {path.name}: it was not written by this "
                                         f"version's LoRA checkpointing; resume from a newer checkpoint or retrain")
-            sd = load_file(str(path))
+            sd = {k.removeprefix("module."): v for k, v in load_file(str(path)).items()}
             current = {k: tuple(v.shape) for k, v in m.state_dict().items()}
             unexpected = sorted(k for k in sd if k not in current)
             reshaped = sorted(f"{k} {tuple(v.shape)} vs {current[k]}" for k, v in sd.items()
