@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import datasets
@@ -155,6 +156,29 @@ def test_kill_9_midway_then_rerun_has_no_duplicates(tmp_path):
     assert summary["solved"] == 24 and len(kept) == 48
     assert len({(r["id"], r["rationale"]) for r in kept}) == len(kept)
     assert len({(r["id"], r["round"]) for r in status}) == len(status) == 24
+
+
+def test_torn_last_lines_are_repaired_so_later_resumes_still_work(tmp_path):
+    # A crash mid-write leaves a fragment with no newline at the end of a file. The first resume must
+    # drop it *and rewrite the file*, or the next append buries it mid-file and the resume after
+    # that refuses the file as corrupted.
+    cfg = _cfg(tmp_path, rounds=1, limit=6)
+    out = Path(cfg.out)
+    run_synthesis(replace(cfg, limit=3), backend=ScriptedBackend(), progress=False, log=lambda m: None)
+    n_kept = len(_rows(out / KEPT))
+    for name in (STATUS, KEPT):
+        with open(out / name, "a") as fh:
+            fh.write('{"id": "torn-fragment", "round": 0, "sta')  # the torn row of a batch in flight
+    summary = run_synthesis(cfg, backend=ScriptedBackend(), progress=False, log=lambda m: None)
+    assert summary["solved"] == 6
+    for name in (STATUS, KEPT):
+        text = (out / name).read_text()
+        assert "torn-fragment" not in text and text.endswith("\n")
+    assert len(_rows(out / STATUS)) == 6 and len(_rows(out / KEPT)) == 2 * 6 > n_kept
+    # a third run reads both files cleanly and has nothing left to do
+    again = ScriptedBackend()
+    run_synthesis(cfg, backend=again, progress=False, log=lambda m: None)
+    assert again.calls == 0
 
 
 def test_synth_cli_on_tiny_model(synthtune_bin, tmp_path):

@@ -120,12 +120,16 @@ def _train_spec_of(spec: str) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _read_lines(path: Path) -> list[dict]:
-    """JSONL rows; a torn last line (the process died mid-write) is dropped, anything else fails."""
+def _read_lines(path: Path) -> tuple[list[dict], bool]:
+    """``(rows, torn)``: a torn last line (the process died mid-write) is dropped and reported.
+
+    ``read_jsonl``'s lenient mode skips bad lines anywhere; here only the *last* line may be bad,
+    and a bad line in the middle means the file was damaged, which must stop the run.
+    """
     if not path.exists():
-        return []
+        return [], False
     out = []
-    lines = path.read_text().splitlines()
+    lines = path.read_text(encoding="utf-8").splitlines()
     for n, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -133,29 +137,29 @@ def _read_lines(path: Path) -> list[dict]:
             out.append(json.loads(line))
         except json.JSONDecodeError:
             if n == len(lines):
-                break
+                return out, True
             raise DataError(path, n, "is not valid JSON", "the file was edited by hand or corrupted; "
                             "move it away to start over") from None
-    return out
+    return out, False
 
 
 def load_state(out_dir: Path) -> RunState:
     state = RunState()
-    status = _read_lines(out_dir / STATUS)
+    status_path, kept_path = out_dir / STATUS, out_dir / KEPT
+    status, status_torn = _read_lines(status_path)
+    if status_torn:
+        # rewrite it whole, so the next append starts on a clean line instead of burying the
+        # fragment mid-file where the next resume would refuse it
+        write_jsonl(status_path, status)
     done_rounds = {(r["id"], r["round"]) for r in status}
     for r in status:
         state.rounds_done[r["id"]] = max(state.rounds_done.get(r["id"], 0), r["round"] + 1)
     state.records = status
-    kept = _read_lines(out_dir / KEPT)
+    kept, kept_torn = _read_lines(kept_path)
     good = [r for r in kept if (r["id"], r["provenance"]["round"]) in done_rounds]
     state.dropped_in_flight = len(kept) - len(good)
-    kept_path = out_dir / KEPT
-    if kept_path.exists() and (state.dropped_in_flight or kept_path.read_text().count("\n") != len(kept)):
-        write_jsonl(kept_path, good)  # atomic: drops the in-flight batch and any torn line
-    # status.jsonl may also end in a torn line; rewrite it whole so appends start on a clean line
-    status_path = out_dir / STATUS
-    if status_path.exists() and status_path.read_text().count("\n") != len(status):
-        write_jsonl(status_path, status)
+    if state.dropped_in_flight or kept_torn:
+        write_jsonl(kept_path, good)  # atomic: drops the in-flight batch and the torn line
     for r in good:
         state.kept_texts.setdefault(r["id"], []).append(r["rationale"])
     return state
