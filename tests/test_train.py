@@ -139,6 +139,16 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     # a checkpoint from other LoRA settings is refused with the reason, not half-loaded
     with pytest.raises(ConfigError, match="does not match this model"):
         train(_cfg(tmp_path, "resumed", resume_from="latest", lora_r=4, **common), progress=False)
+    # so is one trained on other base weights of the same shape (tiny-llama built from another seed)
+    with pytest.raises(ConfigError, match="other base weights"):
+        train(_cfg(tmp_path, "resumed", resume_from="latest", seed=1, **common), progress=False)
+    # and one written by another number of processes (the data position is per process)
+    state_file = tmp_path / "resumed" / "checkpoints" / "step-0000008" / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    assert state["processes"] == 1
+    state_file.write_text(json.dumps({**state, "processes": 2}))
+    with pytest.raises(ConfigError, match="written by 2 process"):
+        train(_cfg(tmp_path, "resumed", resume_from="latest", **common), progress=False)
 
 
 def test_two_process_ddp_run_stops_and_resumes(tmp_path):

@@ -23,6 +23,7 @@ class TrainState:
     global_step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of this epoch already consumed (per process)
+    processes: int = 0  # the world size that wrote it (0: unknown, an older checkpoint)
 
     def save(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -73,10 +74,15 @@ def adapter_only_checkpoints(acc, model) -> bool:
     # remove_duplicate=False: a tied lm_head is its own key in the state dict.
     frozen = {n for n, p in acc.unwrap_model(model).named_parameters(remove_duplicate=False) if not p.requires_grad}
 
+    base = acc.unwrap_model(model)
+    fingerprint_file = "base_fingerprint.json"
+
     def drop_frozen(models, weights, output_dir) -> None:
         for sd in weights:
             for key in [k for k in sd if k.removeprefix("module.") in frozen]:
                 del sd[key]
+        if acc.is_main_process:
+            (Path(output_dir) / fingerprint_file).write_text(json.dumps(base_fingerprint(base, frozen)) + "\n")
 
     def load_trainable(models, input_dir) -> None:
         from safetensors.torch import load_file
@@ -98,11 +104,29 @@ def adapter_only_checkpoints(acc, model) -> bool:
                                   f"{unexpected[:3]}, other shapes {reshaped[:3]}, trainable keys missing "
                                   f"{not_frozen[:3]}); resume with the same model, method and LoRA settings")
             m.load_state_dict(sd, strict=False)
+        saved_fp = Path(input_dir) / fingerprint_file
+        if saved_fp.exists() and json.loads(saved_fp.read_text()) != base_fingerprint(base, frozen):
+            # the adapter alone would load onto any base of the same shape (base vs instruct, another
+            # seed of a random model); it only means something on the base it was trained on
+            raise ConfigError(f"resume_from: {input_dir} was trained on other base weights than this run's "
+                              f"model; resume with the same model (and seed, for built-in or random-init models)")
         models.clear()  # loaded here; accelerate's strict load would reject the frozen keys' absence
 
     acc.register_save_state_pre_hook(drop_frozen)
     acc.register_load_state_pre_hook(load_trainable)
     return True
+
+
+def base_fingerprint(model, frozen: set[str]) -> dict:
+    """A cheap identity of the frozen base: its key count and exact sums of a few of its tensors."""
+    import torch
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    names = sorted(n for n in frozen if n in params)
+    picks = names[:2] + names[-2:] if len(names) > 4 else names
+    with torch.no_grad():
+        sums = {n: float(params[n].detach().double().sum()) for n in picks}
+    return {"frozen": len(names), "sums": sums}
 
 
 def save_checkpoint(acc, out_dir: Path, state: TrainState, keep: int) -> Path:

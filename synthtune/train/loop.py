@@ -18,7 +18,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from synthtune.config import TrainConfig, save_config, to_dict
+from synthtune.config import ConfigError, TrainConfig, save_config, to_dict
 from synthtune.train import checkpoint as ckpt
 from synthtune.train.data import build_train_data
 from synthtune.train.evaluate import evaluate
@@ -217,11 +217,16 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         acc.init_trackers("synthtune", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                for k, v in to_dict(cfg).items()})
 
-    state = ckpt.TrainState()
+    state = ckpt.TrainState(processes=acc.num_processes)
     if cfg.resume_from:
         resume_dir = ckpt.find_resume_dir(out_dir, cfg.resume_from)
+        saved = ckpt.TrainState.load(resume_dir)
+        if saved.processes and saved.processes != acc.num_processes:
+            # the data position is counted per process: another world size would replay or skip data
+            raise ConfigError(f"resume_from: {resume_dir} was written by {saved.processes} process(es), this "
+                              f"launch has {acc.num_processes}; resume with the same launcher config")
         acc.load_state(str(resume_dir))
-        state = ckpt.TrainState.load(resume_dir)
+        state = saved
         say(f"resumed from {resume_dir} at step {state.global_step} (epoch {state.epoch}, "
             f"batch {state.batch_in_epoch})")
 
