@@ -14,7 +14,8 @@ import argparse
 import logging
 import sys
 
-from synthtune.config import ConfigError, TrainConfig, load_config
+from synthtune.cli import user_errors
+from synthtune.config import TrainConfig, load_config
 from synthtune.train.loop import train
 
 
@@ -27,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         train(cfg)
-    except ConfigError as err:
+    except user_errors() as err:  # the same ones `synthtune train` reports without a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -399,16 +399,21 @@ def models_info(
     emit(json.dumps(model_info(name, trust_remote_code=trust_remote_code), indent=2))
 
 
-def main() -> None:
-    """Console entry point: known user errors print one clear message, not a traceback."""
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that say what the user must change: printed in one line, exit code 2, no traceback."""
     from synthtune.config import ConfigError
     from synthtune.data.jsonl import DataError
     from synthtune.merge import MergeMismatch
     from synthtune.models import ModelError
 
+    return ConfigError, DataError, ModelError, MergeMismatch, FileNotFoundError
+
+
+def main() -> None:
+    """Console entry point: known user errors print one clear message, not a traceback."""
     try:
         app()
-    except (ConfigError, DataError, ModelError, MergeMismatch, FileNotFoundError) as err:
+    except user_errors() as err:
         # Text, not markup: messages may hold brackets (e.g. "openai/gsm8k[test]").
         err_console.print(Text.assemble(("error: ", "bold red"), str(err)))
         sys.exit(2)

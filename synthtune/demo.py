@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import constants
-from synthtune.config import DemoConfig, cli_overrides, load_config, save_config
+from synthtune.config import ConfigError, DemoConfig, cli_overrides, load_config, save_config
 
 STAGES = ("synthesize", "sft set", "preprocess", "fine-tune", "evaluate")
 #: the training recipe the demo starts from; its own keys are overridden by the demo's
@@ -147,8 +147,8 @@ def _sft_set(run: DemoRun, say) -> str:
     gold = load_source(_data_spec(c, "train"), c.gsm8k_dir, limit=c.gold_limit).rows if c.gold_rationales else []
     run.sft = build_sft_set(Path(run.synth["dataset"]), gold, run.out / "sft.jsonl")
     if run.sft["n"] == 0:
-        raise RuntimeError("the SFT set is empty: synthesis kept nothing and gold_rationales=false; "
-                           "set gold_rationales=true or raise k / rounds")
+        raise ConfigError("gold_rationales: the SFT set is empty (synthesis kept nothing and gold_rationales=false); "
+                          "set gold_rationales=true, or raise k / rounds")
     return f"{run.sft['n']} examples ({run.sft['synthesized']} synthesized, {run.sft['gold']} gold) -> sft.jsonl"
 
 

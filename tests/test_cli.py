@@ -128,3 +128,10 @@ def test_demo_cli_runs_every_stage_on_tiny_model(synthtune_bin, tmp_path):
     assert "synthtune train --config configs/train/smollm2_lora_cpu.yaml model=tiny-llama" in report
     bad = run(synthtune_bin, "demo", "train_stepz=2", check=False)
     assert bad.returncode == 2 and "Did you mean 'train_steps'" in bad.stderr
+
+
+def test_demo_with_nothing_to_train_on_says_which_key(synthtune_bin, tmp_path):
+    proc = run(synthtune_bin, "demo", "model=tiny-llama", "synth_questions=1", "k=1", "synth_max_new_tokens=4",
+               "gold_rationales=false", "--output-dir", str(tmp_path / "d"), check=False)
+    assert proc.returncode == 2 and "gold_rationales" in proc.stderr and "Traceback" not in proc.stderr
+    assert (tmp_path / "d" / "synth" / "status.jsonl").exists()  # what ran before the error is kept

@@ -249,3 +249,11 @@ def test_pad_to_multiple_of_buckets_every_batch_shape(model):
             if not seq2seq:  # the padded columns carry neither attention nor loss
                 cols = torch.arange(batch["labels"].shape[1])
                 assert (batch["labels"][cols[None, :] >= lengths[:, None]] == IGNORE_INDEX).all()
+
+
+def test_train_script_reports_user_errors_without_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "fine_tune" / "train.py"), "--config", str(SMOKE),
+                           f"output_dir={tmp_path / 'none'}", "resume_from=latest", "log_with=none",
+                           "trace_memory=false"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 2 and "resume_from=latest: no checkpoint" in proc.stderr
+    assert "Traceback" not in proc.stderr

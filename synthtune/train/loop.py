@@ -207,8 +207,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         eval_dl = acc.prepare(eval_dl)
     windows_per_epoch = len(train_dl) // G
     if windows_per_epoch == 0:
-        raise ValueError(f"{len(train_dl)} batches per process cannot fill one accumulation window of {G}; "
-                         f"lower gradient_accumulation_steps or per_device_batch_size")
+        raise ConfigError(f"gradient_accumulation_steps: {len(train_dl)} batches per process cannot fill one "
+                          f"accumulation window of {G}; lower gradient_accumulation_steps or per_device_batch_size")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * windows_per_epoch)
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps,
                           num_training_steps=total_steps)
