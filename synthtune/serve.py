@@ -82,6 +82,7 @@ class GenRequest:
     prompt_tokens: int = 0
     batch_prompts: int = 0
     error: RequestError | None = None
+    cancelled: bool = False  # its HTTP thread gave up waiting; the worker skips it
 
     def group_key(self) -> tuple:
         return (self.model, self.chat, self.n, self.max_tokens, self.temperature, self.top_p, self.top_k, self.stop)
@@ -323,6 +324,9 @@ class Batcher:
             batch = self._gather()
             groups: dict[tuple, list[GenRequest]] = {}
             for req in batch:
+                if req.cancelled:
+                    req.done.set()
+                    continue
                 groups.setdefault(req.group_key(), []).append(req)
             for group in groups.values():
                 try:
@@ -411,6 +415,9 @@ class _Handler(BaseHTTPRequestHandler):
             req = parse_request(body, chat=routes[path], models=self.app.engine.names)
             self.app.batcher.submit(req)
             if not req.done.wait(WAIT_S):
+                # a queued request nobody waits for would still cost a generation, and the client's
+                # retry would queue it again: mark it so the worker drops it
+                req.cancelled = True
                 raise RequestError(503, f"generation did not finish within {WAIT_S:.0f} s; retry later",
                                    kind="server_error")
             if req.error is not None:
@@ -423,7 +430,11 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             length = int(self.headers.get("Content-Length", ""))
         except ValueError:
-            raise RequestError(411, "a Content-Length header is required") from None
+            length = -1
+        if length < 0:
+            # with no usable length the body cannot be skipped: close rather than read it as a request
+            self.close_connection = True
+            raise RequestError(411, "a Content-Length header with a byte count is required")
         if length > MAX_BODY_BYTES:
             self.close_connection = True
             raise RequestError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB")

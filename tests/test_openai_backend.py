@@ -237,6 +237,17 @@ def test_serve_models_completions_chat_and_errors(servers):
     for key in ("wrong", None):
         status, err = http_json(f"{url}/models", key=key)
         assert status == 401 and err["error"]["code"] == "invalid_api_key"
+    # a body without a usable length is refused and the connection closed (it cannot be skipped)
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -5\r\n\r\n{}")
+        reply = b""
+        while chunk := sock.recv(4096):  # ends when the server closes the connection
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.0 411") or reply.startswith(b"HTTP/1.1 411"), reply[:80]
     # one line per request, and never the key
     assert len(servers[0].lines(r'"POST /v1/completions" 400')) >= 6
     assert KEY not in servers[0].log.read_text()
