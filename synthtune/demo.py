@@ -70,8 +70,20 @@ def _data_spec(cfg: DemoConfig, split: str) -> str:
     return f"{'gsm8k' if cfg.source == 'auto' else cfg.source}:{split}"
 
 
+def _repo_relative(word: str) -> str:
+    """``key=/abs/repo/outputs/x`` -> ``key=outputs/x``: the commands run from the repo root, and a
+    report should not carry this machine's paths (outputs elsewhere stay absolute: they must)."""
+    key, sep, value = word.rpartition("=")
+    if value.startswith("/"):
+        try:
+            value = str(Path(value).resolve().relative_to(constants.REPO_ROOT.resolve()))
+        except ValueError:
+            pass
+    return f"{key}{sep}{value}"
+
+
 def _command(program: str, words: list[str]) -> str:
-    return " ".join([program, *(shlex.quote(w) for w in words)])
+    return " ".join([program, *(shlex.quote(_repo_relative(w)) for w in words)])
 
 
 def run_demo(cfg: DemoConfig, console=None) -> dict:
@@ -389,8 +401,7 @@ def write_report(run: DemoRun) -> Path:
     total = time.perf_counter() - run.started
     done = len(run.seconds)
     head = [f"# synthtune demo: {c.model}", "",
-            f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.node() or 'this machine'} "
-            f"({platform.machine()}, {_cpu_line()}). "
+            f"{time.strftime('%Y-%m-%d %H:%M')} on {platform.machine()} ({_cpu_line()}). "
             + ("All five stages finished" if done == len(STAGES) else f"Stages finished: {done} of {len(STAGES)}")
             + f" in {total:.0f} s.", "",
             "| stage | seconds |", "|---|---|", *[f"| {k} | {v:.0f} |" for k, v in run.seconds.items()], ""]
