@@ -58,11 +58,17 @@ def load_with_adapter(model: str, adapter: str | None, *, device: str | None = N
 
     lm = load_model(model, device=device, seed=seed)
     if adapter:
-        from peft import PeftModel
+        attach_adapter(lm, adapter, adapter_name=adapter_name)
+    return lm
 
-        check_adapter_dir(adapter)
-        lm.model = PeftModel.from_pretrained(lm.model, adapter, adapter_name=adapter_name).to(lm.device).eval()
-        lm.name = f"{model}+{Path(adapter).name}"
+
+def attach_adapter(lm, adapter: str, *, adapter_name: str = "default"):
+    """Wrap a loaded base model with a LoRA adapter, in place (the base weights are shared, not copied)."""
+    from peft import PeftModel
+
+    check_adapter_dir(adapter)
+    lm.model = PeftModel.from_pretrained(lm.model, adapter, adapter_name=adapter_name).to(lm.device).eval()
+    lm.name = f"{lm.name}+{Path(adapter).name}"
     return lm
 
 
@@ -111,11 +117,17 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     # Exemplars come from train only; evaluating train with shots would let a question see itself,
     # which build_prompt prevents by excluding the target from its own exemplars.
     pool = load_split("train", cfg.source, cfg.gsm8k_dir).rows if cfg.shots else []
+    if cfg.adapter:
+        check_adapter_dir(cfg.adapter)  # before any weights load
     runs = [(None, "base")] if cfg.compare else []
     runs.append((cfg.adapter, "adapter" if cfg.adapter else "base"))
     results = {}
+    # One copy of the base: --compare evaluates it first, then wraps the same weights with the adapter
+    # (loading the base twice would hold two copies at once, a real cost on a GPU).
+    lm = load_with_adapter(cfg.model, None, device=cfg.device, seed=cfg.seed)
     for adapter, label in runs:
-        lm = load_with_adapter(cfg.model, adapter, device=cfg.device, seed=cfg.seed)
+        if adapter:
+            attach_adapter(lm, adapter)
         scored, summary = evaluate_model(replace(cfg, adapter=adapter), lm, rows, pool, progress)
         write_jsonl(out / f"{label}_outputs.jsonl", scored)
         results[label] = summary

@@ -38,6 +38,25 @@ def test_eval_compare_through_cli(synthtune_bin, adapter, tmp_path):
     assert json.loads((out / "eval_summary.json").read_text())["n_questions"] == 3
 
 
+def test_compare_on_one_base_copy_equals_separate_runs(adapter, tmp_path):
+    # --compare evaluates the base, then wraps the same weights with the adapter: each side's answers
+    # must be exactly those of a run that loads only that side
+    from synthtune.evaluate import EvalConfig, run_eval
+
+    common = dict(model="tiny-llama", limit=3, max_new_tokens=8)
+    run_eval(EvalConfig(**common, adapter=str(adapter), compare=True, out=str(tmp_path / "both")), progress=False)
+    run_eval(EvalConfig(**common, out=str(tmp_path / "base")), progress=False)
+    run_eval(EvalConfig(**common, adapter=str(adapter), out=str(tmp_path / "tuned")), progress=False)
+
+    def answers(path):
+        return [json.loads(line)["completions"] for line in path.read_text().splitlines()]
+
+    assert answers(tmp_path / "both" / "base_outputs.jsonl") == answers(tmp_path / "base" / "base_outputs.jsonl")
+    tuned = answers(tmp_path / "tuned" / "adapter_outputs.jsonl")
+    assert answers(tmp_path / "both" / "adapter_outputs.jsonl") == tuned
+    assert tuned != answers(tmp_path / "base" / "base_outputs.jsonl"), "the adapter must change the answers"
+
+
 def test_eval_few_shot_and_sampling(tmp_path):
     from synthtune.evaluate import EvalConfig, run_eval
 
