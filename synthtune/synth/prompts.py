@@ -12,6 +12,7 @@ being answered (the 2023 code drew both from GSM8K test, then evaluated on it).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import random
@@ -121,7 +122,10 @@ def default_format(tokenizer, is_seq2seq: bool) -> str:
     return "chat" if (not is_seq2seq and getattr(tokenizer, "chat_template", None)) else "plain"
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _words(text: str) -> frozenset[str]:
+    # cached: the `similar` strategy compares every target with every pool question, and a pool of
+    # GSM8K train (7,473 rows) would otherwise be re-tokenized once per target
     return frozenset(re.findall(r"[a-z0-9]+", text.lower()))
 
 
