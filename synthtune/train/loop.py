@@ -289,12 +289,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                                                               if isinstance(v, float)))
                 acc.log(metrics, step=state.global_step)
                 model.train()
-            if cfg.save_steps and state.global_step % cfg.save_steps == 0:
+            saved_now = bool(cfg.save_steps) and state.global_step % cfg.save_steps == 0
+            if saved_now:
                 ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit)
             if state.global_step >= total_steps:
                 break
             if cfg.stop_at_step is not None and state.global_step >= cfg.stop_at_step:
-                ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit)
+                if not saved_now:  # a checkpoint of this very step is already on disk otherwise
+                    ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit)
                 bar.close()
                 say(f"stopped at step {state.global_step} (stop_at_step); resume with resume_from=latest")
                 if tracer is not None:
@@ -312,7 +314,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     history.append({"step": state.global_step, **final_metrics})
     acc.log(final_metrics, step=state.global_step)
     final_dir = ckpt.save_final(acc, model, tok, out_dir / "final", is_peft=cfg.method in ("lora", "qlora"))
-    if cfg.save_steps:
+    if cfg.save_steps and state.global_step % cfg.save_steps:  # the last step's, unless the loop saved it
         ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit)
     mem = tracer.stop() if tracer is not None else {}
     if torch.cuda.is_available() and not use_cpu:
