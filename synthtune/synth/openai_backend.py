@@ -276,6 +276,14 @@ class _Transport:
                 except OSError:
                     pass
 
+    def close(self) -> None:
+        """Abort, then release every connection's file descriptor now rather than at garbage collection."""
+        self.abort()
+        with self._lock:
+            live, self._live = list(self._live), set()
+        for conn in live:
+            conn.close()
+
 
 # --------------------------------------------------------------------------------------------
 # the backend
@@ -329,7 +337,7 @@ class OpenAIBackend:
         return f"OpenAIBackend({[e.url for e in self.endpoints]}, {self.model_name!r})"
 
     def close(self) -> None:
-        self._http.abort()
+        self._http.close()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     # -- the public call ------------------------------------------------------------------------
