@@ -247,26 +247,20 @@ def learned(eval_report: dict) -> list[str]:
 
 
 def plot_comparison(eval_report: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from synthtune.plotting import png
 
     names = [n for n, _ in REPORT_METRICS]
     base = [eval_report["base"].get(n) or 0 for n in names]
     tuned = [eval_report["adapter"].get(n) or 0 for n in names]
-    fig, ax = plt.subplots(figsize=(6.5, 3.4))
-    x = range(len(names))
-    ax.bar([i - 0.2 for i in x], base, width=0.4, color="#8c8c8c", label="base")
-    ax.bar([i + 0.2 for i in x], tuned, width=0.4, color="#4c72b0", label="tuned (LoRA)")
-    ax.set_xticks(list(x), [n.replace("_", " ") for n in names], fontsize=8)
-    ax.set_ylim(0, 1.05)
-    ax.set_ylabel(f"share of {eval_report['n_questions']} test answers")
-    ax.set_title("Held-out GSM8K: base vs tuned")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    with png(path, (6.5, 3.4)) as (_, ax):
+        x = range(len(names))
+        ax.bar([i - 0.2 for i in x], base, width=0.4, color="#8c8c8c", label="base")
+        ax.bar([i + 0.2 for i in x], tuned, width=0.4, color="#4c72b0", label="tuned (LoRA)")
+        ax.set_xticks(list(x), [n.replace("_", " ") for n in names], fontsize=8)
+        ax.set_ylim(0, 1.05)
+        ax.set_ylabel(f"share of {eval_report['n_questions']} test answers")
+        ax.set_title("Held-out GSM8K: base vs tuned")
+        ax.legend(fontsize=8)
     return path
 
 

@@ -601,26 +601,19 @@ def padding_waste(lengths: Sequence[int], pad_to: int) -> float:
 def plot_length_histogram(lengths: Sequence[int], path: Path | str, max_length: int | None = None, *,
                           title: str = "token lengths") -> None:
     """A PNG histogram with the p99 line and, when given, the ``max_length`` cut and how many exceed it."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # no display on servers and in tests
-    import matplotlib.pyplot as plt
+    from synthtune.plotting import png
 
     stats = length_stats(lengths)
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.hist(list(lengths), bins=min(60, max(10, len(set(lengths)))), color="#4c72b0", edgecolor="white")
-    ax.axvline(stats["p99"], color="#55a868", linestyle="--", label=f"p99 = {stats['p99']}")
-    if max_length is not None:
-        over = sum(1 for x in lengths if x > max_length)
-        ax.axvline(max_length, color="#c44e52", label=f"max_length = {max_length} ({over} over)")
-    ax.set_xlabel("tokens per example")
-    ax.set_ylabel("examples")
-    ax.set_title(f"{title}: n={stats['n']}, mean {stats['mean']:.0f}, max {stats['max']}")
-    ax.legend()
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with png(path, (7, 3.5), dpi=100) as (_, ax):
+        ax.hist(list(lengths), bins=min(60, max(10, len(set(lengths)))), color="#4c72b0", edgecolor="white")
+        ax.axvline(stats["p99"], color="#55a868", linestyle="--", label=f"p99 = {stats['p99']}")
+        if max_length is not None:
+            over = sum(1 for x in lengths if x > max_length)
+            ax.axvline(max_length, color="#c44e52", label=f"max_length = {max_length} ({over} over)")
+        ax.set_xlabel("tokens per example")
+        ax.set_ylabel("examples")
+        ax.set_title(f"{title}: n={stats['n']}, mean {stats['mean']:.0f}, max {stats['max']}")
+        ax.legend()
 
 
 # --------------------------------------------------------------------------------------------

@@ -64,10 +64,17 @@ def test_the_printed_train_command_reproduces_the_demo_training_config(tmp_path)
 
 
 def test_plot_history_draws_losses_and_rates(tmp_path):
+    import matplotlib
+
+    backend = matplotlib.get_backend()
+    matplotlib.use("pdf")  # any backend the user chose, as a notebook's inline one
     hist = [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5},
             {"step": 2, "eval/loss": 1.7, "eval/accuracy": 0.1, "eval/format_rate": 0.5}]
     path = plot_history(hist, tmp_path / "loss.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # library plots never switch the process's backend (a notebook's inline plots would stop showing)
+    assert matplotlib.get_backend() == "pdf"
+    matplotlib.use(backend)
     assert plot_history([{"step": 3, "eval/accuracy": 0.2}], tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
 

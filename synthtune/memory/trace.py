@@ -171,30 +171,24 @@ class MemoryTracer:
 
 def plot_trace(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "memory and utilization") -> None:
     """Memory lines on the left axis, GPU utilization on the right: nvitop's two lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: training nodes have no display
-    import matplotlib.pyplot as plt
+    from synthtune.plotting import png
 
     t = [r["t_s"] for r in rows]
-    fig, ax = plt.subplots(figsize=(8, 4))
-    for key, label in (("gpu_allocated_gib", "GPU allocated"), ("gpu_reserved_gib", "GPU reserved"),
-                       ("gpu_used_gib", "GPU used (NVML)"), ("rss_gib", "CPU RSS")):
-        pts = [(x, r[key]) for x, r in zip(t, rows, strict=True) if r.get(key) is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("GiB")
-    ax.set_ylim(bottom=0)
-    util = [(x, r["gpu_util_pct"]) for x, r in zip(t, rows, strict=True) if r.get("gpu_util_pct") is not None]
-    if util:
-        ax2 = ax.twinx()
-        ax2.plot([p[0] for p in util], [p[1] for p in util], color="tab:red", alpha=0.6, label="GPU util")
-        ax2.set_ylabel("GPU utilization (%)")
-        ax2.set_ylim(0, 105)
-        ax2.legend(loc="upper right")
-    ax.legend(loc="upper left")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    with png(path, (8, 4), dpi=100) as (_, ax):
+        for key, label in (("gpu_allocated_gib", "GPU allocated"), ("gpu_reserved_gib", "GPU reserved"),
+                           ("gpu_used_gib", "GPU used (NVML)"), ("rss_gib", "CPU RSS")):
+            pts = [(x, r[key]) for x, r in zip(t, rows, strict=True) if r.get(key) is not None]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+        ax.set_xlabel("time (s)")
+        ax.set_ylabel("GiB")
+        ax.set_ylim(bottom=0)
+        util = [(x, r["gpu_util_pct"]) for x, r in zip(t, rows, strict=True) if r.get("gpu_util_pct") is not None]
+        if util:
+            ax2 = ax.twinx()
+            ax2.plot([p[0] for p in util], [p[1] for p in util], color="tab:red", alpha=0.6, label="GPU util")
+            ax2.set_ylabel("GPU utilization (%)")
+            ax2.set_ylim(0, 105)
+            ax2.legend(loc="upper right")
+        ax.legend(loc="upper left")
+        ax.set_title(title)

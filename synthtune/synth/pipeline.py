@@ -435,18 +435,13 @@ def build_summary(out_dir: Path, items: list[Item], state: RunState, cfg: SynthC
 
 def plot_agreement(shares: Sequence[float], min_agreement: float, path: Path) -> None:
     """Histogram of first-round majority shares: how often the k samples agree."""
-    import matplotlib
+    from synthtune.plotting import png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    with png(path, (6, 3.5)) as (_, ax):
+        ax.hist(shares, bins=[i / 10 for i in range(11)], color="#4c72b0", edgecolor="white")
+        ax.axvline(min_agreement, color="#c44e52", linestyle="--", label=f"min_agreement = {min_agreement}")
+        ax.set_xlabel("majority vote share (round 1)")
+        ax.set_ylabel("questions")
+        ax.set_title(f"Self-consistency agreement over {len(shares)} questions")
+        ax.legend()
 
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.hist(shares, bins=[i / 10 for i in range(11)], color="#4c72b0", edgecolor="white")
-    ax.axvline(min_agreement, color="#c44e52", linestyle="--", label=f"min_agreement = {min_agreement}")
-    ax.set_xlabel("majority vote share (round 1)")
-    ax.set_ylabel("questions")
-    ax.set_title(f"Self-consistency agreement over {len(shares)} questions")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
