@@ -41,11 +41,17 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
     from accelerate.utils import gather_object
 
     from synthtune.data.answers import extract_strict, is_correct
+    from synthtune.generation import truncate_at_stop
     from synthtune.prep import format_example, resolve_format
+    from synthtune.synth.prompts import PLAIN_STOP
 
     if not questions:
         return {}
     fmt = resolve_format(cfg.prompt_format, tokenizer, seq2seq)
+    # The plain format's answers can run on into a made-up next question, as in `synthtune eval`;
+    # stopping there saves most of the generation budget for models that do not emit EOS yet.
+    stop = list(PLAIN_STOP + ("\nQuestion:",)) if fmt == "plain" and not seq2seq else []
+    stop_kwargs = {"stop_strings": stop, "tokenizer": tokenizer} if stop else {}
     rank, world = acc.process_index, acc.num_processes
     mine = questions[rank::world]
     # Under ZeRO-3 every rank must join every forward (synced_gpus), so all ranks run the same
@@ -67,9 +73,9 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
         with torch.no_grad(), acc.autocast():
             out = unwrapped.generate(**enc, max_new_tokens=cfg.eval_max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, synced_gpus=_zero3(acc),
-                                     use_cache=True)
+                                     use_cache=True, **stop_kwargs)
         new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
-        texts = tokenizer.batch_decode(new, skip_special_tokens=True)
+        texts = [truncate_at_stop(t, stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         for j, (row, text) in enumerate(zip(chunk, texts, strict=True)):
             if start + j < len(mine):
                 results.append({"correct": is_correct(text, row["answer"]),
