@@ -12,6 +12,7 @@ Built-in names (the DESIGN contract for ``--model``):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -357,13 +358,53 @@ def _log_progress(msg: str) -> None:
     print(f"[synthtune] {msg}", file=sys.stderr, flush=True)
 
 
+def _deepspeed_plugin():
+    """The launcher's DeepSpeed plugin while a stage-3 config is registered with transformers, else None."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not is_deepspeed_zero3_enabled():  # the case before any Accelerator exists, too
+        return None
+    from accelerate.state import AcceleratorState
+
+    return getattr(AcceleratorState(), "deepspeed_plugin", None)
+
+
+def zero3_init_flag() -> bool:
+    """The launcher's ``zero3_init_flag`` (False outside a ZeRO-3 launch)."""
+    plugin = _deepspeed_plugin()
+    return bool(plugin and plugin.zero3_init_flag)
+
+
+@contextlib.contextmanager
+def zero3_init(enable: bool):
+    """Let transformers build the model under ``deepspeed.zero.Init`` only when ``enable``.
+
+    transformers partitions at construction whenever a stage-3 ``HfDeepSpeedConfig`` is
+    registered, and accelerate registers one for every ZeRO-3 plugin, ``zero3_init_flag: false``
+    included (its ``zero3_init_context_manager(enable=False)`` does nothing when the flag is
+    already off). So the registration is lifted here and put back from the plugin afterwards.
+    """
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    plugin = None if enable else _deepspeed_plugin()
+    if plugin is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        plugin.set_deepspeed_weakref()
+
+
 def meta_model(config, trust_remote_code: bool = False):
     """The model's module tree with no memory behind it (the meta device): shapes, names, counts."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     cls = AutoModelForSeq2SeqLM if is_seq2seq_config(config) else AutoModelForCausalLM
-    with torch.device("meta"):
+    # outside zero.Init: under a ZeRO-3 launch it would partition the meta tensors to numel 0
+    with zero3_init(False), torch.device("meta"):
         return cls.from_config(config, trust_remote_code=trust_remote_code)
 
 

@@ -10,6 +10,7 @@ for the next epoch's reshuffle.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -46,7 +47,12 @@ def token_loss_sum(logits, labels, is_seq2seq: bool):
 def batch_tokens(batch: dict, is_seq2seq: bool) -> int:
     """Real (non-pad) tokens a step processes: the input side, plus the labels for seq2seq,
     whose decoder runs over them too."""
-    n = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+    if "num_tokens" in batch:  # packed rows: the 4D additive mask holds no token count
+        n = int(batch["num_tokens"])
+    elif "attention_mask" in batch:
+        n = int(batch["attention_mask"].sum())
+    else:
+        n = batch["input_ids"].numel()
     if is_seq2seq:
         n += int((batch["labels"] != -100).sum())
     return n
@@ -92,7 +98,14 @@ def load_for_training(cfg: TrainConfig, weights_dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-    from synthtune.models import is_seq2seq_config, load_config, load_tokenizer, resolve_model
+    from synthtune.models import (
+        is_seq2seq_config,
+        load_config,
+        load_tokenizer,
+        resolve_model,
+        zero3_init,
+        zero3_init_flag,
+    )
 
     path = resolve_model(cfg.model, seed=cfg.seed)
     mcfg = load_config(path, trust_remote_code=cfg.trust_remote_code)
@@ -107,20 +120,17 @@ def load_for_training(cfg: TrainConfig, weights_dtype: str):
                                                            bnb_4bit_compute_dtype=torch.bfloat16)
     if cfg.random_init:
         # Built whole, directly on the GPU when one is used (a 20B shape never touches host
-        # memory), and outside deepspeed.zero.Init: under the accelerate DeepSpeed plugin,
-        # from_config would otherwise build partitioned modules with skipped weight init, and
-        # LoRA on top of those did not learn in the H200 check. DeepSpeed shards it at prepare.
-        import contextlib
-
-        from accelerate.state import AcceleratorState, PartialState
+        # memory), and outside deepspeed.zero.Init: under it from_config skips weight init, so
+        # the "random" base is uninitialized memory and LoRA on top of it did not learn (the
+        # H200 check). DeepSpeed shards the model at prepare instead.
+        from accelerate.state import PartialState
 
         device = PartialState().device
-        plugin = getattr(AcceleratorState(), "deepspeed_plugin", None)
-        no_zero_init = plugin.zero3_init_context_manager(enable=False) if plugin else contextlib.nullcontext()
-        with no_zero_init, torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        with zero3_init(False), torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
             model = cls.from_config(mcfg, dtype=kwargs["dtype"], trust_remote_code=cfg.trust_remote_code)
     else:
-        model = cls.from_pretrained(path, **kwargs)
+        with zero3_init(zero3_init_flag()):
+            model = cls.from_pretrained(path, **kwargs)
     tok_path = resolve_model(cfg.tokenizer, seed=cfg.seed) if cfg.tokenizer else path
     tok = load_tokenizer(tok_path, trust_remote_code=cfg.trust_remote_code)
     if tok.pad_token is None:
@@ -159,8 +169,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     prec = resolve_precision(cfg, not use_cpu, (not use_cpu) and torch.cuda.is_bf16_supported())
     G = cfg.gradient_accumulation_steps
+    # Accelerator(cpu=True) drops a DeepSpeed launcher config and runs plain (DDP) training; under
+    # `accelerate launch` with DeepSpeed, its CPU accelerator (DS_ACCELERATOR=cpu) runs ZeRO on CPU.
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     acc = Accelerator(
-        mixed_precision=prec.mixed_precision, cpu=use_cpu,
+        mixed_precision=prec.mixed_precision, cpu=use_cpu and not deepspeed_launch,
+        # The loop steps the scheduler itself, once per optimizer step. accelerate's own rule steps
+        # it num_processes times per step (it assumes a schedule counted on the unsharded data),
+        # and under DeepSpeed prepare() hands it back unwrapped, stepping on every micro-batch.
+        step_scheduler_with_optimizer=False,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=G, sync_with_dataloader=False,
                                                                 adjust_scheduler=False),
         log_with=None if cfg.log_with == "none" else cfg.log_with,
@@ -212,7 +229,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * windows_per_epoch)
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps,
                           num_training_steps=total_steps)
-    sched = acc.prepare(sched)
+    sched = acc.prepare_scheduler(sched)  # registered for save_state / load_state, DeepSpeed included
     if cfg.log_with != "none":
         acc.init_trackers("synthtune", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                for k, v in to_dict(cfg).items()})
@@ -261,7 +278,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
                         acc.clip_grad_norm_(params, cfg.max_grad_norm)
                     opt.step()
-                    sched.step()
+                    if acc.sync_gradients:
+                        sched.step()
                     opt.zero_grad(set_to_none=True)
                 tokens_seen_run += batch_tokens(mb, seq2seq)
             state.batch_in_epoch += G
@@ -324,6 +342,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     summary = {
         "model": cfg.model, "model_path": model_path, "method": cfg.method, "kind": "seq2seq" if seq2seq else "causal",
         "steps": state.global_step, "epochs_completed": state.epoch, "processes": world,
+        # what actually ran: accelerate can quietly fall back from the launcher config (e.g. to DDP)
+        "distributed_type": acc.distributed_type.value,
+        "zero_stage": getattr(plugin, "zero_stage", None) if plugin is not None else None,
         "trainable_params": n_train, "total_params": n_total,
         "train_tokens_run": tokens_seen_run * world, "train_seconds": round(train_s, 2),
         "tokens_per_s": round(tokens_seen_run * world / max(train_s, 1e-9), 2),
