@@ -531,7 +531,8 @@ class PackedCollator:
     boundaries are silently ignored and examples attend to each other.
 
     Padding (rows of unequal length) gets labels -100 and its own positions/block, so it never
-    touches the real tokens.
+    touches the real tokens. ``num_tokens`` (a 0-d tensor) counts the real tokens of the batch, for
+    throughput; models ignore it, but it is not a model input.
     """
 
     def __init__(self, pad_token_id: int, *, attention: str = "mask", pad_to_multiple_of: int | None = None,
@@ -552,7 +553,9 @@ class PackedCollator:
             pos[i, : len(p)] = torch.as_tensor(p)
             pos[i, len(p):] = torch.arange(length - len(p))  # the padding is a sequence of its own
         batch = {"input_ids": _pad(ids, self.pad_token_id, length),
-                 "labels": _pad([f["labels"] for f in features], IGNORE_INDEX, length), "position_ids": pos}
+                 "labels": _pad([f["labels"] for f in features], IGNORE_INDEX, length), "position_ids": pos,
+                 # the real tokens: neither the 4D mask nor position_ids can tell them from padding
+                 "num_tokens": torch.tensor(sum(len(x) for x in ids))}
         if self.attention == "mask":
             # Segment ids from the position resets: a new example starts wherever position is 0.
             seg = torch.cumsum((pos == 0).long(), dim=1)

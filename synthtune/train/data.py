@@ -44,8 +44,10 @@ class TrainData:
 
     def report_lines(self) -> list[str]:
         s = self.stats
-        lines = [f"train: {s['train']['n']} examples ({s['train'].get('n_truncated', 0)} truncated at "
-                 f"max_length), {s['train_batches']} batches of {s['batch_size']}"]
+        t = s["train"]
+        over, dropped = t.get("n_truncated", 0), t.get("n_dropped", 0)
+        fate = f"{dropped} over max_length dropped" if dropped else f"{over} over max_length truncated"
+        lines = [f"train: {t['n']} examples ({fate}), {s['train_batches']} batches of {s['batch_size']}"]
         if "eval" in s:
             lines.append(f"eval: {s['eval']['n']} examples for loss, {len(self.eval_questions)} questions for accuracy")
         return lines
@@ -79,7 +81,7 @@ def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool
     elif cfg.packing:
         ds = pack_sequences(ds, cfg.max_length)
         # The block-diagonal mask must match the activations' dtype under bf16 (sdpa refuses mixing).
-        collator = PackedCollator(tokenizer.pad_token_id,
+        collator = PackedCollator(tokenizer.pad_token_id, pad_to_multiple_of=multiple,
                                   mask_dtype=torch.bfloat16 if mask_bf16 else None)
     else:
         collator = CausalCollator(tokenizer.pad_token_id, pad_to_multiple_of=multiple)
