@@ -2,6 +2,9 @@
 
 Run: .venv/bin/python bench/padding_bench.py   # full GSM8K from SYNTHTUNE_GSM8K_DIR or ../shared/data/gsm8k
      .venv/bin/python bench/padding_bench.py --steps 2 --tasks causal   # a quick look
+     # on a GPU, from a shape-only model folder (config + tokenizer, no weights), LoRA and full:
+     python bench/padding_bench.py --tasks causal --device cuda --dtype bf16 --random-init \
+         --model DIR --methods lora,full --batch-size 8 --steps 40
 
 Two tasks, each a fixed number of LoRA training steps (forward + backward + AdamW step) per variant:
 
@@ -14,12 +17,16 @@ Two tasks, each a fixed number of LoRA training steps (forward + backward + Adam
 
 Variants: ``workshop`` truncates and pads every example to 256 tokens (seq2seq: inputs and labels to
 256 each) in random fixed batches; ``grouped`` drops the >p99 examples, length-groups batches
-(:func:`synthtune.prep.length_grouped_order`) and pads per batch; ``packed`` (causal only) packs
+(:func:`synthtune.prep.length_grouped_order`) and pads per batch; ``bucket64`` (causal) is ``grouped``
+padded up to a multiple of 64 (the GPU recipes' ``pad_to_multiple_of``: a handful of batch shapes
+instead of hundreds); ``packed`` (causal only) packs
 examples into 512-token rows with a block-diagonal mask, half as many rows per batch so a step sees
 about as many tokens as the workshop's. Variants run interleaved one step at a time (A,B,C,A,B,C,...) so
 load from other processes on the machine spreads over all of them; one untimed warm-up step each first.
 Both wall-clock and process-CPU-time throughput are reported: under contention the CPU-time ratio is
-the steadier of the two.
+the steadier of the two. On a GPU each step ends with ``torch.cuda.synchronize()`` so wall time is the
+GPU's, the CPU-time columns mean little, and the median step time shows whether a variant is slow only
+on shapes it has not seen yet.
 Throughput counts real tokens only: tokens of the (possibly truncated) examples, never padding.
 """
 
@@ -82,23 +89,31 @@ class Variant:
     def __init__(self, name: str, rows, batches, collate, real_tokens, padded_tokens):
         self.name, self.rows, self.batches, self.collate = name, rows, batches, collate
         self.real_tokens, self.padded_tokens = real_tokens, padded_tokens
-        self.cursor = 0
+        self.cursor = self.pool = 0
         self.steps = self.tokens = self.computed = 0
         self.seconds = self.cpu_seconds = 0.0
+        self.step_seconds: list[float] = []
 
     def next_batch(self):
-        feats = [self.rows[i] for i in self.batches[self.cursor % len(self.batches)]]
+        # --pool N cycles over the first N batches only, so every batch shape recurs
+        n = min(len(self.batches), self.pool) if self.pool else len(self.batches)
+        feats = [self.rows[i] for i in self.batches[self.cursor % n]]
         self.cursor += 1
         return feats
 
 
 def train_step(model, opt, batch) -> tuple[float, float]:
     """Wall seconds and this process's CPU seconds (all threads) for one optimizer step."""
+    device = next(model.parameters()).device
+    batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
     t0, c0 = time.perf_counter(), time.process_time()
     loss = model(**batch).loss
     loss.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync()  # CUDA runs asynchronously: without this the time is the launch time
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -114,6 +129,7 @@ def run_interleaved(model, opt, variants: list[Variant], steps: int, rounds: int
                 dt, cpu = train_step(model, opt, batch)
                 v.steps += 1
                 v.seconds += dt
+                v.step_seconds.append(dt)
                 v.cpu_seconds += cpu
                 v.tokens += v.real_tokens(feats)
                 v.computed += v.padded_tokens(batch)
@@ -121,7 +137,11 @@ def run_interleaved(model, opt, variants: list[Variant], steps: int, rounds: int
                 f"(load {os.getloadavg()[0]:.1f})")
 
 
-def lora(model, targets: list[str]):
+def trainable(model, targets: list[str], method: str):
+    """LoRA r=8 on ``targets`` (AdamW lr 1e-4 on the adapter), or full fine-tuning (lr 1e-5)."""
+    if method == "full":
+        model.train()
+        return model, torch.optim.AdamW(model.parameters(), lr=1e-5)
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets)
@@ -131,12 +151,25 @@ def lora(model, targets: list[str]):
     return model, opt
 
 
-def bench_causal(rows, args, log) -> dict:
-    from synthtune.models import load_model
+def causal_model(args):
+    """The model and tokenizer: real weights on CPU, or a random-init build of a shape-only folder."""
+    from synthtune.models import load_config, load_model
+    from synthtune.prep import load_tokenizer_for
 
-    lm = load_model("smollm2-135m-instruct", device="cpu", dtype="fp32")
-    tok = lm.tokenizer
-    model, opt = lora(lm.model, ["q_proj", "v_proj"])
+    if not args.random_init:
+        lm = load_model(args.model, device=args.device, dtype=args.dtype)
+        return lm.model, lm.tokenizer
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(load_config(args.model), dtype=dtype)
+    return model, load_tokenizer_for(args.model)[0]
+
+
+def bench_causal(rows, args, log, method: str = "lora") -> dict:
+    base, tok = causal_model(args)
+    model, opt = trainable(base, ["q_proj", "v_proj"], method)
     full = tokenize_rows(rows, tok, is_seq2seq=False, fmt="plain", max_length=4096, warn=False)
     facts = {**length_stats(full.lengths), "over_256": sum(1 for x in full.lengths if x > WORKSHOP_LEN),
              "padding_waste_at_256": round(padding_waste(full.lengths, WORKSHOP_LEN), 4)}
@@ -153,15 +186,22 @@ def bench_causal(rows, args, log) -> dict:
     def padded(batch):
         return batch["input_ids"].numel()
 
+    grouped = grouped_batches([len(r["input_ids"]) for r in o_rows], bs, args.seed)[1:]
     variants = [
         Variant("workshop", w_rows, random_batches(len(w_rows), bs, args.seed),
                 CausalCollator(tok.pad_token_id, pad_to_multiple_of=WORKSHOP_LEN), count, padded),
-        Variant("grouped", o_rows, grouped_batches([len(r["input_ids"]) for r in o_rows], bs, args.seed)[1:],
-                CausalCollator(tok.pad_token_id), count, padded),
+        Variant("grouped", o_rows, grouped, CausalCollator(tok.pad_token_id), count, padded),
+        *(Variant(f"bucket{m}", o_rows, grouped, CausalCollator(tok.pad_token_id, pad_to_multiple_of=m), count, padded)
+          for m in args.buckets),
         Variant("packed", packed, random_batches(len(packed), max(1, bs // 2), args.seed),
                 PackedCollator(tok.pad_token_id), count, padded),
     ]
-    log(f"causal: SmolLM2-135M LoRA r=8 q,v, batch {bs} (packed: {max(1, bs // 2)} x 512), "
+    if args.variants:
+        variants = [v for v in variants if v.name in args.variants]
+    for v in variants:
+        v.pool = args.pool
+    what = "LoRA r=8 q,v" if method == "lora" else "full fine-tuning"
+    log(f"causal: {args.model} {what} on {args.device} ({args.dtype}), batch {bs} (packed: {max(1, bs // 2)} x 512), "
         f"{args.steps} steps per variant in {args.rounds} rounds")
     run_interleaved(model, opt, variants, args.steps, args.rounds, log)
     return {"facts": facts, "ours_max_length": ours_len, "dropped_by_ours": ours.stats["n_dropped"],
@@ -182,7 +222,7 @@ def bench_seq2seq(rows, args, log) -> dict:
     cfg = T5Config(vocab_size=len(tok), d_model=512, d_kv=64, d_ff=1024, num_layers=6, num_decoder_layers=6,
                    num_heads=8, feed_forward_proj="gated-gelu", tie_word_embeddings=False,
                    pad_token_id=pad_id, eos_token_id=tok.eos_token_id, decoder_start_token_id=pad_id)
-    model, opt = lora(T5ForConditionalGeneration(cfg), ["q", "v"])
+    model, opt = trainable(T5ForConditionalGeneration(cfg).to(args.device), ["q", "v"], "lora")
     full = tokenize_rows(rows, tok, is_seq2seq=True, fmt="plain", max_length=4096, warn=False)
     facts = {"input": length_stats(full.lengths), "labels": length_stats(full.target_lengths),
              "inputs_over_256": sum(1 for x in full.lengths if x > WORKSHOP_LEN),
@@ -221,8 +261,10 @@ def summarize(variants: list[Variant]) -> dict:
     out = {}
     for v in variants:
         tps, tpc = v.tokens / v.seconds, v.tokens / v.cpu_seconds
+        times = sorted(v.step_seconds)
         out[v.name] = {
-            "steps": v.steps, "seconds": round(v.seconds, 2), "s_per_step": round(v.seconds / v.steps, 3),
+            "steps": v.steps, "seconds": round(v.seconds, 2), "s_per_step": round(v.seconds / v.steps, 4),
+            "median_s_per_step": round(times[len(times) // 2], 4),
             "real_tokens": v.tokens, "real_tokens_per_s": round(tps, 1),
             "padding_fraction": round(1 - v.tokens / v.computed, 4), "speedup_vs_workshop": round(tps / base, 3),
             # CPU seconds move less than wall seconds when other processes share the cores
@@ -232,10 +274,11 @@ def summarize(variants: list[Variant]) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| variant | steps | s/step | real tokens | padding | real tok/s (wall) | vs workshop "
+    lines = ["| variant | steps | s/step (median) | real tokens | padding | real tok/s (wall) | vs workshop "
              "| real tok/CPU-s | vs workshop |", "|---|---|---|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
-        lines.append(f"| {name} | {v['steps']} | {v['s_per_step']:.2f} | {v['real_tokens']} | "
+        lines.append(f"| {name} | {v['steps']} | {v['s_per_step']:.3f} ({v['median_s_per_step']:.3f}) | "
+                     f"{v['real_tokens']} | "
                      f"{v['padding_fraction']:.1%} | {v['real_tokens_per_s']:.1f} | {v['speedup_vs_workshop']:.2f}x "
                      f"| {v['real_tokens_per_cpu_s']:.1f} | {v['cpu_speedup_vs_workshop']:.2f}x |")
     return "\n".join(lines)
@@ -250,9 +293,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tasks", default="causal,seq2seq")
+    ap.add_argument("--model", default="smollm2-135m-instruct",
+                    help="causal model: a built-in name or a folder (with --random-init, config + tokenizer suffice)")
+    ap.add_argument("--random-init", action="store_true", help="build the causal model from its config, no weights")
+    ap.add_argument("--methods", default="lora", help="causal: lora, full, or both (comma-separated)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    ap.add_argument("--buckets", default="64", help="causal: pad_to_multiple_of values, one bucketN variant each")
+    ap.add_argument("--variants", default="", help="causal: run only these (comma-separated names), workshop first")
+    ap.add_argument("--pool", type=int, default=0,
+                    help="cycle over each variant's first N batches (shapes recur: first-seen-shape costs drop out)")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "padding_bench.json")
     args = ap.parse_args()
     args.rounds = args.rounds or args.steps
+    args.buckets = [int(m) for m in args.buckets.split(",") if m]
+    args.variants = [v for v in args.variants.split(",") if v]
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -261,13 +316,20 @@ def main() -> None:
         print(msg, file=sys.stderr, flush=True)
 
     rows, data_name = gsm8k_train()
+    gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
     result = {"data": data_name, "n_rows": len(rows), "args": {k: str(v) for k, v in vars(args).items()},
               "env": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
-                      "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}}
+                      "cpus": os.cpu_count(), "gpu": gpu, "loadavg_start": os.getloadavg()}}
     t0 = time.time()
     for task in args.tasks.split(","):
-        result[task] = bench_causal(rows, args, log) if task == "causal" else bench_seq2seq(rows, args, log)
-        print(f"\n{task}\n{table(result[task])}\n", flush=True)
+        runs = ([(f"causal_{m}" if m != "lora" else "causal", m) for m in args.methods.split(",")]
+                if task == "causal" else [(task, "lora")])
+        for key, method in runs:
+            result[key] = (bench_causal(rows, args, log, method) if task == "causal"
+                           else bench_seq2seq(rows, args, log))
+            print(f"\n{key} ({method})\n{table(result[key])}\n", flush=True)
+            if gpu:
+                torch.cuda.empty_cache()
     result["env"]["loadavg_end"] = os.getloadavg()
     result["wall_s"] = round(time.time() - t0, 1)
     args.out.parent.mkdir(parents=True, exist_ok=True)
