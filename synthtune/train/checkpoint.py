@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 STATE_FILE = "trainer_state.json"
@@ -24,6 +24,10 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of this epoch already consumed (per process)
     processes: int = 0  # the world size that wrote it (0: unknown, an older checkpoint)
+    # the logged records so far, so a resumed run's summary and loss.png cover the whole run
+    history: list[dict] = field(default_factory=list)
+    log_loss_sum: float = 0.0  # label-token loss summed since the last logged record (all ranks)
+    log_label_tokens: int = 0
 
     def save(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")

@@ -248,13 +248,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             f"batch {state.batch_in_epoch})")
 
     world = acc.num_processes
-    history: list[dict] = []
+    history = state.history  # a resumed run continues the stopped run's records
     bar = tqdm(total=total_steps, initial=state.global_step, desc="training", unit="step",
                disable=not (progress and main), dynamic_ncols=True)
     t_train = time.perf_counter()
     tokens_seen_run = tokens_at_log = 0
     t_log = t_train
-    loss_accum, tok_accum = 0.0, 0
     model.train()
     while state.global_step < total_steps:
         train_dl.set_epoch(state.epoch)
@@ -285,21 +284,22 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             state.batch_in_epoch += G
             state.global_step += 1
             window = []
-            loss_accum += float(acc.reduce(window_loss, reduction="sum").item())
-            tok_accum += n_label
+            # the logging window's sums live in the state: a stop mid-window resumes them
+            state.log_loss_sum += float(acc.reduce(window_loss, reduction="sum").item())
+            state.log_label_tokens += n_label
             bar.update(1)
             if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
                 # the rate since the last log, so warm-up steps don't hide the steady state
                 now = time.perf_counter()
                 rate = (tokens_seen_run - tokens_at_log) * world / max(now - t_log, 1e-9)
                 tokens_at_log, t_log = tokens_seen_run, now
-                rec = {"step": state.global_step, "loss": loss_accum / max(tok_accum, 1),
+                rec = {"step": state.global_step, "loss": state.log_loss_sum / max(state.log_label_tokens, 1),
                        "lr": sched.get_last_lr()[0], "tokens_per_s": rate}
                 history.append(rec)
                 acc.log({"train/loss": rec["loss"], "train/lr": rec["lr"], "train/tokens_per_s": rec["tokens_per_s"]},
                         step=state.global_step)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                loss_accum, tok_accum = 0.0, 0
+                state.log_loss_sum, state.log_label_tokens = 0.0, 0
             if cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and state.global_step < total_steps:
                 metrics = evaluate(acc, model, tok, eval_dl, data.eval_questions, cfg, seq2seq)
                 history.append({"step": state.global_step, **metrics})
