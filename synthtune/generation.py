@@ -8,7 +8,7 @@ The synthesis backend builds its faster shared-prefill sampler on top of the sam
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm.auto import tqdm
 
@@ -22,6 +22,18 @@ class SamplingParams:
     num_samples: int = 1
     stop: tuple[str, ...] = ()
     seed: int = 0
+
+
+@dataclass
+class Sample:
+    """One completion, from any backend. Defined here, away from torch, so the OpenAI client
+    imports without it."""
+
+    text: str  # decoded new text, cut at the first stop string (stop string removed), stripped
+    n_tokens: int  # new tokens generated (up to and including EOS / the stop)
+    finish_reason: str  # "eos" | "stop" | "length"
+    # the n_tokens new token ids (for provenance and exact comparisons); not part of equality
+    token_ids: list[int] = field(default_factory=list, repr=False, compare=False)
 
 
 def truncate_at_stop(text: str, stop: Sequence[str]) -> str:

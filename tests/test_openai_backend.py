@@ -454,3 +454,10 @@ def test_wrong_key_and_unknown_model_fail_clearly(servers, tmp_path, key_env):
     assert not any(b"sk-wrong-key" in p.read_bytes() for p in out.rglob("*") if p.is_file())
     with pytest.raises(EndpointError, match=r"does not serve model 'nope'; it serves: tiny-llama, math"):
         backend_for(replace(_cfg([servers[0].url], tmp_path / "x"), served_model="nope"))
+
+
+def test_the_client_imports_without_torch():
+    # a synthesis client for remote servers should not pay torch's ~1 s import (or need torch at all)
+    code = "import sys, synthtune.synth.openai_backend; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"

@@ -48,10 +48,9 @@ from urllib.parse import urlsplit
 
 from synthtune import __version__
 from synthtune.config import ConfigError
-from synthtune.generation import SamplingParams, truncate_at_stop
+from synthtune.generation import Sample, SamplingParams, truncate_at_stop
 from synthtune.models import ModelError
 from synthtune.synth.prompts import Prompt
-from synthtune.synth.sampler import Sample
 
 log = logging.getLogger(__name__)
 

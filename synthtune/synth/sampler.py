@@ -40,11 +40,10 @@ from __future__ import annotations
 
 import contextvars
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
 
-from synthtune.generation import SamplingParams, truncate_at_stop
+from synthtune.generation import Sample, SamplingParams, truncate_at_stop  # noqa: F401 (Sample: re-export)
 
 ATTN_NAME = "synthtune_shared_prefix"
 # Prompt remainders longer than this are prefilled in chunks, bounding the [rows, heads, chunk,
@@ -54,15 +53,6 @@ _PREFILL_CHUNK = 256
 # finite garbage value instead of NaN, and NaN must not reach padding slots' values, since
 # 0 * NaN would poison every row that merely masks them.
 _MASKED = -1e30
-
-
-@dataclass
-class Sample:
-    text: str  # decoded new text, cut at the first stop string (stop string removed), stripped
-    n_tokens: int  # new tokens generated (up to and including EOS / the stop)
-    finish_reason: str  # "eos" | "stop" | "length"
-    # the n_tokens new token ids (for provenance and exact comparisons); not part of equality
-    token_ids: list[int] = field(default_factory=list, repr=False, compare=False)
 
 
 # --------------------------------------------------------------------------------------------
