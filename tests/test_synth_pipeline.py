@@ -214,3 +214,44 @@ def test_reward_model_scorer_with_a_real_classifier(tmp_path):
     assert len(a) == 3 and all(isinstance(x, float) for x in a)
     assert a == scorer("What is 4 + 4?", comps)
     assert len(set(a)) > 1
+
+
+class _Recording:
+    """A real backend, wrapped: records every question's samples, and interrupts (as Ctrl-C would)
+    before its ``stop_at``-th call, after the earlier batches were written."""
+
+    def __init__(self, inner, stop_at=None):
+        self.inner, self.stop_at, self.calls, self.seen = inner, stop_at, 0, {}
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def sample(self, prompts, params):
+        self.calls += 1
+        if self.calls == self.stop_at:
+            raise KeyboardInterrupt
+        outs = self.inner.sample(prompts, params)
+        for p, samples in zip(prompts, outs, strict=True):
+            self.seen.setdefault(p.question, []).append([s.text for s in samples])
+        return outs
+
+
+def test_a_resumed_run_draws_the_samples_an_uninterrupted_run_draws(tmp_path):
+    from synthtune.synth.backends import make_backend
+
+    hf = make_backend("hf", "tiny-llama")  # random weights: nothing is solved, so round 2 runs too
+    settings = dict(model="tiny-llama", limit=6, batch_size=2, k=2, rounds=2, shots=1, max_new_tokens=6)
+    whole = _Recording(hf)
+    run_synthesis(_cfg(tmp_path, out=str(tmp_path / "whole"), **settings), backend=whole, progress=False,
+                  log=lambda m: None)
+    cfg = _cfg(tmp_path, out=str(tmp_path / "cut"), **settings)
+    first = _Recording(hf, stop_at=3)  # round 1 has 3 batches: stop before the last
+    with pytest.raises(KeyboardInterrupt):
+        run_synthesis(cfg, backend=first, progress=False, log=lambda m: None)
+    assert len(_rows(tmp_path / "cut" / STATUS)) == 4
+    rest = _Recording(hf)
+    run_synthesis(cfg, backend=rest, progress=False, log=lambda m: None)
+    assert rest.calls == 1 + 3  # the last batch of round 1, then all of round 2
+    joined = {q: first.seen.get(q, []) + rest.seen.get(q, []) for q in whole.seen}
+    assert len(whole.seen) == 6 and all(len(v) == 2 for v in whole.seen.values())
+    assert joined == whole.seen

@@ -9,7 +9,9 @@ Files in the output directory:
 Resume: kept rows are appended before the status records of the same batch. On start, kept
 rows whose (question, round) has no status record belong to a batch that was in flight when
 the run died; they are dropped (and a torn last line with them), and that round is redone.
-So a rerun after ``kill -9`` has no duplicates and loses only the batch in flight.
+So a rerun after ``kill -9`` has no duplicates and loses only the batch in flight. Batches
+and their seeds are fixed by the questions that entered each round, so the batches a resumed run
+samples are the ones an uninterrupted run would have sampled, seeds included.
 """
 
 from __future__ import annotations
@@ -318,10 +320,18 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
     log(f"synth: {len(items)} questions from {cfg.questions}, {len(pool)} exemplars from {ex_spec}, "
         f"{cfg.shots}-shot {fmt} prompts, k={cfg.k}, up to {cfg.rounds} rounds{via} -> {out_dir}")
     done = {qid for qid, texts in state.kept_texts.items() if texts}
+    solved_in: dict[str, int] = {}  # question id -> the round that solved it
+    for r in state.records:
+        if r["status"] == "done":
+            solved_in[r["id"]] = min(r["round"], solved_in.get(r["id"], r["round"]))
     t_run, n_samples, n_tokens = time.perf_counter(), 0, 0
     round_reports = []
     for rnd in range(cfg.rounds):
-        todo = [it for it in items if it.id not in done and state.rounds_done.get(it.id, 0) == rnd]
+        # The questions that entered this round fix its batches and their seeds. A resumed run
+        # rebuilds the same batches, skips the recorded ones, and samples the rest with the seeds
+        # an uninterrupted run would have used.
+        entered = [it for it in items if state.rounds_done.get(it.id, 0) >= rnd and solved_in.get(it.id, rnd) >= rnd]
+        todo = [it for it in entered if it.id not in done and state.rounds_done.get(it.id, 0) == rnd]
         skipped = sum(1 for it in items if it.id in done or state.rounds_done.get(it.id, 0) > rnd)
         if not todo:
             continue
@@ -333,8 +343,11 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
                "temperature": round(temperature, 3), "kept_questions": 0, "kept_examples": 0}
         bar = _bar(progress, len(todo), f"round {rnd + 1}/{cfg.rounds}")
         t_round = time.perf_counter()
-        for start in range(0, len(todo), cfg.batch_size):
-            batch = todo[start:start + cfg.batch_size]
+        for start in range(0, len(entered), cfg.batch_size):
+            batch = [it for it in entered[start:start + cfg.batch_size]
+                     if it.id not in done and state.rounds_done.get(it.id, 0) == rnd]
+            if not batch:
+                continue  # recorded before the interruption
             # A fresh exemplar draw each round (the seed moves with the round) gives retries new context.
             prompts = [build_prompt(it.question, pool, k=cfg.shots, fmt=fmt, tokenizer=backend.tokenizer,
                                     strategy=cfg.strategy, seed=cfg.seed + 7919 * rnd, render_chat=not chat_on_server)
@@ -355,6 +368,7 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
                                     "temperature": round(temperature, 3), "prompt_sha": prompt.sha, **status})
                 if kept:
                     done.add(it.id)
+                    solved_in[it.id] = rnd
                     rep["kept_questions"] += 1
                     rep["kept_examples"] += len(kept)
             # kept rows first, then the status that vouches for them (see the module docstring)
