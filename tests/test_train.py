@@ -238,12 +238,16 @@ def test_deepspeed_zero3_random_init_trains_like_plain_training_and_resumes(tmp_
     plain, z3 = tmp_path / "plain", tmp_path / "z3"
     _launch("cpu.yaml", f"output_dir={plain}", "save_steps=0", *common)
     _launch("zero3_1proc.yaml", f"output_dir={z3}", "save_steps=2", "stop_at_step=2", *common)
-    assert (z3 / "checkpoints" / "step-0000002").is_dir()
+    ds_files = list((z3 / "checkpoints" / "step-0000002").rglob("*_states.pt"))
+    assert ds_files  # DeepSpeed's own format
     _launch("zero3_1proc.yaml", f"output_dir={z3}", "save_steps=2", "resume_from=latest", *common)
     p, z = (json.loads((d / "summary.json").read_text()) for d in (plain, z3))
     assert (z["distributed_type"], z["zero_stage"]) == ("DEEPSPEED", 3)
     assert (p["distributed_type"], p["zero_stage"]) == ("NO", None)
     assert z["trainable_params"] == p["trainable_params"] and z["total_params"] == p["total_params"]
+    # the frozen base (fp32 here) is not in the checkpoint: only the adapter and its optimizer state
+    frozen_bytes = 4 * (z["total_params"] - z["trainable_params"])
+    assert sum(f.stat().st_size for f in ds_files) < frozen_bytes
     assert _logged(z, "loss") == pytest.approx(_logged(p, "loss"), rel=1e-5)
     lrs = _expected_lrs(4)
     assert _logged(z, "lr") == pytest.approx({k: lrs[k - 1] for k in range(1, 5)})

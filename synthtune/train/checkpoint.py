@@ -66,7 +66,8 @@ def adapter_only_checkpoints(acc, model) -> bool:
     The frozen base is the one the run started from, so a resume reloads it from the model anyway.
     On load, every key saved must exist in the model and every key missing must be a frozen
     parameter; anything else is an error, never a silently half-loaded model. DeepSpeed and FSDP
-    keep their own checkpoint formats and are left alone. Returns whether the hooks were installed.
+    keep their own checkpoint formats: no hooks there (see :func:`deepspeed_state_kwargs`).
+    Returns whether the hooks were installed.
     """
     from accelerate.utils import DistributedType
 
@@ -121,6 +122,20 @@ def adapter_only_checkpoints(acc, model) -> bool:
     return True
 
 
+def deepspeed_state_kwargs(acc, adapter_only: bool) -> tuple[dict, dict]:
+    """Extra ``save_state`` / ``load_state`` arguments under DeepSpeed.
+
+    DeepSpeed writes its own checkpoints. Under ZeRO-3 they hold the frozen base too, as
+    ``frozen_param_fragments``: the whole base, sharded over the ranks, in every checkpoint.
+    For LoRA it is left out, and the load keeps the base the run started from.
+    """
+    from accelerate.utils import DistributedType
+
+    if not adapter_only or acc.distributed_type != DistributedType.DEEPSPEED:
+        return {}, {}
+    return {"exclude_frozen_parameters": True}, {"load_module_strict": False}
+
+
 def base_fingerprint(model, frozen: set[str]) -> dict:
     """A cheap identity of the frozen base: its key count and exact sums of a few of its tensors."""
     import torch
@@ -133,7 +148,7 @@ def base_fingerprint(model, frozen: set[str]) -> dict:
     return {"frozen": len(names), "sums": sums}
 
 
-def save_checkpoint(acc, out_dir: Path, state: TrainState, keep: int) -> Path:
+def save_checkpoint(acc, out_dir: Path, state: TrainState, keep: int, **save_kwargs) -> Path:
     root = out_dir / "checkpoints"
     final = root / f"{CKPT_PREFIX}{state.global_step:07d}"
     tmp = root / f".tmp-{CKPT_PREFIX}{state.global_step:07d}"
@@ -142,7 +157,7 @@ def save_checkpoint(acc, out_dir: Path, state: TrainState, keep: int) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp))
+    acc.save_state(str(tmp), **save_kwargs)
     acc.wait_for_everyone()
     if acc.is_main_process:
         state.save(tmp)

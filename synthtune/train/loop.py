@@ -220,6 +220,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     model, opt, train_dl = acc.prepare(model, opt, train_dl)
     if cfg.method in ("lora", "qlora"):
         ckpt.adapter_only_checkpoints(acc, model)
+    save_kw, load_kw = ckpt.deepspeed_state_kwargs(acc, adapter_only=cfg.method in ("lora", "qlora"))
     if eval_dl is not None:
         eval_dl = acc.prepare(eval_dl)
     windows_per_epoch = len(train_dl) // G
@@ -242,7 +243,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             # the data position is counted per process: another world size would replay or skip data
             raise ConfigError(f"resume_from: {resume_dir} was written by {saved.processes} process(es), this "
                               f"launch has {acc.num_processes}; resume with the same launcher config")
-        acc.load_state(str(resume_dir))
+        acc.load_state(str(resume_dir), **load_kw)
         state = saved
         say(f"resumed from {resume_dir} at step {state.global_step} (epoch {state.epoch}, "
             f"batch {state.batch_in_epoch})")
@@ -309,12 +310,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                 model.train()
             saved_now = bool(cfg.save_steps) and state.global_step % cfg.save_steps == 0
             if saved_now:
-                ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit)
+                ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
             if state.global_step >= total_steps:
                 break
             if cfg.stop_at_step is not None and state.global_step >= cfg.stop_at_step:
                 if not saved_now:  # a checkpoint of this very step is already on disk otherwise
-                    ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit)
+                    ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
                 bar.close()
                 say(f"stopped at step {state.global_step} (stop_at_step); resume with resume_from=latest")
                 if tracer is not None:
@@ -333,7 +334,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     acc.log(final_metrics, step=state.global_step)
     final_dir = ckpt.save_final(acc, model, tok, out_dir / "final", is_peft=cfg.method in ("lora", "qlora"))
     if cfg.save_steps and state.global_step % cfg.save_steps:  # the last step's, unless the loop saved it
-        ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit)
+        ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
     mem = tracer.stop() if tracer is not None else {}
     if torch.cuda.is_available() and not use_cpu:
         mem["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
