@@ -16,7 +16,7 @@ import sys
 
 from synthtune.cli import user_errors
 from synthtune.config import TrainConfig, load_config
-from synthtune.train.loop import train
+from synthtune.train.loop import exit_status, train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,11 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
-        train(cfg)
+        result = train(cfg)
     except user_errors() as err:  # the same ones `synthtune train` reports without a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
-    return 0
+    # SIGTERM (preemption) or Ctrl-C: the loop wrote a checkpoint; the status says which signal
+    return exit_status(result)
 
 
 if __name__ == "__main__":

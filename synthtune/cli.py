@@ -177,12 +177,15 @@ def train(
 ) -> None:
     """Fine-tune on one process (same recipes as `accelerate launch fine_tune/train.py`)."""
     from synthtune.config import TrainConfig, load_config
+    from synthtune.train.loop import exit_status
     from synthtune.train.loop import train as run_train
 
     cfg = load_config(TrainConfig, config, overrides or [])
     summary = run_train(cfg, progress=not json_only)
     summary.pop("history", None)
     emit(json.dumps(summary, indent=None if json_only else 2))
+    if exit_status(summary):  # stopped by SIGTERM/SIGINT after writing a checkpoint
+        raise typer.Exit(exit_status(summary))
 
 
 @app.command()

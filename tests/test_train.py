@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,41 @@ def test_train_script_reports_user_errors_without_a_traceback(tmp_path):
                            "trace_memory=false"], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 2 and "resume_from=latest: no checkpoint" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_sigterm_finishes_the_step_writes_a_checkpoint_and_the_run_resumes(tmp_path):
+    # A scheduler preempting the job sends SIGTERM to the whole process group.
+    import signal
+    import threading
+
+    out = tmp_path / "preempted"
+    common = [f"output_dir={out}", "max_steps=5000", "eval_steps=0", "save_steps=0", "log_with=none",
+              "trace_memory=false"]
+    proc = subprocess.Popen([sys.executable, str(REPO / "fine_tune" / "train.py"), "--config", str(SMOKE), *common],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("[train] eval:"):  # the last line before the first step
+                ready.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert ready.wait(180), "".join(lines)[-3000:]
+    time.sleep(3)  # some steps
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert proc.wait(120) == 128 + signal.SIGTERM, "".join(lines)[-3000:]
+    reader.join(10)
+    said = "".join(lines)
+    assert "on SIGTERM, checkpoint written" in said and "Traceback" not in said
+    (ckpt_dir,) = (out / "checkpoints").iterdir()
+    step = json.loads((ckpt_dir / "trainer_state.json").read_text())["global_step"]
+    assert 0 < step < 5000 and ckpt_dir.name == f"step-{step:07d}"
+    assert not (out / "summary.json").exists()  # stopped, not finished
+    more = load_config(TrainConfig, SMOKE, [*common, "resume_from=latest", f"stop_at_step={step + 2}"])
+    assert train(more, progress=False)["stopped_at_step"] == step + 2

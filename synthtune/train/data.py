@@ -46,7 +46,8 @@ class TrainData:
         s = self.stats
         t = s["train"]
         over, dropped = t.get("n_truncated", 0), t.get("n_dropped", 0)
-        fate = f"{dropped} over max_length dropped" if dropped else f"{over} over max_length truncated"
+        fate = (f"{dropped} over max_length, dropped" if dropped else
+                f"{over} over max_length, truncated" if over else "none over max_length")
         lines = [f"train: {t['n']} examples ({fate}), {s['train_batches']} batches of {s['batch_size']}"]
         if "eval" in s:
             lines.append(f"eval: {s['eval']['n']} examples for loss, {len(self.eval_questions)} questions for accuracy")

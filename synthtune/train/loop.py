@@ -15,6 +15,8 @@ import json
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -64,6 +66,47 @@ def model_inputs(batch: dict, is_seq2seq: bool) -> dict:
     # seq2seq models build decoder inputs from labels (shifted right); causal models get no labels
     # so they skip their own loss: ours is summed and normalized per accumulation window.
     return {k: batch[k] for k in keys if k in batch}
+
+
+class StopRequests:
+    """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C) asks the loop to stop cleanly.
+
+    The loop finishes the optimizer step it is in, writes a checkpoint and returns, so
+    ``resume_from=latest`` continues with nothing lost. A second Ctrl-C stops at once (the
+    checkpoint is then the last one saved). Repeated SIGTERMs are one request: a launcher may
+    forward the signal its process group already got. Handlers can only be set from the main
+    thread; elsewhere (a worker thread) signals keep their default behaviour.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = self.signum or signum
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    @property
+    def name(self) -> str | None:
+        return signal.Signals(self.signum).name if self.signum else None
+
+
+def exit_status(result: dict) -> int:
+    """The process exit status for a train() result: 128 + the signal that stopped it, else 0."""
+    name = result.get("stopped_by")
+    return 128 + signal.Signals[name].value if name in signal.Signals.__members__ else 0
 
 
 def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict) -> dict | None:
@@ -256,77 +299,87 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     tokens_seen_run = tokens_at_log = 0
     t_log = t_train
     model.train()
-    while state.global_step < total_steps:
-        train_dl.set_epoch(state.epoch)
-        batches = acc.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl
-        window: list[dict] = []
-        for batch in batches:
-            window.append(batch)
-            if len(window) < G:
-                continue
-            n_label = sum(int((b["labels"] != -100).sum()) for b in window)
-            n_label = int(acc.reduce(torch.tensor(n_label, device=acc.device), reduction="sum").item())
-            window_loss = torch.zeros((), device=acc.device)
-            for mb in window:
-                with acc.accumulate(model):
-                    out = model(**model_inputs(mb, seq2seq))
-                    loss_sum = token_loss_sum(out.logits, mb["labels"], seq2seq)
-                    # accelerate divides by G; DDP averages over ranks: both undone here, so the
-                    # step's gradient is the global token mean over the whole window.
-                    acc.backward(loss_sum * G * world / max(n_label, 1))
-                    window_loss += loss_sum.detach()
-                    if acc.sync_gradients and cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(params, cfg.max_grad_norm)
-                    opt.step()
-                    if acc.sync_gradients:
-                        sched.step()
-                    opt.zero_grad(set_to_none=True)
-                tokens_seen_run += batch_tokens(mb, seq2seq)
-            state.batch_in_epoch += G
-            state.global_step += 1
-            window = []
-            # the logging window's sums live in the state: a stop mid-window resumes them
-            state.log_loss_sum += float(acc.reduce(window_loss, reduction="sum").item())
-            state.log_label_tokens += n_label
-            bar.update(1)
-            if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
-                # the rate since the last log, so warm-up steps don't hide the steady state
-                now = time.perf_counter()
-                rate = (tokens_seen_run - tokens_at_log) * world / max(now - t_log, 1e-9)
-                tokens_at_log, t_log = tokens_seen_run, now
-                rec = {"step": state.global_step, "loss": state.log_loss_sum / max(state.log_label_tokens, 1),
-                       "lr": sched.get_last_lr()[0], "tokens_per_s": rate}
-                history.append(rec)
-                acc.log({"train/loss": rec["loss"], "train/lr": rec["lr"], "train/tokens_per_s": rec["tokens_per_s"]},
-                        step=state.global_step)
-                bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
-                state.log_loss_sum, state.log_label_tokens = 0.0, 0
-            if cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and state.global_step < total_steps:
-                metrics = evaluate(acc, model, tok, eval_dl, data.eval_questions, cfg, seq2seq)
-                history.append({"step": state.global_step, **metrics})
-                say(f"step {state.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                              if isinstance(v, float)))
-                acc.log(metrics, step=state.global_step)
-                model.train()
-            saved_now = bool(cfg.save_steps) and state.global_step % cfg.save_steps == 0
-            if saved_now:
-                ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
-            if state.global_step >= total_steps:
-                break
-            if cfg.stop_at_step is not None and state.global_step >= cfg.stop_at_step:
-                if not saved_now:  # a checkpoint of this very step is already on disk otherwise
+    stops = StopRequests()
+    with stops:
+        while state.global_step < total_steps:
+            train_dl.set_epoch(state.epoch)
+            batches = acc.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl
+            window: list[dict] = []
+            for batch in batches:
+                window.append(batch)
+                if len(window) < G:
+                    continue
+                n_label = sum(int((b["labels"] != -100).sum()) for b in window)
+                n_label = int(acc.reduce(torch.tensor(n_label, device=acc.device), reduction="sum").item())
+                window_loss = torch.zeros((), device=acc.device)
+                for mb in window:
+                    with acc.accumulate(model):
+                        out = model(**model_inputs(mb, seq2seq))
+                        loss_sum = token_loss_sum(out.logits, mb["labels"], seq2seq)
+                        # accelerate divides by G; DDP averages over ranks: both undone here, so the
+                        # step's gradient is the global token mean over the whole window.
+                        acc.backward(loss_sum * G * world / max(n_label, 1))
+                        window_loss += loss_sum.detach()
+                        if acc.sync_gradients and cfg.max_grad_norm > 0:
+                            acc.clip_grad_norm_(params, cfg.max_grad_norm)
+                        opt.step()
+                        if acc.sync_gradients:
+                            sched.step()
+                        opt.zero_grad(set_to_none=True)
+                    tokens_seen_run += batch_tokens(mb, seq2seq)
+                state.batch_in_epoch += G
+                state.global_step += 1
+                window = []
+                # One collective for two things: the window's loss, and whether any rank was asked to
+                # stop (all ranks must agree to stop at the same step). The logging window's sums
+                # live in the state, so a stop mid-window resumes them.
+                asked = torch.tensor(float(stops.signum is not None), device=acc.device)
+                sums = acc.reduce(torch.stack([window_loss.float(), asked]), reduction="sum")
+                state.log_loss_sum += float(sums[0].item())
+                stop_requested = bool(sums[1].item() > 0)
+                state.log_label_tokens += n_label
+                bar.update(1)
+                if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
+                    # the rate since the last log, so warm-up steps don't hide the steady state
+                    now = time.perf_counter()
+                    rate = (tokens_seen_run - tokens_at_log) * world / max(now - t_log, 1e-9)
+                    tokens_at_log, t_log = tokens_seen_run, now
+                    rec = {"step": state.global_step, "loss": state.log_loss_sum / max(state.log_label_tokens, 1),
+                           "lr": sched.get_last_lr()[0], "tokens_per_s": rate}
+                    history.append(rec)
+                    acc.log({"train/loss": rec["loss"], "train/lr": rec["lr"], "train/tokens_per_s": rec["tokens_per_s"]},
+                            step=state.global_step)
+                    bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
+                    state.log_loss_sum, state.log_label_tokens = 0.0, 0
+                if cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and state.global_step < total_steps:
+                    metrics = evaluate(acc, model, tok, eval_dl, data.eval_questions, cfg, seq2seq)
+                    history.append({"step": state.global_step, **metrics})
+                    say(f"step {state.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                                  if isinstance(v, float)))
+                    acc.log(metrics, step=state.global_step)
+                    model.train()
+                saved_now = bool(cfg.save_steps) and state.global_step % cfg.save_steps == 0
+                if saved_now:
                     ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
-                bar.close()
-                say(f"stopped at step {state.global_step} (stop_at_step); resume with resume_from=latest")
-                if tracer is not None:
-                    tracer.stop()
-                acc.end_training()
-                return {"stopped_at_step": state.global_step, "output_dir": str(out_dir)}
-        else:  # the epoch ran out: next epoch from its first batch
-            state.epoch += 1
-            state.batch_in_epoch = 0
-            continue
-        break
+                if state.global_step >= total_steps:
+                    break
+                if stop_requested or (cfg.stop_at_step is not None and state.global_step >= cfg.stop_at_step):
+                    if not saved_now:  # a checkpoint of this very step is already on disk otherwise
+                        ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
+                    bar.close()
+                    why = f"on {stops.name or 'a signal to another process'}" if stop_requested else "(stop_at_step)"
+                    say(f"stopped at step {state.global_step} {why}, checkpoint written; resume with "
+                        f"resume_from=latest")
+                    if tracer is not None:
+                        tracer.stop()
+                    acc.end_training()
+                    return {"stopped_at_step": state.global_step, "output_dir": str(out_dir),
+                            "stopped_by": (stops.name or "signal") if stop_requested else "stop_at_step"}
+            else:  # the epoch ran out: next epoch from its first batch
+                state.epoch += 1
+                state.batch_in_epoch = 0
+                continue
+            break
     bar.close()
     train_s = time.perf_counter() - t_train
     final_metrics = evaluate(acc, model, tok, eval_dl, data.eval_questions, cfg, seq2seq)
