@@ -11,7 +11,8 @@ rows whose (question, round) has no status record belong to a batch that was in 
 the run died; they are dropped (and a torn last line with them), and that round is redone.
 So a rerun after ``kill -9`` has no duplicates and loses only the batch in flight. Batches
 and their seeds are fixed by the questions that entered each round, so the batches a resumed run
-samples are the ones an uninterrupted run would have sampled, seeds included.
+samples are the ones an uninterrupted run would have sampled, seeds included. (Unless a batch's
+status lines were torn part-way: that batch is redone with only its unrecorded questions.)
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -72,10 +73,13 @@ class StopRequests:
     """SIGTERM (a scheduler preempting the job) or SIGINT (Ctrl-C) asks the loop to stop cleanly.
 
     The loop finishes the optimizer step it is in, writes a checkpoint and returns, so
-    ``resume_from=latest`` continues with nothing lost. A second Ctrl-C stops at once (the
-    checkpoint is then the last one saved). Repeated SIGTERMs are one request: a launcher may
-    forward the signal its process group already got. Handlers can only be set from the main
-    thread; elsewhere (a worker thread) signals keep their default behaviour.
+    ``resume_from=latest`` continues with nothing lost. A Ctrl-C after any pending request stops
+    at once (the checkpoint is then the last one saved). Repeated SIGTERMs are one request: a
+    launcher may forward the signal its process group already got. Only the training steps are
+    covered: a signal during the final evaluation or save has its default effect. Handlers can
+    only be set from the main thread; elsewhere (a worker thread) signals keep their default
+    behaviour. Under torchrun (``accelerate launch``) the agent kills the workers
+    ``TORCH_ELASTIC_SHUTDOWN_TIMEOUT`` seconds (default 30) after forwarding a signal.
     """
 
     SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -85,9 +89,25 @@ class StopRequests:
         self._previous: dict = {}
 
     def _handle(self, signum, frame) -> None:
-        if signum == signal.SIGINT and self.signum == signal.SIGINT:
+        if signum == signal.SIGINT and self.signum is not None:
             raise KeyboardInterrupt
         self.signum = self.signum or signum
+
+    def any_rank(self, acc) -> bool:
+        """Whether any process was asked to stop (a collective: every rank must call it)."""
+        import torch
+
+        asked = torch.tensor(float(self.signum is not None), device=acc.device)
+        return bool(acc.reduce(asked, reduction="sum").item() > 0) and self.agree(acc)
+
+    def agree(self, acc) -> bool:
+        """Once some rank was asked: every rank takes the same signal (the highest number), so all
+        report it and exit with the same status. Returns True."""
+        import torch
+
+        mine = torch.tensor(float(self.signum or 0), device=acc.device)
+        self.signum = int(acc.reduce(mine, reduction="max").item()) or signal.SIGTERM
+        return True
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -214,9 +234,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     G = cfg.gradient_accumulation_steps
     # Accelerator(cpu=True) drops a DeepSpeed launcher config and runs plain (DDP) training; under
     # `accelerate launch` with DeepSpeed, its CPU accelerator (DS_ACCELERATOR=cpu) runs ZeRO on CPU.
-    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # (On a GPU machine, device=cpu keeps accelerate's CPU semantics: DeepSpeed would pick the GPU.)
+    deepspeed_on_cpu = (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+                        and not torch.cuda.is_available())
     acc = Accelerator(
-        mixed_precision=prec.mixed_precision, cpu=use_cpu and not deepspeed_launch,
+        mixed_precision=prec.mixed_precision, cpu=use_cpu and not deepspeed_on_cpu,
         # The loop steps the scheduler itself, once per optimizer step. accelerate's own rule steps
         # it num_processes times per step (it assumes a schedule counted on the unsharded data),
         # and under DeepSpeed prepare() hands it back unwrapped, stepping on every micro-batch.
@@ -273,7 +295,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * windows_per_epoch)
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps,
                           num_training_steps=total_steps)
-    sched = acc.prepare_scheduler(sched)  # registered for save_state / load_state, DeepSpeed included
+    # Not prepared or registered: the schedule is a function of the optimizer step alone, so a
+    # resume fast-forwards it to the restored step instead of trusting a saved scheduler (older
+    # DeepSpeed checkpoints have none; older multi-process ones saved a wrongly advanced one).
     if cfg.log_with != "none":
         acc.init_trackers("synthtune", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                for k, v in to_dict(cfg).items()})
@@ -288,6 +312,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                               f"launch has {acc.num_processes}; resume with the same launcher config")
         acc.load_state(str(resume_dir), **load_kw)
         state = saved
+        with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose here
+            warnings.simplefilter("ignore", UserWarning)
+            for _ in range(state.global_step):
+                sched.step()
         say(f"resumed from {resume_dir} at step {state.global_step} (epoch {state.epoch}, "
             f"batch {state.batch_in_epoch})")
 
@@ -336,7 +364,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                 asked = torch.tensor(float(stops.signum is not None), device=acc.device)
                 sums = acc.reduce(torch.stack([window_loss.float(), asked]), reduction="sum")
                 state.log_loss_sum += float(sums[0].item())
-                stop_requested = bool(sums[1].item() > 0)
+                stop_requested = bool(sums[1].item() > 0) and stops.agree(acc)
                 state.log_label_tokens += n_label
                 bar.update(1)
                 if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
@@ -351,13 +379,16 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                             step=state.global_step)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                     state.log_loss_sum, state.log_label_tokens = 0.0, 0
-                if cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and state.global_step < total_steps:
+                if (cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and state.global_step < total_steps
+                        and not stop_requested):  # a launcher kills ~30 s after its signal: save first
                     metrics = evaluate(acc, model, tok, eval_dl, data.eval_questions, cfg, seq2seq)
                     history.append({"step": state.global_step, **metrics})
                     say(f"step {state.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
                                                                   if isinstance(v, float)))
                     acc.log(metrics, step=state.global_step)
                     model.train()
+                    # a signal that came during the evaluation (minutes of generation) stops here
+                    stop_requested = stops.any_rank(acc)
                 saved_now = bool(cfg.save_steps) and state.global_step % cfg.save_steps == 0
                 if saved_now:
                     ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
@@ -367,14 +398,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                     if not saved_now:  # a checkpoint of this very step is already on disk otherwise
                         ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
                     bar.close()
-                    why = f"on {stops.name or 'a signal to another process'}" if stop_requested else "(stop_at_step)"
+                    why = f"on {stops.name}" if stop_requested else "(stop_at_step)"
                     say(f"stopped at step {state.global_step} {why}, checkpoint written; resume with "
                         f"resume_from=latest")
                     if tracer is not None:
                         tracer.stop()
                     acc.end_training()
                     return {"stopped_at_step": state.global_step, "output_dir": str(out_dir),
-                            "stopped_by": (stops.name or "signal") if stop_requested else "stop_at_step"}
+                            "stopped_by": stops.name if stop_requested else "stop_at_step"}
             else:  # the epoch ran out: next epoch from its first batch
                 state.epoch += 1
                 state.batch_in_epoch = 0
@@ -382,12 +413,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             break
     bar.close()
     train_s = time.perf_counter() - t_train
+    if cfg.save_steps and state.global_step % cfg.save_steps:  # the last step's, unless the loop saved it
+        # before the final evaluation's record: a run resumed from here to train longer adds its own
+        ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
     final_metrics = evaluate(acc, model, tok, eval_dl, data.eval_questions, cfg, seq2seq)
     history.append({"step": state.global_step, **final_metrics})
     acc.log(final_metrics, step=state.global_step)
     final_dir = ckpt.save_final(acc, model, tok, out_dir / "final", is_peft=cfg.method in ("lora", "qlora"))
-    if cfg.save_steps and state.global_step % cfg.save_steps:  # the last step's, unless the loop saved it
-        ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
     mem = tracer.stop() if tracer is not None else {}
     if torch.cuda.is_available() and not use_cpu:
         mem["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
