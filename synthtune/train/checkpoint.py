@@ -1,7 +1,8 @@
 """Checkpoints (resume) and the final model or adapter (safetensors).
 
-A checkpoint is accelerate's ``save_state`` (model, optimizer, scheduler, RNG of every rank;
-DeepSpeed's own sharded format under ZeRO) plus ``trainer_state.json`` with the data position.
+A checkpoint is accelerate's ``save_state`` (model, optimizer, RNG of every rank; DeepSpeed's
+own sharded format under ZeRO) plus ``trainer_state.json`` with the step, data position and the
+logged history. The LR schedule is not stored: the loop rebuilds it from the step.
 LoRA checkpoints hold the adapter weights only (:func:`adapter_only_checkpoints`).
 It is written to a temporary name and renamed when whole, so a crash mid-save never leaves a
 checkpoint that ``resume_from=latest`` would pick up half-written.
