@@ -98,16 +98,18 @@ class StopRequests:
         import torch
 
         asked = torch.tensor(float(self.signum is not None), device=acc.device)
-        return bool(acc.reduce(asked, reduction="sum").item() > 0) and self.agree(acc)
+        if acc.reduce(asked, reduction="sum").item() > 0:
+            self.agree(acc)
+            return True
+        return False
 
-    def agree(self, acc) -> bool:
-        """Once some rank was asked: every rank takes the same signal (the highest number), so all
-        report it and exit with the same status. Returns True."""
+    def agree(self, acc) -> None:
+        """Once some rank was asked (every rank calls this): all take the same signal, the highest
+        number, so they report it and exit with the same status."""
         import torch
 
         mine = torch.tensor(float(self.signum or 0), device=acc.device)
         self.signum = int(acc.reduce(mine, reduction="max").item()) or signal.SIGTERM
-        return True
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -364,7 +366,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                 asked = torch.tensor(float(stops.signum is not None), device=acc.device)
                 sums = acc.reduce(torch.stack([window_loss.float(), asked]), reduction="sum")
                 state.log_loss_sum += float(sums[0].item())
-                stop_requested = bool(sums[1].item() > 0) and stops.agree(acc)
+                stop_requested = bool(sums[1].item() > 0)
+                if stop_requested:
+                    stops.agree(acc)
                 state.log_label_tokens += n_label
                 bar.update(1)
                 if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
