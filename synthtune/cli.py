@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
@@ -86,6 +87,16 @@ def _main(version: Annotated[bool, typer.Option("--version", callback=_version, 
     # Logging is configured here, in the entry point, never at import time.
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    install_log_redaction()
+
+
+def install_log_redaction() -> None:
+    """Redact API keys from every record the root logger's handlers print (libraries log too)."""
+    from synthtune.redact import RedactingFilter
+
+    for handler in logging.getLogger().handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())
 
 
 @app.command()
@@ -413,16 +424,28 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main() -> None:
-    """Console entry point: known user errors print one clear message, not a traceback."""
+    """Console entry point: known user errors print one clear message, not a traceback.
+
+    Nothing printed here carries an API key: messages and tracebacks go through ``redact``.
+    """
+    from synthtune.redact import has_secrets, redact
+
     try:
         app()
     except user_errors() as err:
         # Text, not markup: messages may hold brackets (e.g. "openai/gsm8k[test]").
-        err_console.print(Text.assemble(("error: ", "bold red"), str(err)))
+        err_console.print(Text.assemble(("error: ", "bold red"), redact(str(err))))
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("[yellow]interrupted[/]: everything written so far is kept")
         sys.exit(130)
+    except Exception as err:
+        if not has_secrets():
+            raise  # typer's traceback, as usual
+        # a bug's traceback once a key was read: plain text, so every line can be redacted
+        # (typer's rich traceback prints each exception's message as it is)
+        err_console.print(Text(redact("".join(traceback.format_exception(type(err), err, err.__traceback__)))))
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,29 @@
 """One typed config per job: dataclass defaults <- YAML file <- ``key=value`` overrides.
 
-Every field carries help text. Unknown keys fail with the list of valid ones (and the closest
-match), wrong types fail with the file, line and field, so a typo never silently falls back to
-a default (nanoGPT's configurator refuses unknown keys for the same reason).
+Every field carries help text, and every numeric field its allowed range. Unknown keys fail with
+the list of valid ones (and the closest match); wrong types and out-of-range values fail with the
+file and line (or the override) and what is allowed, so a typo never silently falls back to a
+default (nanoGPT's configurator refuses unknown keys for the same reason).
+
+Values are read by the field's type, from the text the user wrote, never by YAML 1.1's guesses:
+
+* a ``str`` field takes the text as written (``served_model=no`` is "no", ``0123`` is "0123");
+* a ``bool`` takes only YAML 1.2's true/false (True/TRUE, False/FALSE): yes/no/on/off/1/0 mean
+  booleans in YAML 1.1 and strings in YAML 1.2, so they are refused rather than guessed;
+* an ``int`` takes decimal digits, and refuses a leading zero (YAML 1.1 reads ``0123`` as the
+  octal 83, YAML 1.2 as 123: whichever we chose, someone would get the number they did not mean);
+* a ``float`` takes decimal or exponent notation (``2e-4``), and ``.inf``/``.nan`` only to refuse
+  them with a clear message where the field needs a finite number (all of them today);
+* ``null``, ``~`` or nothing is None for a field that may be None (a list: the empty list).
+  Quoting (``'null'``, ``"0123"``) always means the text itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import types
 import typing
 from collections.abc import Iterable
@@ -25,11 +40,77 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names where and how to fix it."""
 
 
-def opt(default: Any, help: str, choices: Iterable[Any] | None = None):
-    """A dataclass field with help text (and, optionally, the allowed values)."""
-    meta = {"help": help}
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field allows: optional bounds, a few extra values, and infinities or not.
+
+    NaN is never allowed: every comparison with it is false, so a NaN threshold or rate silently
+    disables what it controls.
+
+    >>> Range(gt=0, le=1).describe("a number")
+    'a number in (0, 1]'
+    >>> Range(ge=1, also=(-1,)).problem(0, "an integer")
+    'must be -1 or an integer >= 1'
+    """
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    also: tuple = ()  # sentinel values outside the bounds that mean something (max_steps=-1)
+    inf: bool = False  # whether +-inf is a meaningful setting
+
+    def describe(self, kind: str) -> str:
+        lo = (f"[{_num(self.ge)}", self.ge) if self.ge is not None else (f"({_num(self.gt)}", self.gt) \
+            if self.gt is not None else None
+        hi = (f"{_num(self.le)}]", self.le) if self.le is not None else (f"{_num(self.lt)})", self.lt) \
+            if self.lt is not None else None
+        if lo and hi:
+            text = f"{kind} in {lo[0]}, {hi[0]}"
+        elif lo:
+            text = f"{kind} {'>=' if self.ge is not None else '>'} {_num(lo[1])}"
+        elif hi:
+            text = f"{kind} {'<=' if self.le is not None else '<'} {_num(hi[1])}"
+        else:
+            text = kind
+        return " or ".join([*map(_num, self.also), text])
+
+    def problem(self, value: int | float, kind: str) -> str | None:
+        """Why ``value`` is not allowed (None when it is)."""
+        if isinstance(value, float) and math.isnan(value):
+            return f"must be {self.describe(kind)}; nan is not a number"
+        if isinstance(value, float) and math.isinf(value) and not self.inf:
+            return f"must be {self.describe(kind)}; infinity is not allowed here"
+        if value in self.also:
+            return None
+        if ((self.ge is not None and not value >= self.ge) or (self.gt is not None and not value > self.gt)
+                or (self.le is not None and not value <= self.le) or (self.lt is not None and not value < self.lt)):
+            return f"must be {self.describe(kind)}"
+        return None
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() and abs(x) < 1e15 else repr(x)
+
+
+#: numpy (which transformers' set_seed also seeds) takes seeds in [0, 2**32 - 1].
+SEED = {"ge": 0, "le": 2 ** 32 - 1}
+
+
+def opt(default: Any, help: str, choices: Iterable[Any] | None = None, *, ge: float | None = None,
+        gt: float | None = None, le: float | None = None, lt: float | None = None, also: tuple = (),
+        inf: bool = False, unbounded: bool = False):
+    """A dataclass field with help text and, optionally, the allowed values.
+
+    Numeric fields declare their range here (``ge``/``gt``/``le``/``lt`` bounds, ``also`` for
+    sentinels such as -1, ``inf`` when infinity means something, ``unbounded`` for any finite
+    number); ``tests/test_config.py`` checks that every one does.
+    """
+    meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
+    if unbounded or any(b is not None for b in (ge, gt, le, lt)):
+        meta["range"] = Range(ge=ge, gt=gt, le=le, lt=lt, also=tuple(also), inf=inf)
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -53,31 +134,31 @@ class DemoConfig:
                       "evaluated", ["bundled", "auto", "hub", "dir"])
     gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl (for source=dir/auto)")
     # 1. synthesis
-    synth_questions: int = opt(8, "train questions to synthesize rationales for")
-    shots: int = opt(4, "exemplars per synthesis prompt, drawn from train only (held apart from the questions)")
-    k: int = opt(4, "samples per question")
-    rounds: int = opt(1, "synthesis rounds (unsolved questions are retried with fresh exemplars)")
-    temperature: float = opt(0.7, "synthesis sampling temperature")
-    synth_max_new_tokens: int = opt(200, "per sample; GSM8K rationales average ~120 tokens")
+    synth_questions: int = opt(8, "train questions to synthesize rationales for", ge=1)
+    shots: int = opt(4, "exemplars per synthesis prompt, drawn from train only (held apart from the questions)", ge=0)
+    k: int = opt(4, "samples per question", ge=1)
+    rounds: int = opt(1, "synthesis rounds (unsolved questions are retried with fresh exemplars)", ge=1)
+    temperature: float = opt(0.7, "synthesis sampling temperature", ge=0)
+    synth_max_new_tokens: int = opt(200, "per sample; GSM8K rationales average ~120 tokens", ge=1)
     # 2. SFT set, 3. preprocessing
     gold_rationales: bool = opt(True, "add the train split's gold rationales to the kept ones (a 135M model keeps "
                                 "few of its own)")
     gold_limit: int | None = opt(200, "at most this many gold rationales (the first N of train; the bundled "
-                                 "split has 36, the full GSM8K 7,473)")
-    max_length: int = opt(512, "token limit per training example (the histogram shows where the data sits)")
+                                 "split has 36, the full GSM8K 7,473)", ge=0)
+    max_length: int = opt(512, "token limit per training example (the histogram shows where the data sits)", ge=1)
     # 4. fine-tuning
-    train_steps: int = opt(30, "LoRA optimizer steps")
-    train_batch_size: int = opt(4, "examples per step")
-    learning_rate: float = opt(5e-4, "peak LR (cosine after 3 warmup steps)")
-    lora_r: int = opt(16, "LoRA rank (all linear layers)")
+    train_steps: int = opt(30, "LoRA optimizer steps", ge=1)
+    train_batch_size: int = opt(4, "examples per step", ge=1)
+    learning_rate: float = opt(5e-4, "peak LR (cosine after 3 warmup steps)", gt=0)
+    lora_r: int = opt(16, "LoRA rank (all linear layers)", ge=1)
     # 5. evaluation
     eval_questions: int | None = opt(14, "test questions for base vs tuned, the first N (the bundled split has 14, "
-                                     "the full GSM8K 1,319: hours on a CPU); null = the whole split")
-    eval_max_new_tokens: int = opt(200, "generation budget per answer")
-    eval_batch_size: int = opt(7, "questions per generate() call")
+                                     "the full GSM8K 1,319: hours on a CPU); null = the whole split", ge=1)
+    eval_max_new_tokens: int = opt(200, "generation budget per answer", ge=1)
+    eval_batch_size: int = opt(7, "questions per generate() call", ge=1)
     train_format: str = opt("plain", "prompt format for training and evaluation (plain: 'Question: ...\\nAnswer:')",
                             ["plain", "chat", "auto"])
-    seed: int = opt(0, "seed for exemplars, sampling, init and data order")
+    seed: int = opt(0, "seed for exemplars, sampling, init and data order", **SEED)
     output_dir: str | None = opt(None, "where results go; default outputs/demo/<timestamp>")
     device: str | None = opt(None, "cpu, cuda, cuda:1...; default: cuda when available")
 
@@ -96,46 +177,47 @@ class SynthConfig:
     api_key_env: str | None = opt(None, "openai backend: name of the environment variable holding the API key "
                                   "(sent as a Bearer token; never logged or written). Unset: no key is sent")
     concurrency: int = opt(8, "openai backend: requests in flight at once over all endpoints; a batch only fills "
-                           "it when batch_size >= concurrency")
+                           "it when batch_size >= concurrency", ge=1)
     request_timeout: float = opt(600.0, "openai backend: seconds per request (k long samples on a busy server "
-                                 "take minutes); a timeout is retried")
-    max_retries: int = opt(6, "openai backend: retries per request on 429, 5xx, timeouts and connection errors")
+                                 "take minutes); a timeout is retried", gt=0)
+    max_retries: int = opt(6, "openai backend: retries per request on 429, 5xx, timeouts and connection errors", ge=0)
     retry_backoff: float = opt(1.0, "openai backend: first retry wait in seconds, doubled each retry (with "
-                               "jitter, at most 60 s); a server's Retry-After wins when longer")
+                               "jitter, at most 60 s); a server's Retry-After wins when longer", ge=0)
     questions: str = opt("bundled:train", "questions to synthesize rationales for: bundled:SPLIT, gsm8k:SPLIT "
                          "(folder or hub), hub:SPLIT, dir:SPLIT, or a JSONL path (answer field optional)")
     exemplars: str | None = opt(None, "exemplar pool (same spec forms); default: the train split of the "
                                 "questions' source. Never a test split. If it is the questions' own source, "
                                 "it is split off so no question is ever an exemplar")
-    exemplar_pool_size: int = opt(12, "rows held out as exemplars when exemplars and questions share a source")
-    limit: int | None = opt(None, "only the first N questions")
+    exemplar_pool_size: int = opt(12, "rows held out as exemplars when exemplars and questions share a source", ge=0)
+    limit: int | None = opt(None, "only the first N questions", ge=1)
     out: str | None = opt(None, "output directory; default outputs/synth/<model>-<questions>")
     gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl")
-    shots: int = opt(8, "exemplars per prompt")
+    shots: int = opt(8, "exemplars per prompt", ge=0)
     strategy: str = opt("random", "exemplar choice: random (fresh per question and round), fixed (shared "
                         "prefix), similar (lexical nearest)", ["random", "fixed", "similar"])
     prompt_format: str = opt("auto", "auto = chat template for instruct models, else plain", ["auto", "plain", "chat"])
-    k: int = opt(8, "samples per question in round 1")
-    k_growth: float = opt(1.0, "multiply k by this each later round (e.g. 2 for 8 -> 16)")
-    rounds: int = opt(2, "a question with no consensus or no passing path is retried up to this many rounds")
-    temperature: float = opt(0.7, "sampling temperature in round 1")
-    temperature_step: float = opt(0.2, "added to the temperature each later round (more diverse retries)")
-    top_p: float = opt(0.95, "nucleus sampling")
-    top_k: int = opt(0, "top-k sampling (0 = off)")
-    max_new_tokens: int = opt(256, "per sample; GSM8K rationales average ~120 tokens")
+    k: int = opt(8, "samples per question in round 1", ge=1)
+    k_growth: float = opt(1.0, "multiply k by this each later round (e.g. 2 for 8 -> 16)", gt=0)
+    rounds: int = opt(2, "a question with no consensus or no passing path is retried up to this many rounds", ge=1)
+    temperature: float = opt(0.7, "sampling temperature in round 1", ge=0)
+    temperature_step: float = opt(0.2, "added to the temperature each later round (more diverse retries)", ge=0)
+    top_p: float = opt(0.95, "nucleus sampling", gt=0, le=1)
+    top_k: int = opt(0, "top-k sampling (0 = off)", ge=0)
+    max_new_tokens: int = opt(256, "per sample; GSM8K rationales average ~120 tokens", ge=1)
     stop: list[str] = opt([], "extra stop strings (plain format always stops at a new 'Problem:')")
-    batch_size: int = opt(4, "questions per batch; results are flushed after every batch")
-    min_agreement: float = opt(0.5, "without gold: below this majority share a question has no consensus")
+    batch_size: int = opt(4, "questions per batch; results are flushed after every batch", ge=1)
+    min_agreement: float = opt(0.5, "without gold: below this majority share a question has no consensus", ge=0, le=1)
     use_gold: bool = opt(True, "keep only rationales that reach the gold answer when one exists (rejection "
                          "sampling); false = self-consistency only")
-    min_calc: float = opt(1.0, "minimum fraction of correct calculations in a kept rationale")
+    min_calc: float = opt(1.0, "minimum fraction of correct calculations in a kept rationale", ge=0, le=1)
     reward_model: str | None = opt(None, "optional HF sequence-classification reward model (path or hub id)")
-    min_reward: float | None = opt(None, "drop rationales scoring below this (reward model); none = rank only")
-    max_keep: int = opt(4, "at most this many distinct rationales per question")
+    min_reward: float | None = opt(None, "drop rationales scoring below this (reward model); none = rank only",
+                                   unbounded=True)
+    max_keep: int = opt(4, "at most this many distinct rationales per question", ge=1)
     diversity: str = opt("greedy", "greedy: no two kept paths with ROUGE-L F >= threshold; workshop: the 2023 "
                          "rule (mean self-ROUGE-L recall below the group mean); none", ["greedy", "workshop", "none"])
-    rouge_threshold: float = opt(0.7, "ROUGE-L F at or above which two paths count as the same (Self-Instruct)")
-    seed: int = opt(0, "seed for exemplars and sampling")
+    rouge_threshold: float = opt(0.7, "ROUGE-L F at or above which two paths count as the same (Self-Instruct)", ge=0, le=1)
+    seed: int = opt(0, "seed for exemplars and sampling", **SEED)
     device: str | None = opt(None, "cpu, cuda...; default cuda when available")
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
 
@@ -151,54 +233,54 @@ class TrainConfig:
     tokenizer: str | None = opt(None, "tokenizer to use (model id, dir or built-in name); default: the model's")
     method: str = opt("lora", "full: every weight trains; lora: low-rank adapters (peft); qlora: LoRA on a 4-bit "
                       "base (CUDA + bitsandbytes)", ["full", "lora", "qlora"])
-    lora_r: int = opt(8, "LoRA rank")
-    lora_alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)")
-    lora_dropout: float = opt(0.05, "dropout on the LoRA input; costs one mask per adapted input on GPU")
+    lora_r: int = opt(8, "LoRA rank", ge=1)
+    lora_alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)", ge=1)
+    lora_dropout: float = opt(0.05, "dropout on the LoRA input; costs one mask per adapted input on GPU", ge=0, lt=1)
     lora_targets: list[str] = opt(["all-linear"], "module names to adapt (e.g. q_proj,v_proj or q,v for T5), or "
                                   "all-linear")
     data: str = opt("bundled:train", "training data: bundled:train, gsm8k:train, a synth kept.jsonl, or any JSONL "
                     "with question and answer")
     eval_data: str | None = opt("bundled:test", "held-out data for eval loss and accuracy (none to skip)")
-    eval_limit: int | None = opt(None, "use only the first N eval rows (the full GSM8K test has 1,319)")
+    eval_limit: int | None = opt(None, "use only the first N eval rows (the full GSM8K test has 1,319)", ge=1)
     gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl")
-    limit: int | None = opt(None, "use only the first N training rows")
+    limit: int | None = opt(None, "use only the first N training rows", ge=1)
     prompt_format: str = opt("plain", "plain: 'Question: ...\nAnswer: ...'; chat: the tokenizer's chat template; "
                              "auto: chat when the tokenizer has one", ["plain", "chat", "auto"])
     max_length: int = opt(512, "token limit per example; GSM8K with SmolLM2's tokenizer: p99 399, max 543 "
-                          "(the workshop's 256 cut 15.7% of answers)")
-    max_target_length: int | None = opt(None, "seq2seq: label length limit (default max_length)")
+                          "(the workshop's 256 cut 15.7% of answers)", ge=1)
+    max_target_length: int | None = opt(None, "seq2seq: label length limit (default max_length)", ge=1)
     packing: bool = opt(False, "causal: pack examples into max_length rows (per-example attention); the fastest "
                         "on GPUs (1.5x bucketed batches with a Llama-1B shape on an H200)")
     group_by_length: bool = opt(True, "batch similar lengths together: less padding, same data per epoch")
     pad_to_multiple_of: int | None = opt(None, "pad each batch to a multiple of N tokens; 64 on GPUs keeps the "
                                          "number of batch shapes small (LoRA on unbucketed shapes ran 2-3x "
-                                         "slower per step on an H200); none = pad to the longest row (best on CPUs)")
-    per_device_batch_size: int = opt(4, "micro-batch per process")
+                                         "slower per step on an H200); none = pad to the longest row (best on CPUs)", ge=1)
+    per_device_batch_size: int = opt(4, "micro-batch per process", ge=1)
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step; the loss is normalized by the "
-                                           "label tokens of the whole window, so accumulation equals a big batch")
-    learning_rate: float = opt(2e-4, "peak LR (LoRA ~1e-4..3e-4; full fine-tuning ~1e-5..5e-5)")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
+                                           "label tokens of the whole window, so accumulation equals a big batch", ge=1)
+    learning_rate: float = opt(2e-4, "peak LR (LoRA ~1e-4..3e-4; full fine-tuning ~1e-5..5e-5)", gt=0)
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0)
     lr_scheduler: str = opt("cosine", "decay after warmup", ["cosine", "linear", "constant"])
-    warmup_steps: int = opt(0, "linear warmup, in optimizer steps")
-    max_steps: int = opt(-1, "optimizer steps to run; -1 = num_epochs over the data")
-    num_epochs: float = opt(1.0, "epochs when max_steps is -1")
-    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)")
+    warmup_steps: int = opt(0, "linear warmup, in optimizer steps", ge=0)
+    max_steps: int = opt(-1, "optimizer steps to run; -1 = num_epochs over the data", ge=1, also=(-1,))
+    num_epochs: float = opt(1.0, "epochs when max_steps is -1", gt=0)
+    max_grad_norm: float = opt(1.0, "gradient clipping (0 = off)", ge=0)
     precision: str = opt("auto", "auto: bf16 weights for LoRA and bf16-mixed for full on bf16 GPUs, fp32 on CPU; "
                          "fp32; bf16 (weights and autocast); bf16-mixed (fp32 master weights, bf16 autocast)",
                          ["auto", "fp32", "bf16", "bf16-mixed"])
     gradient_checkpointing: bool = opt(False, "~30% slower, activations ~1/layers: recompute them in backward")
     compile: bool = opt(False, "torch.compile the model (slow first steps; pays off on long GPU runs)")
-    seed: int = opt(0, "seed for init, data order and dropout")
+    seed: int = opt(0, "seed for init, data order and dropout", **SEED)
     output_dir: str | None = opt(None, "run directory; default outputs/train/<model>-<method>")
-    logging_steps: int = opt(5, "log loss/LR/tokens per second every N optimizer steps")
-    eval_steps: int = opt(0, "evaluate every N optimizer steps (0 = only at the end)")
+    logging_steps: int = opt(5, "log loss/LR/tokens per second every N optimizer steps", ge=1)
+    eval_steps: int = opt(0, "evaluate every N optimizer steps (0 = only at the end)", ge=0)
     eval_accuracy_samples: int = opt(16, "questions answered by greedy generation for accuracy at each eval "
-                                     "(0 = loss only)")
-    eval_max_new_tokens: int = opt(192, "generation budget per eval answer")
-    save_steps: int = opt(0, "checkpoint every N optimizer steps (0 = only the final model)")
-    save_total_limit: int = opt(2, "keep the last N checkpoints")
+                                     "(0 = loss only)", ge=0)
+    eval_max_new_tokens: int = opt(192, "generation budget per eval answer", ge=1)
+    save_steps: int = opt(0, "checkpoint every N optimizer steps (0 = only the final model)", ge=0)
+    save_total_limit: int = opt(2, "keep the last N checkpoints", ge=1)
     stop_at_step: int | None = opt(None, "save a checkpoint and stop at this step, as a preempted job would; "
-                                   "continue later with resume_from=latest (the schedule still spans max_steps)")
+                                   "continue later with resume_from=latest (the schedule still spans max_steps)", ge=1)
     resume_from: str | None = opt(None, "latest, or a checkpoint directory: restores model, optimizer, scheduler, "
                                   "RNG and data position")
     log_with: str = opt("tensorboard", "accelerate tracker", ["tensorboard", "wandb", "none"])
@@ -218,7 +300,10 @@ def field_help(cls) -> dict[str, str]:
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = (),
                 **values: Any) -> T:
-    """Build ``cls`` from defaults, then the YAML file, then ``key=value`` overrides, then ``values``."""
+    """Build ``cls`` from defaults, then the YAML file, then ``key=value`` overrides, then ``values``.
+
+    ``values`` are Python values (from typed CLI options or code); None means "not given".
+    """
     hints = typing.get_type_hints(cls)
     by_name = {f.name: f for f in fields(cls)}
     merged: dict[str, Any] = {}
@@ -230,15 +315,19 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         key = key.strip().lstrip("-").replace("-", "_")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not key=value (e.g. max_steps=50)")
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError:
-            value = raw
-        merged[key] = _coerce(cls, by_name, hints, key, value, f"override {item!r}")
+        merged[key] = _coerce(cls, by_name, hints, key, _override_value(raw), f"override {item!r}")
     for key, value in values.items():
         if value is not None:
             merged[key] = _coerce(cls, by_name, hints, key, value, f"argument {key}")
     return cls(**merged)
+
+
+def check_config(cfg) -> None:
+    """Raise ConfigError when a field of ``cfg`` (built in code, say) breaks its type's rules or range."""
+    hints = typing.get_type_hints(type(cfg))
+    by_name = {f.name: f for f in fields(cfg)}
+    for f in fields(cfg):
+        _coerce(type(cfg), by_name, hints, f.name, getattr(cfg, f.name), f"{type(cfg).__name__}.{f.name}")
 
 
 def to_dict(cfg) -> dict[str, Any]:
@@ -248,30 +337,81 @@ def to_dict(cfg) -> dict[str, Any]:
 def cli_overrides(cfg, base=None, skip: Iterable[str] = ()) -> list[str]:
     """``key=value`` words that rebuild ``cfg`` from ``base`` (default: the class defaults).
 
-    Reports print these so every stage can be rerun by hand; values are YAML, as overrides are read.
+    Reports print these so every stage can be rerun by hand. A string goes as written unless it
+    would read back differently (``null``, surrounding spaces, a leading quote): then it is quoted.
     """
     base = base if base is not None else type(cfg)()
+    hints = typing.get_type_hints(type(cfg))
     words = []
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if f.name in skip or value == getattr(base, f.name):
             continue
-        text = value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()
-        text = text.removesuffix("\n...").strip()
-        words.append(f"{f.name}={text}")
+        words.append(f"{f.name}={override_text(hints[f.name], value)}")
     return words
+
+
+def override_text(tp: Any, value: Any) -> str:
+    """The text that, after ``key=``, reads back as ``value`` for a field of type ``tp``."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)  # 2e-05, inf: both read back exactly
+    if isinstance(value, (list, tuple)):
+        # flow style quotes every item that needs it; items are read as their text, so it round-trips
+        return yaml.safe_dump(list(value), default_flow_style=True, allow_unicode=True, width=2 ** 31).strip()
+    text = str(value)
+    try:
+        if _to_type(tp, _override_value(text)) == text:
+            return text
+    except ValueError:
+        pass
+    return yaml.safe_dump(text, default_style='"', allow_unicode=True, width=2 ** 31).strip()
 
 
 def save_config(cfg, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
+# --------------------------------------------------------------------------------------------
+# reading values: text as written, typed by the field (see the module docstring)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Text:
+    """A scalar as the user wrote it. Quoted text is never null and never split on commas."""
+
+    text: str
+    quoted: bool = False
+    flow: list | str | None = None  # an override written as [a, b]: its items, or why it is not a list
+
+
+@dataclass(frozen=True)
+class _Mapping:
+    """A YAML mapping where a value was expected: no field takes one."""
+
+
+_NULLS = frozenset({"", "~", "null", "Null", "NULL"})
+_TRUE, _FALSE = frozenset({"true", "True", "TRUE"}), frozenset({"false", "False", "FALSE"})
+_DECIMAL = re.compile(r"[-+]?[0-9]+")
+_LEADING_ZERO = re.compile(r"([-+]?)0+([0-9]+)")
+_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+_INF = re.compile(r"([-+]?)\.?(inf|Inf|INF)")
+_NAN = re.compile(r"\.?(nan|NaN|NAN)")
+#: torch and numpy hold integers in 64 bits; a bigger one fails deep inside them, so it fails here.
+_INT_LIMIT = 2 ** 63
+
+
 def _read_yaml(path: Path) -> dict[str, tuple[Any, str]]:
-    """Top-level mapping of a YAML file, each value with its 'file:line' for error messages."""
+    """Top-level mapping of a YAML file, each value (as nodes' text) with its 'file:line'."""
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
     text = path.read_text()
     try:
+        # compose, never construct: values stay the text the user wrote, and no tag runs code
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
@@ -284,9 +424,44 @@ def _read_yaml(path: Path) -> dict[str, tuple[Any, str]]:
     out: dict[str, tuple[Any, str]] = {}
     for key_node, value_node in root.value:
         where = f"{path}:{key_node.start_mark.line + 1}"
-        value = yaml.safe_load(yaml.serialize(value_node)) if value_node is not None else None
-        out[str(key_node.value)] = (value, where)
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise ConfigError(f"{where}: a key must be a plain name, e.g. max_steps: 50")
+        key = key_node.value
+        if key in out:
+            raise ConfigError(f"{where}: {key} is set twice (first at line {out[key][1].rsplit(':', 1)[1]}); "
+                              f"keep one")
+        out[key] = (_from_node(value_node, nested=False), where)
     return out
+
+
+def _from_node(node: yaml.Node, nested: bool) -> Any:
+    if isinstance(node, yaml.ScalarNode):
+        return _Text(node.value, quoted=node.style is not None)
+    if isinstance(node, yaml.SequenceNode):
+        # one level only: no field holds nested lists (and a recursive alias cannot recurse here)
+        return [] if nested else [_from_node(n, nested=True) for n in node.value]
+    return _Mapping()
+
+
+def _override_value(raw: str) -> _Text:
+    """The value of ``key=value``: its text; YAML quoting and ``[a, b]`` lists are understood."""
+    text = raw.strip()
+    if text[:1] in ("'", '"'):
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+        except yaml.YAMLError:
+            node = None
+        if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"'):
+            return _Text(node.value, quoted=True)
+    flow = None
+    if text[:1] == "[":
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            flow = ([_from_node(n, nested=True) for n in node.value] if isinstance(node, yaml.SequenceNode)
+                    else "it is not one list")
+        except yaml.YAMLError as err:
+            flow = f"not a valid YAML list ({getattr(err, 'problem', None) or err})"
+    return _Text(text, flow=flow)
 
 
 def _coerce(cls, by_name, hints, key: str, value: Any, where: str) -> Any:
@@ -295,21 +470,43 @@ def _coerce(cls, by_name, hints, key: str, value: Any, where: str) -> Any:
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{where}: unknown key {key!r} for {cls.__name__}.{hint} "
                           f"Valid keys: {', '.join(sorted(by_name))}")
+    meta = by_name[key].metadata
     try:
         value = _to_type(hints[key], value)
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{where}: {key}: {err} (help: {by_name[key].metadata.get('help', '')})") from None
-    choices = by_name[key].metadata.get("choices")
+        raise ConfigError(f"{where}: {key}: {err} (help: {meta.get('help', '')})") from None
+    choices = meta.get("choices")
     if choices is not None and value is not None and value not in choices:
         raise ConfigError(f"{where}: {key} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    rng = meta.get("range")
+    for item in (value if isinstance(value, list) else [value]):
+        if isinstance(item, (int, float)) and not isinstance(item, bool):
+            # a field without a declared range (tests require one) still refuses nan and inf
+            problem = (rng or Range()).problem(item, _kind(item, rng))
+            if problem:
+                raise ConfigError(f"{where}: {key}={item!r} is out of range: {key} {problem} "
+                                  f"(help: {meta.get('help', '')})")
     return value
 
 
+def _kind(value: int | float, rng: Range | None) -> str:
+    if isinstance(value, int):
+        return "an integer"
+    return "a number" if rng is not None and rng.inf else "a finite number"
+
+
+def _is_null(value: Any) -> bool:
+    return value is None or (isinstance(value, _Text) and not value.quoted and value.text.strip() in _NULLS)
+
+
 def _to_type(tp: Any, value: Any) -> Any:
+    """``value`` (a ``_Text``, a list of them, or a Python value from code) as type ``tp``."""
+    if isinstance(value, str):  # a Python string from code or a typed CLI option: text, never null
+        value = _Text(value, quoted=True)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+        if _is_null(value) and type(None) in args:
             return None
         errors = []
         for arg in (a for a in args if a is not type(None)):
@@ -318,35 +515,105 @@ def _to_type(tp: Any, value: Any) -> Any:
             except (TypeError, ValueError) as err:
                 errors.append(str(err))
         raise ValueError("; ".join(errors))
-    if origin in (list, tuple):
-        if isinstance(value, str):
-            value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"expected a list, got {value!r}")
-        inner = args[0] if args else Any
-        items = [_to_type(inner, v) for v in value]
-        return items if origin is list else tuple(items)
     if tp is Any:
-        return value
+        return value.text if isinstance(value, _Text) else value
+    if origin in (list, tuple):
+        return _to_list(tp, origin, args, value)
+    if _is_null(value):
+        raise ValueError("is empty (null) but needs a value; remove the key to keep the default")
+    if isinstance(value, (list, tuple, _Mapping)):
+        what = "a mapping" if isinstance(value, _Mapping) else "a list"
+        raise ValueError(f"expected {_expected(tp)}, got {what}")
     if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-        raise ValueError(f"expected true or false, got {value!r}")
+        return _to_bool(value)
     if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, str) and value.strip().lstrip("-").isdigit())):
-            raise ValueError(f"expected an integer, got {value!r}")
-        return int(value)
+        return _to_int(value)
     if tp is float:
-        if isinstance(value, bool):
-            raise ValueError(f"expected a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected a number, got {value!r}") from None
+        return _to_float(value)
     if tp is str:
-        if isinstance(value, (dict, list)):
-            raise ValueError(f"expected a string, got {value!r}")
-        return str(value)
-    return value
+        if isinstance(value, _Text):
+            return value.text
+        raise ValueError(f"expected a string, got {value!r}")
+    return value.text if isinstance(value, _Text) else value
+
+
+def _expected(tp: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _to_list(tp: Any, origin: Any, args: tuple, value: Any) -> list | tuple:
+    if _is_null(value):
+        items: list = []
+    elif isinstance(value, _Text):
+        if isinstance(value.flow, str):
+            raise ValueError(f"{value.text!r} is {value.flow}; write [a, b] or a,b")
+        if value.flow is not None:
+            items = value.flow
+        elif value.quoted:  # quoting keeps commas: one item
+            items = [value]
+        else:
+            items = [_Text(v.strip(), quoted=True) for v in value.text.split(",") if v.strip()]
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        raise ValueError(f"expected a list (a,b or [a, b]), got {value!r}")
+    inner = args[0] if args else Any
+    converted = []
+    for i, item in enumerate(items):
+        try:
+            converted.append(_to_type(inner, item))
+        except ValueError as err:
+            raise ValueError(f"item {i + 1}: {err}") from None
+    return converted if origin is list else tuple(converted)
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = value.text.strip() if isinstance(value, _Text) else repr(value)
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError(f"expected true or false, got {text!r}. Booleans are written true/false (or True, TRUE, "
+                     f"False, FALSE) as in YAML 1.2; yes/no/on/off/y/n/1/0 are refused because YAML 1.1 "
+                     f"reads them as booleans and YAML 1.2 as strings")
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    elif isinstance(value, _Text):
+        text = value.text.strip()
+        zero = _LEADING_ZERO.fullmatch(text)
+        if zero:
+            fixed = f"{zero.group(1).replace('+', '')}{zero.group(2)}"
+            raise ValueError(f"got {text!r}: a leading zero is ambiguous (YAML 1.1 reads 0123 as the octal "
+                             f"number 83, YAML 1.2 as 123), so it is refused; write {fixed} for the decimal "
+                             f"number")
+        if not _DECIMAL.fullmatch(text):
+            raise ValueError(f"expected an integer (decimal digits, e.g. 42), got {text!r}")
+        if len(text.lstrip("+-")) > 19:  # before int(): a huge digit string is slow to convert
+            raise ValueError(f"{text!r} is too large (integers must fit in 64 bits)")
+        number = int(text)
+    else:
+        raise ValueError(f"expected an integer, got {value!r}")
+    if abs(number) >= _INT_LIMIT:
+        raise ValueError(f"{number} is too large (integers must fit in 64 bits)")
+    return number
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, _Text):
+        raise ValueError(f"expected a number, got {value!r}")
+    text = value.text.strip()
+    if _LEADING_ZERO.fullmatch(text):
+        return _to_int(value)  # raises the leading-zero message
+    if _FLOAT.fullmatch(text):
+        return float(text)
+    inf = _INF.fullmatch(text)
+    if inf:
+        return -math.inf if inf.group(1) == "-" else math.inf
+    if _NAN.fullmatch(text):
+        return math.nan
+    raise ValueError(f"expected a number (e.g. 0.7, 2e-4), got {text!r}")

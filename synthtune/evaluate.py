@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import constants
-from synthtune.config import ConfigError, opt
+from synthtune.config import SEED, ConfigError, opt
 
 
 @dataclass
@@ -26,16 +26,16 @@ class EvalConfig:
     split: str = opt("test", "split to evaluate", ["train", "test"])
     source: str = opt("bundled", "GSM8K source", ["bundled", "auto", "hub", "dir"])
     gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl")
-    limit: int | None = opt(None, "only the first N questions")
-    shots: int = opt(0, "0: the training format 'Question: ...\\nAnswer:'; 8: few-shot exemplars from train")
-    k: int = opt(1, "samples per question: 1 = greedy; >1 = sampling with maj@k and pass@k")
-    temperature: float = opt(0.7, "sampling temperature when k > 1")
-    max_new_tokens: int = opt(256, "generation budget per answer")
-    batch_size: int = opt(8, "questions per generate() call (k=1)")
+    limit: int | None = opt(None, "only the first N questions", ge=1)
+    shots: int = opt(0, "0: the training format 'Question: ...\\nAnswer:'; 8: few-shot exemplars from train", ge=0)
+    k: int = opt(1, "samples per question: 1 = greedy; >1 = sampling with maj@k and pass@k", ge=1)
+    temperature: float = opt(0.7, "sampling temperature when k > 1", ge=0)
+    max_new_tokens: int = opt(256, "generation budget per answer", ge=1)
+    batch_size: int = opt(8, "questions per generate() call (k=1)", ge=1)
     prompt_format: str = opt("plain", "plain or chat (the tokenizer's template); match what training used",
                              ["plain", "chat", "auto"])
     compare: bool = opt(False, "evaluate the base model and the adapter in one run, side by side")
-    seed: int = opt(0, "seed for exemplars and sampling")
+    seed: int = opt(0, "seed for exemplars and sampling", **SEED)
     out: str | None = opt(None, "output directory; default outputs/eval/<timestamp>")
     device: str | None = opt(None, "cpu, cuda...; default cuda when available")
 

@@ -11,8 +11,10 @@ and kept rows exist to check for duplicates.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -461,3 +463,129 @@ def test_the_client_imports_without_torch():
     code = "import sys, synthtune.synth.openai_backend; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------------------------
+# the API key never leaks: a malformed key, and a server that echoes the Authorization header
+# --------------------------------------------------------------------------------------------
+
+ECHO_KEY = "sk-echo-" + "5e0c9d2b7a41f3e8" * 3  # long enough that a leaked fragment is still recognizable
+
+
+def _leaks(text: str | bytes, key: str = ECHO_KEY) -> list[str]:
+    """Every 10-character piece of the key's random part found in ``text`` (a cut key leaks too)."""
+    text = text.decode("utf-8", "replace") if isinstance(text, bytes) else text
+    secret = key.removeprefix("sk-echo-")
+    return sorted({secret[i:i + 10] for i in range(len(secret) - 9) if secret[i:i + 10] in text})
+
+
+class _EchoHandler(http.server.BaseHTTPRequestHandler):
+    """A careless server: it lists model "m", then answers every POST by echoing the headers back.
+
+    ``server.mode``: "cut" (HTTP 400 whose message is long, with the key across the 400-character
+    point where the backend cuts messages), "no-choices" (HTTP 200 whose JSON has no choices but
+    the headers), "503" (retryable errors quoting the header).
+    """
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):  # quiet: the test reads the client's output, not the server's
+        pass
+
+    def _send(self, status: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self._send(200, {"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        auth = self.headers.get("Authorization", "")
+        mode = self.server.mode
+        if mode == "cut":
+            lead = "rejected request; headers were: Authorization: "
+            pad = "x" * (400 - len(lead) - len("Bearer ") - 16)  # 16 key characters before the cut
+            self._send(400, {"error": {"message": pad + lead + auth + " (end)"}})
+        elif mode == "no-choices":
+            self._send(200, {"object": "debug", "headers": {"authorization": auth}})
+        else:
+            self._send(503, {"error": {"message": f"overloaded; you sent Authorization: {auth}"}})
+
+
+@pytest.fixture
+def echo_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _synth_cli(url: str, out: Path, env_value: str, verbose: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SYNTHTUNE_ECHO_KEY": env_value}
+    cmd = [SYNTHTUNE, *(["--verbose"] if verbose else []), "synth", "--backend", "openai", "--endpoint", url, "--served-model", "m", "--model",
+           "tiny-llama", "--api-key-env", "SYNTHTUNE_ECHO_KEY", "--out", str(out), "--limit", "1", "--json",
+           "k=1", "rounds=1", "shots=0", "prompt_format=plain", "max_retries=1", "retry_backoff=0.01"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=SYNTH_TIMEOUT_S, env=env)
+
+
+def test_key_with_a_carriage_return_fails_naming_the_variable_not_the_key(tmp_path, monkeypatch):
+    """Regression: a key ending in \\r made http.client raise a ValueError quoting the header, and the
+    CLI printed the traceback, key included."""
+    key = ECHO_KEY + "\r"
+    monkeypatch.setenv("SYNTHTUNE_ECHO_KEY", key)
+    with pytest.raises(ConfigError, match=r"\$SYNTHTUNE_ECHO_KEY holds a carriage return") as err:
+        OpenAIBackend(["http://127.0.0.1:9/v1"], "m", api_key_env="SYNTHTUNE_ECHO_KEY", check=False)
+    assert not _leaks(str(err.value))
+    for bad, what in ((" " + ECHO_KEY, "a space at character 1 of"), (ECHO_KEY[:9] + "\n" + ECHO_KEY[9:], "line feed"),
+                      (ECHO_KEY + "\x1b", "control character (U+001B)"), (ECHO_KEY + "é", "non-ASCII")):
+        monkeypatch.setenv("SYNTHTUNE_ECHO_KEY", bad)
+        with pytest.raises(ConfigError, match=re.escape(what)) as err:
+            OpenAIBackend(["http://127.0.0.1:9/v1"], "m", api_key_env="SYNTHTUNE_ECHO_KEY", check=False)
+        assert not _leaks(str(err.value))
+    # through the CLI, as the issue ran it: one clear line, exit 2, no traceback, no key
+    proc = _synth_cli("http://127.0.0.1:9/v1", tmp_path / "out", key)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "$SYNTHTUNE_ECHO_KEY holds a carriage return (\\r)" in proc.stderr and "Traceback" not in proc.stderr
+    assert not _leaks(proc.stdout + proc.stderr)
+
+
+@pytest.mark.parametrize("mode", ["cut", "no-choices", "503"])
+def test_a_server_echoing_the_key_never_gets_it_printed_logged_or_written(echo_server, tmp_path, mode):
+    """Regression ("cut", "no-choices"): the key was scrubbed only after a message was cut to 400
+    characters (leaving its start), and not at all from a 200 answer without choices."""
+    echo_server.mode = mode
+    url = f"http://127.0.0.1:{echo_server.server_address[1]}/v1"
+    out = tmp_path / "out"
+    proc = _synth_cli(url, out, ECHO_KEY, verbose=mode == "503")  # debug logs: more to leak through
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    expected = {"cut": "refused POST /completions (HTTP 400: xxx", "no-choices": "with no choices",
+                "503": "gave up on POST /completions after 2 attempts"}[mode]
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
+    assert "***" in proc.stderr  # the echo is there, the key is not
+    if mode == "503":
+        assert "retry 1/1" in proc.stderr  # the logged warning went through the redaction too
+    assert not _leaks(proc.stdout + proc.stderr), proc.stderr[-2000:]
+    assert not [p for p in out.rglob("*") if p.is_file() and _leaks(p.read_bytes())]
+
+
+def test_server_messages_are_redacted_before_they_are_cut():
+    from synthtune.redact import register_secret
+    from synthtune.synth.openai_backend import server_message
+
+    key = "sk-cut-" + "0f1e2d3c4b5a6978" * 2
+    register_secret(key)
+    body = json.dumps({"error": {"message": "y" * 390 + "Bearer " + key + " and more" * 5}}).encode()
+    msg = server_message(body)
+    assert key[:12] not in msg and msg.endswith("...")
+    # the JSON-escaped spelling of a key holding a quote is hidden too
+    odd = 'sk-q"uote-' + "9" * 20
+    register_secret(odd)
+    assert "***" in server_message(json.dumps({"detail": {"auth": odd}}).encode())

@@ -14,8 +14,10 @@ schedules a cluster.
 * 408, 429, 5xx, timeouts and connection errors are retried with exponential backoff and jitter;
   a ``Retry-After`` header wins when it asks for longer. Any other 4xx is permanent: the run stops
   with the server's own message (an ``EndpointError``, which the CLI prints and exits 2 on).
-* The API key is read from the environment variable named by ``api_key_env``. It only ever goes
-  into the Authorization header and is scrubbed from server messages before they reach an error.
+* The API key is read from the environment variable named by ``api_key_env`` and checked there
+  (a stray \r or space fails naming the variable, never showing the key). It only ever goes into
+  the Authorization header; every response body is scrubbed of it before anything reads or cuts
+  it, and every error the backend raises is scrubbed again (``synthtune.redact``).
 
 Token counts: ``usage.completion_tokens`` covers all the choices of a request. With several
 choices, one that ended on ``length`` counts ``max_tokens`` and the rest of the total is shared
@@ -36,7 +38,6 @@ import http.client
 import itertools
 import json
 import logging
-import os
 import random
 import threading
 import time
@@ -50,6 +51,7 @@ from synthtune import __version__
 from synthtune.config import ConfigError
 from synthtune.generation import Sample, SamplingParams, truncate_at_stop
 from synthtune.models import ModelError
+from synthtune.redact import redact, redact_bytes, secret_from_env
 from synthtune.synth.prompts import Prompt
 
 log = logging.getLogger(__name__)
@@ -67,7 +69,7 @@ class EndpointError(ModelError):
     """A server refused a request, or could not be reached within the retries."""
 
     def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
+        super().__init__(redact(message))  # the last guard: a message never carries the API key
         self.status = status
 
 
@@ -184,18 +186,21 @@ def split_tokens(total: int | None, texts: Sequence[str], reasons: Sequence[str]
 
 
 def server_message(data: bytes, limit: int = 400) -> str:
-    """The human part of an error body: OpenAI's error.message, vLLM's message, FastAPI's detail."""
+    """The human part of an error body: OpenAI's error.message, vLLM's message, FastAPI's detail.
+
+    Secrets are redacted before the text is cut: a cut through the key would leave its start.
+    """
     try:
         body = json.loads(data)
     except (ValueError, UnicodeDecodeError):
-        text = data.decode("utf-8", "replace").strip()
+        text = redact(data.decode("utf-8", "replace").strip())
         return (text[:limit] + "...") if len(text) > limit else (text or "(empty body)")
     msg = body
     if isinstance(body, dict):
         err = body.get("error")
         msg = err.get("message", err) if isinstance(err, dict) else (err or body.get("message") or
                                                                      body.get("detail") or body)
-    text = msg if isinstance(msg, str) else json.dumps(msg)
+    text = redact(msg if isinstance(msg, str) else json.dumps(msg))
     return (text[:limit] + "...") if len(text) > limit else text
 
 
@@ -321,7 +326,7 @@ class OpenAIBackend:
         self.max_retries = max_retries
         self.retry_backoff = float(retry_backoff)
         self._key_env = api_key_env
-        self._key = _read_key(api_key_env)
+        self._key = secret_from_env(api_key_env) if api_key_env else None
         self._headers = {"Content-Type": "application/json", "Accept": "application/json",
                          "User-Agent": f"synthtune/{__version__}"}
         if self._key:
@@ -413,7 +418,7 @@ class OpenAIBackend:
         choices = payload.get("choices")
         if not isinstance(choices, list) or not choices:
             raise EndpointError(f"endpoint {ep.url} answered POST {path} with no choices "
-                                f"({json.dumps(payload)[:200]}); is it an OpenAI-compatible server?")
+                                f"({redact(json.dumps(payload))[:200]}); is it an OpenAI-compatible server?")
         if sent["n"] > 1:
             ep.n_ok = len(choices) >= sent["n"]
             if not ep.n_ok:
@@ -445,12 +450,18 @@ class OpenAIBackend:
                 status, headers, data = self._http.request(ep, method, path, body_for(ep), self._headers,
                                                            timeout or self.request_timeout)
             except (OSError, http.client.HTTPException) as err:
-                last = _describe(err)
+                last = redact(_describe(err))
+            except Exception as err:
+                # http.client's own checks (a header value it refuses) quote the headers, key
+                # included: re-raise without the original, so no traceback can print it
+                raise EndpointError(f"endpoint {ep.url}: {method} {path} could not be sent: "
+                                    f"{type(err).__name__}: {redact(str(err))}") from None
             else:
+                data = redact_bytes(data)  # before anything parses, quotes or cuts the body
                 if status == 200:
                     payload = self._json(ep, method, path, data)
                     return (payload, ep) if return_endpoint else payload
-                msg = self._scrub(server_message(data))
+                msg = server_message(data)
                 if status not in RETRY_STATUSES:
                     raise self._permanent(ep, method, path, status, msg)
                 last, retry_after = f"HTTP {status}: {msg}", headers.get("retry-after")
@@ -474,7 +485,7 @@ class OpenAIBackend:
             payload = None
         if not isinstance(payload, dict):
             raise EndpointError(f"endpoint {ep.url} answered {method} {path} with something other than a JSON "
-                                f"object ({self._scrub(server_message(data, 120))!r}); is the URL an OpenAI-"
+                                f"object ({server_message(data, 120)!r}); is the URL an OpenAI-"
                                 f"compatible API base, ending in /v1?")
         return payload
 
@@ -493,19 +504,6 @@ class OpenAIBackend:
             hint = "; the served model has no chat template: set prompt_format=plain"
         return EndpointError(f"{where} refused {method} {path} (HTTP {status}: {msg}){hint}. Fix the setting "
                              f"the message names and rerun: finished batches are kept", status)
-
-    def _scrub(self, text: str) -> str:
-        return text.replace(self._key, "***") if self._key else text
-
-
-def _read_key(env: str | None) -> str | None:
-    if not env:
-        return None
-    key = os.environ.get(env)
-    if not key:
-        raise ConfigError(f"api_key_env={env}, but ${env} is not set (or empty); export the server's API key in "
-                          f"it, or drop --api-key-env for a server without keys")
-    return key
 
 
 def _describe(err: BaseException) -> str:
