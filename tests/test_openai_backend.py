@@ -589,3 +589,43 @@ def test_server_messages_are_redacted_before_they_are_cut():
     odd = 'sk-q"uote-' + "9" * 20
     register_secret(odd)
     assert "***" in server_message(json.dumps({"detail": {"auth": odd}}).encode())
+
+
+def test_log_records_and_cli_tracebacks_never_show_a_read_key(tmp_path):
+    """Second line of defence: whatever message a key slips into, the CLI's logs and tracebacks hide it."""
+    import io
+    import logging
+
+    from synthtune.cli import install_log_redaction
+    from synthtune.redact import register_secret
+
+    key = "sk-log-" + "a1b2c3d4e5f60718" * 2
+    register_secret(key)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        install_log_redaction()
+        log = logging.getLogger("synthtune.test_redaction")
+        log.warning("header was %s", f"Bearer {key}")
+        try:
+            raise ValueError(f"Invalid header value b'Bearer {key}\\r'")
+        except ValueError:
+            log.exception("request failed")
+    finally:
+        root.removeHandler(handler)
+    text = stream.getvalue()
+    assert "header was Bearer ***" in text and "ValueError: Invalid header value b'Bearer ***" in text
+    assert key not in text
+    # an unexpected error (a bug's traceback) in a CLI process that has read a key: printed redacted
+    rows = tmp_path / "in.jsonl"
+    rows.write_text(json.dumps({"question": "q", "answer": "1", "completion": "#### 1"}) + "\n")
+    target = tmp_path / f"out-{key}"
+    target.mkdir()  # --out is a directory: os.replace fails with IsADirectoryError, path (key) included
+    code = ("import sys\nfrom synthtune.redact import register_secret\nregister_secret(sys.argv[1])\n"
+            "from synthtune.cli import main\nsys.argv = ['synthtune', *sys.argv[2:]]\nmain()")
+    proc = subprocess.run([sys.executable, "-c", code, key, "score", str(rows), "--out", str(target)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr and "IsADirectoryError" in proc.stderr
+    assert "out-***" in proc.stderr and key not in proc.stdout + proc.stderr
