@@ -61,16 +61,14 @@ class Range:
     inf: bool = False  # whether +-inf is a meaningful setting
 
     def describe(self, kind: str) -> str:
-        lo = (f"[{_num(self.ge)}", self.ge) if self.ge is not None else (f"({_num(self.gt)}", self.gt) \
-            if self.gt is not None else None
-        hi = (f"{_num(self.le)}]", self.le) if self.le is not None else (f"{_num(self.lt)})", self.lt) \
-            if self.lt is not None else None
-        if lo and hi:
-            text = f"{kind} in {lo[0]}, {hi[0]}"
-        elif lo:
-            text = f"{kind} {'>=' if self.ge is not None else '>'} {_num(lo[1])}"
-        elif hi:
-            text = f"{kind} {'<=' if self.le is not None else '<'} {_num(hi[1])}"
+        lower = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else ""
+        upper = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else ""
+        if lower and upper:
+            text = f"{kind} in {lower}, {upper}"
+        elif lower:  # "[1" reads ">= 1", "(0" reads "> 0"
+            text = f"{kind} {'>=' if lower[0] == '[' else '>'} {lower[1:]}"
+        elif upper:
+            text = f"{kind} {'<=' if upper[-1] == ']' else '<'} {upper[:-1]}"
         else:
             text = kind
         return " or ".join([*map(_num, self.also), text])
@@ -407,9 +405,13 @@ _INT_LIMIT = 2 ** 63
 
 def _read_yaml(path: Path) -> dict[str, tuple[Any, str]]:
     """Top-level mapping of a YAML file, each value (as nodes' text) with its 'file:line'."""
-    if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
-    text = path.read_text()
+    if not path.is_file():
+        raise ConfigError(f"config file {path} " + ("is a directory" if path.is_dir() else "does not exist"))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte {err.start}); save the file as UTF-8") from None
     try:
         # compose, never construct: values stay the text the user wrote, and no tag runs code
         root = yaml.compose(text, Loader=yaml.SafeLoader)

@@ -217,3 +217,10 @@ def test_module_doctests():
     for module in (synthtune.config, synthtune.redact):
         result = doctest.testmod(module)
         assert result.attempted > 0 and result.failed == 0
+
+
+def test_unreadable_config_files_fail_naming_the_file(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_bytes(b"model: tiny-llama\nout: caf\xe9\n")  # Latin-1, not UTF-8
+    assert _error(DemoConfig, p) == f"{p}:2: not UTF-8 text (byte 26); save the file as UTF-8"
+    assert _error(DemoConfig, tmp_path) == f"config file {tmp_path} is a directory"
