@@ -419,6 +419,8 @@ def _read_yaml(path: Path) -> dict[str, tuple[Any, str]]:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
         raise ConfigError(f"{where}: not valid YAML: {getattr(err, 'problem', err)}") from err
+    except RecursionError:  # PyYAML composes nested collections recursively
+        raise ConfigError(f"{path}: nested too deeply to be a config (values are scalars or flat lists)") from None
     if root is None:
         return {}
     if not isinstance(root, yaml.MappingNode):
@@ -451,7 +453,7 @@ def _override_value(raw: str) -> _Text:
     if text[:1] in ("'", '"'):
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
-        except yaml.YAMLError:
+        except (yaml.YAMLError, RecursionError):
             node = None
         if isinstance(node, yaml.ScalarNode) and node.style in ("'", '"'):
             return _Text(node.value, quoted=True)
@@ -463,6 +465,8 @@ def _override_value(raw: str) -> _Text:
                     else "it is not one list")
         except yaml.YAMLError as err:
             flow = f"not a valid YAML list ({getattr(err, 'problem', None) or err})"
+        except RecursionError:  # PyYAML composes nested lists recursively
+            flow = "nested too deeply (a list holds plain items)"
     return _Text(text, flow=flow)
 
 

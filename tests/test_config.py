@@ -224,3 +224,13 @@ def test_unreadable_config_files_fail_naming_the_file(tmp_path):
     p.write_bytes(b"model: tiny-llama\nout: caf\xe9\n")  # Latin-1, not UTF-8
     assert _error(DemoConfig, p) == f"{p}:2: not UTF-8 text (byte 26); save the file as UTF-8"
     assert _error(DemoConfig, tmp_path) == f"config file {tmp_path} is a directory"
+
+
+def test_deeply_nested_values_are_config_errors_not_recursion_errors(tmp_path):
+    deep = "[" * 5000 + "]" * 5000
+    msg = _error(SynthConfig, overrides=[f"stop={deep}"])
+    assert ": stop: '[[[" in msg and "is nested too deeply" in msg
+    assert load_config(SynthConfig, None, ["model=" + "[" * 5000]).model == "[" * 5000  # a str field: the text
+    p = tmp_path / "c.yaml"
+    p.write_text(f"stop: {deep}\n")
+    assert _error(SynthConfig, p) == f"{p}: nested too deeply to be a config (values are scalars or flat lists)"
