@@ -144,7 +144,7 @@ def valid_configs(draw):
     return replace(cls(), **{f.name: draw(_valid_values(f, hints[f.name])) for f in chosen})
 
 
-@FUZZ
+@settings(FUZZ, max_examples=200)  # each example writes a file
 @given(valid_configs())
 def test_valid_configs_round_trip_through_overrides_and_config_yaml(cfg):
     check_config(cfg)
