@@ -485,6 +485,8 @@ class Batcher:
         for req in group:
             if req.cancelled:
                 req.error = RequestError(499, "the client went away before generation; dropped")
+                self.log(f"dropped before generation: model={_clean(req.model, 80)} prompts={len(req.prompts)} "
+                         f"n={req.n} (its client went away)")
         try:
             if live:
                 self._run_isolated(live)
@@ -502,6 +504,7 @@ class Batcher:
             self.engine.run(group, abort=abort)
             return
         except Aborted:
+            self.log(f"generation stopped: every client of a batch of {len(group)} requests went away")
             self._fail(group, RequestError(499, "every client of this batch went away; generation stopped"))
             return
         except Exception as err:  # a bug or an OOM must fail these requests, not the server
@@ -518,6 +521,7 @@ class Batcher:
             try:
                 self.engine.run([req], abort=lambda r=req: r.cancelled)
             except Aborted:
+                self.log("generation stopped: the client of a request went away")
                 req.error = RequestError(499, "the client went away; generation stopped")
             except Exception as err:
                 req.error = self._error(err)
@@ -569,12 +573,13 @@ def check_limits(cfg: ServeConfig) -> None:
 # HTTP (asyncio: a connection is a coroutine, never a thread)
 # --------------------------------------------------------------------------------------------
 
-_PRINTABLE_ESCAPES = {"\\": "\\\\", '"': '\\"'}
+_PRINTABLE_ESCAPES = {'"': '\\"'}  # a quote would blur where the quoted request line ends
 
 
 def _clean(text: str, limit: int = 300) -> str:
     """Client-controlled text made safe for one log line: control, format and surrogate characters
-    (terminal escapes, newlines, bidi overrides) escaped, quotes escaped, length capped."""
+    (terminal escapes, newlines, bidi overrides) escaped, quotes escaped, length capped. Backslashes
+    stay as they are, so error notes that hold a ``repr`` read naturally."""
     out = []
     for c in text[:limit]:
         if c in _PRINTABLE_ESCAPES:
@@ -1037,18 +1042,17 @@ class ServerThread:
         self.app = app
         sock = listen_socket(host, port)
         self.url = url_of(sock)
-        self._loop = asyncio.new_event_loop()
-        self._stop = asyncio.Event()
         started = threading.Event()
 
-        def main():
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(_serve_until(app, sock, self._stop, lambda _: started.set()))
-            self._loop.close()
+        async def main():
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            await _serve_until(app, sock, self._stop, lambda _: started.set())
 
-        self._thread = threading.Thread(target=main, name="synthtune-serve-loop", daemon=True)
+        # asyncio.run: at the end it cancels and finishes the connections' tasks
+        self._thread = threading.Thread(target=asyncio.run, args=(main(),), name="synthtune-serve-loop", daemon=True)
         self._thread.start()
-        started.wait(30)
+        if not started.wait(30):
+            raise RuntimeError("the server thread did not start within 30 s")
 
     def stop(self) -> None:
         self._loop.call_soon_threadsafe(self._stop.set)
