@@ -477,19 +477,25 @@ class Batcher:
             for req in batch:
                 groups.setdefault(req.group_key(), []).append(req)
             for group in groups.values():
-                self._run_group(group)
+                try:
+                    self._run_group(group)
+                except Exception as err:  # the worker must outlive a bug: its requests were answered 500
+                    self.log(f"error: the worker failed on a batch: {_clean(type(err).__name__)}: {_clean(str(err))}")
 
     def _run_group(self, group: list[GenRequest]) -> None:
         # checked here, not at gather time: an earlier group may have run for minutes
         live = [r for r in group if not r.cancelled]
-        for req in group:
-            if req.cancelled:
-                req.error = RequestError(499, "the client went away before generation; dropped")
-                self.log(f"dropped before generation: model={_clean(req.model, 80)} prompts={len(req.prompts)} "
-                         f"n={req.n} (its client went away)")
         try:
+            for req in group:
+                if req.cancelled:
+                    req.error = RequestError(499, "the client went away before generation; dropped")
+                    self.log(f"dropped before generation: model={_clean(req.model, 80)} prompts={len(req.prompts)} "
+                             f"n={req.n} (its client went away)")
             if live:
                 self._run_isolated(live)
+        except Exception as err:
+            self._fail(group, self._error(err))
+            raise
         finally:
             for req in group:
                 req.finish()
@@ -678,12 +684,16 @@ class _Connection:
         self.buf += data
 
     async def _read_head(self, deadline: float) -> _Head:
+        scanned = 0  # the end of the headers is looked for in new bytes only: a 1-byte trickle stays linear
         while True:
-            while self.buf[:2] in (b"\r\n", b"\n\n") or self.buf[:1] == b"\n":  # stray CRLFs between requests
-                del self.buf[:2 if self.buf[:2] == b"\r\n" else 1]
-            match = _HEAD_END.search(self.buf, 0, MAX_HEAD_BYTES + 4)
+            stray = len(self.buf) - len(self.buf.lstrip(b"\r\n"))  # CRLFs between requests (RFC 9112 2.2)
+            if stray:
+                del self.buf[:stray]
+                scanned = 0
+            match = _HEAD_END.search(self.buf, max(0, scanned - 3), MAX_HEAD_BYTES + 4)
             if match:
                 break
+            scanned = len(self.buf)
             if len(self.buf) > MAX_HEAD_BYTES:
                 raise RequestError(431, f"request line and headers over {MAX_HEAD_BYTES >> 10} KiB", close=True)
             await self._more(deadline)
@@ -765,8 +775,8 @@ class _Connection:
                                        code="not_found", close=body_unread)
                 if body_unread:
                     keep = False  # a GET body is never read; it must not be taken as the next request
-                await self._reply(200, self._models(), t0, "", close=not keep, command=command)
-                return keep
+                sent = await self._reply(200, self._models(), t0, "", close=not keep, command=command)
+                return keep and sent
             if head.method != "POST":
                 raise RequestError(405, f"method {_show(head.method)} is not allowed; use GET /v1/models or POST",
                                    close=body_unread)
@@ -791,14 +801,14 @@ class _Connection:
                 return False
             if req.error is not None:
                 raise req.error
-            await self._reply(200, completion_response(req), t0, "", req, close=not keep, command=command)
-            return keep
+            sent = await self._reply(200, completion_response(req), t0, "", req, close=not keep, command=command)
+            return keep and sent
         except RequestError as err:
             close = err.close or not keep
-            await self._reply(err.status, err.body(), t0, err.message, req, close=close, command=command)
+            sent = await self._reply(err.status, err.body(), t0, err.message, req, close=close, command=command)
             if close and body_unread:
                 await self._linger()
-            return not close
+            return sent and not close
 
     def _authorize(self, head: _Head) -> None:
         key = self.app.api_key
@@ -871,7 +881,8 @@ class _Connection:
     # ---- writing
 
     async def _reply(self, status: int, body: dict, t0: float, note: str, req: GenRequest | None = None, *,
-                     close: bool = False, command: str = "-") -> None:
+                     close: bool = False, command: str = "-") -> bool:
+        """Send one response; False when it could not be delivered within ``read_timeout``."""
         data = json.dumps(body).encode()
         try:
             phrase = http.HTTPStatus(status).phrase
@@ -883,17 +894,19 @@ class _Connection:
             lines.append("Retry-After: 1")
         if close:
             lines.append("Connection: close")
+        sent = True
         try:
             self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
             await asyncio.wait_for(self.writer.drain(), self.app.limits.read_timeout)
         except (ConnectionError, TimeoutError, OSError):  # the client went away or stopped reading
-            pass
+            sent = False
         what = ""
         if req is not None and status == 200:
             usage = body.get("usage", {})
             what = (f" tokens={usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} "
                     f"batch={req.batch_prompts}")
         self._log(status, command, t0, note, req, what)
+        return sent
 
     def _log(self, status: int, command: str, t0: float, note: str, req: GenRequest | None = None,
              what: str = "") -> None:
