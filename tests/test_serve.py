@@ -368,3 +368,24 @@ def test_limits_that_cannot_work_are_refused_by_name(tmp_path):
                        ("context_length", 1)]:
         with pytest.raises(ConfigError, match=key):
             check_limits(ServeConfig(**{key: value}))
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_t5"])
+def test_sampling_stops_at_the_step_after_abort_turns_true(model, request):
+    """The hook a departed batch uses: the shared-prefill path (causal) and generate() (seq2seq)."""
+    from synthtune.generation import SamplingParams
+    from synthtune.synth.sampler import Aborted, sample_k
+
+    lm = request.getfixturevalue(model)
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, num_samples=2, seed=0)
+    polls = []
+
+    def abort():
+        polls.append(1)
+        return len(polls) > 3
+
+    with pytest.raises(Aborted):
+        sample_k(lm, ["Problem: 1 + 1?"], params, abort=abort)
+    assert len(polls) <= 6  # stopped within a step or two of the fourth poll, not after 24 tokens
+    full = sample_k(lm, ["Problem: 1 + 1?"], params, abort=lambda: False)
+    assert sample_k(lm, ["Problem: 1 + 1?"], params) == full  # a hook that never fires changes nothing
