@@ -132,3 +132,44 @@ def test_prepared_requests_fit_the_budget_and_context_or_fail_alone(engine, prom
         return
     assert req.cost <= 20000 and req.cost == sum(n * (len(x) + max_tokens) for x in req.ids)
     assert all(0 < len(x) and len(x) + max_tokens <= engine.context for x in req.ids)
+
+
+# --------------------------------------------------------------------------------------------
+# raw HTTP at a real (in-process) server
+# --------------------------------------------------------------------------------------------
+
+HEADER_LINES = st.sampled_from([b"Content-Length: 5", b"Content-Length: -1", b"Content-Length: 99999999999999",
+                                b"Content-Length: 2", b"Transfer-Encoding: chunked", b"Expect: 100-continue",
+                                b"Connection: close", b"Authorization: Bearer x", b"Host: \xff\x00"]) | st.binary(max_size=40)
+
+
+@pytest.fixture(scope="module")
+def live(engine):
+    from synthtune.config import ServeConfig
+    from synthtune.serve import ServerThread, build_app
+
+    logs: list[str] = []
+    server = ServerThread(build_app(engine, ServeConfig(read_timeout=2), log=logs.append))
+    yield server, logs
+    server.stop()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from([b"GET", b"POST", b"PUT", b"", b"G\x00T"]) | st.binary(max_size=8),
+       target=st.sampled_from([b"/v1/models", b"/v1/completions", b"/v1/chat/completions", b"*", b""])
+       | st.binary(max_size=30),
+       version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b"", b"HTTP/1.1 extra"]),
+       headers=st.lists(HEADER_LINES, max_size=5), body=st.binary(max_size=40))
+def test_any_request_head_gets_a_status_line_or_a_close(live, method, target, version, headers, body):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from server_helpers import raw_exchange
+
+    server, logs = live
+    data = b" ".join([method, target, version]) + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
+    reply = raw_exchange(server.url, data, timeout=20)
+    assert reply == b"" or (reply.startswith(b"HTTP/1.1 ") and reply[9:12].isdigit()), reply[:80]
+    assert not [line for line in logs if line.startswith("error:")], logs[-3:]
+    assert all(line.isprintable() for line in logs)
