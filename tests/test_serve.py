@@ -268,7 +268,7 @@ def test_departed_clients_lose_their_work(server):
     long = json.dumps({"model": "tiny-llama", "prompt": "x", "n": 9, "max_tokens": 2000}).encode()
     with connect(server.url) as sock:
         sock.sendall(_head("/v1/completions", len(long)) + long)
-        time.sleep(0.8)
+        time.sleep(0.5)  # the 300 ms batch window, then part of a generation of 2,000 steps (seconds)
     assert wait_for(lambda: len(server.lines(r"generation stopped")) > stopped_before, 60)
     assert _post(server.url, _good(2))[0] == 200
 
