@@ -150,6 +150,12 @@ def synth(
     emit(json.dumps(summary, indent=None if json_only else 2))
 
 
+def _serve_help(key: str) -> str:
+    from synthtune.config import ServeConfig, field_help
+
+    return f"{field_help(ServeConfig)[key]} (default {getattr(ServeConfig(), key)})"
+
+
 @app.command()
 @results_on_stdout
 def serve(
@@ -170,13 +176,24 @@ def serve(
                                                 "the machine)")] = None,
     device: Annotated[str | None, typer.Option(help="cpu, cuda...; default cuda when available")] = None,
     seed: Annotated[int, typer.Option(help="seed for built-in tiny models and requests without a seed")] = 0,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML with the serve limits below (the flags "
+                                                "override it)")] = None,
+    max_request_tokens: Annotated[int | None, typer.Option(help=_serve_help("max_request_tokens"))] = None,
+    max_inflight_tokens: Annotated[int | None, typer.Option(help=_serve_help("max_inflight_tokens"))] = None,
+    max_connections: Annotated[int | None, typer.Option(help=_serve_help("max_connections"))] = None,
+    read_timeout: Annotated[float | None, typer.Option(help=_serve_help("read_timeout"))] = None,
+    context_length: Annotated[int | None, typer.Option(help=_serve_help("context_length"))] = None,
 ) -> None:
     """Serve a model and its LoRA adapters over an OpenAI-compatible HTTP API (for local use and tests)."""
+    from synthtune.config import ServeConfig, load_config
     from synthtune.serve import serve as run_serve
 
+    limits = load_config(ServeConfig, config, max_request_tokens=max_request_tokens,
+                         max_inflight_tokens=max_inflight_tokens, max_connections=max_connections,
+                         read_timeout=read_timeout, context_length=context_length)
     run_serve(model, adapter or [], host=host, port=port, served_name=served_model_name, api_key_env=api_key_env,
               device=device, seed=seed, max_batch=max_batch, batch_window_ms=batch_window_ms, threads=threads,
-              log=lambda msg: err_console.print(Text(msg)))
+              limits=limits, log=lambda msg: err_console.print(Text(msg)))
 
 
 @app.command()

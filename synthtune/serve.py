@@ -8,56 +8,90 @@ to vLLM, which is what to run at GPU scale (see the README, "Synthesis against v
   ``{"error": {...}}`` shape: 400 for a bad parameter, 404 ``model_not_found``, 401 for a wrong key.
 * Adapters: each ``--adapter NAME=DIR`` is a peft LoRA adapter (safetensors only) on the one base
   model, chosen per request by ``model=NAME``, as with vLLM's ``--lora-modules``.
-* Batching: HTTP threads only parse and validate. One worker thread owns the model. It gathers
-  the requests that arrive within ``batch_window_ms`` of the first (up to ``max_batch`` prompts),
+* HTTP: one asyncio event loop owns every connection, so a connection costs a socket and a few KB,
+  never a thread: slow or half-sent requests cannot exhaust threads. Each request (headers and
+  body) must arrive within ``read_timeout``; at most ``max_connections`` are open at once. The key
+  is checked from the headers, before the body is read. Parsing, validation and tokenization run
+  on one helper thread, so the loop stays responsive.
+* Limits: a request's cost is prompts x n x (prompt tokens + max_tokens), checked against
+  ``max_request_tokens`` (400) and, summed over the work queued or running, ``max_inflight_tokens``
+  (503 with Retry-After). Every architecture gets a context check (seq2seq: encoder input and
+  decoder length).
+* Batching: one worker thread owns the model. It gathers the requests that arrive within
+  ``batch_window_ms`` of the first (up to ``max_batch`` prompts and ``max_request_tokens`` of cost),
   groups those with the same model and sampling settings, and runs each group through one
-  ``sample_k`` call, so concurrent requests share forward passes.
+  ``sample_k`` call, so concurrent requests share forward passes. Requests are validated alone
+  before they are batched; a group that still fails is rerun request by request, so one bad
+  request fails alone.
+* Cancellation: a client that disconnects has its queued request dropped before generation, and a
+  running group stops at its next decoding step once every client in it has gone.
 * Seeds: a group is sampled with one generator, seeded by its first request's ``seed``. A request
   is therefore reproducible when it runs alone, not when batched with others (vLLM seeds each
   request on its own).
-* One log line per request on stderr, never with headers. Binds 127.0.0.1 unless told otherwise.
+* One log line per request on stderr, never with headers; client-controlled text in it is escaped.
+  Binds 127.0.0.1 unless told otherwise (IPv6 addresses such as ``::1`` work).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import http
+import http.client
+import io
+import ipaddress
 import itertools
 import json
+import math
 import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from synthtune import __version__
-from synthtune.config import ConfigError
+from synthtune.config import ConfigError, ServeConfig
 
 MAX_N = 128
 MAX_STOP = 16
 MAX_BODY_BYTES = 16 << 20
+#: request line plus headers; more is answered 431 (http.server allows 64 KiB per line and 100 headers)
+MAX_HEAD_BYTES = 64 << 10
 DEFAULT_MAX_TOKENS = 256
+#: seeds are int64 as in vLLM, non-negative so that torch (which takes uint64) accepts seed + offset
+SEED_MAX = (1 << 63) - 1
 #: A request waits at most this long for the worker; the client then gets a retryable 503.
 WAIT_S = 600.0
+#: after an error that leaves a body unread: how long (and how much) to drain before closing, so the
+#: client reads the error instead of a connection reset (closing with unread input sends RST)
+LINGER_S, LINGER_BYTES = 1.0, 1 << 20
+#: T5 and its kin have relative positions and name no context; they were pretrained on 512 tokens
+SEQ2SEQ_DEFAULT_CONTEXT = 512
 _ROLES = ("system", "user", "assistant")
 _UNSUPPORTED = ("stream", "echo", "suffix", "logprobs", "top_logprobs", "tools", "functions", "response_format")
 
 
 class RequestError(Exception):
-    """A request the server will not run; becomes an OpenAI-style JSON error."""
+    """A request the server will not run; becomes an OpenAI-style JSON error.
+
+    ``close``: the connection cannot carry another request (e.g. a body left unread).
+    """
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", close: bool = False):
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+        self.close = close
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -77,20 +111,34 @@ class GenRequest:
     top_k: int
     stop: tuple[str, ...]
     seed: int | None
+    ids: list = field(default_factory=list)  # token ids per prompt (Engine.prepare)
+    cost: int = 0  # prompts x n x (prompt tokens + max_tokens), summed over the prompts
     done: threading.Event = field(default_factory=threading.Event)
     samples: list = field(default_factory=list)  # per prompt: [(raw text, Sample, stop_reason)]
     prompt_tokens: int = 0
     batch_prompts: int = 0
     error: RequestError | None = None
-    cancelled: bool = False  # its HTTP thread gave up waiting; the worker skips it
+    cancelled: bool = False  # its client went away or gave up waiting; the worker skips or aborts it
+    on_done: list = field(default_factory=list)  # callables run by the worker when it finishes
 
     def group_key(self) -> tuple:
         return (self.model, self.chat, self.n, self.max_tokens, self.temperature, self.top_p, self.top_k, self.stop)
+
+    def finish(self) -> None:
+        self.done.set()
+        for fn in self.on_done:
+            fn()
 
 
 # --------------------------------------------------------------------------------------------
 # validation (pure)
 # --------------------------------------------------------------------------------------------
+
+
+def _show(value, limit: int = 60) -> str:
+    """A client value for an error message: repr, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _number(body: dict, key: str, default: float, lo: float, hi: float, *, integer: bool = False,
@@ -99,20 +147,32 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float, *, integ
     if value is None:
         return default
     ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok or (value <= lo if lo_open else value < lo) or value > hi:
+    # NaN compares false with everything, so it is rejected by name, not by the bounds
+    if (isinstance(value, bool) or not ok or (isinstance(value, float) and not math.isfinite(value))
+            or (value <= lo if lo_open else value < lo) or value > hi):
         bounds = f"{'(' if lo_open else '['}{lo}, {hi}]"
-        kind = "an integer" if integer else "a number"
-        raise RequestError(400, f"{key} must be {kind} in {bounds}, got {value!r}", param=key)
+        kind = "an integer" if integer else "a finite number"
+        raise RequestError(400, f"{key} must be {kind} in {bounds}, got {_show(value)}", param=key)
+    return value
+
+
+def _string(value: str, where: str, param: str) -> str:
+    """``value`` if it can be encoded as UTF-8; JSON's ``\\ud800`` escapes make lone surrogates."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise RequestError(400, f"{where} holds a lone UTF-16 surrogate ({value[err.start]!r} at character "
+                           f"{err.start}); send valid Unicode", param=param) from None
     return value
 
 
 def _text(content, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _string(content, f"{where}.content", "messages")
     # OpenAI's content-parts form: keep the text parts
     if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
                                          and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
+        return "".join(_string(p["text"], f"{where}.content[{i}].text", "messages") for i, p in enumerate(content))
     raise RequestError(400, f"{where}.content must be a string (or a list of text parts)", param="messages")
 
 
@@ -124,14 +184,14 @@ def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
     if not isinstance(model, str) or not model:
         raise RequestError(400, f"model is required: one of {', '.join(models)}", param="model")
     if model not in models:
-        raise RequestError(404, f"the model {model!r} does not exist here; served models: {', '.join(models)}",
+        raise RequestError(404, f"the model {_show(model)} does not exist here; served models: {', '.join(models)}",
                            param="model", code="model_not_found")
     for key in _UNSUPPORTED:
         if body.get(key) not in (None, False, 0):
             raise RequestError(400, f"{key} is not supported by synthtune serve; leave it out", param=key)
     n = _number(body, "n", 1, 1, MAX_N, integer=True)
     best_of = body.get("best_of")
-    if best_of is not None and best_of != n:
+    if best_of is not None and (isinstance(best_of, bool) or best_of != n):
         raise RequestError(400, "best_of is not supported by synthtune serve; leave it out or equal to n",
                            param="best_of")
     if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
@@ -145,16 +205,16 @@ def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
     if not isinstance(stop, list) or len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise RequestError(400, f"stop must be a non-empty string or a list of at most {MAX_STOP} of them",
                            param="stop")
-    seed = body.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise RequestError(400, f"seed must be an integer, got {seed!r}", param="seed")
+    for i, s in enumerate(stop):
+        _string(s, f"stop[{i}]", "stop")
+    seed = _number(body, "seed", None, 0, SEED_MAX, integer=True)
     if chat:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise RequestError(400, "messages must be a non-empty list of {role, content}", param="messages")
         clean = []
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or m.get("role") not in _ROLES:
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
                 raise RequestError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)}", param="messages")
             clean.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}]")})
         prompts = [clean]
@@ -164,8 +224,31 @@ def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
         if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
             raise RequestError(400, "prompt must be a non-empty string or a list of them (token-id prompts are "
                                "not supported)", param="prompt")
+        for i, p in enumerate(prompts):
+            _string(p, f"prompt[{i}]", "prompt")
     return GenRequest(chat=chat, model=model, prompts=prompts, n=n, max_tokens=max_tokens, temperature=temperature,
                       top_p=top_p, top_k=0 if top_k in (-1, 0) else top_k, stop=tuple(stop), seed=seed)
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (use a finite number)")
+
+
+def decode_json(raw: bytes):
+    """The JSON value of a request body; ``RequestError`` 400 for anything that is not strict JSON."""
+    try:
+        # NaN/Infinity are Python's extension to JSON, not JSON: refuse them like any other bad token
+        return json.loads(raw, parse_constant=_no_constant)
+    except RecursionError:  # e.g. "[" * 200000: the C scanner nests one call per bracket
+        raise RequestError(400, "request body is not valid JSON: nested deeper than this server parses "
+                           f"(about {sys.getrecursionlimit()} levels)") from None
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, int digit limit, the constants above
+        raise RequestError(400, f"request body is not valid JSON: {err}"[:300]) from None
+
+
+def parse_body(raw: bytes, *, chat: bool, models: Sequence[str]) -> GenRequest:
+    """Bytes of a POST body -> a validated ``GenRequest``, or ``RequestError`` (never another exception)."""
+    return parse_request(decode_json(raw), chat=chat, models=models)
 
 
 # --------------------------------------------------------------------------------------------
@@ -183,11 +266,28 @@ def parse_adapter(spec: str) -> tuple[str, str]:
     return name, path
 
 
+def context_length(lm, override: int | None = None) -> int | None:
+    """Tokens the model attends over: the override, the config's, else 512 for seq2seq models that
+    name none (T5's relative positions), else ``None`` (unknown: only the token budget bounds requests)."""
+    if override:
+        return override
+    cfg = lm.model.config
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx"):
+        value = getattr(cfg, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    # tokenizers without a limit report a huge sentinel (int(1e30))
+    value = getattr(lm.tokenizer, "model_max_length", None)
+    if isinstance(value, int) and 0 < value < 10_000_000:
+        return value
+    return SEQ2SEQ_DEFAULT_CONTEXT if lm.is_seq2seq else None
+
+
 class Engine:
     """The base model with its adapters; only the worker thread calls ``run``."""
 
     def __init__(self, model: str, adapters: Sequence[str] = (), *, served_name: str | None = None,
-                 device: str | None = None, seed: int = 0):
+                 device: str | None = None, seed: int = 0, context: int | None = None):
         from synthtune.evaluate import check_adapter_dir, load_with_adapter
 
         self.base_name = served_name or model
@@ -205,44 +305,80 @@ class Engine:
         self.lm.model.eval()
         self.adapters = dict(named)
         self.names = names
-        self.context = getattr(self.lm.model.config, "max_position_embeddings", None)
+        self.context = context_length(self.lm, context)
         self._seeds = itertools.count(seed)
 
-    def run(self, group: list[GenRequest]) -> None:
-        """Generate for requests that share a group key, in one ``sample_k`` call."""
+    # ---- per request, on the parsing thread: everything that can fail for one request alone
+
+    def prepare(self, req: GenRequest, max_request_tokens: int) -> None:
+        """Tokenize ``req`` and check it against the context and the token budget (``RequestError``)."""
+        floor = len(req.prompts) * req.n * (1 + req.max_tokens)  # every prompt is at least one token
+        if floor > max_request_tokens:  # refuse before tokenizing a huge list
+            raise self._over_budget(req, floor, max_request_tokens, at_least=True)
+        ids = []
+        for i, p in enumerate(req.prompts):
+            try:
+                x = self._encode(p, req.chat)
+            except RequestError:
+                raise
+            except Exception as err:  # a template or tokenizer refusing this client's text
+                raise RequestError(400, f"{'messages' if req.chat else f'prompt[{i}]'} could not be tokenized: "
+                                   f"{type(err).__name__}: {err}"[:300], param="messages" if req.chat else "prompt") from None
+            if not x:
+                raise RequestError(400, f"prompt[{i}] tokenizes to nothing", param="prompt")
+            self._check_context(i, len(x), req.max_tokens)
+            ids.append(x)
+        req.ids = ids
+        req.prompt_tokens = sum(len(x) for x in ids)
+        req.cost = sum(req.n * (len(x) + req.max_tokens) for x in ids)
+        if req.cost > max_request_tokens:
+            raise self._over_budget(req, req.cost, max_request_tokens)
+
+    def _check_context(self, i: int, n_prompt: int, max_tokens: int) -> None:
+        ctx = self.context
+        if ctx is None:
+            return
+        if not self.lm.is_seq2seq:
+            if n_prompt + max_tokens > ctx:
+                raise RequestError(400, f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                                   f"model's context of {ctx} tokens; shorten the prompt or lower max_tokens",
+                                   param="max_tokens")
+            return
+        if n_prompt > ctx:
+            raise RequestError(400, f"prompt {i} ({n_prompt} tokens) exceeds the model's encoder context of {ctx} "
+                               f"tokens; shorten the prompt", param="prompt")
+        if max_tokens + 1 > ctx:  # the decoder also holds its start token
+            raise RequestError(400, f"max_tokens ({max_tokens}) plus the decoder start token exceeds the model's "
+                               f"decoder context of {ctx} tokens; lower max_tokens", param="max_tokens")
+
+    @staticmethod
+    def _over_budget(req: GenRequest, cost: int, limit: int, at_least: bool = False) -> RequestError:
+        return RequestError(
+            400, f"this request needs {'at least ' if at_least else ''}{cost:,} tokens (prompts {len(req.prompts)} x "
+            f"n {req.n} x (prompt tokens + max_tokens {req.max_tokens})), over the server's max_request_tokens of "
+            f"{limit:,}; send fewer prompts or a smaller n or max_tokens (or start the server with a larger "
+            f"--max-request-tokens)", param="max_tokens", code="request_too_large")
+
+    # ---- on the worker thread
+
+    def run(self, group: list[GenRequest], abort: Callable[[], bool] | None = None) -> None:
+        """Generate for prepared requests that share a group key, in one ``sample_k`` call."""
         from synthtune.generation import SamplingParams
         from synthtune.synth.sampler import sample_k
 
         first = group[0]
-        live, ids = [], []
-        for req in group:
-            try:
-                req_ids = [self._encode(p, req.chat) for p in req.prompts]
-            except RequestError as err:
-                req.error = err
-                continue
-            for x in req_ids:
-                if self.context and len(x) + req.max_tokens > self.context:
-                    req.error = RequestError(400, f"the prompt ({len(x)} tokens) plus max_tokens ({req.max_tokens}) "
-                                             f"exceeds the model's context of {self.context} tokens; shorten the "
-                                             f"prompt or lower max_tokens", param="max_tokens")
-                    break
-            else:
-                live.append(req)
-                ids.extend(req_ids)
-                req.prompt_tokens = sum(len(x) for x in req_ids)
-        if not live:
-            return
+        ids = [x for req in group for x in req.ids]
         seed = first.seed if first.seed is not None else next(self._seeds)
         params = SamplingParams(max_new_tokens=first.max_tokens, temperature=first.temperature, top_p=first.top_p,
                                 top_k=first.top_k, num_samples=first.n, stop=first.stop, seed=seed)
         with self._adapter(first.model):
-            out = sample_k(self.lm, ids, params, batch_size=len(ids))
-        pos = 0
-        for req in live:
-            for _ in req.prompts:
-                req.samples.append([self._raw(s, first.stop) for s in out[pos]])
-                pos += 1
+            out = sample_k(self.lm, ids, params, batch_size=len(ids), abort=abort)
+        results, pos = [], 0
+        for req in group:
+            results.append([[self._raw(s, first.stop) for s in out[pos + j]] for j in range(len(req.ids))])
+            pos += len(req.ids)
+        for req, samples in zip(group, results, strict=True):  # only once all decoded: a failure leaves no half-filled request
+            req.samples = samples
             req.batch_prompts = len(ids)
 
     def _encode(self, prompt, chat: bool) -> list[int]:
@@ -279,12 +415,18 @@ class Engine:
 
 
 class Batcher:
-    """The worker thread: gathers requests for ``window_s``, groups them, runs each group."""
+    """The worker thread: gathers requests for ``window_s``, groups them, runs each group.
 
-    def __init__(self, engine: Engine, *, window_s: float = 0.005, max_batch: int = 32, max_queue: int = 256,
-                 log: Callable[[str], None] = print):
+    A batch holds at most ``max_batch`` prompts and ``max_batch_tokens`` of cost (its first request
+    alone may reach the cost), so the memory of one generation call is bounded by one budget.
+    """
+
+    def __init__(self, engine: Engine, *, window_s: float = 0.005, max_batch: int = 32,
+                 max_batch_tokens: int | None = None, max_queue: int = 256, log: Callable[[str], None] = print):
         self.engine, self.window_s, self.max_batch, self.log = engine, window_s, max_batch, log
+        self.max_batch_tokens = max_batch_tokens
         self.queue: queue.Queue[GenRequest] = queue.Queue(maxsize=max_queue)
+        self._carry: GenRequest | None = None  # taken from the queue but over the last batch's limits
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="synthtune-serve-worker", daemon=True)
         self._thread.start()
@@ -301,11 +443,15 @@ class Batcher:
         self._thread.join(timeout)
 
     def _gather(self) -> list[GenRequest]:
-        try:
-            batch = [self.queue.get(timeout=0.2)]
-        except queue.Empty:
-            return []
-        n_prompts = len(batch[0].prompts)
+        if self._carry is not None:
+            first, self._carry = self._carry, None
+        else:
+            try:
+                first = self.queue.get(timeout=0.2)
+            except queue.Empty:
+                return []
+        batch = [first]
+        n_prompts, cost = len(first.prompts), first.cost
         deadline = time.monotonic() + self.window_s
         while n_prompts < self.max_batch:
             left = deadline - time.monotonic()
@@ -315,8 +461,13 @@ class Batcher:
                 req = self.queue.get(timeout=left)
             except queue.Empty:
                 break
+            if (n_prompts + len(req.prompts) > self.max_batch
+                    or (self.max_batch_tokens is not None and cost + req.cost > self.max_batch_tokens)):
+                self._carry = req  # first in the next batch: order is kept
+                break
             batch.append(req)
             n_prompts += len(req.prompts)
+            cost += req.cost
         return batch
 
     def _loop(self) -> None:
@@ -324,25 +475,129 @@ class Batcher:
             batch = self._gather()
             groups: dict[tuple, list[GenRequest]] = {}
             for req in batch:
-                if req.cancelled:
-                    req.done.set()
-                    continue
                 groups.setdefault(req.group_key(), []).append(req)
             for group in groups.values():
                 try:
-                    self.engine.run(group)
-                except Exception as err:  # a bug or an OOM must fail these requests, not the server
-                    self.log(f"error: generation failed: {type(err).__name__}: {err}")
-                    for req in group:
-                        req.error = req.error or RequestError(500, f"generation failed: {type(err).__name__}: {err}",
-                                                              kind="server_error")
-                for req in group:
-                    req.done.set()
+                    self._run_group(group)
+                except Exception as err:  # the worker must outlive a bug: its requests were answered 500
+                    self.log(f"error: the worker failed on a batch: {_clean(type(err).__name__)}: {_clean(str(err))}")
+
+    def _run_group(self, group: list[GenRequest]) -> None:
+        # checked here, not at gather time: an earlier group may have run for minutes
+        live = [r for r in group if not r.cancelled]
+        try:
+            for req in group:
+                if req.cancelled:
+                    req.error = RequestError(499, "the client went away before generation; dropped")
+                    self.log(f"dropped before generation: model={_clean(req.model, 80)} prompts={len(req.prompts)} "
+                             f"n={req.n} (its client went away)")
+            if live:
+                self._run_isolated(live)
+        except Exception as err:
+            self._fail(group, self._error(err))
+            raise
+        finally:
+            for req in group:
+                req.finish()
+
+    def _run_isolated(self, group: list[GenRequest]) -> None:
+        from synthtune.synth.sampler import Aborted
+
+        def abort(reqs=group):
+            return all(r.cancelled for r in reqs)
+
+        try:
+            self.engine.run(group, abort=abort)
+            return
+        except Aborted:
+            self.log(f"generation stopped: every client of a batch of {len(group)} requests went away")
+            self._fail(group, RequestError(499, "every client of this batch went away; generation stopped"))
+            return
+        except Exception as err:  # a bug or an OOM must fail these requests, not the server
+            if len(group) == 1:
+                self._fail(group, self._error(err))
+                return
+            self.log(f"error: a batch of {len(group)} requests failed ({_clean(type(err).__name__)}: "
+                     f"{_clean(str(err))}); rerunning them one by one")
+        # a request that fails alone must not take its batch-mates down with it
+        for req in group:
+            if req.cancelled:
+                req.error = RequestError(499, "the client went away before generation; dropped")
+                continue
+            try:
+                self.engine.run([req], abort=lambda r=req: r.cancelled)
+            except Aborted:
+                self.log("generation stopped: the client of a request went away")
+                req.error = RequestError(499, "the client went away; generation stopped")
+            except Exception as err:
+                req.error = self._error(err)
+
+    def _error(self, err: Exception) -> RequestError:
+        self.log(f"error: generation failed: {_clean(type(err).__name__)}: {_clean(str(err))}")
+        return RequestError(500, f"generation failed: {type(err).__name__}: {err}"[:500], kind="server_error")
+
+    @staticmethod
+    def _fail(group: list[GenRequest], err: RequestError) -> None:
+        for req in group:
+            req.error = req.error or err
+
+
+class Admission:
+    """The server-wide budget: the summed cost of the requests queued or running."""
+
+    def __init__(self, limit: int):
+        self.limit, self.used = limit, 0
+        self._lock = threading.Lock()  # released from the worker thread, taken on the event loop
+
+    def acquire(self, cost: int) -> bool:
+        with self._lock:
+            if self.used + cost > self.limit:
+                return False
+            self.used += cost
+            return True
+
+    def release(self, cost: int) -> None:
+        with self._lock:
+            self.used -= cost
+
+
+def check_limits(cfg: ServeConfig) -> None:
+    """Refuse limits that cannot work, naming the key and its allowed range."""
+    checks = [("max_request_tokens", cfg.max_request_tokens >= 1, ">= 1"),
+              ("max_inflight_tokens", cfg.max_inflight_tokens >= cfg.max_request_tokens,
+               f">= max_request_tokens ({cfg.max_request_tokens}), or no request could ever run"),
+              ("max_connections", cfg.max_connections >= 1, ">= 1"),
+              ("read_timeout", math.isfinite(cfg.read_timeout) and cfg.read_timeout > 0, "a finite number > 0"),
+              ("context_length", cfg.context_length is None or cfg.context_length >= 2, ">= 2 (or unset)")]
+    for key, ok, allowed in checks:
+        if not ok:
+            raise ConfigError(f"serve: {key} must be {allowed}, got {getattr(cfg, key)!r} "
+                              f"(--{key.replace('_', '-')} or {key}: in the serve config)")
 
 
 # --------------------------------------------------------------------------------------------
-# HTTP
+# HTTP (asyncio: a connection is a coroutine, never a thread)
 # --------------------------------------------------------------------------------------------
+
+_PRINTABLE_ESCAPES = {'"': '\\"'}  # a quote would blur where the quoted request line ends
+
+
+def _clean(text: str, limit: int = 300) -> str:
+    """Client-controlled text made safe for one log line: control, format and surrogate characters
+    (terminal escapes, newlines, bidi overrides) escaped, quotes escaped, length capped. Backslashes
+    stay as they are, so error notes that hold a ``repr`` read naturally."""
+    out = []
+    for c in text[:limit]:
+        if c in _PRINTABLE_ESCAPES:
+            out.append(_PRINTABLE_ESCAPES[c])
+        elif c.isprintable():
+            out.append(c)
+        else:
+            code = ord(c)
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+    if len(text) > limit:
+        out.append(f"...(+{len(text) - limit} chars)")
+    return "".join(out)
 
 
 @dataclass
@@ -351,7 +606,342 @@ class App:
     batcher: Batcher
     api_key: str | None
     log: Callable[[str], None]
+    limits: ServeConfig = field(default_factory=ServeConfig)
+    max_connections: int = 0  # after the open-file limit; 0 = limits.max_connections
     created: int = field(default_factory=lambda: int(time.time()))
+
+    def __post_init__(self):
+        self.admission = Admission(self.limits.max_inflight_tokens)
+        self.max_connections = self.max_connections or self.limits.max_connections
+        self.connections: set[asyncio.StreamWriter] = set()
+        # parsing, validation and tokenization: one thread, so the event loop never runs them
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthtune-serve-parse")
+
+    def prepare(self, raw: bytes, chat: bool) -> GenRequest:
+        """On the parsing thread: body bytes -> a tokenized request within the budget."""
+        req = parse_body(raw, chat=chat, models=self.engine.names)
+        try:
+            self.engine.prepare(req, self.limits.max_request_tokens)
+        except RequestError:
+            raise
+        except Exception as err:  # a bug must answer this request, not kill the connection silently
+            raise RequestError(500, f"could not prepare the request: {type(err).__name__}: {err}"[:300],
+                               kind="server_error") from None
+        return req
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = _Connection(self, reader, writer)
+        if len(self.connections) >= self.max_connections:
+            await conn.refuse()
+            return
+        self.connections.add(writer)
+        try:
+            await conn.run()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception as err:  # a bug: one escaped line, never a traceback, and the server goes on
+            self.log(f"error: the connection from {_clean(conn.peer)} failed: {_clean(type(err).__name__)}: "
+                     f"{_clean(str(err))}")
+        finally:
+            self.connections.discard(writer)
+            writer.close()
+
+
+class _Closed(Exception):
+    """The client closed its side of the connection."""
+
+
+@dataclass
+class _Head:
+    method: str
+    target: str
+    version: str
+    headers: http.client.HTTPMessage
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0].rstrip("/")
+
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+#: asyncio.wait_for raises asyncio.TimeoutError, a class of its own before Python 3.11
+_TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
+_DIGITS = re.compile(r"[0-9]{1,12}")
+
+
+class _Connection:
+    def __init__(self, app: App, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.app, self.reader, self.writer = app, reader, writer
+        self.buf = bytearray()
+        peer = writer.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else "?"
+        self.loop = asyncio.get_running_loop()
+
+    # ---- reading
+
+    async def _more(self, deadline: float) -> None:
+        left = deadline - self.loop.time()
+        if left <= 0:
+            raise asyncio.TimeoutError
+        data = await asyncio.wait_for(self.reader.read(1 << 16), left)
+        if not data:
+            raise _Closed
+        self.buf += data
+
+    async def _read_head(self, deadline: float) -> _Head:
+        scanned = 0  # the end of the headers is looked for in new bytes only: a 1-byte trickle stays linear
+        while True:
+            if self.buf[:1] in (b"\r", b"\n"):  # CRLFs between requests (RFC 9112 2.2)
+                del self.buf[:len(self.buf) - len(self.buf.lstrip(b"\r\n"))]
+                scanned = 0
+            match = _HEAD_END.search(self.buf, max(0, scanned - 3), MAX_HEAD_BYTES + 4)
+            if match:
+                break
+            scanned = len(self.buf)
+            if len(self.buf) > MAX_HEAD_BYTES:
+                raise RequestError(431, f"request line and headers over {MAX_HEAD_BYTES >> 10} KiB", close=True)
+            await self._more(deadline)
+        raw = bytes(self.buf[:match.start()])
+        del self.buf[:match.end()]
+        line, _, rest = raw.partition(b"\n")
+        parts = line.rstrip(b"\r").decode("latin-1").split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            raise RequestError(400, f"bad request line {_show(line.decode('latin-1'))}", close=True)
+        method, target, version = parts
+        if version not in ("HTTP/1.1", "HTTP/1.0"):
+            raise RequestError(505, f"HTTP version {_show(version)} is not supported; use HTTP/1.1", close=True)
+        try:
+            headers = http.client.parse_headers(io.BytesIO(rest + b"\r\n\r\n"))
+        except http.client.HTTPException as err:
+            raise RequestError(431, f"bad headers: {type(err).__name__}", close=True) from None
+        return _Head(method, target, version, headers)
+
+    def _content_length(self, head: _Head) -> int:
+        if head.headers.get("Transfer-Encoding"):
+            raise RequestError(411, "Transfer-Encoding is not supported; send the body with a Content-Length",
+                               close=True)
+        values = head.headers.get_all("Content-Length") or []
+        if not values:
+            return -1
+        if len(set(v.strip() for v in values)) != 1 or not _DIGITS.fullmatch(values[0].strip()):
+            # no trustworthy length: the body cannot be skipped, so the connection must close
+            raise RequestError(411, "a Content-Length header with a byte count is required", close=True)
+        return int(values[0])
+
+    async def _read_body(self, length: int, deadline: float) -> bytes:
+        while len(self.buf) < length:
+            await self._more(deadline)
+        body = bytes(self.buf[:length])
+        del self.buf[:length]
+        return body
+
+    # ---- the connection's life
+
+    async def run(self) -> None:
+        timeout = self.app.limits.read_timeout
+        while True:
+            deadline = self.loop.time() + timeout
+            t0 = time.perf_counter()
+            try:
+                head = await self._read_head(deadline)
+            except (_Closed, ConnectionError):
+                return
+            except _TIMEOUTS:
+                if self.buf:  # part of a request came, the rest did not
+                    await self._reply(408, RequestError(408, f"the request did not arrive within {timeout:g} s")
+                                      .body(), t0, "request timeout", close=True, command="-")
+                    await self._linger()
+                return
+            except RequestError as err:
+                await self._reply(err.status, err.body(), t0, err.message, close=True, command="-")
+                await self._linger()
+                return
+            keep = await self._serve(head, deadline, t0)
+            if not keep:
+                return
+
+    async def _serve(self, head: _Head, deadline: float, t0: float) -> bool:
+        keep = head.version == "HTTP/1.1"
+        conn = (head.headers.get("Connection") or "").lower()
+        keep = (keep and "close" not in conn) or (not keep and "keep-alive" in conn)
+        command = f"{head.method} {head.target}"
+        req = None
+        body_unread = True
+        try:
+            length = self._content_length(head)
+            body_unread = length > 0
+            routes = {"/v1/completions": False, "/v1/chat/completions": True}
+            # the key, the method and the route come from the headers: refuse before reading a body
+            self._authorize(head)
+            if head.method == "GET":
+                if head.path != "/v1/models":
+                    raise RequestError(404, f"no route GET {_show(head.target)}; try GET /v1/models",
+                                       code="not_found", close=body_unread)
+                if body_unread:
+                    keep = False  # a GET body is never read; it must not be taken as the next request
+                sent = await self._reply(200, self._models(), t0, "", close=not keep, command=command)
+                return keep and sent
+            if head.method != "POST":
+                raise RequestError(405, f"method {_show(head.method)} is not allowed; use GET /v1/models or POST",
+                                   close=body_unread)
+            if head.path not in routes:
+                raise RequestError(404, f"no route POST {_show(head.target)}; use /v1/completions or "
+                                   f"/v1/chat/completions", code="not_found", close=body_unread)
+            if length < 0:
+                raise RequestError(411, "a Content-Length header with a byte count is required", close=True)
+            if length > MAX_BODY_BYTES:
+                raise RequestError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", close=True)
+            if head.version == "HTTP/1.1" and (head.headers.get("Expect") or "").lower() == "100-continue":
+                self.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            try:
+                raw = await self._read_body(length, deadline)
+            except _TIMEOUTS:
+                raise RequestError(408, f"the request body did not arrive within {self.app.limits.read_timeout:g} s",
+                                   close=True) from None
+            body_unread = False
+            req = await self.loop.run_in_executor(self.app.pool, self.app.prepare, raw, routes[head.path])
+            if not await self._generate(req):
+                self._log(499, command, t0, "client closed the connection; its work was dropped or stopped", req)
+                return False
+            if req.error is not None:
+                raise req.error
+            sent = await self._reply(200, completion_response(req), t0, "", req, close=not keep, command=command)
+            return keep and sent
+        except RequestError as err:
+            close = err.close or not keep
+            sent = await self._reply(err.status, err.body(), t0, err.message, req, close=close, command=command)
+            if close and body_unread:
+                await self._linger()
+            return sent and not close
+
+    def _authorize(self, head: _Head) -> None:
+        key = self.app.api_key
+        if key is None:
+            return
+        got = head.headers.get("Authorization") or ""
+        token = got[7:] if got.startswith("Bearer ") else ""
+        if not hmac.compare_digest(token.encode("utf-8", "surrogateescape"), key.encode()):
+            raise RequestError(401, "invalid API key: send the server's key as 'Authorization: Bearer <key>'",
+                               code="invalid_api_key", close=True)
+
+    def _models(self) -> dict:
+        engine = self.app.engine
+        data = [{"id": name, "object": "model", "created": self.app.created, "owned_by": "synthtune",
+                 "root": name if name == engine.base_name else engine.adapters[name],
+                 "parent": None if name == engine.base_name else engine.base_name}
+                for name in engine.names]
+        return {"object": "list", "data": data}
+
+    async def _generate(self, req: GenRequest) -> bool:
+        """Queue ``req`` and wait for it; False when the client went away meanwhile."""
+        app = self.app
+        if not app.admission.acquire(req.cost):
+            raise RequestError(503, f"server busy: this request's {req.cost:,} tokens would pass the server's "
+                               f"max_inflight_tokens of {app.admission.limit:,} ({app.admission.used:,} in flight); "
+                               f"retry later", kind="server_error")
+        done = self.loop.create_future()
+
+        def finished():  # on the worker thread
+            app.admission.release(req.cost)
+            try:
+                self.loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+            except RuntimeError:  # the loop closed during shutdown
+                pass
+
+        req.on_done.append(finished)
+        try:
+            app.batcher.submit(req)
+        except RequestError:
+            app.admission.release(req.cost)
+            raise
+        end = self.loop.time() + WAIT_S
+        while not done.done():
+            left = end - self.loop.time()
+            if left <= 0:
+                # a queued request nobody waits for would still cost a generation, and the client's
+                # retry would queue it again: mark it so the worker drops it
+                req.cancelled = True
+                raise RequestError(503, f"generation did not finish within {WAIT_S:.0f} s; retry later",
+                                   kind="server_error", close=True)
+            if len(self.buf) > MAX_HEAD_BYTES:  # a client pipelining without reading: stop watching it
+                await asyncio.wait({done}, timeout=left)
+                continue
+            # watch the socket while waiting: EOF means the client is gone, so its work is not wanted
+            watch = asyncio.ensure_future(self.reader.read(1 << 16))
+            await asyncio.wait({done, watch}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
+            if not watch.done():
+                watch.cancel()  # a cancelled StreamReader.read consumes nothing
+                continue
+            try:
+                data = watch.result()
+            except (ConnectionError, OSError):
+                data = b""
+            if not data:
+                req.cancelled = True
+                return False
+            self.buf += data  # a pipelined next request: kept for later
+        return True
+
+    # ---- writing
+
+    async def _reply(self, status: int, body: dict, t0: float, note: str, req: GenRequest | None = None, *,
+                     close: bool = False, command: str = "-") -> bool:
+        """Send one response; False when it could not be delivered within ``read_timeout``."""
+        data = json.dumps(body).encode()
+        try:
+            phrase = http.HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        lines = [f"HTTP/1.1 {status} {phrase}", f"Server: synthtune/{__version__}", "Content-Type: application/json",
+                 f"Content-Length: {len(data)}"]
+        if status == 503:
+            lines.append("Retry-After: 1")
+        if close:
+            lines.append("Connection: close")
+        sent = True
+        try:
+            self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
+            await asyncio.wait_for(self.writer.drain(), self.app.limits.read_timeout)
+        except (ConnectionError, OSError, *_TIMEOUTS):  # the client went away or stopped reading
+            sent = False
+        what = ""
+        if req is not None and status == 200:
+            usage = body.get("usage", {})
+            what = (f" tokens={usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} "
+                    f"batch={req.batch_prompts}")
+        self._log(status, command, t0, note, req, what)
+        return sent
+
+    def _log(self, status: int, command: str, t0: float, note: str, req: GenRequest | None = None,
+             what: str = "") -> None:
+        if req is not None:
+            what = f" model={_clean(req.model, 80)} prompts={len(req.prompts)} n={req.n}{what}"
+        self.app.log(f"{_clean(self.peer)} \"{_clean(command)}\" {status}{what} {time.perf_counter() - t0:.3f}s"
+                     f"{' ' + _clean(note) if note else ''}")
+
+    async def _linger(self) -> None:
+        """Close after an error that left input unread: shut our side, drain a little, then close."""
+        try:
+            if self.writer.can_write_eof():
+                self.writer.write_eof()
+            end = self.loop.time() + LINGER_S
+            drained = 0
+            while drained < LINGER_BYTES and (left := end - self.loop.time()) > 0:
+                data = await asyncio.wait_for(self.reader.read(1 << 16), left)
+                if not data:
+                    break
+                drained += len(data)
+        except (ConnectionError, OSError, *_TIMEOUTS):
+            pass
+
+    async def refuse(self) -> None:
+        """Over ``max_connections``: a quick 503, then close; nothing of the request is read."""
+        t0 = time.perf_counter()
+        err = RequestError(503, f"server busy: {self.app.max_connections} connections open; retry later",
+                           kind="server_error")
+        await self._reply(503, err.body(), t0, err.message, close=True, command="-")
+        await self._linger()
+        self.writer.close()
 
 
 def completion_response(req: GenRequest) -> dict:
@@ -376,112 +966,116 @@ def completion_response(req: GenRequest) -> dict:
                                           "total_tokens": req.prompt_tokens + completion_tokens}}
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive: clients reuse one connection for many requests
-    server_version = f"synthtune/{__version__}"
+# --------------------------------------------------------------------------------------------
+# listening
+# --------------------------------------------------------------------------------------------
 
-    @property
-    def app(self) -> App:
-        return self.server.app  # type: ignore[attr-defined]
 
-    def log_message(self, format, *args):  # noqa: A002 - the one line per request is written by _reply
-        pass
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on the first address ``host`` resolves to (IPv4 or IPv6)."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+                                                          flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}; give an IP address or a "
+                          f"resolvable host name to --host") from None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}; pick another --port "
+                          f"(0 = any free one)") from None
+    return sock
 
-    def do_GET(self):
-        t0 = time.perf_counter()
+
+def url_of(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def fit_connections(wanted: int, log: Callable[[str], None]) -> int:
+    """Raise the soft open-file limit so ``wanted`` connections fit; cap them when the hard limit can't."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX: nothing to raise
+        return wanted
+    reserve = 128  # model files, the log, the listening socket, torch's own
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = wanted + reserve
+    if soft != resource.RLIM_INFINITY and soft < need:
+        new = need if hard == resource.RLIM_INFINITY else min(need, hard)
         try:
-            self._authorize()
-            if self.path.rstrip("/") != "/v1/models":
-                raise RequestError(404, f"no route GET {self.path}; try GET /v1/models", code="not_found")
-            data = [{"id": name, "object": "model", "created": self.app.created, "owned_by": "synthtune",
-                     "root": name if name == self.app.engine.base_name else self.app.engine.adapters[name],
-                     "parent": None if name == self.app.engine.base_name else self.app.engine.base_name}
-                    for name in self.app.engine.names]
-            self._reply(200, {"object": "list", "data": data}, t0, "")
-        except RequestError as err:
-            self._reply(err.status, err.body(), t0, err.message)
-
-    def do_POST(self):
-        t0 = time.perf_counter()
-        routes = {"/v1/completions": False, "/v1/chat/completions": True}
-        req = None
-        try:
-            body = self._read_body()
-            self._authorize()
-            path = self.path.rstrip("/")
-            if path not in routes:
-                raise RequestError(404, f"no route POST {self.path}; use /v1/completions or /v1/chat/completions",
-                                   code="not_found")
-            req = parse_request(body, chat=routes[path], models=self.app.engine.names)
-            self.app.batcher.submit(req)
-            if not req.done.wait(WAIT_S):
-                # a queued request nobody waits for would still cost a generation, and the client's
-                # retry would queue it again: mark it so the worker drops it
-                req.cancelled = True
-                raise RequestError(503, f"generation did not finish within {WAIT_S:.0f} s; retry later",
-                                   kind="server_error")
-            if req.error is not None:
-                raise req.error
-            self._reply(200, completion_response(req), t0, "", req)
-        except RequestError as err:
-            self._reply(err.status, err.body(), t0, err.message, req)
-
-    def _read_body(self):
-        try:
-            length = int(self.headers.get("Content-Length", ""))
-        except ValueError:
-            length = -1
-        if length < 0:
-            # with no usable length the body cannot be skipped: close rather than read it as a request
-            self.close_connection = True
-            raise RequestError(411, "a Content-Length header with a byte count is required")
-        if length > MAX_BODY_BYTES:
-            self.close_connection = True
-            raise RequestError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB")
-        raw = self.rfile.read(length)
-        try:
-            return json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as err:
-            raise RequestError(400, f"request body is not valid JSON: {err}") from None
-
-    def _authorize(self) -> None:
-        key = self.app.api_key
-        if key is None:
-            return
-        got = self.headers.get("Authorization", "")
-        token = got[7:] if got.startswith("Bearer ") else ""
-        if not hmac.compare_digest(token.encode(), key.encode()):
-            raise RequestError(401, "invalid API key: send the server's key as 'Authorization: Bearer <key>'",
-                               code="invalid_api_key")
-
-    def _reply(self, status: int, body: dict, t0: float, note: str, req: GenRequest | None = None) -> None:
-        data = json.dumps(body).encode()
-        try:
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if status == 503:
-                self.send_header("Retry-After", "1")
-            self.end_headers()
-            self.wfile.write(data)
-        except (BrokenPipeError, ConnectionResetError):  # the client went away; nothing to tell it
-            self.close_connection = True
-        what = ""
-        if req is not None:
-            usage = body.get("usage", {})
-            what = (f" model={req.model} prompts={len(req.prompts)} n={req.n} "
-                    f"tokens={usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} "
-                    f"batch={req.batch_prompts}")
-        self.app.log(f"{self.client_address[0]} \"{self.command} {self.path}\" {status}{what} "
-                     f"{time.perf_counter() - t0:.3f}s{' ' + note if note else ''}")
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < need:
+        capped = max(1, soft - reserve)
+        log(f"warning: the open-file limit ({soft}) allows {capped} connections, not max_connections={wanted}; "
+            f"raise it with ulimit -n")
+        return capped
+    return wanted
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True  # a client holding a keep-alive connection must not block shutdown
+async def _serve_until(app: App, sock: socket.socket, stop: asyncio.Event, ready: Callable[[str], None]) -> None:
+    server = await asyncio.start_server(app.handle, sock=sock)
+    ready(url_of(sock))
+    try:
+        await stop.wait()
+    finally:
+        server.close()
+        for writer in list(app.connections):
+            writer.transport.abort()
 
-    def __init__(self, address: tuple[str, int], app: App):
+
+def build_app(engine: Engine, limits: ServeConfig, *, api_key: str | None = None, max_batch: int = 32,
+              batch_window_ms: float = 5.0, log: Callable[[str], None] = print) -> App:
+    check_limits(limits)
+    if max_batch < 1 or not (batch_window_ms >= 0):
+        raise ConfigError(f"max_batch must be >= 1 and batch_window_ms >= 0, got {max_batch} and {batch_window_ms}")
+    max_connections = fit_connections(limits.max_connections, log)
+    batcher = Batcher(engine, window_s=batch_window_ms / 1000, max_batch=max_batch,
+                      max_batch_tokens=limits.max_request_tokens, log=log)
+    return App(engine, batcher, api_key, log, limits, max_connections)
+
+
+class ServerThread:
+    """An app served on its own event-loop thread (tests, notebooks): ``url``, then ``stop()``."""
+
+    def __init__(self, app: App, host: str = "127.0.0.1", port: int = 0):
         self.app = app
-        super().__init__(address, _Handler)
+        sock = listen_socket(host, port)
+        self.url = url_of(sock)
+        started = threading.Event()
+
+        async def main():
+            self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+            await _serve_until(app, sock, self._stop, lambda _: started.set())
+
+        # asyncio.run: at the end it cancels and finishes the connections' tasks
+        self._thread = threading.Thread(target=asyncio.run, args=(main(),), name="synthtune-serve-loop", daemon=True)
+        self._thread.start()
+        if not started.wait(30):
+            raise RuntimeError("the server thread did not start within 30 s")
+
+    def stop(self) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        self.app.batcher.stop()
+        self.app.pool.shutdown(wait=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -496,9 +1090,11 @@ def _stderr(msg: str) -> None:
 def serve(model: str, adapters: Sequence[str] = (), *, host: str = "127.0.0.1", port: int = 8000,
           served_name: str | None = None, api_key_env: str | None = None, device: str | None = None,
           seed: int = 0, max_batch: int = 32, batch_window_ms: float = 5.0, threads: int | None = None,
-          log: Callable[[str], None] = _stderr) -> None:
+          limits: ServeConfig | None = None, log: Callable[[str], None] = _stderr) -> None:
     """Load the model, serve until SIGTERM/SIGINT, then stop cleanly."""
-    if max_batch < 1 or batch_window_ms < 0:
+    limits = limits or ServeConfig()
+    check_limits(limits)
+    if max_batch < 1 or not (batch_window_ms >= 0):
         raise ConfigError(f"max_batch must be >= 1 and batch_window_ms >= 0, got {max_batch} and {batch_window_ms}")
     api_key = None
     if api_key_env:
@@ -506,36 +1102,44 @@ def serve(model: str, adapters: Sequence[str] = (), *, host: str = "127.0.0.1", 
         if not api_key:
             raise ConfigError(f"--api-key-env {api_key_env}: ${api_key_env} is not set (or empty); export the key "
                               f"clients must send, or drop the flag to serve without one")
+    sock = listen_socket(host, port)  # before loading the model: a taken port fails in a second
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    engine = Engine(model, adapters, served_name=served_name, device=device, seed=seed)
-    batcher = Batcher(engine, window_s=batch_window_ms / 1000, max_batch=max_batch, log=log)
     try:
-        server = Server((host, port), App(engine, batcher, api_key, log))
-    except OSError as err:
-        batcher.stop()
-        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}; pick another --port "
-                          f"(0 = any free one)") from None
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
-    thread.start()
-    bound_host, bound_port = server.server_address[:2]
-    if host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        log(f"warning: listening on {host} without an API key: anyone who can reach this port can use the model")
-    log(f"models: {', '.join(engine.names)} ({engine.lm.device}); batching up to {max_batch} prompts within "
-        f"{batch_window_ms:g} ms")
-    log(f"serving on http://{bound_host}:{bound_port}/v1")
-    while not stop.wait(1.0):
-        pass
-    log("stopping")
-    server.shutdown()
-    server.server_close()
-    batcher.stop()
-    log("stopped")
+        engine = Engine(model, adapters, served_name=served_name, device=device, seed=seed,
+                        context=limits.context_length)
+        app = build_app(engine, limits, api_key=api_key, max_batch=max_batch, batch_window_ms=batch_window_ms,
+                        log=log)
+    except BaseException:
+        sock.close()
+        raise
+
+    def ready(url: str) -> None:
+        if not _is_loopback(host) and api_key is None:
+            log(f"warning: listening on {host} without an API key: anyone who can reach this port can use the model")
+        ctx = f"context {engine.context} tokens" if engine.context else "context unknown (only the budget bounds it)"
+        log(f"models: {', '.join(engine.names)} ({engine.lm.device}); batching up to {max_batch} prompts within "
+            f"{batch_window_ms:g} ms; {ctx}; max_request_tokens={limits.max_request_tokens} "
+            f"max_inflight_tokens={limits.max_inflight_tokens} max_connections={app.max_connections} "
+            f"read_timeout={limits.read_timeout:g}s")
+        log(f"serving on {url}")
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await _serve_until(app, sock, stop, ready)
+
+    try:
+        asyncio.run(main())
+    finally:
+        log("stopping")
+        app.batcher.stop()
+        app.pool.shutdown(wait=False)
+        log("stopped")
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ import http.client
 import json
 import os
 import signal
+import socket
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -21,13 +23,14 @@ KEY_ENV = "SYNTHTUNE_TEST_API_KEY"
 PROXY_READY = r"proxy on (http://127\.0\.0\.1:\d+)"
 
 
-def start_servers(specs: list[tuple[Path, list[str]]], env: dict | None = None) -> list[ServerProcess]:
-    """Start tiny-llama `synthtune serve` processes one after another on free loopback ports."""
+def start_servers(specs: list[tuple[Path, list[str]]], env: dict | None = None, *, model: str = "tiny-llama",
+                  host: str = "127.0.0.1") -> list[ServerProcess]:
+    """Start `synthtune serve` processes (tiny-llama by default) one after another on free loopback ports."""
     started: list[ServerProcess] = []
     try:
         for log, args in specs:
             # one torch thread per server: the tests run several servers on a 2-core machine
-            cmd = serve_command("--model", "tiny-llama", "--host", "127.0.0.1", "--port", "0", "--threads", "1", *args)
+            cmd = serve_command("--model", model, "--host", host, "--port", "0", "--threads", "1", *args)
             started.append(spawn(cmd, log, READY, env=env or dict(os.environ)))
     except BaseException:
         for p in started:
@@ -58,3 +61,68 @@ def http_json(url: str, method: str = "GET", body=None, key: str | None = None, 
         return resp.status, json.loads(resp.read())
     finally:
         conn.close()
+
+
+def http_call(url: str, method: str = "GET", body=None, key: str | None = None, raw: bytes | None = None,
+              timeout: float = 120) -> tuple[int, dict, dict]:
+    """Like ``http_json``, also returning the response headers (lower-cased names)."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    headers = {"Content-Type": "application/json"}
+    if key is not None:
+        headers["Authorization"] = f"Bearer {key}"
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    try:
+        conn.request(method, parts.path, body=data, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, {k.lower(): v for k, v in resp.getheaders()}, json.loads(resp.read())
+    finally:
+        conn.close()
+
+
+def connect(url: str, timeout: float = 30) -> socket.socket:
+    parts = urlsplit(url)
+    return socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+
+
+def read_until_closed(sock: socket.socket, limit: int = 1 << 20) -> bytes:
+    """Everything the server sends until it closes the connection (``socket.timeout`` if it never does)."""
+    reply = b""
+    while len(reply) < limit:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        reply += chunk
+    return reply
+
+
+def raw_exchange(url: str, data: bytes, timeout: float = 30) -> bytes:
+    """Send raw bytes on a fresh connection, half-close, and return all the server answers."""
+    with connect(url, timeout) as sock:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+        return read_until_closed(sock)
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """Threads and resident memory (KiB) of a process, from /proc/<pid>/status."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("Threads", "VmRSS"):
+            out[key] = int(value.split()[0])
+    return out
+
+
+def wait_for(predicate, timeout: float, interval: float = 0.1):
+    """Poll ``predicate`` until it returns something truthy (returned) or ``timeout`` passes (None)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    return None

@@ -39,7 +39,7 @@ dependencies are missing.
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -53,6 +53,11 @@ _PREFILL_CHUNK = 256
 # finite garbage value instead of NaN, and NaN must not reach padding slots' values, since
 # 0 * NaN would poison every row that merely masks them.
 _MASKED = -1e30
+
+
+class Aborted(Exception):
+    """``sample_k``'s ``abort()`` returned true: nobody wants these samples any more (e.g. every
+    client of a server batch disconnected), so the call stopped at the next decoding step."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,7 +360,7 @@ def _forward(model, ids: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
 
 
 def _sample_batch_shared(lm, batch_ids: list[list[int]], params: SamplingParams, gen, finisher: _Finisher,
-                         prefix_cache: dict) -> list[list[Sample]]:
+                         prefix_cache: dict, abort: Callable[[], bool] | None = None) -> list[list[Sample]]:
     model, device = lm.model, lm.device
     k = params.num_samples
     rows_per_prompt = 1 if params.temperature <= 0 else k  # greedy rows are identical: decode one
@@ -398,6 +403,8 @@ def _sample_batch_shared(lm, batch_ids: list[list[int]], params: SamplingParams,
         alive = list(range(len(tracks)))  # track index of each live row
         slot = r
         while True:
+            if abort is not None and abort():
+                raise Aborted("sampling aborted by its caller")
             if finisher.ignore_eos and finisher.eos_all:
                 logits[:, finisher.eos_all] = float("-inf")
             nxt = _pick(logits, params, gen)
@@ -430,7 +437,7 @@ def _sample_batch_shared(lm, batch_ids: list[list[int]], params: SamplingParams,
 
 
 def _sample_batch_generate(lm, batch_ids: list[list[int]], params: SamplingParams, finisher: _Finisher,
-                           seed_offset: int) -> list[list[Sample]]:
+                           seed_offset: int, abort: Callable[[], bool] | None = None) -> list[list[Sample]]:
     tok, model, device = lm.tokenizer, lm.model, lm.device
     k = params.num_samples
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -451,8 +458,12 @@ def _sample_batch_generate(lm, batch_ids: list[list[int]], params: SamplingParam
         kw.update(min_new_tokens=params.max_new_tokens)
     elif finisher.stop:
         kw.update(stop_strings=list(finisher.stop), tokenizer=tok)
+    if abort is not None:
+        kw.update(stopping_criteria=_abort_criteria(abort))
     torch.manual_seed(params.seed + seed_offset)
     out = model.generate(input_ids=ids, attention_mask=mask, **kw)
+    if abort is not None and abort():
+        raise Aborted("sampling aborted by its caller")
     # seq2seq outputs start with the decoder start token; causal ones repeat the prompt
     new = out[:, 1:] if lm.is_seq2seq else out[:, width:]
     results = []
@@ -468,13 +479,25 @@ def _sample_batch_generate(lm, batch_ids: list[list[int]], params: SamplingParam
     return results
 
 
+def _abort_criteria(abort: Callable[[], bool]):
+    """A stopping criterion that ends every row of ``generate`` once ``abort()`` is true."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Abort(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), bool(abort()), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([_Abort()])
+
+
 # --------------------------------------------------------------------------------------------
 # public entry point
 # --------------------------------------------------------------------------------------------
 
 
 def sample_k(lm, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams, *, add_special_tokens: bool = True,
-             batch_size: int = 1, progress: bool = False, ignore_eos: bool = False) -> list[list[Sample]]:
+             batch_size: int = 1, progress: bool = False, ignore_eos: bool = False,
+             abort: Callable[[], bool] | None = None) -> list[list[Sample]]:
     """``params.num_samples`` samples for each prompt, in prompt order.
 
     ``lm`` is a ``synthtune.models.LoadedModel`` (or anything with ``.model``, ``.tokenizer``,
@@ -482,6 +505,7 @@ def sample_k(lm, prompts: Sequence[str] | Sequence[Sequence[int]], params: Sampl
     stop strings, so every sample has exactly ``max_new_tokens`` tokens.
     Sampling is reproducible for a given seed, prompts and batch_size (one generator drives the
     whole call, so a different batch_size draws differently).
+    ``abort`` is polled once per decoding step; when it returns true the call raises ``Aborted``.
     """
     if params.num_samples < 1:
         raise ValueError("num_samples must be >= 1")
@@ -514,7 +538,7 @@ def sample_k(lm, prompts: Sequence[str] | Sequence[Sequence[int]], params: Sampl
         if not fast:
             for start in range(0, len(all_ids), batch_size):
                 batch = all_ids[start:start + batch_size]
-                results.extend(_sample_batch_generate(lm, batch, params, finisher, start))
+                results.extend(_sample_batch_generate(lm, batch, params, finisher, start, abort))
                 if bar is not None:
                     bar.update(len(batch))
         else:
@@ -532,7 +556,7 @@ def sample_k(lm, prompts: Sequence[str] | Sequence[Sequence[int]], params: Sampl
                     batch = all_ids[start:start + batch_size]
                     if want >= 32 and prefix_cache.get("store") is None and _plan_prefix(batch, want) == want:
                         _prefill_call_prefix(lm, all_ids[0][:want], prefix_cache)
-                    results.extend(_sample_batch_shared(lm, batch, params, gen, finisher, prefix_cache))
+                    results.extend(_sample_batch_shared(lm, batch, params, gen, finisher, prefix_cache, abort))
                     if bar is not None:
                         bar.update(len(batch))
             finally:

@@ -1,0 +1,175 @@
+"""Fuzz the serve request parser and validator: whatever bytes arrive, the answer is a valid request
+or a ``RequestError`` with a message (a 4xx), never another exception.
+
+Bodies come from arbitrary JSON values, OpenAI-shaped bodies whose fields take any value (huge and
+negative numbers, NaN/Infinity, lone surrogates, odd Unicode, wrong types), deep brackets and raw
+bytes. Prepared requests then go through tokenization and the budget on a real tiny model.
+
+    PYTHONPATH=$PWD python -m pytest tests/test_fuzz_serve.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from synthtune.serve import MAX_N, MAX_STOP, SEED_MAX, GenRequest, RequestError, _clean, parse_body
+
+MODELS = ("tiny-llama", "math")
+FIELDS = ("model", "prompt", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
+          "stop", "seed", "best_of", "stream", "echo", "logprobs", "user")
+
+# every code point, lone surrogates (category Cs) and controls included
+ANY_CHAR = st.characters(exclude_categories=())
+TEXT = st.text(ANY_CHAR, max_size=20)
+NUMBERS = (st.integers() | st.integers(min_value=-(1 << 70), max_value=1 << 70)
+           | st.floats(allow_nan=True, allow_infinity=True) | st.sampled_from([0, 1, -1, 2**63, 2**64, 1e308, -0.0]))
+SCALARS = st.none() | st.booleans() | NUMBERS | TEXT
+JSON = st.recursive(SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4),
+                    max_leaves=20)
+MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", 3]),
+                                 "content": TEXT | JSON | st.lists(st.fixed_dictionaries(
+                                     {"type": st.sampled_from(["text", "image"]), "text": TEXT}), max_size=3)})
+FIELD_VALUES = {
+    "model": st.sampled_from(MODELS) | TEXT | JSON,
+    "prompt": TEXT | st.lists(TEXT, max_size=4) | JSON,
+    "messages": st.lists(MESSAGE, max_size=4) | JSON,
+    "stop": TEXT | st.lists(TEXT, max_size=MAX_STOP + 2) | JSON,
+}
+BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=8).flatmap(
+    lambda base: st.fixed_dictionaries({}, optional={k: FIELD_VALUES.get(k, NUMBERS | JSON) for k in FIELDS})
+    .map(lambda extra: {**base, **extra}))
+
+
+def _encode(value) -> bytes:
+    # Python writes NaN/Infinity (not JSON) and \ud800 escapes for lone surrogates: both must be refused cleanly
+    return json.dumps(value, allow_nan=True).encode()
+
+
+def _check(raw: bytes, chat: bool) -> None:
+    try:
+        req = parse_body(raw, chat=chat, models=MODELS)
+    except RequestError as err:
+        assert err.status in (400, 404) and err.message
+        err.message.encode("utf-8")  # printable in a response and a log line
+        json.dumps(err.body())
+        assert _clean(err.message).isprintable()
+        return
+    assert isinstance(req, GenRequest) and req.model in MODELS and req.chat is chat
+    assert 1 <= req.n <= MAX_N and isinstance(req.n, int) and not isinstance(req.n, bool)
+    assert 1 <= req.max_tokens <= 1 << 20 and math.isfinite(req.temperature) and 0 <= req.temperature <= 2
+    assert 0 < req.top_p <= 1 and req.top_k >= 0
+    assert req.seed is None or 0 <= req.seed <= SEED_MAX
+    assert all(isinstance(s, str) and s for s in req.stop) and len(req.stop) <= MAX_STOP
+    if chat:
+        assert len(req.prompts) == 1
+        for m in req.prompts[0]:
+            m["content"].encode("utf-8")
+    else:
+        assert req.prompts and all(isinstance(p, str) and p.encode("utf-8") for p in req.prompts)
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=BODIES, chat=st.booleans())
+def test_openai_shaped_bodies_parse_or_fail_with_a_message(body, chat):
+    _check(_encode(body), chat)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=JSON, chat=st.booleans())
+def test_any_json_value_parses_or_fails_with_a_message(value, chat):
+    _check(_encode(value), chat)
+
+
+@settings(max_examples=200, deadline=None)
+@given(raw=st.binary(max_size=200) | TEXT.map(lambda t: t.encode("utf-8", "surrogatepass")), chat=st.booleans())
+def test_raw_bytes_parse_or_fail_with_a_message(raw, chat):
+    _check(raw, chat)
+
+
+@settings(max_examples=30, deadline=None)
+@given(depth=st.integers(1, 300_000), opener=st.sampled_from([b"[", b'{"a":', b'{"model": [']))
+def test_deep_nesting_is_a_400_at_any_depth(depth, opener):
+    _check(opener * depth, chat=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(digits=st.integers(1, 20_000), field=st.sampled_from(["n", "seed", "max_tokens", "temperature"]))
+def test_huge_numbers_are_refused_by_range_or_by_the_json_reader(digits, field):
+    raw = b'{"model": "tiny-llama", "prompt": "x", "%s": %s}' % (field.encode(), b"9" * digits)
+    _check(raw, chat=False)
+
+
+# --------------------------------------------------------------------------------------------
+# through tokenization and the budget, on the real tiny model
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from synthtune.serve import Engine
+
+    return Engine("tiny-llama", device="cpu")
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(prompts=st.lists(st.text(ANY_CHAR, min_size=1, max_size=60), min_size=1, max_size=3),
+       messages=st.lists(st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant"]),
+                                                "content": TEXT}), min_size=1, max_size=3),
+       n=st.integers(1, 4) | st.integers(1, MAX_N), max_tokens=st.integers(1, 2100), chat=st.booleans())
+def test_prepared_requests_fit_the_budget_and_context_or_fail_alone(engine, prompts, messages, n, max_tokens, chat):
+    body = {"model": "tiny-llama", "n": n, "max_tokens": max_tokens}
+    body.update({"messages": messages} if chat else {"prompt": prompts})
+    try:
+        req = parse_body(_encode(body), chat=chat, models=("tiny-llama",))
+        engine.prepare(req, 20000)
+    except RequestError as err:
+        assert err.status == 400 and err.message
+        return
+    assert req.cost <= 20000 and req.cost == sum(n * (len(x) + max_tokens) for x in req.ids)
+    assert all(0 < len(x) and len(x) + max_tokens <= engine.context for x in req.ids)
+
+
+# --------------------------------------------------------------------------------------------
+# raw HTTP at a real (in-process) server
+# --------------------------------------------------------------------------------------------
+
+HEADER_LINES = st.sampled_from([b"Content-Length: 5", b"Content-Length: -1", b"Content-Length: 99999999999999",
+                                b"Content-Length: 2", b"Transfer-Encoding: chunked", b"Expect: 100-continue",
+                                b"Connection: close", b"Authorization: Bearer x", b"Host: \xff\x00"]) | st.binary(max_size=40)
+
+
+@pytest.fixture(scope="module")
+def live(engine):
+    from synthtune.config import ServeConfig
+    from synthtune.serve import ServerThread, build_app
+
+    logs: list[str] = []
+    server = ServerThread(build_app(engine, ServeConfig(read_timeout=2), log=logs.append))
+    yield server, logs
+    server.stop()
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(method=st.sampled_from([b"GET", b"POST", b"PUT", b"", b"G\x00T"]) | st.binary(max_size=8),
+       target=st.sampled_from([b"/v1/models", b"/v1/completions", b"/v1/chat/completions", b"*", b""])
+       | st.binary(max_size=30),
+       version=st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/2", b"", b"HTTP/1.1 extra"]),
+       headers=st.lists(HEADER_LINES, max_size=5), body=st.binary(max_size=40))
+def test_any_request_head_gets_a_status_line_or_a_close(live, method, target, version, headers, body):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from server_helpers import raw_exchange
+
+    server, logs = live
+    data = b" ".join([method, target, version]) + b"\r\n" + b"".join(h + b"\r\n" for h in headers) + b"\r\n" + body
+    reply = raw_exchange(server.url, data, timeout=20)
+    assert reply == b"" or (reply.startswith(b"HTTP/1.1 ") and reply[9:12].isdigit()), reply[:80]
+    assert not [line for line in logs if line.startswith("error:")], logs[-3:]
+    assert all(line.isprintable() for line in logs)

@@ -1,0 +1,391 @@
+"""`synthtune serve` under bad input, abuse and departing clients (issue #12 part 3).
+
+Real `synthtune serve` processes on loopback: tiny-llama behind a key with short limits, and tiny-t5
+on ``::1``. Each reproduction from the issue is a test here; the load test is test_serve_load.py and
+the parser fuzz test_fuzz_serve.py.
+
+    PYTHONPATH=$PWD python -m pytest tests/test_serve.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from server_helpers import (  # noqa: E402
+    KEY_ENV,
+    connect,
+    http_call,
+    http_json,
+    proc_status,
+    raw_exchange,
+    read_until_closed,
+    start_servers,
+    wait_for,
+)
+
+KEY = "sk-serve-test-31c9"
+READ_TIMEOUT_S = 2
+BUDGET, INFLIGHT = 20000, 40000
+#: one prompt "x" with n=128 and max_tokens=140 costs 128 x (2-3 + 140) tokens: just under the budget,
+#: so two fit the in-flight limit and a third does not
+BIG = {"model": "tiny-llama", "prompt": "x", "n": 128, "max_tokens": 140, "temperature": 1.0}
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def env():
+    return {**os.environ, KEY_ENV: KEY}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, env):
+    log = tmp_path_factory.mktemp("serve") / "llama.log"
+    (proc,) = start_servers([(log, ["--api-key-env", KEY_ENV, "--batch-window-ms", "300",
+                                    "--read-timeout", str(READ_TIMEOUT_S), "--max-request-tokens", str(BUDGET),
+                                    "--max-inflight-tokens", str(INFLIGHT)])], env=env)
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def t5_server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "t5.log"
+    host = "::1" if _ipv6_loopback() else "127.0.0.1"
+    (proc,) = start_servers([(log, [])], model="tiny-t5", host=host)
+    yield proc
+    proc.stop()
+
+
+def _post(url, body, key=KEY, timeout=120):
+    return http_json(f"{url}/completions", "POST", body, key=key, timeout=timeout)
+
+
+def _status_line(reply: bytes) -> int:
+    assert reply.startswith(b"HTTP/1.1 "), reply[:120]
+    return int(reply[9:12])
+
+
+def _head(path: str, length: int, key: str | None = KEY, extra: str = "") -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n{auth}"
+            f"Content-Length: {length}\r\n{extra}\r\n").encode()
+
+
+def _raw_post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict]:
+    reply = raw_exchange(url, _head("/v1/completions", len(body), key) + body)
+    status = _status_line(reply)
+    return status, json.loads(reply.split(b"\r\n\r\n", 1)[1])
+
+
+def _good(i: int) -> dict:
+    return {"model": "tiny-llama", "prompt": f"Problem: {i} + {i}?\nAnswer:", "max_tokens": 6, "temperature": 0}
+
+
+# --------------------------------------------------------------------------------------------
+# budgets
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_request_over_the_token_budget_is_refused_naming_the_limit(server):
+    # the issue's request: 1,000 prompts x n=128 x 2,000 tokens, ~125 GiB of KV cache
+    huge = {"model": "tiny-llama", "prompt": ["Problem: 1+1?"] * 1000, "n": 128, "max_tokens": 2000}
+    status, err = _post(server.url, huge)
+    assert status == 400 and err["error"]["code"] == "request_too_large"
+    assert "max_request_tokens of 20,000" in err["error"]["message"] and "--max-request-tokens" in err["error"]["message"]
+    # over the budget only once tokenized: the exact count is named
+    words = " ".join(["apples"] * 40)
+    status, err = _post(server.url, {**BIG, "prompt": words})
+    assert status == 400 and "needs " in err["error"]["message"] and "at least" not in err["error"]["message"]
+    status, ok = _post(server.url, {**BIG, "n": 2, "max_tokens": 4})  # the same server still works
+    assert status == 200 and len(ok["choices"]) == 2
+
+
+def test_a_full_server_answers_503_with_retry_after(server):
+    gate = threading.Barrier(3)
+    results: list = [None] * 3
+
+    def ask(i):
+        gate.wait(timeout=30)
+        time.sleep(0.05 * i)  # in order: the first two fill the in-flight budget, the third finds it full
+        results[i] = http_call(f"{server.url}/completions", "POST", BIG, key=KEY)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    codes = sorted(r[0] for r in results)
+    assert codes == [200, 200, 503], [(r[0], r[2].get("error")) for r in results]
+    status, headers, err = next(r for r in results if r[0] == 503)
+    assert headers["retry-after"] == "1" and "max_inflight_tokens of 40,000" in err["error"]["message"]
+    assert _post(server.url, BIG)[0] == 200  # the budget was given back
+
+
+# --------------------------------------------------------------------------------------------
+# malformed bodies, poisoned batch-mates
+# --------------------------------------------------------------------------------------------
+
+
+def test_malformed_bodies_get_400_and_are_logged(server):
+    before = len(server.lines(r'"POST /v1/completions" 400'))
+    cases = [
+        (b"[" * 200000, "nested deeper"),  # was an uncaught RecursionError
+        (b'{"model": "tiny-llama", "prompt": "x", "temperature": NaN}', "NaN is not JSON"),
+        (b'{"model": "tiny-llama", "prompt": "x", "top_p": Infinity}', "Infinity is not JSON"),
+        (b'{"model": "tiny-llama", "prompt": "x", "temperature": 1e999}', "temperature must be a finite number"),
+        (b'{"model": "tiny-llama", "prompt": "x", "n": 1' + b"0" * 5000 + b"}", "not valid JSON"),
+        (b'{"model": "tiny-llama", "prompt": "x", "seed": 18446744073709551616}', "seed must be an integer"),
+        (b'{"model": "tiny-llama", "prompt": "x", "seed": -1}', "seed must be an integer"),
+        (b'{"model": "tiny-llama", "prompt": "a\\ud800b"}', "lone UTF-16 surrogate"),
+        (b'{"model": "tiny-llama", "prompt": "x", "stop": ["\\udfff"]}', "lone UTF-16 surrogate"),
+        (b'{"model": "tiny-llama", "prompt": "\xff\xfe"}', "not valid JSON"),
+        (b'"just a string"', "must be a JSON object"),
+        (b'{"model": "tiny-llama", "prompt": "x", "n": true}', "n must be an integer"),
+        (b'{"model": "tiny-llama", "prompt": "x", "max_tokens": 0}', "max_tokens must be"),
+        (b'{"model": "tiny-llama", "prompt": [["x"]]}', "prompt must be"),
+    ]
+    for body, message in cases:
+        status, err = _raw_post(server.url, body)
+        assert status == 400 and message in err["error"]["message"], (body[:60], err)
+    assert wait_for(lambda: len(server.lines(r'"POST /v1/completions" 400')) - before >= len(cases), 10)
+    # framing errors: no trustworthy length means the connection closes after the answer
+    for head, code in [(b"Content-Length: +5\r\n", 411), (b"Content-Length: 5\r\nContent-Length: 6\r\n", 411),
+                       (b"Transfer-Encoding: chunked\r\n", 411), (b"", 411),
+                       (f"Content-Length: {17 << 20}\r\n".encode(), 413)]:
+        reply = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\nAuthorization: Bearer " + KEY.encode()
+                             + b"\r\n" + head + b"\r\n{}")
+        assert _status_line(reply) == code and b"Connection: close" in reply, (head, reply[:200])
+    assert _status_line(raw_exchange(server.url, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n")) == 400
+
+
+def test_a_poisoned_request_fails_alone(server):
+    """Bad requests sent first into a batch window with good ones: only they fail."""
+    poison = [b'{"model": "tiny-llama", "prompt": "Problem: 1 + 1?\\nAnswer:", "max_tokens": 6, "temperature": 0, '
+              b'"seed": 18446744073709551616}',
+              b'{"model": "tiny-llama", "prompt": "Problem: 1 + 1?\\nAnswer:", "max_tokens": 6, "temperature": NaN}',
+              b'{"model": "tiny-llama", "prompt": "Problem: \\ud800?", "max_tokens": 6, "temperature": 0}']
+    expected = [_post(server.url, _good(i))[1]["choices"][0]["text"] for i in range(3)]
+    results: dict = {}
+
+    def bad(i):
+        results[("bad", i)] = _raw_post(server.url, poison[i])
+
+    def good(i):
+        time.sleep(0.1)  # after the poisoned ones, inside the 300 ms window
+        results[("good", i)] = _post(server.url, _good(i))
+
+    threads = [threading.Thread(target=bad, args=(i,)) for i in range(3)]
+    threads += [threading.Thread(target=good, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for i in range(3):
+        assert results[("bad", i)][0] == 400, results[("bad", i)]
+        status, out = results[("good", i)]
+        assert status == 200 and out["choices"][0]["text"] == expected[i]
+
+
+# --------------------------------------------------------------------------------------------
+# the connection layer
+# --------------------------------------------------------------------------------------------
+
+
+def test_the_key_is_checked_before_the_body_is_read(server):
+    # a 10 MB body announced and never sent: the server must answer from the headers alone
+    with connect(server.url, timeout=15) as sock:
+        sock.sendall(_head("/v1/completions", 10_000_000, key="wrong"))
+        reply = read_until_closed(sock)
+    assert _status_line(reply) == 401 and b"invalid_api_key" in reply
+    with connect(server.url, timeout=15) as sock:  # the same for an unknown route
+        sock.sendall(_head("/v1/nothing", 10_000_000))
+        assert _status_line(read_until_closed(sock)) == 404
+
+
+def test_half_sent_requests_time_out_and_leave_no_threads(server):
+    assert _post(server.url, _good(0))[0] == 200
+    baseline = proc_status(server.proc.pid)["Threads"]
+    socks = []
+    try:
+        for i in range(50):
+            s = connect(server.url, timeout=READ_TIMEOUT_S + 20)  # a wall-clock guard with a wide margin
+            # half a request line, half the headers, or half the body
+            s.sendall([b"POST /v1/compl", _head("/v1/completions", 100)[:40], _head("/v1/completions", 100) + b"{"][i % 3])
+            socks.append(s)
+        replies = [read_until_closed(s) for s in socks]  # socket.timeout here = the server never closed
+    finally:
+        for s in socks:
+            s.close()
+    assert all(r == b"" or _status_line(r) == 408 for r in replies)
+    assert sum(r != b"" for r in replies) >= 33  # those that sent bytes get an answer before the close
+    assert proc_status(server.proc.pid)["Threads"] == baseline
+    assert _post(server.url, _good(1))[0] == 200
+
+
+def test_log_lines_escape_what_clients_send(server):
+    reply = raw_exchange(server.url, f"GET /v1/\x1b[2J\x1b]0;pwned\x07 HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n"
+                         "\r\n".encode())
+    assert _status_line(reply) == 404
+    status, _ = _post(server.url, {"model": "evil\x1b[31m\nfake log line", "prompt": "x"})
+    assert status == 404
+    text = server.log.read_text(errors="replace")
+    assert "\x1b" not in text and "\x07" not in text and "\nfake log line" not in text
+    assert server.lines(r"GET /v1/\\x1b\[2J\\x1b\]0;pwned\\x07") and server.lines(r"evil\\x1b\[31m\\nfake log line")
+
+
+def test_departed_clients_lose_their_work(server):
+    """Queued work of a client that disconnected is dropped; a batch all of whose clients left stops."""
+    dropped_before = len(server.lines(r"dropped before generation"))
+    stopped_before = len(server.lines(r"generation stopped"))
+    busy = threading.Thread(target=lambda: _post(server.url, BIG))
+    busy.start()
+    time.sleep(0.1)
+    body = json.dumps({"model": "tiny-llama", "prompt": "queued", "max_tokens": 5}).encode()
+    with connect(server.url) as sock:  # queued behind BIG, then gone
+        sock.sendall(_head("/v1/completions", len(body)) + body)
+        time.sleep(0.1)
+    busy.join(timeout=120)
+    assert wait_for(lambda: len(server.lines(r"dropped before generation")) > dropped_before, 30)
+    assert server.lines(r'"POST /v1/completions" 499')
+    # a long generation (9 x ~2,000 tokens) whose only client leaves part-way stops early
+    long = json.dumps({"model": "tiny-llama", "prompt": "x", "n": 9, "max_tokens": 2000}).encode()
+    with connect(server.url) as sock:
+        sock.sendall(_head("/v1/completions", len(long)) + long)
+        time.sleep(0.5)  # the 300 ms batch window, then part of a generation of 2,000 steps (seconds)
+    assert wait_for(lambda: len(server.lines(r"generation stopped")) > stopped_before, 60)
+    assert _post(server.url, _good(2))[0] == 200
+
+
+# --------------------------------------------------------------------------------------------
+# seq2seq context, IPv6
+# --------------------------------------------------------------------------------------------
+
+
+def test_t5_gets_a_context_check_and_ipv6_loopback_works(t5_server):
+    if _ipv6_loopback():
+        assert t5_server.url.startswith("http://[::1]:")
+    url = t5_server.url
+    status, err = _post(url, {"model": "tiny-t5", "prompt": "apple " * 600, "max_tokens": 4}, key=None)
+    assert status == 400 and "encoder context of 512" in err["error"]["message"]
+    status, err = _post(url, {"model": "tiny-t5", "prompt": "apple", "max_tokens": 600}, key=None)
+    assert status == 400 and "decoder context of 512" in err["error"]["message"]
+    status, out = _post(url, {"model": "tiny-t5", "prompt": "apple", "max_tokens": 5, "n": 2}, key=None)
+    assert status == 200 and len(out["choices"]) == 2
+
+
+# --------------------------------------------------------------------------------------------
+# in-process: the worker's isolation, the connection cap, the limits' checks
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from synthtune.serve import Engine
+
+    return Engine("tiny-llama", device="cpu")
+
+
+def test_a_batch_that_fails_is_rerun_request_by_request(engine):
+    """A request that passes validation but breaks generation (a token id past the embedding) is
+    batched first with good ones: the batch fails, its members rerun alone, only it fails."""
+    from synthtune.serve import Batcher, parse_request
+
+    logs: list[str] = []
+    reqs = [parse_request(_good(i), chat=False, models=engine.names) for i in range(4)]
+    for r in reqs:
+        engine.prepare(r, BUDGET)
+    bad, good = reqs[0], reqs[1:]
+    bad.ids = [[engine.lm.model.config.vocab_size + 5]]
+    alone = []
+    for r in good:
+        engine.run([r])
+        alone.append(r.samples[0][0][0])
+        r.samples = []
+    batcher = Batcher(engine, window_s=0.5, max_batch=8, log=logs.append)
+    try:
+        for r in reqs:
+            batcher.submit(r)
+        assert all(r.done.wait(60) for r in reqs)
+    finally:
+        batcher.stop()
+    assert bad.error is not None and bad.error.status == 500 and "IndexError" in bad.error.message
+    assert [r.error for r in good] == [None] * 3 and [r.samples[0][0][0] for r in good] == alone
+    assert any("a batch of 4 requests failed" in line and "one by one" in line for line in logs), logs
+
+
+def test_connections_over_the_cap_get_a_quick_503(engine):
+    from synthtune.config import ServeConfig
+    from synthtune.serve import ServerThread, build_app
+
+    logs: list[str] = []
+    app = build_app(engine, ServeConfig(max_connections=4), log=logs.append)
+    server = ServerThread(app)
+    idle = []
+    try:
+        idle = [connect(server.url) for _ in range(4)]
+        assert wait_for(lambda: len(app.connections) == 4, 10)
+        reply = raw_exchange(server.url, b"GET /v1/models HTTP/1.1\r\n\r\n")
+        assert _status_line(reply) == 503 and b"Retry-After: 1" in reply and b"4 connections open" in reply
+        for s in idle:
+            s.close()
+        assert wait_for(lambda: not app.connections, 10)
+        assert http_json(f"{server.url}/models")[0] == 200
+    finally:
+        for s in idle:
+            s.close()
+        server.stop()
+
+
+def test_limits_that_cannot_work_are_refused_by_name(tmp_path):
+    from synthtune.config import ConfigError, ServeConfig, load_config
+    from synthtune.serve import check_limits
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("max_request_tokens: 5000\nmax_inflight_tokens: 4000\n")
+    cfg = load_config(ServeConfig, path)
+    with pytest.raises(ConfigError, match=r"max_inflight_tokens must be >= max_request_tokens \(5000\)"):
+        check_limits(cfg)
+    # flags override the file
+    check_limits(load_config(ServeConfig, path, max_inflight_tokens=6000))
+    for key, value in [("read_timeout", 0.0), ("read_timeout", float("nan")), ("max_connections", 0),
+                       ("context_length", 1)]:
+        with pytest.raises(ConfigError, match=key):
+            check_limits(ServeConfig(**{key: value}))
+
+
+@pytest.mark.parametrize("model", ["tiny_llama", "tiny_t5"])
+def test_sampling_stops_at_the_step_after_abort_turns_true(model, request):
+    """The hook a departed batch uses: the shared-prefill path (causal) and generate() (seq2seq)."""
+    from synthtune.generation import SamplingParams
+    from synthtune.synth.sampler import Aborted, sample_k
+
+    lm = request.getfixturevalue(model)
+    params = SamplingParams(max_new_tokens=24, temperature=1.0, num_samples=2, seed=0)
+    polls = []
+
+    def abort():
+        polls.append(1)
+        return len(polls) > 3
+
+    with pytest.raises(Aborted):
+        sample_k(lm, ["Problem: 1 + 1?"], params, abort=abort)
+    assert len(polls) <= 6  # stopped within a step or two of the fourth poll, not after 24 tokens
+    full = sample_k(lm, ["Problem: 1 + 1?"], params, abort=lambda: False)
+    assert sample_k(lm, ["Problem: 1 + 1?"], params) == full  # a hook that never fires changes nothing
