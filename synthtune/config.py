@@ -296,17 +296,17 @@ class ServeConfig:
     """
 
     max_request_tokens: int = opt(65536, "per-request (and per-batch) budget of prompts x n x (prompt tokens + "
-                                  "max_tokens); over it: 400 naming this limit. Range >= 1")
+                                  "max_tokens); over it: 400 naming this limit", ge=1)
     max_inflight_tokens: int = opt(262144, "server-wide budget summed over the requests queued or running; a "
-                                   "request that would pass it gets 503 with Retry-After. Range >= "
-                                   "max_request_tokens")
+                                   "request that would pass it gets 503 with Retry-After; at least "
+                                   "max_request_tokens", ge=1)
     max_connections: int = opt(512, "open client connections at once (no thread per connection); more get a "
-                               "quick 503 and are closed. Capped by the open-file limit. Range >= 1")
+                               "quick 503 and are closed. Capped by the open-file limit", ge=1)
     read_timeout: float = opt(30.0, "seconds a client has to send one whole request (headers and body), and "
-                              "that an idle keep-alive connection stays open. Range > 0")
+                              "that an idle keep-alive connection stays open", gt=0)
     context_length: int | None = opt(None, "override the model's context in tokens; default: from the model "
                                      "config, else 512 for T5-style models (relative positions) whose config "
-                                     "names none. Range >= 2")
+                                     "names none", ge=2)
 
 
 # --------------------------------------------------------------------------------------------

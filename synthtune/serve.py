@@ -61,6 +61,7 @@ from pathlib import Path
 
 from synthtune import __version__
 from synthtune.config import ConfigError, ServeConfig
+from synthtune.redact import secret_from_env
 
 MAX_N = 128
 MAX_STOP = 16
@@ -1098,10 +1099,9 @@ def serve(model: str, adapters: Sequence[str] = (), *, host: str = "127.0.0.1", 
         raise ConfigError(f"max_batch must be >= 1 and batch_window_ms >= 0, got {max_batch} and {batch_window_ms}")
     api_key = None
     if api_key_env:
-        api_key = os.environ.get(api_key_env)
-        if not api_key:
-            raise ConfigError(f"--api-key-env {api_key_env}: ${api_key_env} is not set (or empty); export the key "
-                              f"clients must send, or drop the flag to serve without one")
+        # the client's reader: a key a header cannot carry (e.g. a trailing \r) fails here, naming the
+        # variable only, and the key is registered so that no log line or traceback shows it
+        api_key = secret_from_env(api_key_env)
     sock = listen_socket(host, port)  # before loading the model: a taken port fails in a second
     if threads:
         import torch

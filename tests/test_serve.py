@@ -389,3 +389,15 @@ def test_sampling_stops_at_the_step_after_abort_turns_true(model, request):
     assert len(polls) <= 6  # stopped within a step or two of the fourth poll, not after 24 tokens
     full = sample_k(lm, ["Problem: 1 + 1?"], params, abort=lambda: False)
     assert sample_k(lm, ["Problem: 1 + 1?"], params) == full  # a hook that never fires changes nothing
+
+
+def test_a_server_key_a_header_cannot_carry_fails_naming_the_variable_not_the_key(monkeypatch):
+    """A key file saved with CRLF leaves a trailing \\r: every client would get 401 with no hint why."""
+    from synthtune.config import ConfigError
+    from synthtune.serve import serve
+
+    monkeypatch.setenv("SERVE_TEST_KEY", "sk-serve-secret-123\r")
+    with pytest.raises(ConfigError) as err:
+        serve("tiny-llama", api_key_env="SERVE_TEST_KEY", port=0)
+    assert "$SERVE_TEST_KEY" in str(err.value)
+    assert "sk-serve-secret" not in str(err.value)
