@@ -165,8 +165,8 @@ def load_state(out_dir: Path, batch_size: int) -> RunState:
     """
     state = RunState()
     status_path, kept_path = out_dir / STATUS, out_dir / KEPT
-    status, state.status_torn = read_appended(status_path, required=("id", "round", "status", "stages"))
-    kept, state.kept_torn = read_appended(kept_path, required=("id", "rationale", "provenance"))
+    status, state.status_torn = _read_for_resume(status_path, ("id", "round", "status", "stages"))
+    kept, state.kept_torn = _read_for_resume(kept_path, ("id", "rationale", "provenance"))
     if (kept.rows or state.kept_torn) and not status_path.exists():
         raise DataError(status_path, None, f"is missing, but {kept_path.name} holds {len(kept.rows)} rows: "
                         f"without the status records nothing tells which of them a finished batch vouched for",
@@ -210,6 +210,15 @@ def load_state(out_dir: Path, batch_size: int) -> RunState:
     for r in state.kept_rows:
         state.kept_texts.setdefault(r["id"], []).append(r["rationale"])
     return state
+
+
+def _read_for_resume(path: Path, required: tuple[str, ...]):
+    try:
+        return read_appended(path, required=required)
+    except DataError as exc:
+        raise DataError(exc.path, exc.line, exc.problem, "a crash only ever tears the last line, which resume "
+                        "repairs; a bad line elsewhere means the file was edited or damaged. Nothing was "
+                        "changed: fix or delete that line, or start over in another out=...", field=exc.field) from None
 
 
 def repair_state(out_dir: Path, state: RunState) -> None:
