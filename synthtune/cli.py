@@ -3,6 +3,7 @@
     synthtune --help
     synthtune demo [--config configs/demo.yaml] [key=value ...]
     synthtune synth --model M --questions SRC [--exemplars SRC] --k 8 --rounds 2 --out DIR [--config X.yaml]
+                    [--allow-changed-settings]
     synthtune synth --backend openai --endpoint URL [--endpoint URL ...] --served-model NAME [--api-key-env VAR]
     synthtune serve --model M [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000]
     synthtune prep --model M --data SRC [--max-length N] [--out DIR]
