@@ -3,6 +3,7 @@
     synthtune --help
     synthtune demo [--config configs/demo.yaml] [key=value ...]
     synthtune synth --model M --questions SRC [--exemplars SRC] --k 8 --rounds 2 --out DIR [--config X.yaml]
+                    [--allow-changed-settings]
     synthtune synth --backend openai --endpoint URL [--endpoint URL ...] --served-model NAME [--api-key-env VAR]
     synthtune serve --model M [--adapter NAME=DIR ...] [--host 127.0.0.1] [--port 8000]
     synthtune prep --model M --data SRC [--max-length N] [--out DIR]
@@ -136,6 +137,9 @@ def synth(
                                                     "key (never logged or written)")] = None,
     concurrency: Annotated[int | None, typer.Option(help="openai backend: requests in flight at once")] = None,
     limit: Annotated[int | None, typer.Option(help="only the first N questions")] = None,
+    allow_changed_settings: Annotated[bool, typer.Option(
+        "--allow-changed-settings", help="resume --out although sampling settings (k, temperature, stop, ...) "
+        "differ from its earlier runs; without it such a rerun is refused")] = False,
     json_only: Annotated[bool, typer.Option("--json", help="print only the JSON summary")] = False,
 ) -> None:
     """Synthesize rationales: k samples per question, vote, evaluate, keep distinct correct paths."""
@@ -144,7 +148,8 @@ def synth(
 
     cfg = load_config(SynthConfig, config, overrides or [], model=model, questions=questions, exemplars=exemplars,
                       k=k, rounds=rounds, out=out, backend=backend, endpoints=endpoint or None,
-                      served_model=served_model, api_key_env=api_key_env, concurrency=concurrency, limit=limit)
+                      served_model=served_model, api_key_env=api_key_env, concurrency=concurrency, limit=limit,
+                      allow_changed_settings=allow_changed_settings or None)
     log = (lambda msg: None) if json_only else (lambda msg: err_console.print(Text(msg)))
     summary = run_synthesis(cfg, progress=not json_only, log=log)
     emit(json.dumps(summary, indent=None if json_only else 2))
@@ -434,10 +439,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     """Errors that say what the user must change: printed in one line, exit code 2, no traceback."""
     from synthtune.config import ConfigError
     from synthtune.data.jsonl import DataError
+    from synthtune.files import DirectoryInUse
     from synthtune.merge import MergeMismatch
     from synthtune.models import ModelError
 
-    return ConfigError, DataError, ModelError, MergeMismatch, FileNotFoundError
+    return ConfigError, DataError, ModelError, MergeMismatch, DirectoryInUse, FileNotFoundError
 
 
 def main() -> None:

@@ -33,6 +33,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from synthtune.files import atomic_write_text
+
 T = TypeVar("T")
 
 
@@ -218,6 +220,10 @@ class SynthConfig:
     seed: int = opt(0, "seed for exemplars and sampling", **SEED)
     device: str | None = opt(None, "cpu, cuda...; default cuda when available")
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
+    allow_changed_settings: bool = opt(False, "resume an output directory although settings that decide what is "
+                                       "sampled or kept (k, temperature, max_new_tokens, stop, model, shots, ...) "
+                                       "differ from its earlier runs; the change is logged and recorded in "
+                                       "fingerprint.json. Off: such a rerun is refused, naming the settings")
 
 
 @dataclass
@@ -392,7 +398,8 @@ def override_text(tp: Any, value: Any) -> str:
 
 
 def save_config(cfg, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    # atomic: a rerun replaces the file, and a crash mid-write must not leave half of it
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 # --------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ transformers (what vLLM and everyone else will do), against the same logits.
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 
 from synthtune.config import ConfigError
@@ -36,9 +37,7 @@ def _logits(model, tokenizer, is_seq2seq: bool):
 
 def merge_adapter(model: str, adapter: str, out: str | Path, *, atol: float = 1e-4, dtype: str | None = None) -> dict:
     """Merge, save as safetensors with tokenizer and generation config, and verify; returns a report."""
-    import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
     from synthtune.models import load_model
 
@@ -56,9 +55,32 @@ def merge_adapter(model: str, adapter: str, out: str | Path, *, atol: float = 1e
     diff_merge = float((before - after).abs().max())
     if diff_merge > atol:
         raise MergeMismatch(f"merged logits differ from the adapter's by {diff_merge:.3g} (> {atol}); nothing saved")
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    # A unique sibling (same filesystem, so the final rename is atomic): two merges into one parent
+    # never share, or delete, each other's work in progress.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        diff_reload = _save_and_verify(merged, lm, tmp, before, atol)
+        # rename() replaces an empty directory atomically and refuses a non-empty one, so a
+        # directory that filled up meanwhile is never overwritten
+        try:
+            tmp.rename(out)
+        except OSError:
+            raise ConfigError(f"--out {out} was created and filled while merging; the merged model was not "
+                              f"saved. Pick a new directory.") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"model": model, "adapter": adapter, "out": str(out), "max_abs_diff_merged": diff_merge,
+            "max_abs_diff_reloaded": diff_reload, "atol": atol, "probes": len(PROBES),
+            "files": sorted(p.name for p in out.iterdir())}
+
+
+def _save_and_verify(merged, lm, tmp: Path, before, atol: float) -> float:
+    """Save the merged model into ``tmp`` and return how far its reloaded logits are from ``before``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
     merged.save_pretrained(tmp, safe_serialization=True)
     lm.tokenizer.save_pretrained(tmp)
     if getattr(merged, "generation_config", None) is not None:
@@ -67,10 +89,6 @@ def merge_adapter(model: str, adapter: str, out: str | Path, *, atol: float = 1e
     reloaded = cls.from_pretrained(tmp, dtype=torch.float32).eval()
     diff_reload = float((_logits(reloaded, lm.tokenizer, lm.is_seq2seq) - before).abs().max())
     if diff_reload > atol:
-        shutil.rmtree(tmp)
         raise MergeMismatch(f"the saved merged model, reloaded with transformers, differs from the adapter by "
                             f"{diff_reload:.3g} (> {atol}); nothing saved")
-    tmp.rename(out)
-    return {"model": model, "adapter": adapter, "out": str(out), "max_abs_diff_merged": diff_merge,
-            "max_abs_diff_reloaded": diff_reload, "atol": atol, "probes": len(PROBES),
-            "files": sorted(p.name for p in out.iterdir())}
+    return diff_reload

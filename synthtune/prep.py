@@ -649,9 +649,10 @@ def run_prep(model: str, data: str, *, fmt: str = "auto", max_length: int = 512,
              max_target_length: int | None = None, truncation: str = "drop", out: Path | str | None = None,
              limit: int | None = None, cache_dir: Path | None = None) -> dict:
     """Tokenize ``data`` for ``model`` and write ``dataset/`` (arrow), ``stats.json``, ``length_hist.png``."""
-    import shutil
+    import tempfile
 
     from synthtune.data.gsm8k import load_source
+    from synthtune.files import atomic_write_text, replace_dir
 
     tokenizer, is_seq2seq = load_tokenizer_for(model)
     fmt = resolve_format(fmt, tokenizer, is_seq2seq)
@@ -661,16 +662,18 @@ def run_prep(model: str, data: str, *, fmt: str = "auto", max_length: int = 512,
     out_dir = Path(out) if out else default_prep_dir(model, data, fmt, max_length)
     out_dir.mkdir(parents=True, exist_ok=True)
     ds_dir = out_dir / "dataset"
-    if ds_dir.exists():
-        shutil.rmtree(ds_dir)  # a rerun replaces the dataset instead of failing on a non-empty dir
-    prepared.dataset.save_to_disk(str(ds_dir))  # arrow + json metadata: loadable, never pickled
+    # Saved beside it, then swapped in whole: a rerun killed mid-save leaves the previous dataset,
+    # never a half-written one that load_from_disk would trip over (or, worse, half-load).
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".dataset-") as tmp:
+        prepared.dataset.save_to_disk(str(Path(tmp) / "dataset"))  # arrow + json metadata, never pickled
+        replace_dir(Path(tmp) / "dataset", ds_dir)
     hist = out_dir / "length_hist.png"
     side = "encoder input" if is_seq2seq else "prompt + answer + EOS"
     plot_length_histogram(prepared.lengths, hist, max_length, title=f"{_slug(data)} ({side})")
     stats = {**prepared.stats, "model": model, "data": data, "from_cache": prepared.from_cache,
              "padding_waste_at_max_length": round(padding_waste(prepared.lengths, max_length), 4)}
     stats_path = out_dir / "stats.json"
-    stats_path.write_text(json.dumps(stats, indent=2) + "\n")
+    atomic_write_text(stats_path, json.dumps(stats, indent=2) + "\n")
     keys = ("n", "n_kept", "n_truncated", "n_dropped", "truncated_fraction", "mean", "p50", "p90", "p99", "max",
             "recommended_max_length", "format", "kind", "max_length", "truncation", "from_cache")
     summary = {k: stats[k] for k in keys}

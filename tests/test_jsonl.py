@@ -198,3 +198,83 @@ def test_data_error_reason_and_message_without_line(tmp_path):
     assert err.reason == "file not found"
     assert isinstance(err, ValueError)
     json.dumps({"error": str(err)})
+
+
+# --------------------------------------------------------------------------------------------
+# one row per line for every line splitter; torn tails; what JSON cannot hold
+# --------------------------------------------------------------------------------------------
+
+#: Every character str.splitlines breaks a line at (U+000A..000D, 001C..001E, 0085, 2028, 2029),
+#: found by asking it rather than from a list that could go stale.
+SPLITTERS = [chr(c) for c in range(0x110000) if not 0xD800 <= c <= 0xDFFF and len(f"a{chr(c)}b".splitlines()) > 1]
+
+
+def test_the_writer_escapes_every_character_any_line_splitter_breaks_at(tmp_path):
+    assert {"\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e"} <= set(SPLITTERS)
+    rows = [{"question": f"before{c}after", c: "as a key"} for c in SPLITTERS]
+    path = tmp_path / "out.jsonl"
+    write_jsonl(path, rows)
+    append_jsonl(path, rows)
+    text = path.read_text(encoding="utf-8")
+    assert not set(text) & (set(SPLITTERS) - {"\n"})
+    # str.splitlines (the old resume reader), text mode and JSON readers all see one row per line
+    assert [json.loads(line) for line in text.splitlines()] == rows + rows
+    with open(path, encoding="utf-8") as fh:
+        assert len(fh.readlines()) == 2 * len(rows)
+    assert read_jsonl(path).rows == rows + rows
+
+
+def test_datasets_loads_a_file_with_line_separators(tmp_path):
+    import datasets
+
+    rows = [{"question": f"a{c}b", "answer": "#### 1"} for c in ("\u2028", "\u2029", "\x85", "\x0c")]
+    write_jsonl(tmp_path / "kept.jsonl", rows)
+    ds = datasets.load_dataset("json", data_files=str(tmp_path / "kept.jsonl"), split="train",
+                               cache_dir=str(tmp_path / "cache"))
+    assert ds.to_list() == rows
+
+
+@pytest.mark.parametrize(("row", "where"), [
+    ({"scores": {"reward": float("nan")}}, "scores.reward' is nan"),
+    ({"l": [1.0, float("inf")]}, "l[1]' is inf"),
+    ({"q": "ok", "t": "bad \ud800 text"}, "t' holds a lone surrogate U+D800"),
+    ({"nested": [{"\udfff": 1}]}, "nested[0].\udfff (a key)' holds a lone surrogate U+DFFF"),
+])
+def test_unstorable_values_are_refused_naming_the_field_and_nothing_is_written(tmp_path, row, where):
+    path = tmp_path / "out.jsonl"
+    write_jsonl(path, [{"keep": 1}])
+    for write in (write_jsonl, append_jsonl):
+        with pytest.raises(DataError) as info:
+            write(path, [{"fine": 1}, row])
+        assert "row 1 cannot be written: field '" + where in str(info.value)
+        assert "nothing was written" in str(info.value)
+    assert path.read_bytes() == b'{"keep": 1}\n'
+
+
+def test_read_appended_drops_only_a_torn_tail(tmp_path):
+    path = tmp_path / "log.jsonl"
+    rows = [{"q": "caf\u00e9 \u2028 \U0001f9ee", "i": i} for i in range(3)]
+    write_jsonl(path, rows)
+    whole = path.read_bytes()
+    assert jsonl.read_appended(path) == (jsonl.JsonlResult(rows, [], [1, 2, 3]), False)
+    # cut inside the last row's 4-byte emoji: the old resume reader raised UnicodeDecodeError here
+    cut = whole.rindex("\U0001f9ee".encode()) + 2
+    _write(path, whole[:cut])
+    result, torn = jsonl.read_appended(path)
+    assert (result.rows, torn) == (rows[:2], True)
+    # the newline alone lost: the row is whole, and kept
+    _write(path, whole[:-1])
+    assert jsonl.read_appended(path)[0].rows == rows
+    # a missing file is empty, not an error (a run that has not written yet)
+    assert jsonl.read_appended(tmp_path / "none.jsonl") == (jsonl.JsonlResult(), False)
+
+
+@pytest.mark.parametrize(("content", "problem"), [
+    (b'{"i": 0}\n{"i": "\xe2\x80"}\n{"i": 2}\n', ":2: is not valid UTF-8"),  # a torn character, mid-file
+    (b'{"i": 0}\n{"i": 1, "tor\n{"i": 2}\n', ":2: is not valid JSON"),
+    (b'{"i": 0}\n[1, 2]', ":2: holds a JSON list"),  # a last line that parses is whole, so checked
+])
+def test_read_appended_refuses_damage_anywhere_but_the_tail(tmp_path, content, problem):
+    path = _write(tmp_path / "log.jsonl", content)
+    with pytest.raises(DataError, match=f"log.jsonl{problem}"):
+        jsonl.read_appended(path)

@@ -7,6 +7,7 @@ import copy
 import json
 import random
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -330,3 +331,26 @@ def test_prep_cli(synthtune_bin, tmp_path):
     bad = subprocess.run([synthtune_bin, "prep", "--model", "tiny-t5", "--data", "bundled:train", "--format", "chat",
                           "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "decoder-only" in bad.stderr
+
+
+def test_a_rerun_that_dies_while_saving_keeps_the_previous_dataset(tmp_path, monkeypatch):
+    # The old rerun deleted dataset/ first, then saved: a crash in between left nothing, or a
+    # half-written dataset. Now the new one is saved beside it and swapped in whole.
+    import datasets
+
+    from synthtune.prep import load_prepared, run_prep
+
+    out = tmp_path / "prep"
+    run_prep("tiny-llama", "bundled:train", max_length=128, limit=6, out=out, cache_dir=tmp_path / "cache")
+    before = load_prepared(out).to_list()
+
+    def dies_mid_save(self, path, **kwargs):
+        (Path(path)).mkdir(parents=True, exist_ok=True)
+        (Path(path) / "data-00000-of-00001.arrow").write_bytes(b"half an arrow file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", dies_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        run_prep("tiny-llama", "bundled:train", max_length=128, limit=4, out=out, cache_dir=tmp_path / "cache")
+    assert load_prepared(out).to_list() == before
+    assert sorted(p.name for p in out.iterdir()) == ["dataset", "length_hist.png", "stats.json"]

@@ -11,6 +11,8 @@ import datasets
 import pytest
 
 from synthtune.config import ConfigError, SynthConfig
+from synthtune.data.jsonl import DataError
+from synthtune.files import LOCK_NAME, DirectoryInUse
 from synthtune.synth.pipeline import KEPT, STATUS, evaluate_question, load_items, run_synthesis
 from synthtune.synth.sampler import Sample
 
@@ -127,10 +129,120 @@ def test_unsolved_questions_go_round_again_then_fail(tmp_path):
     assert summary["solved"] == 24 and summary["rounds"][0]["round"] == 4
 
 
-def test_changed_settings_refuse_to_resume(tmp_path):
-    run_synthesis(_cfg(tmp_path, rounds=1), backend=ScriptedBackend(), progress=False, log=lambda m: None)
-    with pytest.raises(ConfigError, match="other settings.*shots"):
-        run_synthesis(_cfg(tmp_path, shots=3), backend=ScriptedBackend(), progress=False, log=lambda m: None)
+def _quiet(cfg, backend=None, log=None):
+    return run_synthesis(cfg, backend=backend or ScriptedBackend(), progress=False, log=log or (lambda m: None))
+
+
+def _snapshot(out: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir()) if p.is_file() and p.name != LOCK_NAME}
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (dict(shots=3), "shots: 2 -> 3"),
+    (dict(k=4), "k: 5 -> 4"),
+    (dict(temperature=1.0), "temperature: 0.7 -> 1.0"),
+    (dict(max_new_tokens=64), "max_new_tokens: 256 -> 64"),
+    (dict(stop=["\n\n"]), "stop: [] -> ['\\n\\n']"),
+    (dict(top_p=0.5, batch_size=2), "top_p: 0.95 -> 0.5, batch_size: 3 -> 2"),
+])
+def test_changed_settings_refuse_to_resume_naming_old_and_new_values(tmp_path, change, named):
+    _quiet(_cfg(tmp_path, rounds=1, limit=3))
+    before = _snapshot(Path(_cfg(tmp_path).out))
+    backend = ScriptedBackend()
+    with pytest.raises(ConfigError) as info:
+        _quiet(_cfg(tmp_path, rounds=1, limit=3, **change), backend)
+    assert named in str(info.value) and "--allow-changed-settings" in str(info.value)
+    assert backend.calls == 0 and _snapshot(Path(_cfg(tmp_path).out)) == before
+    # what may change freely: where and how fast samples are drawn, rounds and questions
+    _quiet(_cfg(tmp_path, rounds=2, limit=4, concurrency=2, device="cpu"))
+
+
+def test_allow_changed_settings_goes_on_and_records_the_change(tmp_path):
+    _quiet(_cfg(tmp_path, rounds=1, limit=3))
+    logs = []
+    summary = _quiet(_cfg(tmp_path, rounds=1, limit=6, k=4, allow_changed_settings=True), log=logs.append)
+    assert summary["solved"] == 6
+    assert any("changed settings (k: 5 -> 4)" in m for m in logs)
+    fp = json.loads((Path(_cfg(tmp_path).out) / "fingerprint.json").read_text())
+    assert fp["k"] == 4 and [c["settings"] for c in fp["changes"]] == [{"k": [5, 4]}]
+    _quiet(_cfg(tmp_path, rounds=1, limit=6, k=4))  # the new settings are the directory's now
+
+
+def test_fingerprints_from_before_the_new_keys(tmp_path):
+    # An older synthtune fingerprinted fewer settings. Those it lacks are read from the config.yaml
+    # that run saved (so a changed k is still caught); with no config.yaml either, the run goes on
+    # and says what it could not check, and the fingerprint is completed.
+    old_keys = ("model", "backend", "served_model", "questions", "exemplars", "exemplar_pool_size", "shots",
+                "strategy", "prompt_format", "seed", "use_gold")
+    cfg = _cfg(tmp_path, rounds=1, limit=3)
+    _quiet(cfg)
+    out = Path(cfg.out)
+    fp = json.loads((out / "fingerprint.json").read_text())
+    (out / "fingerprint.json").write_text(json.dumps({k: fp[k] for k in old_keys}))
+    with pytest.raises(ConfigError, match="k: 5 -> 4"):
+        _quiet(_cfg(tmp_path, rounds=1, limit=3, k=4))
+    (out / "config.yaml").unlink()
+    logs = []
+    _quiet(_cfg(tmp_path, rounds=1, limit=3, k=4), log=logs.append)
+    assert any("does not record k, k_growth, temperature" in m and "older synthtune" in m for m in logs)
+    assert json.loads((out / "fingerprint.json").read_text())["k"] == 4
+    with pytest.raises(ConfigError, match="k: 4 -> 5"):
+        _quiet(_cfg(tmp_path, rounds=1, limit=3, k=5))
+
+
+def _damage_missing_status(out):
+    (out / STATUS).unlink()
+
+
+def _damage_bad_line(out):
+    lines = (out / STATUS).read_bytes().split(b"\n")
+    lines[2] = b'{"id": "edited by hand'
+    (out / STATUS).write_bytes(b"\n".join(lines))
+
+
+def _damage_lost_records(out):
+    # status.jsonl restored from an older backup: its last records (and not just one batch's) are gone
+    lines = (out / STATUS).read_bytes().split(b"\n")
+    (out / STATUS).write_bytes(b"\n".join(lines[:2]) + b"\n")
+
+
+def _damage_lost_kept_row(out):
+    lines = (out / KEPT).read_bytes().split(b"\n")
+    (out / KEPT).write_bytes(b"\n".join(lines[1:]))
+
+
+@pytest.mark.parametrize(("damage", "message"), [
+    (_damage_missing_status, r"status\.jsonl: is missing, but kept\.jsonl holds 12 rows"),
+    (_damage_bad_line, r"status\.jsonl:3: is not valid JSON"),
+    (_damage_lost_records, r"kept\.jsonl:5: and 7 more rows .* have no record in status\.jsonl"),
+    (_damage_lost_kept_row, r"kept\.jsonl: holds 1 rows for question \w+ round 0, but status\.jsonl:1 records 2"),
+])
+def test_damaged_files_stop_the_resume_and_nothing_is_touched(tmp_path, damage, message):
+    # The old resume rewrote kept.jsonl without every row it found no status record for: a
+    # missing or truncated status.jsonl emptied the results. Now it stops, and changes nothing.
+    cfg = _cfg(tmp_path, rounds=1, limit=6)
+    _quiet(cfg)
+    out = Path(cfg.out)
+    damage(out)
+    before = _snapshot(out)
+    backend = ScriptedBackend()
+    with pytest.raises(DataError, match=message) as info:
+        _quiet(cfg, backend)
+    assert "nothing was changed" in str(info.value).lower()
+    assert backend.calls == 0 and _snapshot(out) == before
+
+
+def test_a_lone_surrogate_from_a_server_is_stored_as_a_replacement_character(tmp_path):
+    # json.loads turns a server's "\\udc80" escape into a lone surrogate, which UTF-8 cannot hold
+    class Odd(ScriptedBackend):
+        def completions(self, question, k):
+            return [Sample(s.text.replace("\n", " \udc80\n", 1), s.n_tokens, s.finish_reason)
+                    for s in super().completions(question, k)]
+
+    cfg = _cfg(tmp_path, rounds=1, limit=3)
+    assert _quiet(cfg, Odd())["kept_examples"] == 6
+    kept = _rows(Path(cfg.out) / KEPT)
+    assert all("\ufffd" in r["rationale"] for r in kept)
 
 
 def test_kill_9_midway_then_rerun_has_no_duplicates(tmp_path):
@@ -144,12 +256,17 @@ def test_kill_9_midway_then_rerun_has_no_duplicates(tmp_path):
         if (out / STATUS).exists() and len(_rows(out / STATUS)) >= 6:
             break
         time.sleep(0.05)
+    cfg = SynthConfig(questions="bundled:train", out=str(out), k=5, rounds=1, batch_size=2, shots=2,
+                      exemplar_pool_size=12, prompt_format="plain")
+    second = ScriptedBackend()
+    with pytest.raises(DirectoryInUse, match=f"{out} is in use by another synthesis run: PID {proc.pid} "):
+        run_synthesis(cfg, backend=second, progress=False, log=lambda m: None)
+    assert second.calls == 0
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     done_before = len(_rows(out / STATUS))
     assert 6 <= done_before < 24, "the kill must land in the middle of the run"
-    cfg = SynthConfig(questions="bundled:train", out=str(out), k=5, rounds=1, batch_size=2, shots=2,
-                      exemplar_pool_size=12, prompt_format="plain")
+    # the kernel released the killed run's lock: nothing stale to clean up
     summary = run_synthesis(cfg, backend=ScriptedBackend(), progress=False, log=lambda m: None)
     kept = _rows(out / KEPT)
     status = _rows(out / STATUS)
@@ -167,8 +284,9 @@ def test_torn_last_lines_are_repaired_so_later_resumes_still_work(tmp_path):
     run_synthesis(replace(cfg, limit=3), backend=ScriptedBackend(), progress=False, log=lambda m: None)
     n_kept = len(_rows(out / KEPT))
     for name in (STATUS, KEPT):
-        with open(out / name, "a") as fh:
-            fh.write('{"id": "torn-fragment", "round": 0, "sta')  # the torn row of a batch in flight
+        with open(out / name, "ab") as fh:
+            # the torn row of a batch in flight, cut inside a character (the old reader's UnicodeDecodeError)
+            fh.write('{"id": "torn-fragment", "round": 0, "question": "caf\u00e9'.encode()[:-1])
     summary = run_synthesis(cfg, backend=ScriptedBackend(), progress=False, log=lambda m: None)
     assert summary["solved"] == 6
     for name in (STATUS, KEPT):
@@ -255,3 +373,63 @@ def test_a_resumed_run_draws_the_samples_an_uninterrupted_run_draws(tmp_path):
     joined = {q: first.seen.get(q, []) + rest.seen.get(q, []) for q in whole.seen}
     assert len(whole.seen) == 6 and all(len(v) == 2 for v in whole.seen.values())
     assert joined == whole.seen
+
+
+@pytest.fixture
+def one_torch_thread():
+    # A 1-layer model's steps are microseconds of math: with two threads on a shared 2-core
+    # machine, OpenMP's hand-offs make each step ~100x slower than one thread.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_kill_9_mid_write_with_line_separators_resumes_to_the_uninterrupted_result(tmp_path, one_torch_thread):
+    # The issue's done-when: questions holding U+2028/U+2029/U+0085, a real model (hf backend)
+    # writing every line breaker and odd character there is, killed with SIGKILL while writing a
+    # batch's status line (torn inside a UTF-8 character, after the batch's kept rows), then
+    # resumed: the result is the one an uninterrupted run gets, byte for byte.
+    from synth_helpers import PATHOLOGICAL, build_chain_model
+
+    from synthtune.synth.backends import make_backend
+
+    model = build_chain_model(tmp_path / "chain")
+    questions = tmp_path / "questions.jsonl"
+    asked = [("Ann has caf\u00e9 cups\u2028and more\u2029how many?", "42"),
+             ("Line\x85next\u2028\u2029 \U0001f9ee counts?", "42"),
+             ("Bob \u2028 sells\u2029 \x85 pi\u00e9s?", "7"),  # never reached: goes to round 2
+             ("A \"quoted\" {json} \\u2028 question\u2028?", "42")]
+    # written as other tools write JSONL: separators raw, as json.dumps(ensure_ascii=False) leaves them
+    questions.write_text("".join(json.dumps({"question": q, "answer": f"So.\n#### {a}"}, ensure_ascii=False) + "\n"
+                                 for q, a in asked), encoding="utf-8")
+    settings = dict(model=str(model), questions=str(questions), exemplars="bundled:train", k=3, rounds=2,
+                    batch_size=2, shots=1, max_new_tokens=40, prompt_format="plain", device="cpu")
+    hf = make_backend("hf", str(model), device="cpu")
+    run_synthesis(SynthConfig(out=str(tmp_path / "whole"), **settings), backend=hf, progress=False, log=lambda m: None)
+
+    cut = tmp_path / "cut"
+    code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+            f"from synth_helpers import run_until_killed\n"
+            f"run_until_killed({str(cut)!r}, {settings!r}, die_at_status_append=2)\n")
+    # one torch thread, as in this process (see one_torch_thread)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    torn = (cut / STATUS).read_bytes()
+    with pytest.raises(UnicodeDecodeError):  # what the old resume reader died of
+        torn.decode("utf-8")
+    assert torn.count(b"\n") == 2  # the first batch's records, then the torn one
+
+    run_synthesis(SynthConfig(out=str(cut), **settings), backend=hf, progress=False, log=lambda m: None)
+    for name in (KEPT, STATUS):
+        assert (cut / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name
+    kept = _rows(cut / KEPT)
+    assert kept and any("\u2028" in r["question"] for r in kept)
+    assert any(set(r["rationale"]) & set("\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e\r") for r in kept)
+    assert all(set(r["rationale"]) <= set(PATHOLOGICAL) for r in kept)
+    raw = (cut / KEPT).read_text(encoding="utf-8")
+    assert not set(raw) & set("\u2028\u2029\x85\x0b\x0c\x1c\x1d\x1e\r")  # escaped, one row per line
+    assert len(raw.splitlines()) == len(kept)

@@ -4,20 +4,34 @@ Every data file in synthtune (questions, synthesized completions, scored outputs
 of them are written by hand or by long-running jobs.  The two failure modes worth designing for are a
 bad line somewhere in a file of thousands (so errors carry ``file:line`` and the field) and a job
 killed mid-write (so whole-file writes are atomic and appends are fsynced line by line).
+
+One line is one row, whatever reads the file: rows are split on ``\\n`` only, and the writer
+escapes every character some line splitter treats as a line break (``str.splitlines`` also
+splits on U+0085, U+2028, U+2029 and the ASCII separators; json.dumps already escapes the ASCII
+ones), so a question holding U+2028 cannot turn one row into two for Python, JavaScript or
+editors. What cannot be stored is refused before anything is written, naming row and field:
+NaN and infinities (JSON has no such numbers) and lone surrogates (not characters; UTF-8 cannot
+encode them, and pyarrow, so ``datasets``, rejects the ``\\ud800`` escape).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
-import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DataError", "JsonlResult", "append_jsonl", "read_jsonl", "write_jsonl"]
+from synthtune.files import atomic_write_bytes
+
+__all__ = ["DataError", "JsonlResult", "append_jsonl", "read_appended", "read_jsonl", "write_jsonl"]
+
+#: Characters json.dumps(ensure_ascii=False) leaves raw that some line splitter breaks lines on.
+_RAW_BREAKS = re.compile("[\x85\u2028\u2029]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -151,13 +165,95 @@ def read_jsonl(
     return result
 
 
+def read_appended(path: str | os.PathLike[str], required: Sequence[str] = ()) -> tuple[JsonlResult, bool]:
+    """Read a file that a job appends to (``append_jsonl``), tolerating the tear a crash leaves.
+
+    Returns ``(result, torn)``. Only the last line may be unusable, and only if it lacks its
+    ``\\n``: that is the row a killed process was writing (cut anywhere, mid-character
+    included), so it is dropped and ``torn`` is True; rewrite the file (``write_jsonl``) before
+    appending again. A last line without ``\\n`` that parses is whole (only its newline was lost)
+    and is kept. A bad line anywhere else means the file was damaged or edited, and raises
+    :class:`DataError` with its line: a resume must not guess. A missing file reads as empty.
+    """
+    path = Path(path)
+    if isinstance(required, str):
+        required = (required,)
+    result = JsonlResult()
+    if not path.exists():
+        return result, False
+    # Split on b"\n" alone: no other byte or character ends a row.
+    lines = path.read_bytes().split(b"\n")
+    # What follows the final "\n": b"" for a whole file, else an unterminated last line.
+    tail = lines.pop()
+    for lineno, raw in enumerate(lines, start=1):
+        obj = _parse_line(path, lineno, raw, required)
+        if obj is not None:
+            result.rows.append(obj)
+            result.lines.append(lineno)
+    if tail.strip():
+        # A cut JSON object never parses (its closing brace is missing) and a cut character never
+        # decodes, so a tail that does both is a whole row that only lost its newline: keep it.
+        # Only a tail that fails to decode or parse is the torn write; a parsed one is checked as usual.
+        try:
+            json.loads(tail.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return result, True
+        obj = _parse_line(path, len(lines) + 1, tail, required)
+        if obj is not None:
+            result.rows.append(obj)
+            result.lines.append(len(lines) + 1)
+    return result, False
+
+
+def _find(value: Any, bad: Callable[[Any], bool], path: str = "") -> tuple[str, Any] | None:
+    """The first value (or key) in a row with ``bad(value)``, and where it sits (``a.b[2]``)."""
+    if bad(value):
+        return path or "(the row)", value
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            here = f"{path}.{key}" if path else str(key)
+            if bad(key):
+                return f"{here} (a key)", key
+            found = _find(item, bad, here)
+            if found:
+                return found
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            found = _find(item, bad, f"{path}[{i}]")
+            if found:
+                return found
+    return None
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, float) and not math.isfinite(value)
+
+
+def _has_surrogate(value: Any) -> bool:
+    return isinstance(value, str) and _SURROGATE.search(value) is not None
+
+
 def _dumps(row: Mapping[str, Any], path: Path, index: int) -> str:
     try:
         # allow_nan=False: NaN/Infinity are not JSON, and other tools would choke on the file later.
-        return json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n"
+        text = json.dumps(row, ensure_ascii=False, allow_nan=False)
     except (TypeError, ValueError) as exc:
-        raise DataError(path, None, f"row {index} cannot be written as JSON: {exc}",
-                        "rows must be dicts of JSON-compatible values") from None
+        found = _find(row, _non_finite)
+        if found is None:
+            raise DataError(path, None, f"row {index} cannot be written as JSON: {exc}",
+                            "rows must be dicts of JSON-compatible values") from None
+        raise DataError(path, None, f"row {index} cannot be written: field '{found[0]}' is {found[1]!r}, which "
+                        f"JSON has no number for", "store None (null) or a string instead; nothing was "
+                        "written") from None
+    bad = _SURROGATE.search(text)
+    if bad is not None:
+        where = (_find(row, _has_surrogate) or ("?", None))[0]
+        raise DataError(path, None, f"row {index} cannot be written: field '{where}' holds a lone surrogate "
+                        f"U+{ord(bad.group()):04X}, which is not a character and has no UTF-8 form",
+                        "replace it, e.g. with U+FFFD; nothing was written")
+    # Only inside JSON strings (outside them json.dumps writes ASCII), where the escape stands for
+    # the same character: the row is unchanged, only its line can no longer be split.
+    return _RAW_BREAKS.sub(lambda m: f"\\u{ord(m.group()):04x}", text) + "\n"
 
 
 def _serialize(path: Path, rows: Iterable[Mapping[str, Any]]) -> str:
@@ -172,21 +268,6 @@ def _serialize(path: Path, rows: Iterable[Mapping[str, Any]]) -> str:
     return "".join(parts)
 
 
-def _fsync_dir(directory: Path) -> None:
-    # On POSIX a rename is only durable once the directory entry is synced; where directories
-    # cannot be opened (Windows) os.replace is still atomic, just not guaranteed durable.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> int:
     """Write ``rows`` to ``path`` atomically and return how many were written.
 
@@ -196,30 +277,8 @@ def write_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]])
     """
     path = Path(path)
     text = _serialize(path, rows)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        # mkstemp creates files as 0600; give the result the permissions a plain open() would have.
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
-        os.chmod(tmp_name, mode)
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
-    _fsync_dir(path.parent)
+    atomic_write_bytes(path, text.encode("utf-8"))
     return text.count("\n")
-
-
-def _umask() -> int:
-    # The only portable way to read the umask is to set it and put it back.
-    current = os.umask(0)
-    os.umask(current)
-    return current
 
 
 def append_jsonl(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]]) -> int:

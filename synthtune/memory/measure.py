@@ -106,7 +106,8 @@ def cpu_saved_check(config, setup: Setup, name: str = "") -> dict[str, Any]:
 
 def h200_rows(path: Path | None = None) -> list[dict[str, Any]]:
     path = path or H200_TABLE
-    with open(path) as fh:
+    # newline="\n": rows end at "\n" only (text mode would also split at a bare "\r")
+    with open(path, encoding="utf-8", newline="\n") as fh:
         return [json.loads(line) for line in fh if line.strip()]
 
 

@@ -4,7 +4,9 @@ Files in the output directory:
 
 * ``kept.jsonl``: append-only kept examples (question, rationale, answer, scores, provenance);
 * ``status.jsonl``: append-only, one record per question per round, with the stage counts;
-* ``summary.json``, ``agreement_hist.png``, ``config.yaml``.
+* ``summary.json``, ``agreement_hist.png``, ``config.yaml``;
+* ``fingerprint.json``: the settings that decide what is sampled and kept (resume checks them);
+* ``.synthtune.lock``: held (``flock``) while a run writes the directory; a second run is refused.
 
 Resume: kept rows are appended before the status records of the same batch. On start, kept
 rows whose (question, round) has no status record belong to a batch that was in flight when
@@ -13,36 +15,50 @@ So a rerun after ``kill -9`` has no duplicates and loses only the batch in fligh
 and their seeds are fixed by the questions that entered each round, so the batches a resumed run
 samples are the ones an uninterrupted run would have sampled, seeds included. (Unless a batch's
 status lines were torn part-way: that batch is redone with only its unrecorded questions.)
+Files that disagree in any other way are damage, not a crash: the run stops before writing
+anything (see :func:`load_state`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import yaml
+
 import constants
 from synthtune.config import ConfigError, SynthConfig, save_config, to_dict
 from synthtune.data.answers import extract_answer, extract_gold
 from synthtune.data.gsm8k import is_test_source, load_source
-from synthtune.data.jsonl import DataError, append_jsonl, write_jsonl
+from synthtune.data.jsonl import DataError, append_jsonl, read_appended, write_jsonl
 from synthtune.diversity import select_diverse, workshop_rule
+from synthtune.files import atomic_write_bytes, atomic_write_text, lock_dir
 from synthtune.generation import SamplingParams
 from synthtune.synth.prompts import PLAIN_STOP, build_prompt, default_format
 from synthtune.synth.scorers import calculator_score, gold_correctness, vote_share
 from synthtune.synth.vote import majority_vote
 
 KEPT, STATUS, SUMMARY, HIST = "kept.jsonl", "status.jsonl", "summary.json", "agreement_hist.png"
+FINGERPRINT = "fingerprint.json"
 #: The evaluator's stages, in order; each status record counts the samples that got past each.
 STAGES = ("sampled", "finished", "parsed", "on_target", "calc_ok", "reward_ok", "kept")
-#: Settings that change what a question's samples are; a rerun must match them to resume.
-#: The endpoints are left out on purpose: a rerun against other servers, or more of them, resumes.
+#: Settings that change what a question's samples are, or which of them are kept; a rerun must
+#: match them to resume (or pass allow_changed_settings). batch_size is one: a batch's seed is
+#: derived from its position. Left out on purpose: where and how fast samples are drawn
+#: (endpoints, concurrency, retries, device), how many rounds (a rerun with more rounds continues
+#: the failed questions) and which questions (limit: a rerun with a larger one adds questions).
 FINGERPRINT_KEYS = ("model", "backend", "served_model", "questions", "exemplars", "exemplar_pool_size", "shots",
-                    "strategy", "prompt_format", "seed", "use_gold")
+                    "strategy", "prompt_format", "seed", "use_gold",
+                    "k", "k_growth", "temperature", "temperature_step", "top_p", "top_k", "max_new_tokens", "stop",
+                    "batch_size", "min_agreement", "min_calc", "reward_model", "min_reward", "max_keep", "diversity",
+                    "rouge_threshold")
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 def question_id(text: str) -> str:
@@ -63,7 +79,10 @@ class RunState:
     rounds_done: dict[str, int] = field(default_factory=dict)  # question id -> rounds completed
     kept_texts: dict[str, list[str]] = field(default_factory=dict)  # question id -> kept rationales
     records: list[dict] = field(default_factory=list)  # every status record
-    dropped_in_flight: int = 0
+    kept_rows: list[dict] = field(default_factory=list)  # every kept row a status record vouches for
+    dropped_in_flight: int = 0  # kept rows of the batch in flight when a run died
+    status_torn: bool = False  # the file ends in a torn line (a crash mid-write)
+    kept_torn: bool = False
 
 
 # --------------------------------------------------------------------------------------------
@@ -122,69 +141,173 @@ def _train_spec_of(spec: str) -> str:
 # resume
 # --------------------------------------------------------------------------------------------
 
+_MISMATCH_HINT = ("the directory's files no longer agree (edited, truncated, restored from another time, or "
+                  "mixed from two runs); nothing was changed. Restore them from a backup, or start over in "
+                  "another out=... (kept.jsonl is a valid dataset as it stands)")
 
-def _read_lines(path: Path) -> tuple[list[dict], bool]:
-    """``(rows, torn)``: a torn last line (the process died mid-write) is dropped and reported.
 
-    ``read_jsonl``'s lenient mode skips bad lines anywhere; here only the *last* line may be bad,
-    and a bad line in the middle means the file was damaged, which must stop the run.
+def load_state(out_dir: Path, batch_size: int) -> RunState:
+    """What earlier runs in ``out_dir`` finished, after checking that its files agree. Writes nothing.
+
+    Kept rows are appended before the status records that vouch for them, so the only kept rows
+    without a record a crash can leave are one batch in flight: the rows after every vouched one,
+    of one round, of at most ``batch_size`` questions. Those are dropped (``repair_state``
+    rewrites the file), and so is a torn last line of either file. Anything else (a bad line mid
+    file, a missing ``status.jsonl``, more unvouched rows than one batch, a question whose kept
+    rows and record disagree) means the files were damaged, and raises :class:`DataError` before
+    anything is written.
+
+    Rebuilding ``status.jsonl`` from ``kept.jsonl`` was the alternative, and is refused on purpose:
+    only the status says which questions failed or await a retry, what the vote and the stage
+    counts were, and which kept rows a finished batch vouched for, so a rebuilt one would invent
+    records, and would let a half-written batch's rows pass as finished. Stopping keeps every row
+    where it is and lets the user choose.
     """
-    if not path.exists():
-        return [], False
-    out = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            if n == len(lines):
-                return out, True
-            raise DataError(path, n, "is not valid JSON", "the file was edited by hand or corrupted; "
-                            "move it away to start over") from None
-    return out, False
-
-
-def load_state(out_dir: Path) -> RunState:
     state = RunState()
     status_path, kept_path = out_dir / STATUS, out_dir / KEPT
-    status, status_torn = _read_lines(status_path)
-    if status_torn:
-        # rewrite it whole, so the next append starts on a clean line instead of burying the
-        # fragment mid-file where the next resume would refuse it
-        write_jsonl(status_path, status)
-    done_rounds = {(r["id"], r["round"]) for r in status}
-    for r in status:
+    status, state.status_torn = _read_for_resume(status_path, ("id", "round", "status", "stages"))
+    kept, state.kept_torn = _read_for_resume(kept_path, ("id", "rationale", "provenance"))
+    if (kept.rows or state.kept_torn) and not status_path.exists():
+        raise DataError(status_path, None, f"is missing, but {kept_path.name} holds {len(kept.rows)} rows: "
+                        f"without the status records nothing tells which of them a finished batch vouched for",
+                        _MISMATCH_HINT)
+    vouched: dict[tuple[str, int], tuple[int, int]] = {}  # (id, round) -> (kept rows recorded, status line)
+    for r, line in zip(status.rows, status.lines, strict=True):
+        n = r["stages"].get("kept") if isinstance(r["stages"], dict) else None
+        if not isinstance(n, int) or not isinstance(r["round"], int):
+            raise DataError(status_path, line, "has no integer 'round' or 'stages.kept'",
+                            "status records are written by synthtune; " + _MISMATCH_HINT)
+        vouched[(r["id"], r["round"])] = (n, line)
         state.rounds_done[r["id"]] = max(state.rounds_done.get(r["id"], 0), r["round"] + 1)
-    state.records = status
-    kept, kept_torn = _read_lines(kept_path)
-    good = [r for r in kept if (r["id"], r["provenance"]["round"]) in done_rounds]
-    state.dropped_in_flight = len(kept) - len(good)
-    if state.dropped_in_flight or kept_torn:
-        write_jsonl(kept_path, good)  # atomic: drops the in-flight batch and the torn line
-    for r in good:
+    state.records = status.rows
+    have: Counter = Counter()
+    last_vouched, unvouched = 0, []
+    for r, line in zip(kept.rows, kept.lines, strict=True):
+        rnd = r["provenance"].get("round") if isinstance(r["provenance"], dict) else None
+        if not isinstance(rnd, int):
+            raise DataError(kept_path, line, "has no integer 'provenance.round'",
+                            "kept rows are written by synthtune; " + _MISMATCH_HINT)
+        if (r["id"], rnd) in vouched:
+            have[(r["id"], rnd)] += 1
+            last_vouched = line
+            state.kept_rows.append(r)
+        else:
+            unvouched.append((line, rnd, r["id"]))
+    for (qid, rnd), (n, line) in vouched.items():
+        if have[(qid, rnd)] != n:
+            raise DataError(kept_path, None, f"holds {have[(qid, rnd)]} rows for question {qid} round {rnd}, "
+                            f"but {status_path.name}:{line} records {n} kept", _MISMATCH_HINT)
+    if unvouched:
+        lines = [line for line, _, _ in unvouched]
+        one_batch = (min(lines) > last_vouched and len({rnd for _, rnd, _ in unvouched}) == 1
+                     and len({qid for _, _, qid in unvouched}) <= batch_size)
+        if not one_batch:
+            shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+            raise DataError(kept_path, lines[0], f"and {len(lines) - 1} more rows (lines {shown}) have no record "
+                            f"in {status_path.name}, more than the one batch (at most {batch_size} questions, "
+                            f"after every recorded row) a crash can leave unrecorded", _MISMATCH_HINT)
+    state.dropped_in_flight = len(unvouched)
+    for r in state.kept_rows:
         state.kept_texts.setdefault(r["id"], []).append(r["rationale"])
     return state
+
+
+def _read_for_resume(path: Path, required: tuple[str, ...]):
+    try:
+        return read_appended(path, required=required)
+    except DataError as exc:
+        raise DataError(exc.path, exc.line, exc.problem, "a crash only ever tears the last line, which resume "
+                        "repairs; a bad line elsewhere means the file was edited or damaged. Nothing was "
+                        "changed: fix or delete that line, or start over in another out=...", field=exc.field) from None
+
+
+def repair_state(out_dir: Path, state: RunState) -> None:
+    """Drop the torn last lines and the batch in flight that :func:`load_state` found, atomically.
+
+    Rewritten whole, so the next append starts on a clean line instead of burying a fragment mid
+    file, where the next resume would refuse it as damage.
+    """
+    if state.status_torn:
+        write_jsonl(out_dir / STATUS, state.records)
+    if state.kept_torn or state.dropped_in_flight:
+        write_jsonl(out_dir / KEPT, state.kept_rows)
+    if not (out_dir / STATUS).exists():
+        # Created before the first kept row is appended, so a status.jsonl that is missing later
+        # can only mean damage (see load_state), never a crash in the first batch.
+        atomic_write_bytes(out_dir / STATUS, b"")
 
 
 def _fingerprint(cfg: SynthConfig) -> dict:
     return {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
 
 
-def _check_resume(out_dir: Path, cfg: SynthConfig) -> None:
-    path = out_dir / "fingerprint.json"
-    fp = _fingerprint(cfg)
-    if path.exists():
-        old = json.loads(path.read_text())
-        diff = {k: (old.get(k), v) for k, v in fp.items() if old.get(k) != v}
-        if diff:
-            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
-            raise ConfigError(f"{out_dir} holds a run with other settings ({changes}); resuming would mix "
-                              f"them. Use another out=..., or restore the settings to continue that run.")
-    else:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(fp, indent=2) + "\n")
+def _previous_settings(out_dir: Path) -> tuple[dict, bool] | None:
+    """The settings of the runs that wrote ``out_dir``, and whether ``fingerprint.json`` lacks some
+    (None for a fresh directory).
+
+    ``fingerprint.json`` first; settings it lacks (written before they were fingerprinted) come
+    from the ``config.yaml`` the last run saved beside it, which holds every setting.
+    """
+    fp_path, cfg_path = out_dir / FINGERPRINT, out_dir / "config.yaml"
+    has_data = any((out_dir / name).exists() for name in (STATUS, KEPT))
+    if not fp_path.exists() and not has_data:
+        return None
+    old: dict = {}
+    if fp_path.exists():
+        try:
+            old = json.loads(fp_path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(fp_path, None, f"is not valid JSON ({exc})", "restore it, or delete it to check this "
+                            "run against config.yaml instead") from None
+        if not isinstance(old, dict):
+            raise DataError(fp_path, None, "is not a JSON object", "restore it, or delete it to check this run "
+                            "against config.yaml instead")
+    outdated = any(k not in old for k in FINGERPRINT_KEYS)
+    if outdated and cfg_path.exists():
+        try:
+            saved = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+        except (yaml.YAMLError, UnicodeDecodeError):
+            saved = None
+        if isinstance(saved, dict):
+            old = {**{k: saved[k] for k in FINGERPRINT_KEYS if k in saved}, **old}
+    return old, outdated
+
+
+def _check_resume(out_dir: Path, cfg: SynthConfig, log: Callable[[str], None]) -> tuple[dict | None, dict]:
+    """Refuse to resume ``out_dir`` with other sampling settings.
+
+    Returns the fingerprint to write (None: the one there is current) and the earlier settings.
+
+    With ``allow_changed_settings`` the run goes on, the change is logged, and the fingerprint
+    takes the new settings with the change recorded in its ``changes`` list.
+    """
+    new = _fingerprint(cfg)
+    previous = _previous_settings(out_dir)
+    if previous is None:
+        return new, {}
+    old, outdated = previous
+    diff = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
+    unknown = [k for k in FINGERPRINT_KEYS if k not in old]
+    changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    if diff and not cfg.allow_changed_settings:
+        raise ConfigError(f"{out_dir} holds a run with other settings ({changes}); resuming would mix samples "
+                          f"drawn under both in one dataset. Use another out=..., restore the settings to "
+                          f"continue that run, or pass --allow-changed-settings (allow_changed_settings=true) "
+                          f"to continue with the new ones on purpose.")
+    if unknown:
+        # Directories from before these settings were fingerprinted, with no config.yaml to read
+        # them from: refusing would strand every such run, so it goes on and says what it can't check.
+        log(f"resume: {out_dir} does not record {', '.join(unknown)} (written by an older synthtune); "
+            f"assuming this run's values, which cannot be checked against the earlier runs")
+    if not diff and not outdated:
+        return None, old
+    fp = {**new, "changes": list(old.get("changes", []))}
+    if diff:
+        log(f"resume: continuing {out_dir} with changed settings ({changes}) as allowed; kept rows record their "
+            f"own round, seed and temperature in 'provenance'")
+        fp["changes"].append({"at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              "settings": {k: [a, b] for k, (a, b) in diff.items()}})
+    return fp, old
 
 
 # --------------------------------------------------------------------------------------------
@@ -278,22 +401,30 @@ def run_synthesis(cfg: SynthConfig, backend=None, *, progress: bool = True, log:
         # recorded by name, so config.yaml and the resume fingerprint say what the servers ran
         cfg = replace(cfg, served_model=cfg.model)
     items, pool, ex_spec = load_items(cfg)
-    _check_resume(out_dir, cfg)
-    save_config(cfg, out_dir / "config.yaml")
-    state = load_state(out_dir)
-    if state.dropped_in_flight:
-        log(f"resume: dropped {state.dropped_in_flight} kept rows of a batch that was in flight; redoing it")
-    own_backend = backend is None
-    if own_backend:
-        from synthtune.synth.backends import backend_for
+    with lock_dir(out_dir, "synthesis run"):
+        # Everything is read and checked before the first write, so a refused resume (other
+        # settings, damaged files) leaves the directory exactly as it was.
+        fingerprint, previous = _check_resume(out_dir, cfg, log)
+        # The batch in flight was cut by the batch size of the run that died.
+        died_with = previous.get("batch_size")
+        state = load_state(out_dir, max(cfg.batch_size, died_with if isinstance(died_with, int) else 0))
+        if fingerprint is not None:
+            atomic_write_text(out_dir / FINGERPRINT, json.dumps(fingerprint, indent=2) + "\n")
+        save_config(cfg, out_dir / "config.yaml")
+        repair_state(out_dir, state)
+        if state.dropped_in_flight:
+            log(f"resume: dropped {state.dropped_in_flight} kept rows of a batch that was in flight; redoing it")
+        own_backend = backend is None
+        if own_backend:
+            from synthtune.synth.backends import backend_for
 
-        backend = backend_for(cfg)
-    try:
-        return _run(cfg, backend, out_dir, items, pool, ex_spec, state, progress=progress, log=log,
-                    reward_fn=reward_fn)
-    finally:
-        if own_backend and hasattr(backend, "close"):
-            backend.close()
+            backend = backend_for(cfg)
+        try:
+            return _run(cfg, backend, out_dir, items, pool, ex_spec, state, progress=progress, log=log,
+                        reward_fn=reward_fn)
+        finally:
+            if own_backend and hasattr(backend, "close"):
+                backend.close()
 
 
 def _prompt_format(cfg: SynthConfig, backend) -> str:
@@ -353,7 +484,8 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
             prompts = [build_prompt(it.question, pool, k=cfg.shots, fmt=fmt, tokenizer=backend.tokenizer,
                                     strategy=cfg.strategy, seed=cfg.seed + 7919 * rnd, render_chat=not chat_on_server)
                        for it in batch]
-            outs = backend.sample(prompts, replace(params, seed=params.seed + start))
+            outs = [[_storable(s) for s in samples]
+                    for samples in backend.sample(prompts, replace(params, seed=params.seed + start))]
             kept_rows, status_rows = [], []
             for it, prompt, samples in zip(batch, prompts, outs, strict=True):
                 n_samples += len(samples)
@@ -392,6 +524,18 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
                              "samples_per_s": round(n_samples / elapsed, 3) if elapsed and n_samples else None,
                              "tokens_per_s": round(n_tokens / elapsed, 2) if elapsed and n_tokens else None})
     return summary
+
+
+def _storable(sample):
+    """``sample`` with any lone surrogate in its text replaced by U+FFFD.
+
+    A server's JSON can carry ``\\ud800`` escapes, which decode to lone surrogates: not
+    characters, with no UTF-8 form, so the JSONL writer refuses them. A model's text is not the
+    user's data to guard, and one odd sample must not stop a long run, so it is repaired here.
+    """
+    if not _SURROGATES.search(sample.text):
+        return sample
+    return replace(sample, text=_SURROGATES.sub("\ufffd", sample.text))
 
 
 def _kept_row(it: Item, sample, index: int, scores: dict, prompt, backend, cfg: SynthConfig, rnd: int,
@@ -442,7 +586,7 @@ def build_summary(out_dir: Path, items: list[Item], state: RunState, cfg: SynthC
                                                                     "rounds", "shots")},
         "dataset": str(out_dir / KEPT), "out_dir": str(out_dir),
     }
-    (out_dir / SUMMARY).write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out_dir / SUMMARY, json.dumps(summary, indent=2) + "\n")
     if first_shares:
         plot_agreement(first_shares, cfg.min_agreement, out_dir / HIST)
     return summary

@@ -15,6 +15,8 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from synthtune.files import replace_dir
+
 STATE_FILE = "trainer_state.json"
 CKPT_PREFIX = "step-"
 
@@ -162,9 +164,9 @@ def save_checkpoint(acc, out_dir: Path, state: TrainState, keep: int, **save_kwa
     acc.wait_for_everyone()
     if acc.is_main_process:
         state.save(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        # A checkpoint of the same step (a rerun) is swapped out whole, never deleted before the new
+        # one is in place: a crash in between leaves a complete checkpoint, old or new.
+        replace_dir(tmp, final)
         for old in checkpoints(out_dir)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     acc.wait_for_everyone()
