@@ -28,6 +28,7 @@ from synthtune.train.data import build_train_data
 from synthtune.train.evaluate import evaluate
 from synthtune.train.setup import (
     apply_lora,
+    deepspeed_cpu_process_group,
     default_output_dir,
     resolve_precision,
     trainable_parameters,
@@ -239,8 +240,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     # (On a GPU machine, device=cpu keeps accelerate's CPU semantics: DeepSpeed would pick the GPU.)
     deepspeed_on_cpu = (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
                         and not torch.cuda.is_available())
+    # Several DeepSpeed ranks on CPU need the process group's backend named, or accelerate counts
+    # one process per rank (see deepspeed_cpu_process_group); None on GPUs.
+    ds_group = deepspeed_cpu_process_group() if deepspeed_on_cpu else None
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        # DeepSpeed's ZeRO collectives call torch's deprecated names: a warning per call per rank
+        # (hundreds a run) that no user setting can fix
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_"
+                                r"tensor)` is deprecated", category=FutureWarning)
     acc = Accelerator(
         mixed_precision=prec.mixed_precision, cpu=use_cpu and not deepspeed_on_cpu,
+        kwargs_handlers=[ds_group] if ds_group is not None else None,
         # The loop steps the scheduler itself, once per optimizer step. accelerate's own rule steps
         # it num_processes times per step (it assumes a schedule counted on the unsharded data),
         # and under DeepSpeed prepare() hands it back unwrapped, stepping on every micro-batch.

@@ -7,6 +7,7 @@ without CUDA all fail here with the key and the reason.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -122,6 +123,31 @@ def apply_lora(model, cfg: TrainConfig, is_seq2seq: bool):
         # every run that the user can do nothing about
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, lcfg)
+
+
+def deepspeed_cpu_process_group():
+    """accelerate's process-group settings for DeepSpeed on a machine without CUDA, or None.
+
+    Under ``accelerate launch`` with DeepSpeed, accelerate picks the communication backend from
+    the devices it finds (nccl for CUDA, hccl, xccl...), finds none on a CPU-only machine and
+    leaves the backend unset. DeepSpeed then initializes the process group itself, with its CPU
+    accelerator's backend (oneCCL when installed, else gloo), so the ranks *are* connected; but
+    accelerate, holding no backend, counts 1 process, rank 0, on every rank. It then writes
+    ``train_batch_size = micro_batch * accumulation * 1`` into the DeepSpeed config, which
+    DeepSpeed rejects against its real world size ("8 != 4 * 2 * 2"), and would shard no data.
+    Naming the backend DeepSpeed will use makes accelerate read the world size and rank from the
+    process group. On GPUs accelerate finds nccl by itself: this returns None and changes nothing.
+    ``Accelerator(cpu=True)`` is no way out: it drops the DeepSpeed launcher config altogether.
+    """
+    import torch
+
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available()
+            or int(os.environ.get("LOCAL_RANK", -1)) == -1):  # -1: not launched, accelerate sets up no group
+        return None
+    from accelerate.utils import InitProcessGroupKwargs
+    from deepspeed.accelerator import get_accelerator
+
+    return InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())
 
 
 def trainable_parameters(model) -> tuple[int, int]:
