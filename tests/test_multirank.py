@@ -120,11 +120,12 @@ def test_two_ranks_match_one_process_step_by_step(runs, name):
     # a per-rank mean would already change step 2's loss.
     losses = logged(two, "loss")
     assert list(losses) == list(range(1, r.case.steps + 1))
-    assert losses == pytest.approx(logged(one, "loss"), rel=1e-5, abs=1e-6)
+    # (2 ranks sum in another order: ~1e-7 apart on this machine; 1e-6 leaves a 10x margin)
+    assert losses == pytest.approx(logged(one, "loss"), rel=1e-6)
     lrs = _expected_lrs(r.case.steps, *r.case.extra)
     assert logged(two, "lr") == pytest.approx(dict(enumerate(lrs, start=1)), rel=1e-9)
     # each of the 6 eval rows counted once, though rank 1 ran 2 of them twice
-    assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-5)
+    assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-6)
     if not r.case.resume:  # a resumed run counts the tokens of its own launch
         assert two["train_tokens_run"] == one["train_tokens_run"]
 
