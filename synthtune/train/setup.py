@@ -168,8 +168,9 @@ def zero3_partitions(acc, model) -> list[dict] | None:
     the last slice, so each share is at least 1/world). A share near 1 means that parameter is
     held whole on every rank: a model that escaped partitioning, for which ZeRO-3 saves nothing.
     ``persistent_numel`` counts the elements DeepSpeed keeps gathered on every rank besides their
-    slice: parameters under ``stage3_param_persistence_threshold`` (accelerate sets 10 x hidden
-    size), meant to be biases and norms; a large count there is memory ZeRO-3 does not save.
+    slice: parameters of at most ``stage3_param_persistence_threshold`` elements (DeepSpeed's
+    default 1e5; 10 x hidden size where a DeepSpeed config file says "auto"), meant to be biases
+    and norms. A large count is memory ZeRO-3 does not save: all of a tiny model's parameters.
     """
     from accelerate.utils import gather_object
 
