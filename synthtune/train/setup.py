@@ -7,6 +7,7 @@ without CUDA all fail here with the key and the reason.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -124,6 +125,31 @@ def apply_lora(model, cfg: TrainConfig, is_seq2seq: bool):
         return get_peft_model(model, lcfg)
 
 
+def deepspeed_cpu_process_group():
+    """accelerate's process-group settings for DeepSpeed on a machine without CUDA, or None.
+
+    Under ``accelerate launch`` with DeepSpeed, accelerate picks the communication backend from
+    the devices it finds (nccl for CUDA, hccl, xccl...), finds none on a CPU-only machine and
+    leaves the backend unset. DeepSpeed then initializes the process group itself, with its CPU
+    accelerator's backend (oneCCL when installed, else gloo), so the ranks *are* connected; but
+    accelerate, holding no backend, counts 1 process, rank 0, on every rank. It then writes
+    ``train_batch_size = micro_batch * accumulation * 1`` into the DeepSpeed config, which
+    DeepSpeed rejects against its real world size ("8 != 4 * 2 * 2"), and would shard no data.
+    Naming the backend DeepSpeed will use makes accelerate read the world size and rank from the
+    process group. On GPUs accelerate finds nccl by itself: this returns None and changes nothing.
+    ``Accelerator(cpu=True)`` is no way out: it drops the DeepSpeed launcher config altogether.
+    """
+    import torch
+
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true" or torch.cuda.is_available()
+            or int(os.environ.get("LOCAL_RANK", -1)) == -1):  # -1: not launched, accelerate sets up no group
+        return None
+    from accelerate.utils import InitProcessGroupKwargs
+    from deepspeed.accelerator import get_accelerator
+
+    return InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())
+
+
 def trainable_parameters(model) -> tuple[int, int]:
     # ZeRO-3 partitions leave empty local tensors; ds_numel is the full size.
     def numel(p):
@@ -132,3 +158,33 @@ def trainable_parameters(model) -> tuple[int, int]:
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     return trainable, total
+
+
+def zero3_partitions(acc, model) -> list[dict] | None:
+    """What each rank holds of the ZeRO-3-partitioned parameters, one record per rank (None
+    unless ZeRO-3 partitioned the model). A collective: every rank must call it.
+
+    ``p.ds_tensor`` is a rank's own slice of ``p`` (``p.ds_numel`` elements in all; DeepSpeed pads
+    the last slice, so each share is at least 1/world). A share near 1 means that parameter is
+    held whole on every rank: a model that escaped partitioning, for which ZeRO-3 saves nothing.
+    ``persistent_numel`` counts the elements DeepSpeed keeps gathered on every rank besides their
+    slice: parameters of at most ``stage3_param_persistence_threshold`` elements (DeepSpeed's
+    default 1e5; 10 x hidden size where a DeepSpeed config file says "auto"), meant to be biases
+    and norms. A large count is memory ZeRO-3 does not save: all of a tiny model's parameters.
+    """
+    from accelerate.utils import gather_object
+
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None or getattr(plugin, "zero_stage", 0) != 3:  # the same answer on every rank
+        return None
+    params = [p for p in model.parameters() if getattr(p, "ds_tensor", None) is not None]
+    if not params:
+        raise RuntimeError("ZeRO-3 is on but no parameter was partitioned (no ds_tensor): the model was not "
+                           "prepared by DeepSpeed")
+    shares = [p.ds_tensor.numel() / p.ds_numel for p in params if p.ds_numel]
+    mine = {"rank": acc.process_index, "params": len(params),
+            "local_numel": sum(p.ds_tensor.numel() for p in params),
+            "full_numel": sum(p.ds_numel for p in params),
+            "persistent_numel": sum(p.ds_numel for p in params if getattr(p, "ds_persist", False)),
+            "min_share": min(shares), "max_share": max(shares)}
+    return sorted(gather_object([mine]), key=lambda r: r["rank"])
