@@ -75,6 +75,8 @@ ANSWER_WINDOW = 8192
 # No grade-school quantity is written with 100 characters, and the bound keeps every canonical value
 # far below Python's 4,300-digit int->str limit (a denominator of 2**330 has 330 decimal places).
 MAX_NUMBER_CHARS = 100
+# Characters a readable number can span: sign, currency, body, "/", denominator, scale word.
+_NUMBER_SPAN = 2 * MAX_NUMBER_CHARS + 40
 # Indian digit groups ("1,00,00,000") are read up to this many pairs: unbounded, every number in a run
 # such as "12,12,12,..." rescans the rest of the run, which is quadratic.
 _MAX_PAIR_GROUPS = 16
@@ -563,7 +565,10 @@ def _repair_truncated(text: str, match: re.Match[str]) -> Fraction | None:
     repaired = None
     pos = text.find(context)
     while 0 <= pos < match.start() - len(context):
-        earlier = NUMBER_RE.match(text, pos + len(context))
+        # A bounded read (a number of the longest readable size fits): an unbounded one rescanned the
+        # rest of a long digit run at every earlier occurrence of the context, quadratic.
+        at = pos + len(context)
+        earlier = NUMBER_RE.match(text, at, at + _NUMBER_SPAN)
         if earlier is not None and len(earlier["body"]) > len(digits) and earlier["body"].startswith(digits):
             repaired = _match_value(earlier)
         pos = text.find(context, pos + 1)

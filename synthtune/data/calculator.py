@@ -483,16 +483,45 @@ def _check_annotation(body: str) -> str | None:
 
 
 def _longest_parseable(tokens: list[_Tok], from_end: bool) -> list[_Tok] | None:
-    """The longest run of ``tokens`` ending at its end (or starting at its start) that parses."""
+    """The longest run of ``tokens`` ending at its end (or starting at its start) that parses.
+
+    Runs that cannot parse for their brackets or their ends are skipped without parsing: parsing
+    "((((1+1+...+1" at every length reads to the end each time, quadratic in the run.
+    """
     n = len(tokens)
+    depth = [0]  # depth[i]: open brackets after the first i tokens
+    for tok in tokens:
+        depth.append(depth[-1] + (tok.kind == "(") - (tok.kind == ")"))
+    # lowest[i]: the lowest depth from token i on (from the end) or up to token i (from the start)
+    lowest = depth[:]
+    if from_end:
+        if not tokens or tokens[-1].kind not in ("num", ")"):
+            return None  # every candidate ends there
+        for i in range(n - 1, -1, -1):
+            lowest[i] = min(depth[i], lowest[i + 1])
+    else:
+        for i in range(1, n + 1):
+            lowest[i] = min(depth[i], lowest[i - 1])
     for size in range(min(n, MAX_TOKENS), 0, -1):
-        part = tokens[n - size:] if from_end else tokens[:size]
+        # A run parses only if balanced: never below its starting depth, and back to it at its end.
+        if from_end:
+            start = n - size
+            if lowest[start] != depth[start] or depth[n] != depth[start] or tokens[start].kind in _NO_START:
+                continue
+            part = tokens[start:]
+        else:
+            if depth[size] != 0 or lowest[size] < 0 or tokens[size - 1].kind not in ("num", ")"):
+                continue
+            part = tokens[:size]
         try:
             _values(part)
         except CalcError:
             continue
         return part
     return None
+
+
+_NO_START = (")", "=", "break")
 
 
 def _has_operator(tokens: list[_Tok]) -> bool:
@@ -537,8 +566,9 @@ def _left_side(text: str, part: list[_Tok]) -> list[_Tok] | None:
 
 _MIXED_TAIL_RE = re.compile(r"[ \t]+and[ \t]+[($€£¥₹]?\d+/\d+")
 _CENTS_TAIL_RE = re.compile(r"[ \t]*(?:cents?\b|¢)")
+# Runs of spaces are taken whole: "[ \t]*,?[ \t]*" splits a run of n spaces n ways, quadratic per "=".
 _REMAINDER_TAIL_RE = re.compile(
-    r"(?:[ \t]+[^\W\d_]+){0,3}[ \t]*,?[ \t]*(?:with[ \t]+)?(?:a[ \t]+)?(?:remainder\b|rem\b|[rR][ \t]*\d)"
+    r"(?:[ \t]++[^\W\d_]+){0,3}[ \t]*+,?[ \t]*+(?:with[ \t]++)?(?:a[ \t]++)?(?:remainder\b|rem\b|[rR][ \t]*+\d)"
 )
 
 
