@@ -83,8 +83,10 @@ def guarded(scorer: Scorer, failed: float | None = None) -> Callable[..., Scores
             return Scores([failed], {0: problem})
 
         def one(completion: str) -> float | None:
-            (value,) = scorer(question, [completion], gold)
-            return value
+            got = scorer(question, [completion], gold)
+            if len(got) != 1:
+                raise ValueError(f"returned {len(got)} scores for 1 completion")
+            return got[0]
 
         return score_each(one, completions, failed)
 
