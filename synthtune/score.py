@@ -4,6 +4,11 @@ Input rows hold ``question``, ``answer`` (GSM8K gold text such as ``"... #### 72
 and ``completions`` (a list of strings; a single ``completion`` string is accepted too).  Output rows
 are the input plus ``extracted``, ``correct``, ``majority`` and ``majority_correct``, so a scored
 file can be inspected line by line next to its source.
+
+Scoring one completion never stops a run: answer extraction is linear-time and bounded (see
+:mod:`synthtune.data.answers`), and should it still raise, that completion counts as unparsed and
+wrong, its row gains ``score_errors`` (the reason per completion, None for the others) and the summary
+``n_failed`` and ``failed_preview`` (both only present when something failed).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any
 
 from synthtune.data.answers import extract_answer, extract_flexible, extract_gold, extract_strict
 from synthtune.data.jsonl import DataError, read_jsonl, write_jsonl
+from synthtune.synth.scorers import failure_reason
 from synthtune.synth.vote import majority_vote
 
 __all__ = ["score_file", "score_rows"]
@@ -71,6 +77,14 @@ def _gold(row: dict[str, Any], source: str, line: int) -> str:
     return gold
 
 
+def _extract(completion: str) -> tuple[str | None, str | None, str | None, str | None]:
+    """(answer, strict, flexible, None), or (None, None, None, why) if extraction raised."""
+    try:
+        return extract_answer(completion), extract_strict(completion), extract_flexible(completion), None
+    except Exception as exc:  # noqa: BLE001 - a bug must cost this completion, not a 100k-completion run
+        return None, None, None, failure_reason(exc)
+
+
 def _ratio(num: int, den: int) -> float | None:
     # None rather than 0.0 for an empty input: "no data" must not read as "0% accuracy".
     return num / den if den else None
@@ -119,6 +133,7 @@ def _score(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     out_rows: list[dict[str, Any]] = []
     n_completions = n_parsed = n_correct = n_strict = n_flexible = n_maj = n_pass = n_format = 0
+    failed: list[dict[str, Any]] = []
     sizes: set[int] = set()
     for index, row in enumerate(rows):
         line = lines[index] if lines is not None else index + 1
@@ -135,24 +150,30 @@ def _score(
                 raise
             skipped.append((line, exc.reason))
             continue
-        extracted = [extract_answer(c) for c in completions]
+        results = [_extract(c) for c in completions]
+        extracted = [r[0] for r in results]
         correct = [answer == gold for answer in extracted]
         vote = majority_vote(extracted)
-        out_rows.append({
+        out_row = {
             **row,
             "extracted": extracted,
             "correct": correct,
             "majority": vote.answer,
             "majority_correct": vote.answer == gold,
-        })
+        }
+        errors = [r[3] for r in results]
+        if any(errors):
+            out_row["score_errors"] = errors
+            failed += [{"line": line, "completion": i, "reason": e} for i, e in enumerate(errors) if e]
+        out_rows.append(out_row)
         sizes.add(len(completions))
         n_completions += len(completions)
         n_parsed += sum(answer is not None for answer in extracted)
         n_correct += sum(correct)
-        strict = [extract_strict(c) for c in completions]
+        strict = [r[1] for r in results]
         n_format += sum(answer is not None for answer in strict)
         n_strict += sum(answer == gold for answer in strict)
-        n_flexible += sum(extract_flexible(c) == gold for c in completions)
+        n_flexible += sum(r[2] == gold for r in results)
         n_maj += vote.answer == gold
         n_pass += any(correct)
     n_questions = len(out_rows)
@@ -168,6 +189,9 @@ def _score(
         "flexible_accuracy": _ratio(n_flexible, n_completions),
         "format_rate": _ratio(n_format, n_completions),
     }
+    if failed:
+        summary["n_failed"] = len(failed)
+        summary["failed_preview"] = failed[:SKIPPED_PREVIEW]
     return out_rows, summary
 
 

@@ -7,24 +7,43 @@ the synthesis loop filters on :func:`check_calculations`.
 
 Expressions are evaluated by a small recursive-descent parser over exact fractions: model text is
 untrusted, and ``eval`` (even on an AST whitelist) makes it easy to forget a node type or to let
-``9**9**9`` stall the process.  Exponents are capped for the same reason.
+``9**9**9`` stall the process.
+
+Every value is bounded, not only exponents: a literal, and every intermediate result, numerator and
+denominator alike, has at most :data:`MAX_DIGITS` digits, and a power is refused before it is computed
+when its result would not.  ``(((10**64)**64)**64)**64`` is therefore an error found in microseconds.
+:func:`evaluate` raises :class:`CalcError` and nothing else (overflow, int/str size limits, deep
+nesting and memory included); its subclass :class:`CalcLimit` means "too long or too deep to read",
+and :func:`check_calculations` reports such calculations as unchecked rather than wrong.  It never
+raises: it reads the first :data:`MAX_CHECK_CHARS` characters of a text and lists the rest as unchecked,
+and no pattern in this module backtracks more than a bounded amount, so its time is linear in the text.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from decimal import Decimal
+from decimal import Decimal, localcontext
 from fractions import Fraction
 from itertools import pairwise
 
-__all__ = ["CalcError", "CalcReport", "check_calculations", "evaluate"]
+__all__ = ["CalcError", "CalcLimit", "CalcReport", "check_calculations", "evaluate"]
 
-# 10**64 is far beyond any grade-school quantity, and bounding exponents (and nesting) bounds the
-# size of every intermediate Fraction, so hostile input cannot make a check slow.
+# 10**64 is far beyond any grade-school quantity.  Bounding exponents alone does not bound values
+# (a power of a power multiplies them), so every result is bounded too: 1,000 digits keep arithmetic in
+# microseconds and every value far below Python's 4,300-digit int->str limit.
 MAX_EXPONENT = 64
+MAX_DIGITS = 1000
+_MAX_BITS = 3322  # 10**1000 < 2**3322
 MAX_DEPTH = 50
 MAX_TOKENS = 200
+# Lengths past which text is left unchecked.  GSM8K annotations are under 100 characters and its
+# solutions under 1,500; a rationale of 16,384 characters is ~4,000 tokens.
+MAX_EXPRESSION_CHARS = 2000
+MAX_CHECK_CHARS = 16384
+# A thousands-grouped literal has at most this many groups (33 * 3 + 3 > MAX_DIGITS): unbounded, every
+# number in a run such as "123,123,123,..." rescans the rest of the run.
+_MAX_GROUPS = 33
 
 ANNOTATION_RE = re.compile(r"<<([^<>]*)>>")
 
@@ -35,7 +54,8 @@ _TOKEN_RE = re.compile(
       (?P<ws>[ \t]+)
     | (?P<mixed>(?P<whole>\d+)[ \t]+(?:and[ \t]+)?(?P<mnum>[1-9]\d*)/(?P<mden>\d+)(?![\d/.]))
     | (?P<frac>(?P<fnum>[1-9]\d*|0)/(?P<fden>\d+)(?![\d/.]))
-    | (?P<num>(?:[$€£¥₹][ \t]*)?(?:\d{1,3}(?:,\d{3})+(?![\d,])|\d+)(?:\.\d+)?(?!\d)|(?:[$€£¥₹][ \t]*)?\.\d+)
+    | (?P<num>(?:[$€£¥₹][ \t]*)?(?:\d{1,3}(?:,\d{3}){1,""" + str(_MAX_GROUPS) + r"""}+(?![\d,])|\d+)(?:\.\d+)?(?!\d)
+        |(?:[$€£¥₹][ \t]*)?\.\d+)
       (?P<pct>[ \t]?%)?
     | (?P<op>\*\*|//|[-+*/^×÷\u2212\u2013])
     | (?P<lp>\() | (?P<rp>\)) | (?P<eq>=)
@@ -49,7 +69,14 @@ _OP_ALIASES = {"×": "*", "÷": "/", "\u2212": "-", "\u2013": "-", "^": "**"}
 
 
 class CalcError(ValueError):
-    """An expression that cannot be evaluated (bad syntax, division by zero, huge exponent)."""
+    """An expression that cannot be evaluated (bad syntax, division by zero, a value too large).
+
+    The only exception :func:`evaluate` raises: arithmetic failures of any kind are turned into it.
+    """
+
+
+class CalcLimit(CalcError):
+    """An expression too long or nested too deeply to read; a check reports it as unchecked."""
 
 
 @dataclass
@@ -57,20 +84,26 @@ class CalcReport:
     """Outcome of :func:`check_calculations`.
 
     ``fraction`` is ``n_correct / n_checked``, or None when the text had nothing to check (callers
-    must not read "no arithmetic" as "all arithmetic right" or "all wrong").
+    must not read "no arithmetic" as "all arithmetic right" or "all wrong").  ``unchecked`` says what
+    was left out for being too long to read (:class:`CalcLimit`); it counts neither way.
     """
 
     n_checked: int = 0
     n_correct: int = 0
     errors: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)
 
     @property
     def fraction(self) -> float | None:
         return self.n_correct / self.n_checked if self.n_checked else None
 
     def as_dict(self) -> dict[str, object]:
-        return {"n_checked": self.n_checked, "n_correct": self.n_correct, "fraction": self.fraction,
-                "errors": list(self.errors)}
+        """The counts and messages; ``unchecked`` appears only when something was left unchecked."""
+        out: dict[str, object] = {"n_checked": self.n_checked, "n_correct": self.n_correct,
+                                  "fraction": self.fraction, "errors": list(self.errors)}
+        if self.unchecked:
+            out["unchecked"] = list(self.unchecked)
+        return out
 
 
 @dataclass(frozen=True)
@@ -88,7 +121,14 @@ class _Tok:
 def _number_token(text: str, start: int, end: int, percent: bool) -> _Tok:
     digits = text.lstrip("$€£¥₹ \t").replace(",", "")
     decimals = len(digits.split(".", 1)[1]) if "." in digits else 0
+    if len(digits) > MAX_DIGITS + 1:  # a number, but too long to read: the parser raises CalcLimit on it
+        return _Tok("num", text, start, end, None, decimals, percent)
     return _Tok("num", text, start, end, Fraction(Decimal(digits)), decimals, percent)
+
+
+def _int(digits: str) -> int | None:
+    """``int(digits)``, or None past :data:`MAX_DIGITS` (where ``int`` raises for over 4,300)."""
+    return int(digits) if len(digits) <= MAX_DIGITS else None
 
 
 def _tokenize(text: str, prose: bool) -> list[_Tok]:
@@ -104,11 +144,12 @@ def _tokenize(text: str, prose: bool) -> list[_Tok]:
     while pos < len(text):
         m = _TOKEN_RE.match(text, pos)
         assert m is not None  # the "other" branch matches any character
-        if m["mixed"] is not None and not (prose and int(m["mnum"]) < int(m["mden"])):
+        # (endpos, not a slice: copying the text up to here for every such token was quadratic)
+        if m["mixed"] is not None and not (prose and _proper(m["mnum"], m["mden"])):
             # Annotations are Python, and "3 10/2" is no mixed number: read the first number alone.
-            m = _TOKEN_RE.match(text[: m.end("whole")], pos)
+            m = _TOKEN_RE.match(text, pos, m.end("whole"))
         elif m["frac"] is not None and not prose:
-            m = _TOKEN_RE.match(text[: m.end("fnum")], pos)
+            m = _TOKEN_RE.match(text, pos, m.end("fnum"))
         assert m is not None
         pos = m.end()
         kind = next(name for name in _KINDS if m[name] is not None)
@@ -117,10 +158,13 @@ def _tokenize(text: str, prose: bool) -> list[_Tok]:
         start, end = m.start(), m.end()
         glued_before = _glued_before(tokens, text, start)
         if kind in ("mixed", "frac"):
-            if kind == "mixed":
-                value: Fraction | None = int(m["whole"]) + Fraction(int(m["mnum"]), int(m["mden"]))
-            else:
-                value = Fraction(int(m["fnum"]), int(m["fden"])) if int(m["fden"]) else None
+            parts = [_int(m[g]) for g in (("whole", "mnum", "mden") if kind == "mixed" else ("fnum", "fden"))]
+            if None in parts:
+                tokens.append(_Tok("num", m.group(), start, end, None))  # too long to read
+                continue
+            value: Fraction | None = None
+            if parts[-1]:
+                value = Fraction(parts[-2], parts[-1]) + (parts[0] if kind == "mixed" else 0)
             if value is None or glued_before or _letter_at(text, end):
                 tokens.append(_Tok("break", m.group(), start, end))
             else:
@@ -167,6 +211,12 @@ def _tokenize(text: str, prose: bool) -> list[_Tok]:
         else:
             tokens.append(_Tok("break", m.group(), start, end))
     return tokens
+
+
+def _proper(numerator: str, denominator: str) -> bool:
+    """Whether numerator < denominator; digit strings too long to convert compare by length."""
+    num, den = _int(numerator), _int(denominator)
+    return num < den if num is not None and den is not None else len(numerator) < len(denominator)
 
 
 # Up to three words, then an operator (a lone "x" counts when a number follows it).  Not before "=":
@@ -217,8 +267,15 @@ class _Parser:
         if not self.tokens:
             raise CalcError("empty expression")
         if len(self.tokens) > MAX_TOKENS:
-            raise CalcError("expression too long")
-        value = self._sum()
+            raise CalcLimit(f"expression too long (over {MAX_TOKENS} tokens)")
+        try:
+            value = self._sum()
+        except CalcError:
+            raise
+        except (ArithmeticError, ValueError, RecursionError, MemoryError) as exc:
+            # Bounds make these unreachable as far as we know; if one is missed, the caller still gets
+            # the one documented error type.
+            raise CalcError(f"cannot evaluate ({type(exc).__name__}: {exc})") from exc
         if self.pos != len(self.tokens):
             raise CalcError(f"unexpected {self.tokens[self.pos].text!r}")
         return value
@@ -235,7 +292,7 @@ class _Parser:
         while op := self._peek_op("+", "-"):
             self.pos += 1
             rhs = self._product()
-            value = value + rhs if op == "+" else value - rhs
+            value = _bounded(value + rhs if op == "+" else value - rhs)
         return value
 
     def _product(self) -> Fraction:
@@ -244,16 +301,16 @@ class _Parser:
             self.pos += 1
             rhs = self._unary()
             if op == "*":
-                value *= rhs
+                value = _bounded(value * rhs)
                 continue
             if rhs == 0:
                 raise CalcError("division by zero")
             if op == "/":
-                value /= rhs
+                value = _bounded(value / rhs)
             elif op == "//":
-                value = Fraction(value // rhs)
+                value = _bounded(Fraction(value // rhs))
             else:
-                value = value % rhs
+                value = _bounded(value % rhs)
         return value
 
     def _unary(self) -> Fraction:
@@ -282,7 +339,10 @@ class _Parser:
                 raise CalcError(f"exponent larger than {MAX_EXPONENT}")
             if base == 0 and exponent < 0:
                 raise CalcError("division by zero")
-            return base ** int(exponent)
+            # Refused before computing: the result has about size(base) * exponent bits.
+            if max(base.numerator.bit_length(), base.denominator.bit_length()) * abs(exponent) > _MAX_BITS + 64:
+                raise CalcError(f"result has more than {MAX_DIGITS} digits")
+            return _bounded(base ** int(exponent))
         return base
 
     def _atom(self) -> Fraction:
@@ -291,7 +351,8 @@ class _Parser:
         tok = self.tokens[self.pos]
         if tok.kind == "num":
             self.pos += 1
-            assert tok.value is not None
+            if tok.value is None:
+                raise CalcLimit(f"number longer than {MAX_DIGITS} digits")
             return tok.value / 100 if tok.percent and self.percent_as_fraction else tok.value
         if tok.kind == "(":
             self.pos += 1
@@ -309,7 +370,14 @@ class _Parser:
     def _enter(self) -> None:
         self.depth += 1
         if self.depth > MAX_DEPTH:
-            raise CalcError("expression nested too deeply")
+            raise CalcLimit(f"expression nested too deeply (over {MAX_DEPTH} levels)")
+
+
+def _bounded(value: Fraction) -> Fraction:
+    """``value``, or :class:`CalcError` when its numerator or denominator passes :data:`MAX_DIGITS`."""
+    if value.numerator.bit_length() > _MAX_BITS or value.denominator.bit_length() > _MAX_BITS:
+        raise CalcError(f"result has more than {MAX_DIGITS} digits")
+    return value
 
 
 def _values(tokens: list[_Tok]) -> set[Fraction]:
@@ -323,8 +391,19 @@ def evaluate(expression: str, prose: bool = False) -> Fraction:
 
     >>> evaluate("48/2"), evaluate("(1/2)*14 + 2**3"), evaluate("12 x 4", prose=True)
     (Fraction(24, 1), Fraction(15, 1), Fraction(48, 1))
+    >>> evaluate("(10**64)**64")
+    Traceback (most recent call last):
+    ...
+    synthtune.data.calculator.CalcError: result has more than 1000 digits
     """
-    tokens = _tokenize(expression, prose)
+    if len(expression) > MAX_EXPRESSION_CHARS:
+        raise CalcLimit(f"expression longer than {MAX_EXPRESSION_CHARS} characters")
+    try:
+        tokens = _tokenize(expression, prose)
+    except CalcError:
+        raise
+    except (ArithmeticError, ValueError, RecursionError, MemoryError) as exc:
+        raise CalcError(f"cannot read ({type(exc).__name__}: {exc})") from exc
     if any(t.kind in ("break", "=") for t in tokens):
         bad = next(t for t in tokens if t.kind in ("break", "="))
         raise CalcError(f"unexpected {bad.text!r}")
@@ -361,17 +440,28 @@ def _agrees(exact: Fraction, written: Fraction, decimals: int) -> bool:
 def _fmt(value: Fraction) -> str:
     if value.denominator == 1:
         return str(value.numerator)
-    as_float = float(value)
-    return f"{as_float:.6g}"
+    try:
+        return f"{float(value):.6g}"
+    except OverflowError:  # past 1.8e308 (values go up to 10**1000)
+        with localcontext() as ctx:
+            ctx.prec = 6
+            return f"{Decimal(value.numerator) / Decimal(value.denominator):.6g}"
 
 
 def _check_annotation(body: str) -> str | None:
-    """None if ``body`` (the text between ``<<`` and ``>>``) is right, else what is wrong."""
+    """None if ``body`` (the text between ``<<`` and ``>>``) is right, else what is wrong.
+
+    Raises :class:`CalcLimit` when the annotation is too long or deep to check.
+    """
+    if len(body) > MAX_EXPRESSION_CHARS:
+        raise CalcLimit(f"longer than {MAX_EXPRESSION_CHARS} characters")
     if "=" not in body:
         return f"<<{body}>>: no '=' in annotation"
     lhs, rhs = body.rsplit("=", 1)
     try:
         exact = evaluate(lhs)
+    except CalcLimit:
+        raise
     except CalcError as exc:
         return f"<<{body}>>: cannot evaluate {lhs.strip()!r} ({exc})"
     rhs_tokens = _tokenize(rhs, prose=False)
@@ -382,6 +472,8 @@ def _check_annotation(body: str) -> str | None:
         # GSM8K has a few like <<3/4=3/4>>: a result written as an expression must be exact.
         try:
             written = evaluate(rhs)
+        except CalcLimit:
+            raise
         except CalcError:
             return f"<<{body}>>: result {rhs.strip()!r} is not a number"
         return None if written == exact else f"<<{body}>>: {lhs.strip()} is {_fmt(exact)}, not {rhs.strip()}"
@@ -391,16 +483,45 @@ def _check_annotation(body: str) -> str | None:
 
 
 def _longest_parseable(tokens: list[_Tok], from_end: bool) -> list[_Tok] | None:
-    """The longest run of ``tokens`` ending at its end (or starting at its start) that parses."""
+    """The longest run of ``tokens`` ending at its end (or starting at its start) that parses.
+
+    Runs that cannot parse for their brackets or their ends are skipped without parsing: parsing
+    "((((1+1+...+1" at every length reads to the end each time, quadratic in the run.
+    """
     n = len(tokens)
+    depth = [0]  # depth[i]: open brackets after the first i tokens
+    for tok in tokens:
+        depth.append(depth[-1] + (tok.kind == "(") - (tok.kind == ")"))
+    # lowest[i]: the lowest depth from token i on (from the end) or up to token i (from the start)
+    lowest = depth[:]
+    if from_end:
+        if not tokens or tokens[-1].kind not in ("num", ")"):
+            return None  # every candidate ends there
+        for i in range(n - 1, -1, -1):
+            lowest[i] = min(depth[i], lowest[i + 1])
+    else:
+        for i in range(1, n + 1):
+            lowest[i] = min(depth[i], lowest[i - 1])
     for size in range(min(n, MAX_TOKENS), 0, -1):
-        part = tokens[n - size:] if from_end else tokens[:size]
+        # A run parses only if balanced: never below its starting depth, and back to it at its end.
+        if from_end:
+            start = n - size
+            if lowest[start] != depth[start] or depth[n] != depth[start] or tokens[start].kind in _NO_START:
+                continue
+            part = tokens[start:]
+        else:
+            if depth[size] != 0 or lowest[size] < 0 or tokens[size - 1].kind not in ("num", ")"):
+                continue
+            part = tokens[:size]
         try:
             _values(part)
         except CalcError:
             continue
         return part
     return None
+
+
+_NO_START = (")", "=", "break")
 
 
 def _has_operator(tokens: list[_Tok]) -> bool:
@@ -445,8 +566,9 @@ def _left_side(text: str, part: list[_Tok]) -> list[_Tok] | None:
 
 _MIXED_TAIL_RE = re.compile(r"[ \t]+and[ \t]+[($€£¥₹]?\d+/\d+")
 _CENTS_TAIL_RE = re.compile(r"[ \t]*(?:cents?\b|¢)")
+# Runs of spaces are taken whole: "[ \t]*,?[ \t]*" splits a run of n spaces n ways, quadratic per "=".
 _REMAINDER_TAIL_RE = re.compile(
-    r"(?:[ \t]+[^\W\d_]+){0,3}[ \t]*,?[ \t]*(?:with[ \t]+)?(?:a[ \t]+)?(?:remainder\b|rem\b|[rR][ \t]*\d)"
+    r"(?:[ \t]++[^\W\d_]+){0,3}[ \t]*+,?[ \t]*+(?:with[ \t]++)?(?:a[ \t]++)?(?:remainder\b|rem\b|[rR][ \t]*+\d)"
 )
 
 
@@ -531,6 +653,21 @@ def _check_equation(text: str, left: list[_Tok], right: list[_Tok], right_part: 
     return f"{equation}: left side is {shown}"
 
 
+def _check_cut(text: str) -> int:
+    """Where to stop reading a text longer than :data:`MAX_CHECK_CHARS`: a line end, else a space.
+
+    Cutting inside a line could leave "3 * 4 = 1" of "3 * 4 = 12" and report a false error.
+    """
+    line_end = text.rfind("\n", 0, MAX_CHECK_CHARS)
+    if line_end > 0:
+        return line_end
+    return max(0, max(text.rfind(c, 0, MAX_CHECK_CHARS) for c in " \t"))
+
+
+def _clip(body: str, limit: int = 80) -> str:
+    return body if len(body) <= limit else f"{body[:limit]}... ({len(body):,} characters)"
+
+
 def check_calculations(text: str) -> CalcReport:
     """Check every ``<<expr=result>>`` annotation and every plain equation in ``text``.
 
@@ -542,13 +679,25 @@ def check_calculations(text: str) -> CalcReport:
     (2, 1, ['12 x 4 = 46: left side is 48'])
     >>> check_calculations("No arithmetic here.").fraction is None
     True
+    >>> r = check_calculations("<<" + "(" * 60 + "1" + ")" * 60 + "=1>>")  # too deep to read
+    >>> r.n_checked, r.unchecked[0][-45:]
+    (0, 'expression nested too deeply (over 50 levels)')
     """
     report = CalcReport()
+    if len(text) > MAX_CHECK_CHARS:
+        cut = _check_cut(text)
+        report.unchecked.append(f"characters {cut:,} to {len(text):,}: only the first {MAX_CHECK_CHARS:,} "
+                                "characters of a text are checked")
+        text = text[:cut]
     annotated: list[tuple[int, int]] = []
     for match in ANNOTATION_RE.finditer(text):
         annotated.append(match.span())
+        try:
+            problem = _check_annotation(match.group(1))
+        except CalcLimit as exc:
+            report.unchecked.append(f"<<{_clip(match.group(1))}>>: {exc}")
+            continue
         report.n_checked += 1
-        problem = _check_annotation(match.group(1))
         if problem is None:
             report.n_correct += 1
         else:

@@ -41,7 +41,7 @@ from synthtune.diversity import select_diverse, workshop_rule
 from synthtune.files import atomic_write_bytes, atomic_write_text, lock_dir
 from synthtune.generation import SamplingParams
 from synthtune.synth.prompts import PLAIN_STOP, build_prompt, default_format
-from synthtune.synth.scorers import calculator_score, gold_correctness, vote_share
+from synthtune.synth.scorers import calculator_score, gold_correctness, guarded, vote_share
 from synthtune.synth.vote import majority_vote
 
 KEPT, STATUS, SUMMARY, HIST = "kept.jsonl", "status.jsonl", "summary.json", "agreement_hist.png"
@@ -343,13 +343,19 @@ def evaluate_question(item: Item, samples, cfg: SynthConfig, kept_before: Sequen
             continue
         counts["calc_ok"] += 1
         passing.append(i)
+    # A scorer that failed on a sample fails that sample (and says why in the status), never the run.
+    failures = [{"scorer": name, "sample": i, "reason": why}
+                for name, got in scores.items() for i, why in sorted(getattr(got, "failures", {}).items())]
     reward = [None] * len(texts)
     if reward_fn is not None and passing:
-        got = reward_fn(item.question, [texts[i] for i in passing], item.gold)
+        got = guarded(reward_fn)(item.question, [texts[i] for i in passing], item.gold)
         for i, r in zip(passing, got, strict=True):
             reward[i] = r
+        failures += [{"scorer": "reward", "sample": passing[j], "reason": why} for j, why in got.failures.items()]
         if cfg.min_reward is not None:
             passing = [i for i in passing if reward[i] is not None and reward[i] >= cfg.min_reward]
+    failed = {f["sample"] for f in failures}
+    passing = [i for i in passing if i not in failed]
     scores["reward"] = reward
     counts["reward_ok"] = len(passing)
     kept = _select(passing, texts, reward, kept_before, cfg)
@@ -362,6 +368,8 @@ def evaluate_question(item: Item, samples, cfg: SynthConfig, kept_before: Sequen
         reason = "no_passing_path" if len(kept_before) < cfg.max_keep else "no_new_distinct_path"
     status = {"majority": vote.answer, "vote_share": round(vote.share, 4), "consensus": consensus,
               "gold": gold, "reason": reason, "stages": {k: counts.get(k, 0) for k in STAGES}}
+    if failures:
+        status["scorer_failures"] = failures
     return kept, status, scores
 
 
