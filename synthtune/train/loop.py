@@ -30,9 +30,10 @@ from synthtune.train.setup import (
     apply_lora,
     deepspeed_cpu_process_group,
     default_output_dir,
+    raise_if_any_rank_failed,
     resolve_precision,
     trainable_parameters,
-    validate,
+    validation_problem,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,7 +158,8 @@ def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict) -> dict | None:
     except (ValueError, KeyError, NotImplementedError) as err:  # an architecture it does not model
         logger.warning("memory estimate unavailable: %s", err)
         return None
-    return {"per_gpu_gib": round(est.per_gpu_gib, 3), "seq_len": seq, "precision": precision}
+    return {"per_gpu_gib": round(est.per_gpu_gib, 3), "seq_len": seq, "precision": precision,
+            "model_states_bytes": est.model_states_bytes}
 
 
 def load_for_training(cfg: TrainConfig, weights_dtype: str):
@@ -225,7 +227,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    validate(cfg)
+    problem = validation_problem(cfg)  # launched ranks raise it together, after the group is up
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
     cfg = replace(cfg, output_dir=str(out_dir))
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
@@ -259,6 +261,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                                                                 adjust_scheduler=False),
         log_with=None if cfg.log_with == "none" else cfg.log_with,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")))
+    raise_if_any_rank_failed(acc, problem)
     main = acc.is_main_process
     say = (lambda m: tqdm.write(f"[train] {m}")) if main else (lambda m: None)
     if main:
@@ -295,6 +298,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.compile:
         model = torch.compile(model)
     model, opt, train_dl = acc.prepare(model, opt, train_dl)
+    from synthtune.memory.partitions import ModelStateProbe
+
+    states_probe = ModelStateProbe(opt)  # what each rank holds, beside the estimate in summary.json
     if cfg.method in ("lora", "qlora"):
         ckpt.adapter_only_checkpoints(acc, model)
     save_kw, load_kw = ckpt.deepspeed_state_kwargs(acc, adapter_only=cfg.method in ("lora", "qlora"))
@@ -427,6 +433,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             break
     bar.close()
     train_s = time.perf_counter() - t_train
+    model_states = states_probe.result(acc, model)  # at rest: before evaluation gathers anything
     if cfg.save_steps and state.global_step % cfg.save_steps:  # the last step's, unless the loop saved it
         # before the final evaluation's record: a run resumed from here to train longer adds its own
         ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
@@ -438,6 +445,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if torch.cuda.is_available() and not use_cpu:
         mem["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     mem["estimate"] = predicted_memory(cfg, prec, acc, data.stats)
+    mem["model_states_bytes"] = model_states
     train_losses = [h["loss"] for h in history if "loss" in h]
     summary = {
         "model": cfg.model, "model_path": model_path, "method": cfg.method, "kind": "seq2seq" if seq2seq else "causal",
