@@ -298,6 +298,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.compile:
         model = torch.compile(model)
     model, opt, train_dl = acc.prepare(model, opt, train_dl)
+    # FSDP2 replaces every parameter with a sharded one at prepare: clipping the old objects
+    # (no gradients) clipped nothing, silently
+    params = [p for p in model.parameters() if p.requires_grad]
     from synthtune.memory.partitions import ModelStateProbe
 
     states_probe = ModelStateProbe(opt)  # what each rank holds, beside the estimate in summary.json
