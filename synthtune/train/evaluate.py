@@ -1,4 +1,4 @@
-"""In-training evaluation: eval loss (token mean over all ranks) and GSM8K accuracy by generation.
+"""In-training evaluation: eval loss (token mean, each eval example once) and GSM8K accuracy by generation.
 
 Loss alone says little about whether a model got better at math; the 2023 run never measured
 accuracy at all. Accuracy here uses the training prompt format, greedy decoding, and the same
@@ -22,11 +22,16 @@ def eval_loss(acc, model, loader, seq2seq: bool) -> float | None:
     with torch.no_grad():
         for batch in loader:
             out = model(**model_inputs(batch, seq2seq))
-            total += token_loss_sum(out.logits, batch["labels"], seq2seq).double()
-            labels = batch["labels"] if seq2seq else batch["labels"][:, 1:]
-            count += (labels != -100).sum()
-    total = acc.reduce(total, reduction="sum")
-    count = acc.reduce(count, reduction="sum")
+            labels = batch["labels"]
+            rows = torch.stack([token_loss_sum(out.logits[i:i + 1], labels[i:i + 1], seq2seq)
+                                for i in range(labels.shape[0])]).double()
+            n = ((labels if seq2seq else labels[:, 1:]) != -100).sum(dim=1).double()
+            # Per example, gathered: on several ranks the last batch of a shorter shard is padded
+            # with repeats of the first examples (every rank must run the same forwards under
+            # ZeRO-3); gather_for_metrics drops them, so each eval example counts once.
+            rows, n = acc.gather_for_metrics((rows, n))
+            total += rows.sum()
+            count += n.sum()
     return float(total / count.clamp(min=1))
 
 

@@ -34,6 +34,7 @@ from synthtune.train.setup import (
     resolve_precision,
     trainable_parameters,
     validation_problem,
+    zero3_partitions,
 )
 
 logger = logging.getLogger(__name__)
@@ -304,15 +305,25 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     from synthtune.memory.partitions import ModelStateProbe
 
     states_probe = ModelStateProbe(opt)  # what each rank holds, beside the estimate in summary.json
+    partitions = zero3_partitions(acc, model)
+    if partitions:
+        shares = [f"{r['local_numel'] / max(r['full_numel'], 1):.1%}" for r in partitions]
+        say(f"ZeRO-3 partitions: each rank holds {', '.join(shares)} of the {partitions[0]['full_numel']:,} "
+            f"parameter elements")
     if cfg.method in ("lora", "qlora"):
         ckpt.adapter_only_checkpoints(acc, model)
     save_kw, load_kw = ckpt.deepspeed_state_kwargs(acc, adapter_only=cfg.method in ("lora", "qlora"))
     if eval_dl is not None:
         eval_dl = acc.prepare(eval_dl)
-    windows_per_epoch = len(train_dl) // G
+    # Counted on the unsharded batches: a step takes G batches on each of the world ranks. The
+    # sharded loader pads the shorter ranks' shards with repeats of the epoch's first batches (so
+    # every rank runs the same number of forwards); counting its length instead would train on
+    # those repeats, which one process on the same global batch never sees.
+    windows_per_epoch = len(data.train_loader) // (G * acc.num_processes)
     if windows_per_epoch == 0:
-        raise ConfigError(f"gradient_accumulation_steps: {len(train_dl)} batches per process cannot fill one "
-                          f"accumulation window of {G}; lower gradient_accumulation_steps or per_device_batch_size")
+        raise ConfigError(f"gradient_accumulation_steps: {len(data.train_loader)} batches of "
+                          f"{cfg.per_device_batch_size} cannot fill one accumulation window of {G} on each of "
+                          f"{acc.num_processes} process(es); lower gradient_accumulation_steps or per_device_batch_size")
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_epochs * windows_per_epoch)
     sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps,
                           num_training_steps=total_steps)
@@ -429,14 +440,16 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                     acc.end_training()
                     return {"stopped_at_step": state.global_step, "output_dir": str(out_dir),
                             "stopped_by": stops.name if stop_requested else "stop_at_step"}
-            else:  # the epoch ran out: next epoch from its first batch
+                if state.batch_in_epoch >= G * windows_per_epoch:
+                    break  # what is left of the epoch is padding or cannot fill a window on every rank
+            if state.global_step < total_steps:  # the epoch ran out: next epoch from its first batch
                 state.epoch += 1
                 state.batch_in_epoch = 0
-                continue
-            break
     bar.close()
     train_s = time.perf_counter() - t_train
     model_states = states_probe.result(acc, model)  # at rest: before evaluation gathers anything
+    # every rank's own count: ranks get batches of other lengths, so rank 0's count x world is off
+    tokens_run = int(acc.reduce(torch.tensor(tokens_seen_run, device=acc.device), reduction="sum").item())
     if cfg.save_steps and state.global_step % cfg.save_steps:  # the last step's, unless the loop saved it
         # before the final evaluation's record: a run resumed from here to train longer adds its own
         ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
@@ -456,9 +469,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         # what actually ran: accelerate can quietly fall back from the launcher config (e.g. to DDP)
         "distributed_type": acc.distributed_type.value,
         "zero_stage": getattr(plugin, "zero_stage", None) if plugin is not None else None,
+        "zero3_partitions": partitions,
         "trainable_params": n_train, "total_params": n_total,
-        "train_tokens_run": tokens_seen_run * world, "train_seconds": round(train_s, 2),
-        "tokens_per_s": round(tokens_seen_run * world / max(train_s, 1e-9), 2),
+        "train_tokens_run": tokens_run, "train_seconds": round(train_s, 2),
+        "tokens_per_s": round(tokens_run / max(train_s, 1e-9), 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
         "first_train_loss": train_losses[0] if train_losses else None,
         "final_train_loss": train_losses[-1] if train_losses else None,

@@ -187,3 +187,28 @@ def trainable_parameters(model) -> tuple[int, int]:
     trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(numel(p) for p in model.parameters())
     return trainable, total
+
+
+def zero3_partitions(acc, model) -> list[dict] | None:
+    """What each rank holds of the ZeRO-3-partitioned parameters, one record per rank (None
+    unless ZeRO-3 partitioned the model). A collective: every rank must call it.
+
+    ``p.ds_tensor`` is a rank's own slice of ``p`` (``p.ds_numel`` elements in all; DeepSpeed pads
+    the last slice, so each share is at least 1/world). A share near 1 means that parameter is
+    held whole on every rank: a model that escaped partitioning, for which ZeRO-3 saves nothing.
+    """
+    from accelerate.utils import gather_object
+
+    plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if plugin is None or getattr(plugin, "zero_stage", 0) != 3:  # the same answer on every rank
+        return None
+    params = [p for p in model.parameters() if getattr(p, "ds_tensor", None) is not None]
+    if not params:
+        raise RuntimeError("ZeRO-3 is on but no parameter was partitioned (no ds_tensor): the model was not "
+                           "prepared by DeepSpeed")
+    shares = [p.ds_tensor.numel() / p.ds_numel for p in params if p.ds_numel]
+    mine = {"rank": acc.process_index, "params": len(params),
+            "local_numel": sum(p.ds_tensor.numel() for p in params),
+            "full_numel": sum(p.ds_numel for p in params),
+            "min_share": min(shares), "max_share": max(shares)}
+    return sorted(gather_object([mine]), key=lambda r: r["rank"])
