@@ -16,7 +16,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "train" / "smoke.yaml"
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-ZERO3_2PROC_CPU = REPO / "configs" / "accelerate" / "zero3_2proc_cpu.yaml"
+ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+ZERO3_2PROC_CPU = ACCELERATE_CONFIGS / "zero3_2proc_cpu.yaml"
 # A hang (a collective one rank never joins) fails the test after this, never stalls CI.
 LAUNCH_TIMEOUT_S = 300
 

@@ -1,7 +1,7 @@
 """DeepSpeed on 2 CPU ranks (gloo) against 1 process without DeepSpeed on the same global batch.
 
 Each case launches ``accelerate launch --config_file configs/accelerate/zero3_2proc_cpu.yaml
-fine_tune/train.py`` (ZeRO-2 by the launcher's ``--zero_stage 2``), the command users run, and
+fine_tune/train.py`` (or zero2_2proc_cpu.yaml), the command users run, and
 trains the same recipe in this process with twice the accumulation: 2 ranks x G micro-batches
 and 1 process x 2G micro-batches see the same batches in each optimizer step (the loader
 deals batch i of the epoch to rank i % 2). A case runs once (module cache) and several tests
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multirank_helpers import SMOKE, launch, logged, summary, without_dropout
+from multirank_helpers import ACCELERATE_CONFIGS, SMOKE, launch, logged, summary, without_dropout
 from safetensors.torch import load_file
 
 from synthtune.config import TrainConfig, load_config
@@ -37,11 +37,9 @@ class Case:
 
 CASES = {c.name: c for c in [
     # final eval answers 2 questions by generation: under ZeRO-3 both ranks must join every forward
-    Case("zero3_lora_causal", 3, "lora", resume=True,
-         extra=("eval_accuracy_samples=2", "eval_max_new_tokens=4")),
+    Case("zero3_lora_causal", 3, "lora", resume=True, extra=("eval_accuracy_samples=2", "eval_max_new_tokens=4")),
     # the Flan-UL2 case on a tiny T5
-    Case("zero3_lora_seq2seq", 3, "lora", model="tiny-t5",
-         extra=("lora_targets=[q,v]", "learning_rate=1e-2")),
+    Case("zero3_lora_seq2seq", 3, "lora", model="tiny-t5", extra=("lora_targets=[q,v]", "learning_rate=1e-2")),
     Case("zero3_full_causal", 3, "full", extra=("learning_rate=1e-3",)),
     Case("zero2_lora_causal", 2, "lora"),
     # G=1 over 6 steps crosses an epoch end (9 batches: 4 steps of 2 per epoch), where the
@@ -67,16 +65,15 @@ def _run(case: Case, root: Path) -> Run:
               "logging_steps=1", "trace_memory=false", "log_with=none", "eval_accuracy_samples=0",
               # 6 eval rows in batches of 4: rank 1's batch of 2 is padded with 2 repeats
               "eval_limit=6", *case.extra]
-    launch_args = ("--zero_stage", str(case.zero_stage)) + (
-        ("--zero3_init_flag", "false") if case.zero_stage != 3 else ())
+    config_file = ACCELERATE_CONFIGS / f"zero{case.zero_stage}_2proc_cpu.yaml"
     ranks = [f"output_dir={two}", f"gradient_accumulation_steps={case.accum}", *common]
     output = ""
     if case.resume:
         for extra in (["stop_at_step=2"], ["resume_from=latest"]):
-            proc = launch(*ranks, "save_steps=2", *extra, launch_args=launch_args)
+            proc = launch(*ranks, "save_steps=2", *extra, config_file=config_file)
             output += proc.stdout + proc.stderr
     else:
-        proc = launch(*ranks, "save_steps=0", launch_args=launch_args)
+        proc = launch(*ranks, "save_steps=0", config_file=config_file)
         output = proc.stdout + proc.stderr
     ref = train(load_config(TrainConfig, SMOKE, [f"output_dir={one}", f"gradient_accumulation_steps={2 * case.accum}",
                                                  "save_steps=0", *common]), progress=False)
@@ -123,11 +120,12 @@ def test_two_ranks_match_one_process_step_by_step(runs, name):
     # a per-rank mean would already change step 2's loss.
     losses = logged(two, "loss")
     assert list(losses) == list(range(1, r.case.steps + 1))
-    assert losses == pytest.approx(logged(one, "loss"), rel=1e-5, abs=1e-6)
+    # (2 ranks sum in another order: ~1e-7 apart on this machine; 1e-6 leaves a 10x margin)
+    assert losses == pytest.approx(logged(one, "loss"), rel=1e-6)
     lrs = _expected_lrs(r.case.steps, *r.case.extra)
     assert logged(two, "lr") == pytest.approx(dict(enumerate(lrs, start=1)), rel=1e-9)
     # each of the 6 eval rows counted once, though rank 1 ran 2 of them twice
-    assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-5)
+    assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-6)
     if not r.case.resume:  # a resumed run counts the tokens of its own launch
         assert two["train_tokens_run"] == one["train_tokens_run"]
 
@@ -143,6 +141,9 @@ def test_zero3_partitions_every_parameter_in_halves(runs, name):
         assert p["full_numel"] == r.two["total_params"] and p["params"] > 0
         assert p["min_share"] >= 0.5 and p["max_share"] <= 0.5 + 1e-3, p
         assert p["local_numel"] == pytest.approx(p["full_numel"] / 2, rel=1e-3)
+        # nothing is also held whole on every rank (ds_zero3_cpu.json: persistence threshold 0),
+        # so the adapter must be gathered to be saved
+        assert p["persistent_numel"] < 0.01 * p["full_numel"], p
     assert r.one["zero3_partitions"] is None and r.two["trainable_params"] == r.one["trainable_params"]
 
 

@@ -256,8 +256,7 @@ def test_deepspeed_zero3_random_init_trains_like_plain_training_and_resumes(tmp_
 
 
 def test_deepspeed_zero3_saves_a_real_adapter(tmp_path):
-    # One process: on this CPU-only machine DeepSpeed runs on its CPU accelerator (2-process
-    # ZeRO on CPU needs oneCCL, which is not installed); the GPU check covers multi-GPU ZeRO-3.
+    # One process, on DeepSpeed's CPU accelerator; tests/test_multirank.py runs ZeRO on 2 ranks.
     out = tmp_path / "zero3"
     _launch("zero3_1proc.yaml", f"output_dir={out}", "max_steps=4", "eval_steps=0", "save_steps=0",
             "trace_memory=false", "log_with=none", "eval_accuracy_samples=2")

@@ -307,9 +307,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     states_probe = ModelStateProbe(opt)  # what each rank holds, beside the estimate in summary.json
     partitions = zero3_partitions(acc, model)
     if partitions:
-        shares = [f"{r['local_numel'] / max(r['full_numel'], 1):.1%}" for r in partitions]
-        say(f"ZeRO-3 partitions: each rank holds {', '.join(shares)} of the {partitions[0]['full_numel']:,} "
-            f"parameter elements")
+        full = max(partitions[0]["full_numel"], 1)
+        shares = ", ".join(f"{r['local_numel'] / full:.1%}" for r in partitions)
+        say(f"ZeRO-3 partitions: the ranks hold {shares} of the {full:,} parameter elements, and "
+            f"{partitions[0]['persistent_numel'] / full:.1%} whole "
+            f"(under stage3_param_persistence_threshold)")
     if cfg.method in ("lora", "qlora"):
         ckpt.adapter_only_checkpoints(acc, model)
     save_kw, load_kw = ckpt.deepspeed_state_kwargs(acc, adapter_only=cfg.method in ("lora", "qlora"))

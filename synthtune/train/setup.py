@@ -196,6 +196,10 @@ def zero3_partitions(acc, model) -> list[dict] | None:
     ``p.ds_tensor`` is a rank's own slice of ``p`` (``p.ds_numel`` elements in all; DeepSpeed pads
     the last slice, so each share is at least 1/world). A share near 1 means that parameter is
     held whole on every rank: a model that escaped partitioning, for which ZeRO-3 saves nothing.
+    ``persistent_numel`` counts the elements DeepSpeed keeps gathered on every rank besides their
+    slice: parameters of at most ``stage3_param_persistence_threshold`` elements (DeepSpeed's
+    default 1e5; 10 x hidden size where a DeepSpeed config file says "auto"), meant to be biases
+    and norms. A large count is memory ZeRO-3 does not save: all of a tiny model's parameters.
     """
     from accelerate.utils import gather_object
 
@@ -210,5 +214,6 @@ def zero3_partitions(acc, model) -> list[dict] | None:
     mine = {"rank": acc.process_index, "params": len(params),
             "local_numel": sum(p.ds_tensor.numel() for p in params),
             "full_numel": sum(p.ds_numel for p in params),
+            "persistent_numel": sum(p.ds_numel for p in params if getattr(p, "ds_persist", False)),
             "min_share": min(shares), "max_share": max(shares)}
     return sorted(gather_object([mine]), key=lambda r: r["rank"])
