@@ -212,16 +212,14 @@ def test_zero3_on_two_machines_loads_real_weights_and_evaluates_like_one_process
     # the estimator's per-rank model states are what DeepSpeed allocated on each rank
     measured = s["memory"]["model_states_bytes"]
     tensors = len(plain) + 2 * sum(1 for k in plain if k.endswith("_proj.weight"))
+    # (every tensor of this small model is under DeepSpeed's persistence threshold of 1e5
+    # elements: each rank holds it whole besides its partition, and the estimate says so)
     assert_states_match(measured, cli_model_states(bigram["dir"], 3), tensors)
-    assert all(m["gathered"] > 0 for m in measured)  # ZeRO-3's reuse cache, kept apart
 
 
 def test_zero2_partitions_match_the_estimate(bigram, tmp_path):
-    config = yaml.safe_load((ACC_DIR / "zero3_2proc_cpu.yaml").read_text())
-    config["deepspeed_config"].update(zero_stage=2, zero3_init_flag=False)
-    (tmp_path / "zero2.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "z2"
-    one_launch(tmp_path / "zero2.yaml", [*bigram["common"], f"output_dir={out}", "save_steps=0", "max_steps=1",
+    one_launch(ACC_DIR / "zero2_2proc_cpu.yaml", [*bigram["common"], f"output_dir={out}", "save_steps=0", "max_steps=1",
                                          "eval_data=null"])
     s = json.loads((out / "summary.json").read_text())
     assert (s["distributed_type"], s["zero_stage"], s["processes"]) == ("DEEPSPEED", 2, WORLD)

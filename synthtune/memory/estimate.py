@@ -61,6 +61,10 @@ class Setup:
     target_len: int | None = None  # seq2seq decoder length (default: seq_len)
     grad_ckpt: bool = False
     attn: str = "sdpa"  # sdpa | flash | eager
+    # ZeRO-3 keeps parameters under this many elements whole on every rank (besides their
+    # partition): DeepSpeed's stage3_param_persistence_threshold, default 1e5. LoRA matrices of
+    # r x hidden usually fall under it; accelerate sets 10 x hidden only where a config says auto.
+    persistence_threshold: int = 100_000
 
     def check(self) -> None:
         for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
@@ -366,6 +370,17 @@ def _qlora_weight_bytes(shape: ModelShape) -> float:
     return quant * 4.127 / 8 + (shape.params - quant) * 2
 
 
+def _persistent_bytes(shape: ModelShape, s: Setup, base_bytes_per_param: float) -> float:
+    """ZeRO-3's whole copies of small parameters, held on every rank next to their partitions
+    (DeepSpeed's ``ds_persist``: norms, biases, LoRA matrices; measured on 2 ranks)."""
+    thr = s.persistence_threshold
+    small = sum(n for n in shape.param_numels if n < thr) * base_bytes_per_param
+    if s.method in ("lora", "qlora"):
+        for lin in shape.lora_linears(resolve_targets(shape, s.lora_targets)):
+            small += 4.0 * sum(n for n in (s.lora_r * lin.in_features, lin.out_features * s.lora_r) if n < thr)
+    return small
+
+
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     """Peak allocated GPU memory per GPU for one training step of ``setup`` on ``shape``."""
     s = setup
@@ -439,6 +454,8 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
             w_gpu = (w_bytes - 4.0 * T) / N + 4.0 * T / N
         else:
             w_gpu = w_bytes / N
+        if s.offload != "all":
+            w_gpu += _persistent_bytes(shape, s, (w_bytes - (4.0 * T if lora else 0.0)) / P)
         # ZeRO-3 gathers one layer ahead (prefetch) plus the current one, in the compute dtype;
         # the untied lm_head / embedding matrices are gathered whole when used.
         n_layers = shape.layers + shape.enc_layers

@@ -60,9 +60,10 @@ class ModelStateProbe:
         """This rank's weights in bytes (under ZeRO-3 its partitions), the bytes of ZeRO-3 parameters
         gathered whole right now, and the addresses the weights live at.
 
-        ZeRO-3 keeps parameters it expects to reuse soon gathered between steps
-        (``stage3_max_reuse_distance``, ``stage3_max_live_parameters``): a cache of full copies,
-        which the estimator counts apart from the partitions (its ``gathered`` layers)."""
+        Under ZeRO-3 a parameter under ``stage3_param_persistence_threshold`` (``ds_persist``)
+        stays whole on every rank besides its partition: weights too. Any other parameter
+        gathered at the time is ZeRO-3's reuse cache (``stage3_max_reuse_distance``), which the
+        estimator counts apart (its ``gathered`` layers)."""
         weights, gathered, at = 0, 0, set()
         for p in model.parameters():
             part = getattr(p, "ds_tensor", None)
@@ -70,7 +71,10 @@ class ModelStateProbe:
                 if part.data_ptr() not in at:
                     at.add(part.data_ptr())
                     weights += _nbytes(part)
-                gathered += _nbytes(p.data)
+                if getattr(p, "ds_persist", False):  # small: kept whole on every rank, for good
+                    weights += _nbytes(p.data)
+                else:
+                    gathered += _nbytes(p.data)
             elif p.data.numel() and p.data_ptr() not in at:
                 at.add(p.data_ptr())
                 weights += _nbytes(p.data)

@@ -134,6 +134,13 @@ def exit_status(result: dict) -> int:
     return 128 + signal.Signals[name].value if name in signal.Signals.__members__ else 0
 
 
+def persistence_threshold(plugin) -> int:
+    """The run's stage3_param_persistence_threshold (accelerate fills an "auto" one at prepare)."""
+    value = (plugin.deepspeed_config.get("zero_optimization", {}) if plugin is not None else {}).get(
+        "stage3_param_persistence_threshold", 100_000)  # DeepSpeed's default when unset
+    return int(value) if isinstance(value, (int, float)) else 100_000
+
+
 def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict) -> dict | None:
     """The estimator's per-GPU peak for this very run, to sit beside the measured peak.
 
@@ -154,7 +161,7 @@ def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict) -> dict | None:
                       lora_dropout=cfg.lora_dropout, precision=precision,
                       zero_stage=getattr(plugin, "zero_stage", 0) if plugin else 0, gpus=acc.num_processes,
                       batch_size=cfg.per_device_batch_size, seq_len=max(seq, 1), target_len=target,
-                      grad_ckpt=cfg.gradient_checkpointing)
+                      grad_ckpt=cfg.gradient_checkpointing, persistence_threshold=persistence_threshold(plugin))
         est = estimate(load_shape(cfg.model, trust_remote_code=cfg.trust_remote_code), setup)
     except (ValueError, KeyError, NotImplementedError) as err:  # an architecture it does not model
         logger.warning("memory estimate unavailable: %s", err)
