@@ -273,6 +273,9 @@ def memory(
     gpus: Annotated[int, typer.Option(help="GPUs per node")] = 1,
     nodes: Annotated[int, typer.Option(help="nodes")] = 1,
     attn: Annotated[str, typer.Option(help="sdpa | flash | eager (eager keeps S x S probabilities)")] = "sdpa",
+    persistence_threshold: Annotated[int, typer.Option(
+        help="ZeRO-3: parameters under this many elements stay whole on every GPU "
+             "(DeepSpeed's stage3_param_persistence_threshold)")] = 100_000,
     fit: Annotated[bool, typer.Option("--fit", help="search method/ZeRO/ckpt/micro-batch for the fastest setup that fits")] = False,
     gpu_gib: Annotated[float, typer.Option(help="--fit: memory per GPU, GiB")] = 80.0,
     headroom: Annotated[float, typer.Option(help="--fit: fraction kept free for the allocator's fragmentation")] = 0.1,
@@ -291,7 +294,7 @@ def memory(
     setup = Setup(method=method, lora_r=lora_r, lora_targets=lora_targets, lora_dropout=lora_dropout,
                   precision=precision, optimizer=optimizer, zero_stage=zero_stage, offload=offload, gpus=gpus,
                   nodes=nodes, batch_size=batch_size, seq_len=seq_len, target_len=target_len, grad_ckpt=grad_ckpt,
-                  attn=attn)
+                  attn=attn, persistence_threshold=persistence_threshold)
     try:
         setup.check()
     except ValueError as err:

@@ -86,6 +86,21 @@ def test_sharding_and_offload_shrink_model_states():
         estimate(shape, Setup(**base, offload="optimizer"))
 
 
+def test_deepspeed_fp32_keeps_a_master_partition_of_the_trainable_weights():
+    # Measured on 2 ranks (bench/RESULTS.md, tests/test_multirank_extra.py): DeepSpeed's ZeRO
+    # optimizers clone an fp32 master partition even when the weights are fp32 already.
+    shape = load_shape("tiny-llama")
+    for stage in (1, 2, 3):
+        e = estimate(shape, Setup(method="lora", lora_r=8, lora_targets="all-linear", precision="fp32",
+                                  zero_stage=stage, gpus=2, batch_size=1, seq_len=32))
+        t = e.trainable_params
+        assert e.model_states_bytes["optimizer"] == 3 * 4 * t // 2  # master + 2 Adam states, halved
+        assert e.model_states_gib["optimizer"] == round(e.model_states_bytes["optimizer"] / 2**30, 4)
+    plain = estimate(shape, Setup(method="lora", lora_r=8, lora_targets="all-linear", precision="fp32",
+                                  batch_size=1, seq_len=32))
+    assert plain.model_states_bytes["optimizer"] == 2 * 4 * plain.trainable_params  # no DeepSpeed: no copy
+
+
 def test_h200_measurements_within_ten_percent():
     results = compare_h200()
     assert len(results) == 156

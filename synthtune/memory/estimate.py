@@ -61,6 +61,10 @@ class Setup:
     target_len: int | None = None  # seq2seq decoder length (default: seq_len)
     grad_ckpt: bool = False
     attn: str = "sdpa"  # sdpa | flash | eager
+    # ZeRO-3 keeps parameters under this many elements whole on every rank (besides their
+    # partition): DeepSpeed's stage3_param_persistence_threshold, default 1e5. LoRA matrices of
+    # r x hidden usually fall under it; accelerate sets 10 x hidden only where a config says auto.
+    persistence_threshold: int = 100_000
 
     def check(self) -> None:
         for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
@@ -90,6 +94,9 @@ class Estimate:
     peak_phase: str
     phases_gib: dict[str, float]
     model_states_gib: dict[str, float]  # full sizes per GPU: weights, gradients, optimizer
+    # the same in bytes, unrounded: what one rank's DeepSpeed partitions hold (padding aside),
+    # compared with the real partitions in tests/test_multirank_extra.py
+    model_states_bytes: dict[str, int]
     cpu_gib: float  # host memory for offloaded states
     bytes_per_param: float  # model states per trainable-or-not parameter, before sharding
     notes: list[str] = field(default_factory=list)
@@ -363,6 +370,17 @@ def _qlora_weight_bytes(shape: ModelShape) -> float:
     return quant * 4.127 / 8 + (shape.params - quant) * 2
 
 
+def _persistent_bytes(shape: ModelShape, s: Setup, base_bytes_per_param: float) -> float:
+    """ZeRO-3's whole copies of small parameters, held on every rank next to their partitions
+    (DeepSpeed's ``ds_persist``: norms, biases, LoRA matrices; measured on 2 ranks)."""
+    thr = s.persistence_threshold
+    small = sum(n for n in shape.param_numels if n < thr) * base_bytes_per_param
+    if s.method in ("lora", "qlora"):
+        for lin in shape.lora_linears(resolve_targets(shape, s.lora_targets)):
+            small += 4.0 * sum(n for n in (s.lora_r * lin.in_features, lin.out_features * s.lora_r) if n < thr)
+    return small
+
+
 def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     """Peak allocated GPU memory per GPU for one training step of ``setup`` on ``shape``."""
     s = setup
@@ -393,6 +411,14 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
         # peft keeps adapter weights in fp32 (autocast_adapter_dtype=True).
         w_bytes, master, g_bytes = base + 4.0 * T, 0.0, 4.0 * T
         state_b = 4
+    if deepspeed and s.precision == "fp32":
+        # DeepSpeed's ZeRO optimizers step an fp32 master partition that is a clone of the
+        # trainable weights even when those are fp32 already: stage 1/2 always clone
+        # (stage_1_and_2.py, weights_partition = ....clone()); stage 3 means to reuse fp32 weights
+        # but tests `tensor.device == self.device` with a device *string* (stage3.py,
+        # _create_fp32_partitions), which is never equal, so it clones too (DeepSpeed 0.19.8;
+        # measured on 2 ranks, tests/test_multirank_extra.py).
+        master = 4.0 * T
     if s.optimizer == "adamw":
         o_bytes = 2.0 * state_b * T
         opt_temp = float(state_b * T)  # foreach sqrt(exp_avg_sq): one state-sized temporary
@@ -428,6 +454,8 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
             w_gpu = (w_bytes - 4.0 * T) / N + 4.0 * T / N
         else:
             w_gpu = w_bytes / N
+        if s.offload != "all":
+            w_gpu += _persistent_bytes(shape, s, (w_bytes - (4.0 * T if lora else 0.0)) / P)
         # ZeRO-3 gathers one layer ahead (prefetch) plus the current one, in the compute dtype;
         # the untied lm_head / embedding matrices are gathered whole when used.
         n_layers = shape.layers + shape.enc_layers
@@ -486,12 +514,13 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     per_gpu = sum(bd.values())
     if s.grad_ckpt:
         notes.append("gradient checkpointing: ~30% slower; keeps one input per layer and recomputes")
+    states = {"weights": w_gpu + persistent_copies, "gradients": g_gpu, "optimizer": o_gpu}
     return Estimate(
         per_gpu_gib=round(per_gpu, 4), params=int(total_params), trainable_params=int(T),
         breakdown={k: round(v, 4) for k, v in bd.items()}, peak_phase=peak_phase,
         phases_gib={k: round(v / GIB, 4) for k, v in totals.items()},
-        model_states_gib={"weights": round((w_gpu + persistent_copies) / GIB, 4),
-                          "gradients": round(g_gpu / GIB, 4), "optimizer": round(o_gpu / GIB, 4)},
+        model_states_gib={k: round(v / GIB, 4) for k, v in states.items()},
+        model_states_bytes={k: int(round(v)) for k, v in states.items()},
         cpu_gib=round(cpu / GIB, 4), bytes_per_param=round(bytes_per_param, 3), notes=notes,
         setup=asdict(s), model=shape.name)
 

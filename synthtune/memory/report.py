@@ -19,6 +19,7 @@ def estimate_json(e: Estimate) -> dict[str, Any]:
         "peak_phase": e.peak_phase,
         "phases_gib": e.phases_gib,
         "model_states_gib": e.model_states_gib,
+        "model_states_bytes": e.model_states_bytes,
         "bytes_per_param": e.bytes_per_param,
         "cpu_gib": e.cpu_gib,
         "model": e.model,

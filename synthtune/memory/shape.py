@@ -48,6 +48,8 @@ class ModelShape:
     dropout: float  # hidden dropout the model applies in train mode (T5: dropout_rate)
     linears: list[Linear] = field(default_factory=list, repr=False)
     output_linear: str = "lm_head"
+    # element count of every parameter tensor (tied ones once): ZeRO-3 keeps the small ones whole
+    param_numels: list[int] = field(default_factory=list, repr=False)
 
     @property
     def linear_params(self) -> int:
@@ -147,7 +149,8 @@ def shape_from_config(config, name: str = "", trust_remote_code: bool = False) -
         arch="seq2seq" if seq2seq else "causal", hidden=hidden, heads=heads, kv_heads=kv_heads,
         head_dim=head_dim, intermediate=inter, vocab=c.vocab_size, layers=layers, enc_layers=enc_layers,
         params=total, embed_params=in_emb.weight.numel() if in_emb is not None else 0, tied=tied,
-        mlp_act=act, gated_mlp=gated, dropout=dropout, linears=linears, output_linear=out_name)
+        mlp_act=act, gated_mlp=gated, dropout=dropout, linears=linears, output_linear=out_name,
+        param_numels=[p.numel() for p in model.parameters()])
 
 
 def config_from_dict(d: dict[str, Any]):

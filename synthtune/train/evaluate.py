@@ -35,7 +35,16 @@ def eval_loss(acc, model, loader, seq2seq: bool) -> float | None:
     return float(total / count.clamp(min=1))
 
 
-def _zero3(acc) -> bool:
+def _sharded(acc) -> bool:
+    """Whether each forward all-gathers parameters from every rank (ZeRO-3, FSDP): then a rank
+    whose answers ended early must keep joining the others' forwards (generate's synced_gpus),
+    or they wait for it (NCCL: a hang; gloo: a collective mismatch)."""
+    from accelerate.utils import DistributedType
+
+    if acc.num_processes < 2:
+        return False
+    if acc.distributed_type == DistributedType.FSDP:
+        return True
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
 
@@ -59,8 +68,8 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
     stop_kwargs = {"stop_strings": stop, "tokenizer": tokenizer} if stop else {}
     rank, world = acc.process_index, acc.num_processes
     mine = questions[rank::world]
-    # Under ZeRO-3 every rank must join every forward (synced_gpus), so all ranks run the same
-    # number of generate calls; short shards repeat their last question and drop the repeat.
+    # Under ZeRO-3 and FSDP every rank must join every forward (synced_gpus), so all ranks run the
+    # same number of generate calls; short shards repeat their last question and drop the repeat.
     per_rank = -(-len(questions) // world)
     padded = mine + [mine[-1] if mine else questions[0]] * (per_rank - len(mine))
     unwrapped = acc.unwrap_model(model)
@@ -77,7 +86,7 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
                         add_special_tokens=fmt != "chat").to(acc.device)
         with torch.no_grad(), acc.autocast():
             out = unwrapped.generate(**enc, max_new_tokens=cfg.eval_max_new_tokens, do_sample=False,
-                                     pad_token_id=tokenizer.pad_token_id, synced_gpus=_zero3(acc),
+                                     pad_token_id=tokenizer.pad_token_id, synced_gpus=_sharded(acc),
                                      use_cache=True, **stop_kwargs)
         new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
         texts = [truncate_at_stop(t, stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -30,9 +30,10 @@ from synthtune.train.setup import (
     apply_lora,
     deepspeed_cpu_process_group,
     default_output_dir,
+    raise_if_any_rank_failed,
     resolve_precision,
     trainable_parameters,
-    validate,
+    validation_problem,
     zero3_partitions,
 )
 
@@ -133,6 +134,13 @@ def exit_status(result: dict) -> int:
     return 128 + signal.Signals[name].value if name in signal.Signals.__members__ else 0
 
 
+def persistence_threshold(plugin) -> int:
+    """The run's stage3_param_persistence_threshold (accelerate fills an "auto" one at prepare)."""
+    value = (plugin.deepspeed_config.get("zero_optimization", {}) if plugin is not None else {}).get(
+        "stage3_param_persistence_threshold", 100_000)  # DeepSpeed's default when unset
+    return int(value) if isinstance(value, (int, float)) else 100_000
+
+
 def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict) -> dict | None:
     """The estimator's per-GPU peak for this very run, to sit beside the measured peak.
 
@@ -153,12 +161,13 @@ def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict) -> dict | None:
                       lora_dropout=cfg.lora_dropout, precision=precision,
                       zero_stage=getattr(plugin, "zero_stage", 0) if plugin else 0, gpus=acc.num_processes,
                       batch_size=cfg.per_device_batch_size, seq_len=max(seq, 1), target_len=target,
-                      grad_ckpt=cfg.gradient_checkpointing)
+                      grad_ckpt=cfg.gradient_checkpointing, persistence_threshold=persistence_threshold(plugin))
         est = estimate(load_shape(cfg.model, trust_remote_code=cfg.trust_remote_code), setup)
     except (ValueError, KeyError, NotImplementedError) as err:  # an architecture it does not model
         logger.warning("memory estimate unavailable: %s", err)
         return None
-    return {"per_gpu_gib": round(est.per_gpu_gib, 3), "seq_len": seq, "precision": precision}
+    return {"per_gpu_gib": round(est.per_gpu_gib, 3), "seq_len": seq, "precision": precision,
+            "model_states_bytes": est.model_states_bytes}
 
 
 def load_for_training(cfg: TrainConfig, weights_dtype: str):
@@ -226,7 +235,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     from tqdm.auto import tqdm
     from transformers import get_scheduler
 
-    validate(cfg)
+    problem = validation_problem(cfg)  # launched ranks raise it together, after the group is up
     out_dir = Path(cfg.output_dir) if cfg.output_dir else default_output_dir(cfg)
     cfg = replace(cfg, output_dir=str(out_dir))
     use_cpu = cfg.device == "cpu" or not torch.cuda.is_available()
@@ -260,6 +269,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                                                                 adjust_scheduler=False),
         log_with=None if cfg.log_with == "none" else cfg.log_with,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")))
+    raise_if_any_rank_failed(acc, problem)
     main = acc.is_main_process
     say = (lambda m: tqdm.write(f"[train] {m}")) if main else (lambda m: None)
     if main:
@@ -296,6 +306,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if cfg.compile:
         model = torch.compile(model)
     model, opt, train_dl = acc.prepare(model, opt, train_dl)
+    # FSDP2 replaces every parameter with a sharded one at prepare: clipping the old objects
+    # (no gradients) clipped nothing, silently
+    params = [p for p in model.parameters() if p.requires_grad]
+    from synthtune.memory.partitions import ModelStateProbe
+
+    states_probe = ModelStateProbe(opt)  # what each rank holds, beside the estimate in summary.json
     partitions = zero3_partitions(acc, model)
     if partitions:
         full = max(partitions[0]["full_numel"], 1)
@@ -440,6 +456,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                 state.batch_in_epoch = 0
     bar.close()
     train_s = time.perf_counter() - t_train
+    model_states = states_probe.result(acc, model)  # at rest: before evaluation gathers anything
     # every rank's own count: ranks get batches of other lengths, so rank 0's count x world is off
     tokens_run = int(acc.reduce(torch.tensor(tokens_seen_run, device=acc.device), reduction="sum").item())
     if cfg.save_steps and state.global_step % cfg.save_steps:  # the last step's, unless the loop saved it
@@ -453,6 +470,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     if torch.cuda.is_available() and not use_cpu:
         mem["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     mem["estimate"] = predicted_memory(cfg, prec, acc, data.stats)
+    mem["model_states_bytes"] = model_states
     train_losses = [h["loss"] for h in history if "loss" in h]
     summary = {
         "model": cfg.model, "model_path": model_path, "method": cfg.method, "kind": "seq2seq" if seq2seq else "causal",

@@ -112,6 +112,35 @@ def validate(cfg: TrainConfig) -> None:
                                   f"layers are named {', '.join(leaves)} (or use all-linear)")
 
 
+def validation_problem(cfg: TrainConfig) -> ConfigError | None:
+    """:func:`validate`, with the error returned instead of raised when this is one of several
+    launched processes: it is raised on every rank by :func:`raise_if_any_rank_failed` once the
+    process group is up.
+
+    A rank that gave up alone would leave the others waiting for it in their first collective
+    until the process group's timeout (30 min): on several machines nothing else notices (each
+    torchrun agent watches only its own workers). A data file present on one node only does that.
+    """
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return err
+        raise
+    return None
+
+
+def raise_if_any_rank_failed(acc, problem: ConfigError | None) -> None:
+    """Every rank raises the same error when any rank's configuration failed (a collective)."""
+    from accelerate.utils import gather_object
+
+    failed = [(rank, msg) for rank, msg in enumerate(gather_object([None if problem is None else str(problem)]))
+              if msg is not None]
+    if failed:
+        raise ConfigError("; ".join(f"rank {rank} of {acc.num_processes}: {msg}" for rank, msg in failed)
+                          + " (every rank stops)")
+
+
 def apply_lora(model, cfg: TrainConfig, is_seq2seq: bool):
     from peft import LoraConfig, TaskType, get_peft_model
 
