@@ -274,7 +274,7 @@ def memory(
     nodes: Annotated[int, typer.Option(help="nodes")] = 1,
     attn: Annotated[str, typer.Option(help="sdpa | flash | eager (eager keeps S x S probabilities)")] = "sdpa",
     persistence_threshold: Annotated[int, typer.Option(
-        help="ZeRO-3: parameters under this many elements stay whole on every GPU "
+        help="ZeRO-3: parameters of at most this many elements stay whole on every GPU "
              "(DeepSpeed's stage3_param_persistence_threshold)")] = 100_000,
     fit: Annotated[bool, typer.Option("--fit", help="search method/ZeRO/ckpt/micro-batch for the fastest setup that fits")] = False,
     gpu_gib: Annotated[float, typer.Option(help="--fit: memory per GPU, GiB")] = 80.0,

@@ -53,7 +53,7 @@ def fsync_dir(directory: str | os.PathLike[str]) -> None:
         os.close(fd)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     # The only portable way to read the umask is to set it and put it back.
     current = os.umask(0)
     os.umask(current)
@@ -71,7 +71,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         # mkstemp creates files as 0600; give the result the permissions a plain open() would have.
-        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~_umask()
+        mode = path.stat().st_mode & 0o777 if path.exists() else 0o666 & ~current_umask()
         os.chmod(tmp_name, mode)
         os.replace(tmp_name, path)
     except BaseException:

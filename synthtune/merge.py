@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from synthtune.config import ConfigError
+from synthtune.files import current_umask
 
 PROBES = ("Question: Ann has 3 apples and buys 4 more. How many apples does she have?\nAnswer:",
           "Question: A train travels 60 miles per hour for 2 hours. How far does it go?\nAnswer:",
@@ -59,6 +60,8 @@ def merge_adapter(model: str, adapter: str, out: str | Path, *, atol: float = 1e
     # never share, or delete, each other's work in progress.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    # mkdtemp makes it owner-only (0700); the merged model is for other accounts too (a vLLM server)
+    tmp.chmod(0o777 & ~current_umask())
     try:
         diff_reload = _save_and_verify(merged, lm, tmp, before, atol)
         # rename() replaces an empty directory atomically and refuses a non-empty one, so a

@@ -872,6 +872,11 @@ class _Connection:
             await asyncio.wait({done, watch}, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             if not watch.done():
                 watch.cancel()  # a cancelled StreamReader.read consumes nothing
+                # Wait until the cancel has landed: until then the read still holds the reader's
+                # waiter, and the next read on this connection (the keep-alive request) raises
+                # "read() called while another coroutine is already waiting" (seen on Python 3.12+,
+                # where wait_for runs the handler inline and drain() rarely yields).
+                await asyncio.wait({watch})
                 continue
             try:
                 data = watch.result()

@@ -49,18 +49,8 @@ def start_proxy(upstream: str, log: Path, *args: str) -> ServerProcess:
 def http_json(url: str, method: str = "GET", body=None, key: str | None = None, raw: bytes | None = None,
               timeout: float = 120) -> tuple[int, dict]:
     """One request to a test server; returns (status, JSON body)."""
-    parts = urlsplit(url)
-    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
-    headers = {"Content-Type": "application/json"}
-    if key is not None:
-        headers["Authorization"] = f"Bearer {key}"
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    try:
-        conn.request(method, parts.path, body=data, headers=headers)
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read())
-    finally:
-        conn.close()
+    status, _, reply = http_call(url, method, body, key=key, raw=raw, timeout=timeout)
+    return status, reply
 
 
 def http_call(url: str, method: str = "GET", body=None, key: str | None = None, raw: bytes | None = None,

@@ -83,6 +83,10 @@ def test_merge_matches_adapter_and_reloads(adapter, tmp_path):
     rep = merge_adapter("tiny-llama", str(adapter), tmp_path / "merged")
     assert rep["max_abs_diff_merged"] <= 1e-4 and rep["max_abs_diff_reloaded"] <= 1e-4
     assert "model.safetensors" in rep["files"] and "tokenizer.json" in rep["files"]
+    # built in a private temp dir, published with the umask's mode: other accounts (a vLLM server) can read it
+    from synthtune.files import current_umask
+
+    assert (tmp_path / "merged").stat().st_mode & 0o777 == 0o777 & ~current_umask()
     ids = torch.tensor([[5, 17, 42, 99, 3, 250]])
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
     with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(resolve_model("tiny-llama")),

@@ -5,7 +5,7 @@ fine_tune/train.py`` (or zero2_2proc_cpu.yaml), the command users run, and
 trains the same recipe in this process with twice the accumulation: 2 ranks x G micro-batches
 and 1 process x 2G micro-batches see the same batches in each optimizer step (the loader
 deals batch i of the epoch to rank i % 2). A case runs once (module cache) and several tests
-inspect it. Cases with ``resume`` stop at step 2 and finish in a second launch, so every check
+inspect it. Cases with ``resume`` stop at step ``stop`` and finish in a second launch, so every check
 of them (losses, saved weights) is on a resumed run.
 """
 
@@ -30,6 +30,7 @@ class Case:
     method: str
     model: str = "tiny-llama"
     resume: bool = False
+    stop: int = 2  # with resume: the first launch stops here
     accum: int = 2  # per rank; the 1-process reference accumulates twice as many
     steps: int = 4
     extra: tuple[str, ...] = ()
@@ -43,8 +44,9 @@ CASES = {c.name: c for c in [
     Case("zero3_full_causal", 3, "full", extra=("learning_rate=1e-3",)),
     Case("zero2_lora_causal", 2, "lora"),
     # G=1 over 6 steps crosses an epoch end (9 batches: 4 steps of 2 per epoch), where the
-    # sharded loader pads rank 1 with a repeat of the epoch's first batch
-    Case("zero2_full_causal", 2, "full", accum=1, steps=6, extra=("learning_rate=1e-3",)),
+    # sharded loader pads rank 1 with a repeat of the epoch's first batch. It stops at step 4, the
+    # epoch's last window: the resume must start the next epoch, not train rank 1's padding
+    Case("zero2_full_causal", 2, "full", accum=1, steps=6, resume=True, stop=4, extra=("learning_rate=1e-3",)),
 ]}
 
 
@@ -69,8 +71,8 @@ def _run(case: Case, root: Path) -> Run:
     ranks = [f"output_dir={two}", f"gradient_accumulation_steps={case.accum}", *common]
     output = ""
     if case.resume:
-        for extra in (["stop_at_step=2"], ["resume_from=latest"]):
-            proc = launch(*ranks, "save_steps=2", *extra, config_file=config_file)
+        for extra in ([f"stop_at_step={case.stop}"], ["resume_from=latest"]):
+            proc = launch(*ranks, f"save_steps={case.stop}", *extra, config_file=config_file)
             output += proc.stdout + proc.stderr
     else:
         proc = launch(*ranks, "save_steps=0", config_file=config_file)
@@ -180,10 +182,10 @@ def test_saved_full_model_loads_with_transformers_and_equals_one_process(runs, n
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.resume])
 def test_stopped_run_resumes_on_two_ranks(runs, name):
     r = runs(name)
-    # the second launch started from the step-2 checkpoint (the other tests compare what it
+    # the second launch started from the stop's checkpoint (the other tests compare what it
     # finished with to a run that never stopped)
-    assert "resumed from" in r.output and "at step 2" in r.output
-    ckpt = r.two_ranks / "checkpoints" / "step-0000002"
+    assert "resumed from" in r.output and f"at step {r.case.stop}" in r.output
+    ckpt = r.two_ranks / "checkpoints" / f"step-{r.case.stop:07d}"
     assert (ckpt / "random_states_0.pkl").exists() and (ckpt / "random_states_1.pkl").exists()
     shards = sorted(p.name for p in ckpt.rglob("*optim_states.pt"))  # DeepSpeed's own format
     assert len(shards) == 2 and "zero_pp_rank_1" in shards[1], "one optimizer shard per rank"

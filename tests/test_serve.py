@@ -239,6 +239,28 @@ def test_half_sent_requests_time_out_and_leave_no_threads(server):
     assert _post(server.url, _good(1))[0] == 200
 
 
+def test_keep_alive_connections_serve_request_after_request(server):
+    # While a request generates, the server watches its socket for a departing client; that watch
+    # must be fully cancelled before the connection's next request is read (on Python 3.12+ a
+    # pending read made the second request fail and the connection close)
+    import http.client
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=120)
+    errors_before = len(server.lines("error"))
+    try:
+        for i in range(3):
+            conn.request("POST", "/v1/completions", body=json.dumps(_good(i)),
+                         headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"})
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.read()[:300]
+            assert len(json.loads(resp.read())["choices"]) == 1
+    finally:
+        conn.close()
+    assert len(server.lines("error")) == errors_before
+
+
 def test_log_lines_escape_what_clients_send(server):
     reply = raw_exchange(server.url, f"GET /v1/\x1b[2J\x1b]0;pwned\x07 HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n"
                          "\r\n".encode())

@@ -1,7 +1,9 @@
 """Load test: one real `synthtune serve` process (tiny-llama, loopback) under abuse, bounded in count and time.
 
 200 half-open connections are held while normal clients keep asking (they must all succeed), an
-oversized request is refused, and a poisoned request is batched with good ones (it fails alone).
+oversized request is refused, and a poisoned request (seed 2^64, which failed its whole batch with a
+500 before) arrives in the same batch window as good ones: it is refused alone, they succeed (a
+request that passes validation and still fails its batch is tested in test_serve.py).
 Afterwards the server's thread count and resident memory, read from /proc/<pid>/status, are back
 at their baseline within a tolerance. About 20 s on 2 cores.
 

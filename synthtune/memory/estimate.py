@@ -61,8 +61,8 @@ class Setup:
     target_len: int | None = None  # seq2seq decoder length (default: seq_len)
     grad_ckpt: bool = False
     attn: str = "sdpa"  # sdpa | flash | eager
-    # ZeRO-3 keeps parameters under this many elements whole on every rank (besides their
-    # partition): DeepSpeed's stage3_param_persistence_threshold, default 1e5. LoRA matrices of
+    # ZeRO-3 keeps parameters of at most this many elements whole on every rank (besides their
+    # partition; DeepSpeed's test is ds_numel <= threshold): DeepSpeed's stage3_param_persistence_threshold, default 1e5. LoRA matrices of
     # r x hidden usually fall under it; accelerate sets 10 x hidden only where a config says auto.
     persistence_threshold: int = 100_000
 
@@ -374,10 +374,10 @@ def _persistent_bytes(shape: ModelShape, s: Setup, base_bytes_per_param: float) 
     """ZeRO-3's whole copies of small parameters, held on every rank next to their partitions
     (DeepSpeed's ``ds_persist``: norms, biases, LoRA matrices; measured on 2 ranks)."""
     thr = s.persistence_threshold
-    small = sum(n for n in shape.param_numels if n < thr) * base_bytes_per_param
+    small = sum(n for n in shape.param_numels if n <= thr) * base_bytes_per_param
     if s.method in ("lora", "qlora"):
         for lin in shape.lora_linears(resolve_targets(shape, s.lora_targets)):
-            small += 4.0 * sum(n for n in (s.lora_r * lin.in_features, lin.out_features * s.lora_r) if n < thr)
+            small += 4.0 * sum(n for n in (s.lora_r * lin.in_features, lin.out_features * s.lora_r) if n <= thr)
     return small
 
 

@@ -22,6 +22,12 @@ def innermost_optimizer(opt):
     return opt
 
 
+def _local(t):
+    """The tensor this rank holds: an FSDP2 DTensor reports the global numel and a data_ptr of 0,
+    its ``to_local()`` is the shard in this rank's memory."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def _nbytes(t) -> int:
     return t.numel() * t.element_size()
 
@@ -46,21 +52,21 @@ class ModelStateProbe:
     def _after_step(self, optimizer, args, kwargs) -> None:
         for group in optimizer.param_groups:
             for p in group["params"]:
-                ptr = p.data_ptr()
-                self.steppers[ptr] = _nbytes(p)
+                ptr = _local(p).data_ptr()
+                self.steppers[ptr] = _nbytes(_local(p))
                 if p.grad is not None:
-                    self.grads[ptr] = _nbytes(p.grad)
+                    self.grads[ptr] = _nbytes(_local(p.grad))
                 for name, value in optimizer.state.get(p, {}).items():
                     # Adam's `step` counter is a 0-d tensor: bookkeeping, not a state per parameter
                     if hasattr(value, "data_ptr") and value.dim() > 0:
-                        self.states[ptr, name] = _nbytes(value)
+                        self.states[ptr, name] = _nbytes(_local(value))
 
     @staticmethod
     def weights(model) -> tuple[int, int, set[int]]:
         """This rank's weights in bytes (under ZeRO-3 its partitions), the bytes of ZeRO-3 parameters
         gathered whole right now, and the addresses the weights live at.
 
-        Under ZeRO-3 a parameter under ``stage3_param_persistence_threshold`` (``ds_persist``)
+        Under ZeRO-3 a parameter of at most ``stage3_param_persistence_threshold`` elements (``ds_persist``)
         stays whole on every rank besides its partition: weights too. Any other parameter
         gathered at the time is ZeRO-3's reuse cache (``stage3_max_reuse_distance``), which the
         estimator counts apart (its ``gathered`` layers)."""
@@ -75,9 +81,9 @@ class ModelStateProbe:
                     weights += _nbytes(p.data)
                 else:
                     gathered += _nbytes(p.data)
-            elif p.data.numel() and p.data_ptr() not in at:
-                at.add(p.data_ptr())
-                weights += _nbytes(p.data)
+            elif _local(p.data).numel() and _local(p.data).data_ptr() not in at:
+                at.add(_local(p.data).data_ptr())
+                weights += _nbytes(_local(p.data))
         return weights, gathered, at
 
     def local(self, model) -> dict[str, int]:

@@ -318,7 +318,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         shares = ", ".join(f"{r['local_numel'] / full:.1%}" for r in partitions)
         say(f"ZeRO-3 partitions: the ranks hold {shares} of the {full:,} parameter elements, and "
             f"{partitions[0]['persistent_numel'] / full:.1%} whole "
-            f"(under stage3_param_persistence_threshold)")
+            f"(at most stage3_param_persistence_threshold elements)")
     if cfg.method in ("lora", "qlora"):
         ckpt.adapter_only_checkpoints(acc, model)
     save_kw, load_kw = ckpt.deepspeed_state_kwargs(acc, adapter_only=cfg.method in ("lora", "qlora"))
@@ -371,6 +371,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     stops = StopRequests()
     with stops:
         while state.global_step < total_steps:
+            if state.batch_in_epoch >= G * windows_per_epoch:
+                # a checkpoint from an epoch's last window (a stop there saves before the epoch ends):
+                # what the sharded loader still holds is the padding the uninterrupted run never trains on
+                state.epoch += 1
+                state.batch_in_epoch = 0
             train_dl.set_epoch(state.epoch)
             batches = acc.skip_first_batches(train_dl, state.batch_in_epoch) if state.batch_in_epoch else train_dl
             window: list[dict] = []
