@@ -40,9 +40,10 @@ CASES = {c.name: c for c in [
     # final eval answers 2 questions by generation: under ZeRO-3 both ranks must join every forward
     Case("zero3_lora_causal", 3, "lora", resume=True, extra=("eval_accuracy_samples=2", "eval_max_new_tokens=4")),
     # the Flan-UL2 case on a tiny T5
-    Case("zero3_lora_seq2seq", 3, "lora", model="tiny-t5", extra=("lora_targets=[q,v]", "learning_rate=1e-2")),
+    Case("zero3_lora_seq2seq", 3, "lora", model="tiny-t5", resume=True,
+         extra=("lora_targets=[q,v]", "learning_rate=1e-2")),
     Case("zero3_full_causal", 3, "full", extra=("learning_rate=1e-3",)),
-    Case("zero2_lora_causal", 2, "lora"),
+    Case("zero2_lora_causal", 2, "lora", resume=True),
     # G=1 over 6 steps crosses an epoch end (9 batches: 4 steps of 2 per epoch), where the
     # sharded loader pads rank 1 with a repeat of the epoch's first batch. It stops at step 4, the
     # epoch's last window: the resume must start the next epoch, not train rank 1's padding
