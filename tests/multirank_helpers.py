@@ -74,3 +74,21 @@ def summary(out_dir: Path) -> dict:
 def logged(s: dict, key: str) -> dict[int, float]:
     """``{step: value}`` of a key in a run's history (train records: loss, lr)."""
     return {h["step"]: h[key] for h in s["history"] if key in h}
+
+
+def expected_lrs(steps: int, *overrides: str) -> list[float]:
+    """The smoke recipe's learning rate after each optimizer step, from its own schedule on one process."""
+    import torch
+    from transformers import get_scheduler
+
+    from synthtune.config import TrainConfig, load_config
+
+    cfg = load_config(TrainConfig, SMOKE, list(overrides))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
+    lrs = []
+    for _ in range(steps):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+    return lrs

@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from multirank_helpers import ACCELERATE_CONFIGS, SMOKE, launch, logged, summary, without_dropout
+from multirank_helpers import (
+    ACCELERATE_CONFIGS,
+    SMOKE,
+    expected_lrs,
+    launch,
+    logged,
+    summary,
+    without_dropout,
+)
 from safetensors.torch import load_file
 
 from synthtune.config import TrainConfig, load_config
@@ -95,21 +103,6 @@ def runs(tmp_path_factory):
     return get
 
 
-def _expected_lrs(steps: int, *overrides: str) -> list[float]:
-    """The recipe's learning rate after each optimizer step, from its own schedule."""
-    from transformers import get_scheduler
-
-    cfg = load_config(TrainConfig, SMOKE, list(overrides))
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
-    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
-    lrs = []
-    for _ in range(steps):
-        opt.step()
-        sched.step()
-        lrs.append(sched.get_last_lr()[0])
-    return lrs
-
-
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_ranks_match_one_process_step_by_step(runs, name):
     r = runs(name)
@@ -125,7 +118,7 @@ def test_two_ranks_match_one_process_step_by_step(runs, name):
     assert list(losses) == list(range(1, r.case.steps + 1))
     # (2 ranks sum in another order: ~1e-7 apart on this machine; 1e-6 leaves a 10x margin)
     assert losses == pytest.approx(logged(one, "loss"), rel=1e-6)
-    lrs = _expected_lrs(r.case.steps, *r.case.extra)
+    lrs = expected_lrs(r.case.steps, *r.case.extra)
     assert logged(two, "lr") == pytest.approx(dict(enumerate(lrs, start=1)), rel=1e-9)
     # each of the 6 eval rows counted once, though rank 1 ran 2 of them twice
     assert two["final_eval_loss"] == pytest.approx(one["final_eval_loss"], rel=1e-6)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from multirank_helpers import expected_lrs
 from safetensors.torch import load_file
 
 from synthtune.config import ConfigError, TrainConfig, load_config
@@ -155,21 +156,6 @@ def test_resume_matches_uninterrupted_run(tmp_path):
         train(_cfg(tmp_path, "resumed", resume_from="latest", **common), progress=False)
 
 
-def _expected_lrs(steps: int, *overrides: str) -> list[float]:
-    """The learning rate after each optimizer step, from the recipe's own schedule on one process."""
-    from transformers import get_scheduler
-
-    cfg = load_config(TrainConfig, SMOKE, list(overrides))
-    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
-    sched = get_scheduler(cfg.lr_scheduler, opt, num_warmup_steps=cfg.warmup_steps, num_training_steps=steps)
-    out = []
-    for _ in range(steps):
-        opt.step()
-        sched.step()
-        out.append(sched.get_last_lr()[0])
-    return out
-
-
 def _logged(summary: dict, key: str) -> dict[int, float]:
     return {h["step"]: h[key] for h in summary["history"] if key in h}
 
@@ -188,7 +174,7 @@ def test_two_process_ddp_run_stops_and_resumes(tmp_path):
     assert s["processes"] == 2 and s["steps"] == 6 and s["final_eval_n_questions"] == 4
     assert s["distributed_type"] == "MULTI_CPU"
     # one scheduler step per optimizer step: accelerate's default would step it once per process
-    lrs = _expected_lrs(6)
+    lrs = expected_lrs(6)
     assert _logged(s, "lr") == pytest.approx({k: lrs[k - 1] for k in range(1, 7)})
     # and it ends where a run that never stopped ends
     whole = tmp_path / "whole"
@@ -249,7 +235,7 @@ def test_deepspeed_zero3_random_init_trains_like_plain_training_and_resumes(tmp_
     frozen_bytes = 4 * (z["total_params"] - z["trainable_params"])
     assert sum(f.stat().st_size for f in ds_files) < frozen_bytes
     assert _logged(z, "loss") == pytest.approx(_logged(p, "loss"), rel=1e-5)
-    lrs = _expected_lrs(4)
+    lrs = expected_lrs(4)
     assert _logged(z, "lr") == pytest.approx({k: lrs[k - 1] for k in range(1, 5)})
     assert z["final_eval_loss"] == pytest.approx(p["final_eval_loss"], rel=1e-5)
 
