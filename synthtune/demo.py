@@ -23,6 +23,7 @@ from pathlib import Path
 
 import constants
 from synthtune.config import ConfigError, DemoConfig, cli_overrides, load_config, save_config
+from synthtune.files import atomic_write_text
 
 STAGES = ("synthesize", "sft set", "preprocess", "fine-tune", "evaluate")
 #: the training recipe the demo starts from; its own keys are overridden by the demo's
@@ -108,7 +109,7 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
 
         console.print(comparison_table(run.eval))
     summary = _summary(run)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     say(f"report: {out / 'report.md'}")
     return summary
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import constants
 from synthtune.config import SEED, ConfigError, opt
+from synthtune.files import atomic_write_text
 
 
 @dataclass
@@ -132,7 +133,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
         write_jsonl(out / f"{label}_outputs.jsonl", scored)
         results[label] = summary
     report = {"split": cfg.split, "source": cfg.source, "n_questions": len(rows), "out_dir": str(out), **results}
-    (out / "eval_summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "eval_summary.json", json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -8,9 +8,12 @@ through the Agg canvas on its own and leaves the user's matplotlib state alone.
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from synthtune.files import atomic_write_bytes
 
 
 @contextmanager
@@ -23,4 +26,7 @@ def png(path: str | Path, figsize: tuple[float, float], dpi: int = 110) -> Itera
     yield fig, ax
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
+    # rendered in memory, then replaced whole: a report or notebook never shows a half-written PNG
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    atomic_write_bytes(path, buf.getvalue())

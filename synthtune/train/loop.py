@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from synthtune.config import ConfigError, TrainConfig, save_config, to_dict
+from synthtune.files import atomic_write_text
 from synthtune.train import checkpoint as ckpt
 from synthtune.train.data import build_train_data
 from synthtune.train.evaluate import evaluate
@@ -498,7 +499,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
 
         curve = plot_history(history, out_dir / "loss.png")
         summary["loss_png"] = str(curve) if curve else None
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     acc.wait_for_everyone()
     acc.end_training()  # closes trackers and, under launch, the process group: keep it last
     return summary
