@@ -904,18 +904,20 @@ class _Connection:
             lines.append("Retry-After: 1")
         if close:
             lines.append("Connection: close")
+        what = ""
+        if req is not None and status == 200:
+            usage = body.get("usage", {})
+            what = (f" tokens={usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} "
+                    f"batch={req.batch_prompts}")
+        # logged before the reply goes out, so a client that has its answer can rely on the line
+        # being there (tests and operators reading the log right after a request)
+        self._log(status, command, t0, note, req, what)
         sent = True
         try:
             self.writer.write(("\r\n".join(lines) + "\r\n\r\n").encode() + data)
             await asyncio.wait_for(self.writer.drain(), self.app.limits.read_timeout)
         except (ConnectionError, OSError, *_TIMEOUTS):  # the client went away or stopped reading
             sent = False
-        what = ""
-        if req is not None and status == 200:
-            usage = body.get("usage", {})
-            what = (f" tokens={usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} "
-                    f"batch={req.batch_prompts}")
-        self._log(status, command, t0, note, req, what)
         return sent
 
     def _log(self, status: int, command: str, t0: float, note: str, req: GenRequest | None = None,

@@ -292,8 +292,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         f"-> weights {prec.weights_dtype}, autocast {prec.mixed_precision}; trainable {n_train:,} / {n_total:,} "
         f"({100 * n_train / n_total:.2f}%), {acc.num_processes} process(es) on {acc.device}")
 
+    data, problem = None, None
     with acc.main_process_first():
-        data = build_train_data(cfg, tok, seq2seq, mask_bf16="bf16" in (prec.weights_dtype, prec.mixed_precision))
+        try:
+            data = build_train_data(cfg, tok, seq2seq, mask_bf16="bf16" in (prec.weights_dtype, prec.mixed_precision))
+        except (ValueError, OSError) as err:  # bad rows, unreadable files (ConfigError and DataError are ValueErrors)
+            # raised alone, this rank would leave the others waiting in the next collective until the
+            # process group's timeout (30 min); the barrier below and the agreement make every rank stop
+            problem = err
+    raise_if_any_rank_failed(acc, problem)
     for line in data.report_lines():
         say(line)
     train_dl, eval_dl = data.train_loader, data.eval_loader

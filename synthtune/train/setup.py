@@ -130,15 +130,20 @@ def validation_problem(cfg: TrainConfig) -> ConfigError | None:
     return None
 
 
-def raise_if_any_rank_failed(acc, problem: ConfigError | None) -> None:
-    """Every rank raises the same error when any rank's configuration failed (a collective)."""
+def raise_if_any_rank_failed(acc, problem: Exception | None) -> None:
+    """Every rank raises the same error when any rank's configuration or data failed (a collective).
+
+    A rank's own error is chained, so its traceback still shows where it came from."""
     from accelerate.utils import gather_object
 
-    failed = [(rank, msg) for rank, msg in enumerate(gather_object([None if problem is None else str(problem)]))
+    def describe(err: Exception) -> str:
+        return str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+
+    failed = [(rank, msg) for rank, msg in enumerate(gather_object([None if problem is None else describe(problem)]))
               if msg is not None]
     if failed:
         raise ConfigError("; ".join(f"rank {rank} of {acc.num_processes}: {msg}" for rank, msg in failed)
-                          + " (every rank stops)")
+                          + " (every rank stops)") from problem
 
 
 def apply_lora(model, cfg: TrainConfig, is_seq2seq: bool):
