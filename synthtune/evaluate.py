@@ -86,9 +86,10 @@ def _prompts(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict]) -> tuple[l
 
 
 def evaluate_model(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict], progress: bool = True) -> tuple[list, dict]:
-    from synthtune.generation import SamplingParams, complete
+    from synthtune.generation import SamplingParams
     from synthtune.score import score_rows
     from synthtune.synth.prompts import PLAIN_STOP
+    from synthtune.synth.sampler import complete
 
     texts, add_special = _prompts(cfg, lm, rows, pool)
     # plain prompts (special tokens added by the tokenizer) can run on into a made-up next problem;

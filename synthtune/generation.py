@@ -86,16 +86,3 @@ def generate(lm, prompts: Sequence[str], params: SamplingParams | None = None, *
         bar.update(len(chunk))
     bar.close()
     return results
-
-
-def complete(lm, prompts: Sequence[str], params: SamplingParams, *, batch_size: int = 8,
-             add_special_tokens: bool = True, progress: bool = True, desc: str = "generating") -> list[list[str]]:
-    """``params.num_samples`` completions per prompt: batched greedy/sampled ``generate`` for one,
-    the shared-prefill sampler (each prompt's prefill computed once) for several."""
-    if params.num_samples == 1:
-        return generate(lm, prompts, params, batch_size=batch_size, add_special_tokens=add_special_tokens,
-                        progress=progress, desc=desc)
-    from synthtune.synth.sampler import sample_k  # it imports this module
-
-    return [[s.text for s in samples] for samples in
-            sample_k(lm, prompts, params, add_special_tokens=add_special_tokens, progress=progress)]

@@ -19,9 +19,10 @@ def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None =
     from synthtune.data.answers import extract_answer
     from synthtune.data.jsonl import read_jsonl, write_jsonl
     from synthtune.evaluate import load_with_adapter
-    from synthtune.generation import SamplingParams, complete
+    from synthtune.generation import SamplingParams
     from synthtune.prep import format_example, resolve_format
     from synthtune.synth.prompts import PLAIN_STOP
+    from synthtune.synth.sampler import complete
 
     if (prompts is None) == (input_path is None):
         raise ConfigError("give either --prompt TEXT (repeatable) or --input FILE.jsonl, not both or neither")

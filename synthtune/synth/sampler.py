@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from synthtune.generation import Sample, SamplingParams, truncate_at_stop  # noqa: F401 (Sample: re-export)
+from synthtune.generation import Sample, SamplingParams, generate, truncate_at_stop  # noqa: F401 (Sample: re-export)
 
 ATTN_NAME = "synthtune_shared_prefix"
 # Prompt remainders longer than this are prefilled in chunks, bounding the [rows, heads, chunk,
@@ -577,3 +577,14 @@ def _prefill_call_prefix(lm, ids: list[int], prefix_cache: dict) -> None:
     finally:
         _ACTIVE.reset(token)
     prefix_cache.update(len=len(ids), store=store)
+
+
+def complete(lm, prompts: Sequence[str], params: SamplingParams, *, batch_size: int = 8,
+             add_special_tokens: bool = True, progress: bool = True, desc: str = "generating") -> list[list[str]]:
+    """``params.num_samples`` completions per prompt: batched greedy/sampled ``generate`` for one,
+    the shared-prefill sampler (each prompt's prefill computed once) for several."""
+    if params.num_samples == 1:
+        return generate(lm, prompts, params, batch_size=batch_size, add_special_tokens=add_special_tokens,
+                        progress=progress, desc=desc)
+    return [[s.text for s in samples] for samples in
+            sample_k(lm, prompts, params, add_special_tokens=add_special_tokens, progress=progress)]

@@ -13,7 +13,7 @@ from synthtune.config import TrainConfig
 def eval_loss(acc, model, loader, seq2seq: bool) -> float | None:
     import torch
 
-    from synthtune.train.loop import model_inputs, token_loss_sum
+    from synthtune.train.loss import model_inputs, token_loss_sum
 
     if loader is None:
         return None

@@ -27,6 +27,7 @@ from synthtune.files import atomic_write_text
 from synthtune.train import checkpoint as ckpt
 from synthtune.train.data import build_train_data
 from synthtune.train.evaluate import evaluate
+from synthtune.train.loss import batch_tokens, model_inputs, token_loss_sum
 from synthtune.train.setup import (
     apply_lora,
     deepspeed_cpu_process_group,
@@ -39,38 +40,6 @@ from synthtune.train.setup import (
 )
 
 logger = logging.getLogger(__name__)
-
-
-def token_loss_sum(logits, labels, is_seq2seq: bool):
-    """Summed cross-entropy over label tokens (labels == -100 are ignored), computed in fp32."""
-    import torch.nn.functional as F
-
-    if not is_seq2seq:  # causal: position t predicts token t+1
-        logits, labels = logits[:, :-1, :], labels[:, 1:]
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=-100, reduction="sum")
-
-
-def batch_tokens(batch: dict, is_seq2seq: bool) -> int:
-    """Real (non-pad) tokens a step processes: the input side, plus the labels for seq2seq,
-    whose decoder runs over them too."""
-    if "num_tokens" in batch:  # packed rows: the 4D additive mask holds no token count
-        n = int(batch["num_tokens"])
-    elif "attention_mask" in batch:
-        n = int(batch["attention_mask"].sum())
-    else:
-        n = batch["input_ids"].numel()
-    if is_seq2seq:
-        n += int((batch["labels"] != -100).sum())
-    return n
-
-
-def model_inputs(batch: dict, is_seq2seq: bool) -> dict:
-    keys = ("input_ids", "attention_mask", "position_ids", "labels") if is_seq2seq else \
-        ("input_ids", "attention_mask", "position_ids")
-    # seq2seq models build decoder inputs from labels (shifted right); causal models get no labels
-    # so they skip their own loss: ours is summed and normalized per accumulation window.
-    return {k: batch[k] for k in keys if k in batch}
 
 
 class StopRequests:
