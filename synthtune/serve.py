@@ -1,7 +1,7 @@
 """`synthtune serve`: a small OpenAI-compatible HTTP server for a local model and its LoRA adapters.
 
 It is for local use and for tests: the ``openai`` synthesis backend talks to it exactly as it talks
-to vLLM, which is what to run at GPU scale (see the README, "Synthesis against vLLM servers").
+to vLLM, which is what to run at GPU scale (see docs/scaling.md, "Synthesis against vLLM servers").
 
 * Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` with ``n``,
   ``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``stop`` and ``seed``. Errors use OpenAI's
