@@ -304,27 +304,24 @@ def test_a_data_file_missing_on_one_machine_fails_every_rank_fast(tmp_path):
     node1.mkdir()
     rows = load_source("bundled:train").rows[:16]
     (node0 / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    port = free_port()
     overrides = [f"output_dir={tmp_path / 'out'}", "data=train.jsonl", "max_steps=2", "log_with=none",
                  "trace_memory=false"]
-    procs = [machine_launch(r, port, overrides, config=ACC_DIR / "zero3_multinode.yaml", cwd=cwd)
-             for r, cwd in ((0, node0), (1, node1))]
-    for status, said in finish(procs, timeout=180):
-        assert status != 0
-        # the same error on every rank: which rank, which key, which file
-        assert "error: rank 1 of 2: data:" in said and "train.jsonl" in said, said[-3000:]
-        assert "rank 0 of 2" not in said
 
+    def every_rank_reports(*expected: str) -> None:
+        port = free_port()
+        procs = [machine_launch(r, port, overrides, config=ACC_DIR / "zero3_multinode.yaml", cwd=cwd)
+                 for r, cwd in ((0, node0), (1, node1))]
+        for status, said in finish(procs, timeout=180):
+            assert status != 0
+            # the same error on every rank: which rank, which key, which file
+            assert all(e in said for e in expected), said[-3000:]
+            assert "rank 0 of 2" not in said
+
+    every_rank_reports("error: rank 1 of 2: data:", "train.jsonl")
     # now node 1 has the file, but a broken one: it passes the pre-flight check and fails while the
     # data loads, after the model is up; still every rank stops with rank 1's file:line error
     (node1 / "train.jsonl").write_text(json.dumps(rows[0]) + "\n{not json\n" + json.dumps(rows[1]) + "\n")
-    port = free_port()
-    procs = [machine_launch(r, port, overrides, config=ACC_DIR / "zero3_multinode.yaml", cwd=cwd)
-             for r, cwd in ((0, node0), (1, node1))]
-    for status, said in finish(procs, timeout=180):
-        assert status != 0
-        assert "rank 1 of 2:" in said and "train.jsonl:2" in said, said[-3000:]
-        assert "rank 0 of 2" not in said
+    every_rank_reports("rank 1 of 2:", "train.jsonl:2")
 
 
 def test_fsdp2_on_two_cpu_ranks_trains_saves_and_resumes_like_one_process(bigram, one_process, tmp_path):

@@ -36,7 +36,7 @@ class ModelStateProbe:
     """Counts, per rank, the bytes of weights, gradients and optimizer states a run holds.
 
     Create it after ``accelerator.prepare``; call :meth:`result` (a collective) after training.
-    Tensors are keyed by storage address, so a tensor seen at every step (or by two names)
+    Tensors are keyed by storage address, so a tensor seen by two names
     counts once, and a master partition that *is* the model's weight is not counted twice.
     """
 
@@ -50,6 +50,9 @@ class ModelStateProbe:
         self._handle = self.inner.register_step_post_hook(self._after_step)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
+        # Sizes do not change after the first step (Adam's states exist from then on), so one
+        # look is enough: the hook leaves the training loop's hot path once it has looked.
+        self._handle.remove()
         for group in optimizer.param_groups:
             for p in group["params"]:
                 ptr = _local(p).data_ptr()
@@ -81,9 +84,9 @@ class ModelStateProbe:
                     weights += _nbytes(p.data)
                 else:
                     gathered += _nbytes(p.data)
-            elif _local(p.data).numel() and _local(p.data).data_ptr() not in at:
-                at.add(_local(p.data).data_ptr())
-                weights += _nbytes(_local(p.data))
+            elif (mine := _local(p.data)).numel() and mine.data_ptr() not in at:
+                at.add(mine.data_ptr())
+                weights += _nbytes(mine)
         return weights, gathered, at
 
     def local(self, model) -> dict[str, int]:
