@@ -134,6 +134,10 @@ def raise_if_any_rank_failed(acc, problem: Exception | None) -> None:
     """Every rank raises the same error when any rank's configuration or data failed (a collective).
 
     A rank's own error is chained, so its traceback still shows where it came from."""
+    if acc.num_processes == 1:  # nobody to tell: the error as it was raised
+        if problem is not None:
+            raise problem
+        return
     from accelerate.utils import gather_object
 
     def describe(err: Exception) -> str:
