@@ -16,10 +16,13 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from synthtune.memory.estimate import Setup
-from synthtune.memory.measure import compare_h200, cpu_saved_check, summarize
+from synthtune.memory.measure import compare_measured, cpu_saved_check, load_measurements, summarize
 from synthtune.memory.shape import config_from_dict
+
+H200_TABLE = Path(__file__).resolve().parent / "results" / "memory_gpu_h200.jsonl"
 
 CPU_SHAPES = {
     "SmolLM2-135M/2L": dict(model_type="llama", hidden_size=576, num_hidden_layers=2, num_attention_heads=9,
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"CPU saved-tensor bytes: {len(rows)} configs, max |err| {errs[-1]:.1f}%, "
               f"median {errs[len(errs) // 2]:.1f}%\n")
     if not a.cpu_only:
-        res = compare_h200()
+        res = compare_measured(load_measurements(H200_TABLE))
         if a.markdown:
             print("| config | measured GiB | estimate GiB | error | peak phase |\n|---|---|---|---|---|")
         for r in res:

@@ -46,25 +46,23 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import constants  # noqa: E402
+from synthtune import paths  # noqa: E402
 from synthtune.data.gsm8k import load_source  # noqa: E402
-from synthtune.prep import (  # noqa: E402
+from synthtune.train.batching import (  # noqa: E402
     CausalCollator,
     PackedCollator,
     Seq2SeqCollator,
     iter_batches,
     length_grouped_order,
-    length_stats,
     pack_sequences,
-    padding_waste,
-    tokenize_rows,
 )
+from synthtune.train.tokenize import length_stats, padding_waste, tokenize_rows  # noqa: E402
 
 WORKSHOP_LEN = 256
 
 
 def gsm8k_train() -> tuple[list[dict], str]:
-    directory = constants.gsm8k_dir() or (REPO.parent / "shared" / "data" / "gsm8k")
+    directory = paths.gsm8k_dir() or (REPO.parent / "shared" / "data" / "gsm8k")
     if (directory / "train.jsonl").exists():
         return load_source("dir:train", gsm8k_dir=directory).rows, f"GSM8K train ({directory.name}/train.jsonl)"
     print("full GSM8K not found: using the 36-row bundled sample (numbers will not be representative)",
@@ -154,7 +152,7 @@ def trainable(model, targets: list[str], method: str):
 def causal_model(args):
     """The model and tokenizer: real weights on CPU, or a random-init build of a shape-only folder."""
     from synthtune.models import load_config, load_model
-    from synthtune.prep import load_tokenizer_for
+    from synthtune.train.tokenize import load_tokenizer_for
 
     if not args.random_init:
         lm = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -214,7 +212,7 @@ def bench_causal(rows, args, log, method: str = "lora") -> dict:
 def bench_seq2seq(rows, args, log) -> dict:
     from transformers import T5Config, T5ForConditionalGeneration
 
-    from synthtune.prep import load_tokenizer_for
+    from synthtune.train.tokenize import load_tokenizer_for
 
     tok, _ = load_tokenizer_for("smollm2-135m-instruct")
     pad_id = tok.convert_tokens_to_ids("<|endoftext|>")  # a pad distinct from EOS for the T5 config

@@ -32,10 +32,10 @@ sys.path.insert(0, str(REPO))  # run from a checkout without installing
 from synthtune.config import SynthConfig  # noqa: E402
 from synthtune.data.gsm8k import load_split, rationale_and_answer  # noqa: E402
 from synthtune.data.jsonl import write_jsonl  # noqa: E402
-from synthtune.generation import SamplingParams  # noqa: E402
+from synthtune.generation.base import SamplingParams  # noqa: E402
+from synthtune.generation.sampler import Sample  # noqa: E402
 from synthtune.synth.pipeline import evaluate_question, load_items, run_synthesis  # noqa: E402
 from synthtune.synth.prompts import build_prompt  # noqa: E402
-from synthtune.synth.sampler import Sample  # noqa: E402
 
 
 def replay_completions(gold: str, k: int) -> list[Sample]:

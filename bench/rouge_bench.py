@@ -1,4 +1,4 @@
-"""Benchmark (a): ``synthtune.diversity.rouge_l_matrix`` vs rouge-score on all pairs.
+"""Benchmark (a): ``synthtune.synth.diversity.rouge_l_matrix`` vs rouge-score on all pairs.
 
 Run (repo root):
 
@@ -39,7 +39,7 @@ from rouge_score import rouge_scorer
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
-from synthtune.diversity import rouge_l_matrix  # noqa: E402
+from synthtune.synth.diversity import rouge_l_matrix  # noqa: E402
 
 
 def load_texts(n_max: int, seed: int) -> tuple[list[str], str]:

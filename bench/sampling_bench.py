@@ -39,9 +39,9 @@ LABELS = {
 def load_sampler(standalone: bool):
     if standalone:
         # the GPU machine has torch + transformers but not synthtune's other dependencies; the
-        # sampler needs only those plus synthtune.generation, importable from the checkout
+        # sampler needs only those plus synthtune.generation.base, importable from the checkout
         sys.path.insert(0, str(REPO))
-    from synthtune.synth import sampler
+    from synthtune.generation import sampler
 
     return sampler
 

@@ -39,8 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run from a checkout without installing
 
 from synthtune.config import SynthConfig  # noqa: E402
-from synthtune.serve import READY, serve_command, spawn  # noqa: E402
+from synthtune.jobs.serve import READY  # noqa: E402
 from synthtune.synth.pipeline import run_synthesis  # noqa: E402
+from tests.server_helpers import serve_command, spawn  # noqa: E402
 
 
 def job(out: Path, args, **kw) -> SynthConfig:

@@ -14,8 +14,8 @@ import argparse
 import logging
 import sys
 
-from synthtune.cli import user_errors
 from synthtune.config import TrainConfig, load_config
+from synthtune.errors import USER_ERRORS
 from synthtune.train.loop import exit_status, train
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
         result = train(cfg)
-    except user_errors() as err:  # the same ones `synthtune train` reports without a traceback
+    except USER_ERRORS as err:  # the same ones `synthtune train` reports without a traceback
         print(f"error: {err}", file=sys.stderr)
         return 2
     # SIGTERM (preemption) or Ctrl-C: the loop wrote a checkpoint; the status says which signal

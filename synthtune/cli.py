@@ -33,6 +33,7 @@ from rich.console import Console
 from rich.text import Text
 
 from synthtune import __version__
+from synthtune.errors import USER_ERRORS
 
 app = typer.Typer(name="synthtune", no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
                   help="Synthesize reasoning data, fine-tune and evaluate specialist models.")
@@ -110,7 +111,7 @@ def demo(
 ) -> None:
     """The README's whole job in one run: synthesize, SFT set, prep, LoRA fine-tune, base vs tuned eval."""
     from synthtune.config import DemoConfig, load_config
-    from synthtune.demo import run_demo
+    from synthtune.jobs.demo import run_demo
 
     cfg = load_config(DemoConfig, config, overrides or [], model=model, output_dir=output_dir)
     summary = run_demo(cfg, console=Console(stderr=True))
@@ -191,7 +192,7 @@ def serve(
 ) -> None:
     """Serve a model and its LoRA adapters over an OpenAI-compatible HTTP API (for local use and tests)."""
     from synthtune.config import ServeConfig, load_config
-    from synthtune.serve import serve as run_serve
+    from synthtune.jobs.serve import serve as run_serve
 
     limits = load_config(ServeConfig, config, max_request_tokens=max_request_tokens,
                          max_inflight_tokens=max_inflight_tokens, max_connections=max_connections,
@@ -238,7 +239,7 @@ def prep(
     json_only: Annotated[bool, typer.Option("--json", help="print only the one-line JSON summary")] = False,
 ) -> None:
     """Tokenize data for fine-tuning: label masks, length stats, histogram, and a saved arrow dataset."""
-    from synthtune.prep import run_prep
+    from synthtune.jobs.prep import run_prep
 
     try:
         summary = run_prep(model, data, fmt=fmt, max_length=max_length, max_target_length=max_target_length,
@@ -327,7 +328,7 @@ def infer(
     json_only: Annotated[bool, typer.Option("--json", help="print results as JSON lines only")] = False,
 ) -> None:
     """Answer questions with a model and its LoRA adapter, in the prompt format training used."""
-    from synthtune.infer import infer as run_infer
+    from synthtune.jobs.infer import infer as run_infer
 
     rows = run_infer(model, adapter=adapter, prompts=prompt, input_path=input, out_path=out, k=k,
                      max_new_tokens=max_new_tokens, fmt=prompt_format, progress=not json_only)
@@ -353,8 +354,8 @@ def eval_cmd(
     json_only: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
 ) -> None:
     """GSM8K accuracy by generation: strict and flexible accuracy, parse rate, maj@k; --compare."""
-    from synthtune.config import load_config
-    from synthtune.evaluate import EvalConfig, comparison_table, run_eval
+    from synthtune.config import EvalConfig, load_config
+    from synthtune.jobs.eval import comparison_table, run_eval
 
     cfg = load_config(EvalConfig, None, overrides or [], model=model, adapter=adapter, split=split, limit=limit,
                       shots=shots, k=k, seed=seed, out=out, compare=compare or None)
@@ -373,7 +374,7 @@ def merge(
     atol: Annotated[float, typer.Option(help="largest allowed logit difference vs the adapter model")] = 1e-4,
 ) -> None:
     """Merge a LoRA adapter into its base (merge_and_unload), save safetensors, verify the logits."""
-    from synthtune.merge import merge_adapter
+    from synthtune.jobs.merge import merge_adapter
 
     emit(json.dumps(merge_adapter(model, adapter, out, atol=atol), indent=2))
 
@@ -387,7 +388,7 @@ def score(
     lenient: Annotated[bool, typer.Option(help="skip malformed rows (and report how many) instead of failing")] = False,
 ) -> None:
     """Score any model's GSM8K outputs: extraction, correctness, majority vote, maj@k and pass@k."""
-    from synthtune.score import score_file
+    from synthtune.jobs.score import score_file
 
     summary = score_file(input, out, lenient=lenient)
     if not json_only:
@@ -438,17 +439,6 @@ def models_info(
     emit(json.dumps(model_info(name, trust_remote_code=trust_remote_code), indent=2))
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Errors that say what the user must change: printed in one line, exit code 2, no traceback."""
-    from synthtune.config import ConfigError
-    from synthtune.data.jsonl import DataError
-    from synthtune.files import DirectoryInUse
-    from synthtune.merge import MergeMismatch
-    from synthtune.models import ModelError
-
-    return ConfigError, DataError, ModelError, MergeMismatch, DirectoryInUse, FileNotFoundError
-
-
 def main() -> None:
     """Console entry point: known user errors print one clear message, not a traceback.
 
@@ -458,7 +448,7 @@ def main() -> None:
 
     try:
         app()
-    except user_errors() as err:
+    except USER_ERRORS as err:
         # Text, not markup: messages may hold brackets (e.g. "openai/gsm8k[test]").
         err_console.print(Text.assemble(("error: ", "bold red"), redact(str(err))))
         sys.exit(2)

@@ -33,13 +33,10 @@ from typing import Any, TypeVar
 
 import yaml
 
+from synthtune.errors import ConfigError
 from synthtune.files import atomic_write_text
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A config file or override is wrong; the message names where and how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -291,6 +288,29 @@ class TrainConfig:
     trace_memory: bool = opt(True, "sample memory (and GPU utilization) in the background; CSV + PNG")
     device: str | None = opt(None, "single-process runs only: cpu or cuda (accelerate decides under launch)")
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
+
+
+@dataclass
+class EvalConfig:
+    """`synthtune eval`: accuracy of a model (and optionally its LoRA adapter) on GSM8K."""
+
+    model: str = opt("smollm2-135m-instruct", "base model: HF id, local dir, or a built-in name")
+    adapter: str | None = opt(None, "LoRA adapter directory (a training run's final/)")
+    split: str = opt("test", "split to evaluate", ["train", "test"])
+    source: str = opt("bundled", "GSM8K source", ["bundled", "auto", "hub", "dir"])
+    gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl")
+    limit: int | None = opt(None, "only the first N questions", ge=1)
+    shots: int = opt(0, "0: the training format 'Question: ...\\nAnswer:'; 8: few-shot exemplars from train", ge=0)
+    k: int = opt(1, "samples per question: 1 = greedy; >1 = sampling with maj@k and pass@k", ge=1)
+    temperature: float = opt(0.7, "sampling temperature when k > 1", ge=0)
+    max_new_tokens: int = opt(256, "generation budget per answer", ge=1)
+    batch_size: int = opt(8, "questions per generate() call (k=1)", ge=1)
+    prompt_format: str = opt("plain", "plain or chat (the tokenizer's template); match what training used",
+                             ["plain", "chat", "auto"])
+    compare: bool = opt(False, "evaluate the base model and the adapter in one run, side by side")
+    seed: int = opt(0, "seed for exemplars and sampling", **SEED)
+    out: str | None = opt(None, "output directory; default outputs/eval/<timestamp>")
+    device: str | None = opt(None, "cpu, cuda...; default cuda when available")
 
 
 @dataclass

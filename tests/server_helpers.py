@@ -8,19 +8,75 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import socket
+import subprocess
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from synthtune.serve import READY, ServerProcess, serve_command, spawn
+from synthtune.jobs.serve import READY
 
 HERE = Path(__file__).resolve().parent
 SYNTHTUNE = str(Path(sys.executable).parent / "synthtune")
 KEY_ENV = "SYNTHTUNE_TEST_API_KEY"
 PROXY_READY = r"proxy on (http://127\.0\.0\.1:\d+)"
+
+
+@dataclass
+class ServerProcess:
+    """A child process that printed a readiness line holding its URL; its output goes to ``log``."""
+
+    proc: subprocess.Popen
+    url: str
+    log: Path
+
+    def lines(self, pattern: str) -> list[str]:
+        return [line for line in self.log.read_text(errors="replace").splitlines() if re.search(pattern, line)]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        """Signal the process group and wait; SIGKILL if it does not exit within ``timeout``."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=timeout)
+        return self.proc.returncode
+
+
+def spawn(cmd: Sequence[str], log: Path, ready: str, *, env: dict | None = None,
+          timeout: float = 180.0) -> ServerProcess:
+    """Start ``cmd`` in its own process group and wait (at most ``timeout`` s) for ``ready``.
+
+    Output goes to a file, not a pipe: a pipe nobody drains fills up and blocks the server.
+    """
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen(list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        match = re.search(ready, log.read_text(errors="replace"))
+        if match:
+            return ServerProcess(proc, match.group(1), log)
+        if proc.poll() is not None:
+            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode} before it was ready; its log {log}:\n"
+                               f"{log.read_text(errors='replace')[-3000:]}")
+        time.sleep(0.1)
+    ServerProcess(proc, "", log).stop(signal.SIGKILL)
+    raise RuntimeError(f"{cmd[0]} was not ready within {timeout:.0f} s; its log {log}:\n"
+                       f"{log.read_text(errors='replace')[-3000:]}")
+
+
+def serve_command(*args: str) -> list[str]:
+    """``synthtune serve ARGS`` with this interpreter (the console script beside it when installed)."""
+    script = Path(sys.executable).parent / "synthtune"
+    head = [str(script)] if script.exists() else [sys.executable, "-m", "synthtune.cli"]
+    return [*head, "serve", *args]
 
 
 def start_servers(specs: list[tuple[Path, list[str]]], env: dict | None = None, *, model: str = "tiny-llama",

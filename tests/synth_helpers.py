@@ -10,7 +10,7 @@ import os
 import time
 
 from synthtune.data.gsm8k import load_split, rationale_and_answer
-from synthtune.synth.sampler import Sample
+from synthtune.generation.sampler import Sample
 
 
 class ScriptedBackend:

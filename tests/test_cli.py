@@ -75,9 +75,9 @@ def test_score_bad_input_names_file_line_field(synthtune_bin, tmp_path):
 
 
 def test_data_check(synthtune_bin, tmp_path):
-    import constants
+    from synthtune import paths
 
-    ok = json.loads(run(synthtune_bin, "data", "check", str(constants.BUNDLED_GSM8K_DIR / "train.jsonl"),
+    ok = json.loads(run(synthtune_bin, "data", "check", str(paths.BUNDLED_GSM8K_DIR / "train.jsonl"),
                         "--json").stdout)
     assert ok["n_rows"] >= 30 and ok["calc_fraction"] == 1.0 and ok["n_problems"] == 0
     bad = tmp_path / "bad.jsonl"

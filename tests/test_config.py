@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from synthtune.config import ConfigError, DemoConfig, SynthConfig, TrainConfig, field_help, load_config
+from synthtune.config import DemoConfig, SynthConfig, TrainConfig, field_help, load_config
+from synthtune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
@@ -175,7 +176,7 @@ def test_ranges_name_the_file_line_and_python_arguments(tmp_path):
 
 
 def test_eval_config_ranges_apply_to_its_cli_options():
-    from synthtune.evaluate import EvalConfig
+    from synthtune.config import EvalConfig
 
     assert "argument k: k=0 is out of range: k must be an integer >= 1" in _error(EvalConfig, k=0)
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import shlex
 
-import constants
+from synthtune import paths
 from synthtune.config import DemoConfig, SynthConfig, TrainConfig, cli_overrides, load_config
-from synthtune.demo import TRAIN_RECIPE, build_sft_set, demo_train_config, learned
+from synthtune.jobs.demo import TRAIN_RECIPE, build_sft_set, demo_train_config, learned
 from synthtune.train.plots import plot_history
 
 
@@ -60,7 +60,7 @@ def test_the_printed_train_command_reproduces_the_demo_training_config(tmp_path)
     assert (tcfg.max_steps, tcfg.eval_accuracy_samples, tcfg.gradient_accumulation_steps) == (7, 0, 1)
     assert (tcfg.eval_data, tcfg.eval_limit) == ("bundled:test", DemoConfig().eval_questions)
     words = shlex.split(" ".join(cli_overrides(tcfg, base=recipe)))  # as a shell would split the report's line
-    assert load_config(TrainConfig, constants.REPO_ROOT / TRAIN_RECIPE, words) == tcfg
+    assert load_config(TrainConfig, paths.REPO_ROOT / TRAIN_RECIPE, words) == tcfg
 
 
 def test_plot_history_draws_losses_and_rates(tmp_path):

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from rouge_score import rouge_scorer
 
-from synthtune import diversity
-from synthtune.diversity import (
+from synthtune.synth import diversity
+from synthtune.synth.diversity import (
     encode_texts,
     rouge_l_lcs_matrix,
     rouge_l_matrix,

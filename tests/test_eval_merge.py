@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from synthtune.config import TrainConfig, load_config
-from synthtune.merge import MergeMismatch, merge_adapter
+from synthtune.errors import MergeMismatch
+from synthtune.jobs.merge import merge_adapter
 from synthtune.train.loop import train
 
 
@@ -41,7 +42,8 @@ def test_eval_compare_through_cli(synthtune_bin, adapter, tmp_path):
 def test_compare_on_one_base_copy_equals_separate_runs(adapter, tmp_path):
     # --compare evaluates the base, then wraps the same weights with the adapter: each side's answers
     # must be exactly those of a run that loads only that side
-    from synthtune.evaluate import EvalConfig, run_eval
+    from synthtune.config import EvalConfig
+    from synthtune.jobs.eval import run_eval
 
     common = dict(model="tiny-llama", limit=3, max_new_tokens=8)
     run_eval(EvalConfig(**common, adapter=str(adapter), compare=True, out=str(tmp_path / "both")), progress=False)
@@ -58,7 +60,8 @@ def test_compare_on_one_base_copy_equals_separate_runs(adapter, tmp_path):
 
 
 def test_eval_few_shot_and_sampling(tmp_path):
-    from synthtune.evaluate import EvalConfig, run_eval
+    from synthtune.config import EvalConfig
+    from synthtune.jobs.eval import run_eval
 
     rep = run_eval(EvalConfig(model="tiny-llama", limit=2, shots=8, k=3, max_new_tokens=6, out=str(tmp_path)),
                    progress=False)
@@ -67,8 +70,9 @@ def test_eval_few_shot_and_sampling(tmp_path):
 
 
 def test_eval_compare_needs_adapter():
-    from synthtune.config import ConfigError
-    from synthtune.evaluate import EvalConfig, run_eval
+    from synthtune.config import EvalConfig
+    from synthtune.errors import ConfigError
+    from synthtune.jobs.eval import run_eval
 
     with pytest.raises(ConfigError, match="compare"):
         run_eval(EvalConfig(model="tiny-llama", compare=True))
@@ -98,7 +102,7 @@ def test_merge_matches_adapter_and_reloads(adapter, tmp_path):
 
 
 def test_merge_fails_loudly_and_saves_nothing(adapter, tmp_path):
-    from synthtune.config import ConfigError
+    from synthtune.errors import ConfigError
 
     with pytest.raises(MergeMismatch, match="nothing saved"):
         merge_adapter("tiny-llama", str(adapter), tmp_path / "strict", atol=0.0)

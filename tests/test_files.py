@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from synthtune.files import DirectoryInUse, atomic_write_text, lock_dir, publish_dir, replace_dir
+from synthtune.errors import DirectoryInUse
+from synthtune.files import atomic_write_text, lock_dir, publish_dir, replace_dir
 
 # Each child waits at a barrier (a file per child) so that all of them start building at once,
 # then reports which directory inode it was handed and reads the model back from it.

@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from synthtune.config import ConfigError, Range, check_config, cli_overrides, load_config, save_config
+from synthtune.config import Range, check_config, cli_overrides, load_config, save_config
+from synthtune.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).parent))
 from config_helpers import base_type, config_classes  # noqa: E402

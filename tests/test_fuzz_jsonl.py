@@ -22,7 +22,8 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from synthtune.data.jsonl import DataError, append_jsonl, read_appended, read_jsonl, write_jsonl
+from synthtune.data.jsonl import append_jsonl, read_appended, read_jsonl, write_jsonl
+from synthtune.errors import DataError
 
 # Characters line splitters break at, and others that have broken JSONL tools: the BOM, NUL,
 # a bare CR, RTL overrides, non-characters, astral-plane text.

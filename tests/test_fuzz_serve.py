@@ -17,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from synthtune.serve import MAX_N, MAX_STOP, SEED_MAX, GenRequest, RequestError, _clean, parse_body
+from synthtune.jobs.serve import MAX_N, MAX_STOP, SEED_MAX, GenRequest, RequestError, _clean, parse_body
 
 MODELS = ("tiny-llama", "math")
 FIELDS = ("model", "prompt", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
@@ -111,7 +111,7 @@ def test_huge_numbers_are_refused_by_range_or_by_the_json_reader(digits, field):
 
 @pytest.fixture(scope="module")
 def engine():
-    from synthtune.serve import Engine
+    from synthtune.jobs.serve import Engine
 
     return Engine("tiny-llama", device="cpu")
 
@@ -146,7 +146,7 @@ HEADER_LINES = st.sampled_from([b"Content-Length: 5", b"Content-Length: -1", b"C
 @pytest.fixture(scope="module")
 def live(engine):
     from synthtune.config import ServeConfig
-    from synthtune.serve import ServerThread, build_app
+    from synthtune.jobs.serve import ServerThread, build_app
 
     logs: list[str] = []
     server = ServerThread(build_app(engine, ServeConfig(read_timeout=2), log=logs.append))
@@ -173,3 +173,19 @@ def test_any_request_head_gets_a_status_line_or_a_close(live, method, target, ve
     assert reply == b"" or (reply.startswith(b"HTTP/1.1 ") and reply[9:12].isdigit()), reply[:80]
     assert not [line for line in logs if line.startswith("error:")], logs[-3:]
     assert all(line.isprintable() for line in logs)
+
+
+@pytest.mark.parametrize("body", [b"", b"ab"])
+def test_a_client_that_closes_before_its_body_arrives_is_no_server_error(live, body):
+    """Found by the fuzz test above: EOF mid-body once escaped as 'error: ... _Closed'."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from server_helpers import raw_exchange
+
+    server, logs = live
+    before = len(logs)
+    head = b"POST /v1/completions HTTP/1.1\r\nContent-Length: 5\r\n\r\n"
+    assert raw_exchange(server.url, head + body, timeout=20) == b""
+    assert not [line for line in logs[before:] if line.startswith("error:")], logs[before:]

@@ -40,10 +40,10 @@ from synthtune.data.answers import (
 )
 from synthtune.data.calculator import MAX_DIGITS, CalcError, CalcLimit, check_calculations, evaluate
 from synthtune.data.validate import check_file
-from synthtune.score import score_rows
+from synthtune.generation.sampler import Sample
 from synthtune.synth.pipeline import STATUS, evaluate_question, load_items, run_synthesis
-from synthtune.synth.sampler import Sample
 from synthtune.synth.scorers import calculator_score, gold_correctness, guarded, vote_share
+from synthtune.synth.scoring import score_rows
 
 # Seconds one call may take before the guard fails the test.  Calls on 100 KB take milliseconds; the
 # code before the fix took minutes to hours on the same inputs.  Generous because the test machine

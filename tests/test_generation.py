@@ -1,4 +1,4 @@
-from synthtune.generation import SamplingParams, generate, truncate_at_stop
+from synthtune.generation.base import SamplingParams, generate, truncate_at_stop
 
 
 def test_truncate_at_first_stop():

@@ -2,11 +2,11 @@ import json
 
 import pytest
 
-import constants
+from synthtune import paths
 from synthtune.data.answers import extract_gold
 from synthtune.data.calculator import check_calculations
 from synthtune.data.gsm8k import load_split, rationale_and_answer, resolve_source
-from synthtune.data.jsonl import DataError
+from synthtune.errors import DataError
 
 
 def test_bundled_sample_is_whole_and_checked():
@@ -35,7 +35,7 @@ def test_bundled_sample_is_original_not_gsm8k(gsm8k_dir):
 
 
 def test_dir_source_needs_a_dir(monkeypatch):
-    monkeypatch.delenv(constants.GSM8K_DIR_ENV, raising=False)
+    monkeypatch.delenv(paths.GSM8K_DIR_ENV, raising=False)
     with pytest.raises(DataError, match="needs a directory"):
         resolve_source("dir")
     assert resolve_source("auto") == ("hub", None)

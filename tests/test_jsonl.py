@@ -12,7 +12,8 @@ import stat
 import pytest
 
 from synthtune.data import jsonl
-from synthtune.data.jsonl import DataError, append_jsonl, read_jsonl, write_jsonl
+from synthtune.data.jsonl import append_jsonl, read_jsonl, write_jsonl
+from synthtune.errors import DataError
 
 
 def _write(path, text: str | bytes):

@@ -11,9 +11,12 @@ import pytest
 
 from synthtune.memory import FLAN_UL2_CONFIG, MemoryTracer, Setup, estimate, load_shape, workshop_rule
 from synthtune.memory.fit import fit
-from synthtune.memory.measure import compare_h200, cpu_saved_check, summarize
+from synthtune.memory.measure import compare_measured, cpu_saved_check, load_measurements, summarize
 from synthtune.memory.report import BREAKDOWN_KEYS
 from synthtune.memory.shape import config_from_dict, resolve_targets
+from synthtune.paths import REPO_ROOT
+
+H200_TABLE = REPO_ROOT / "bench" / "results" / "memory_gpu_h200.jsonl"
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,7 @@ def test_deepspeed_fp32_keeps_a_master_partition_of_the_trainable_weights():
 
 
 def test_h200_measurements_within_ten_percent():
-    results = compare_h200()
+    results = compare_measured(load_measurements(H200_TABLE))
     assert len(results) == 156
     worst = max(results, key=lambda r: abs(r["error_pct"]))
     assert abs(worst["error_pct"]) <= 10.0, worst

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from synthtune.config import ConfigError, SynthConfig
+from synthtune.config import SynthConfig
 from synthtune.data.gsm8k import load_split
-from synthtune.generation import SamplingParams
+from synthtune.errors import ConfigError
+from synthtune.generation.base import SamplingParams
 from synthtune.synth.backends import HFBackend, backend_for
 from synthtune.synth.openai_backend import (
     Endpoint,
@@ -256,8 +257,8 @@ def test_serve_models_completions_chat_and_errors(servers):
 
 
 def test_adapter_is_selected_by_model_name(servers, lively_adapter):
-    from synthtune.evaluate import load_with_adapter
-    from synthtune.synth.sampler import sample_k
+    from synthtune.generation.sampler import sample_k
+    from synthtune.models import load_with_adapter
 
     prompt = "Problem: Tom has 3 apples and buys 4 more. How many?\nAnswer:"
 

@@ -13,21 +13,21 @@ import pytest
 import torch
 
 from synthtune.data.gsm8k import load_source
-from synthtune.data.jsonl import DataError
-from synthtune.prep import (
-    IGNORE_INDEX,
+from synthtune.errors import DataError
+from synthtune.formats import encode_prompt, format_example, resolve_format
+from synthtune.train.batching import (
     CausalCollator,
     LengthGroupedSampler,
     PackedCollator,
     Seq2SeqCollator,
-    encode_prompt,
-    format_example,
     length_grouped_order,
-    length_stats,
     pack_sequences,
+)
+from synthtune.train.tokenize import (
+    IGNORE_INDEX,
+    length_stats,
     padding_waste,
     plot_length_histogram,
-    resolve_format,
     tokenize_rows,
 )
 
@@ -144,7 +144,7 @@ def test_eos_kept_when_pad_token_is_eos(tiny_llama, rows, cache):
 
 
 def test_smollm2_tokenizer_pad_is_eos_and_eos_is_labelled(rows, cache):
-    from synthtune.prep import load_tokenizer_for
+    from synthtune.train.tokenize import load_tokenizer_for
 
     tok, is_seq2seq = load_tokenizer_for("smollm2-135m-instruct")
     assert not is_seq2seq and tok.pad_token_id == tok.eos_token_id  # the classic trap, for real
@@ -322,7 +322,7 @@ def test_prep_cli(synthtune_bin, tmp_path):
     assert "exceed max_length=160" in proc.stderr
     for key in ("dataset", "stats", "histogram"):
         assert (out / summary[key].split("/")[-1]).exists()
-    from synthtune.prep import load_prepared
+    from synthtune.train.tokenize import load_prepared
 
     ds = load_prepared(out)
     assert len(ds) == summary["n_kept"]
@@ -338,7 +338,8 @@ def test_a_rerun_that_dies_while_saving_keeps_the_previous_dataset(tmp_path, mon
     # half-written dataset. Now the new one is saved beside it and swapped in whole.
     import datasets
 
-    from synthtune.prep import load_prepared, run_prep
+    from synthtune.jobs.prep import run_prep
+    from synthtune.train.tokenize import load_prepared
 
     out = tmp_path / "prep"
     run_prep("tiny-llama", "bundled:train", max_length=128, limit=6, out=out, cache_dir=tmp_path / "cache")

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from synthtune.data.gsm8k import load_split
-from synthtune.generation import SamplingParams
+from synthtune.generation.base import SamplingParams
+from synthtune.generation.sampler import Sample, sample_k
 from synthtune.synth.prompts import PLAIN_STOP, build_prompt
-from synthtune.synth.sampler import Sample, sample_k
 
 
 @pytest.fixture(scope="module")

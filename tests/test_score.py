@@ -10,8 +10,10 @@ import os
 
 import pytest
 
-from synthtune.data.jsonl import DataError, read_jsonl, write_jsonl
-from synthtune.score import score_file, score_rows
+from synthtune.data.jsonl import read_jsonl, write_jsonl
+from synthtune.errors import DataError
+from synthtune.jobs.score import score_file
+from synthtune.synth.scoring import score_rows
 
 ROWS = [
     {

@@ -319,7 +319,7 @@ def test_t5_gets_a_context_check_and_ipv6_loopback_works(t5_server):
 
 @pytest.fixture(scope="module")
 def engine():
-    from synthtune.serve import Engine
+    from synthtune.jobs.serve import Engine
 
     return Engine("tiny-llama", device="cpu")
 
@@ -327,7 +327,7 @@ def engine():
 def test_a_batch_that_fails_is_rerun_request_by_request(engine):
     """A request that passes validation but breaks generation (a token id past the embedding) is
     batched first with good ones: the batch fails, its members rerun alone, only it fails."""
-    from synthtune.serve import Batcher, parse_request
+    from synthtune.jobs.serve import Batcher, parse_request
 
     logs: list[str] = []
     reqs = [parse_request(_good(i), chat=False, models=engine.names) for i in range(4)]
@@ -354,7 +354,7 @@ def test_a_batch_that_fails_is_rerun_request_by_request(engine):
 
 def test_connections_over_the_cap_get_a_quick_503(engine):
     from synthtune.config import ServeConfig
-    from synthtune.serve import ServerThread, build_app
+    from synthtune.jobs.serve import ServerThread, build_app
 
     logs: list[str] = []
     app = build_app(engine, ServeConfig(max_connections=4), log=logs.append)
@@ -376,8 +376,9 @@ def test_connections_over_the_cap_get_a_quick_503(engine):
 
 
 def test_limits_that_cannot_work_are_refused_by_name(tmp_path):
-    from synthtune.config import ConfigError, ServeConfig, load_config
-    from synthtune.serve import check_limits
+    from synthtune.config import ServeConfig, load_config
+    from synthtune.errors import ConfigError
+    from synthtune.jobs.serve import check_limits
 
     path = tmp_path / "serve.yaml"
     path.write_text("max_request_tokens: 5000\nmax_inflight_tokens: 4000\n")
@@ -395,8 +396,8 @@ def test_limits_that_cannot_work_are_refused_by_name(tmp_path):
 @pytest.mark.parametrize("model", ["tiny_llama", "tiny_t5"])
 def test_sampling_stops_at_the_step_after_abort_turns_true(model, request):
     """The hook a departed batch uses: the shared-prefill path (causal) and generate() (seq2seq)."""
-    from synthtune.generation import SamplingParams
-    from synthtune.synth.sampler import Aborted, sample_k
+    from synthtune.generation.base import SamplingParams
+    from synthtune.generation.sampler import Aborted, sample_k
 
     lm = request.getfixturevalue(model)
     params = SamplingParams(max_new_tokens=24, temperature=1.0, num_samples=2, seed=0)
@@ -415,8 +416,8 @@ def test_sampling_stops_at_the_step_after_abort_turns_true(model, request):
 
 def test_a_server_key_a_header_cannot_carry_fails_naming_the_variable_not_the_key(monkeypatch):
     """A key file saved with CRLF leaves a trailing \\r: every client would get 401 with no hint why."""
-    from synthtune.config import ConfigError
-    from synthtune.serve import serve
+    from synthtune.errors import ConfigError
+    from synthtune.jobs.serve import serve
 
     monkeypatch.setenv("SERVE_TEST_KEY", "sk-serve-secret-123\r")
     with pytest.raises(ConfigError) as err:

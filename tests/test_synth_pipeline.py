@@ -10,11 +10,11 @@ from pathlib import Path
 import datasets
 import pytest
 
-from synthtune.config import ConfigError, SynthConfig
-from synthtune.data.jsonl import DataError
-from synthtune.files import LOCK_NAME, DirectoryInUse
+from synthtune.config import SynthConfig
+from synthtune.errors import ConfigError, DataError, DirectoryInUse
+from synthtune.files import LOCK_NAME
+from synthtune.generation.sampler import Sample
 from synthtune.synth.pipeline import KEPT, STATUS, evaluate_question, load_items, run_synthesis
-from synthtune.synth.sampler import Sample
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_helpers import ScriptedBackend  # noqa: E402

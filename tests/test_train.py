@@ -12,7 +12,8 @@ import torch
 from multirank_helpers import expected_lrs
 from safetensors.torch import load_file
 
-from synthtune.config import ConfigError, TrainConfig, load_config
+from synthtune.config import TrainConfig, load_config
+from synthtune.errors import ConfigError
 from synthtune.train.loop import train
 from synthtune.train.setup import validate
 
@@ -264,8 +265,8 @@ def test_deepspeed_zero3_saves_a_real_adapter(tmp_path):
 
 
 def test_limit_and_eval_limit_take_the_first_rows():
-    from synthtune.prep import load_tokenizer_for
     from synthtune.train.data import build_train_data
+    from synthtune.train.tokenize import load_tokenizer_for
 
     tok, seq2seq = load_tokenizer_for("tiny-llama")
     tok.pad_token = tok.pad_token or tok.eos_token
@@ -279,8 +280,8 @@ def test_limit_and_eval_limit_take_the_first_rows():
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-t5"])
 def test_pad_to_multiple_of_buckets_every_batch_shape(model):
-    from synthtune.prep import IGNORE_INDEX, load_tokenizer_for
     from synthtune.train.data import build_train_data
+    from synthtune.train.tokenize import IGNORE_INDEX, load_tokenizer_for
 
     tok, seq2seq = load_tokenizer_for(model)
     tok.pad_token = tok.pad_token or tok.eos_token

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import constants
-from synthtune.data.jsonl import DataError, read_jsonl
+from synthtune import paths
+from synthtune.data.jsonl import read_jsonl
+from synthtune.errors import DataError
 
 SPLITS = ("train", "test")
 SOURCES = ("auto", "bundled", "hub", "dir")
@@ -43,9 +44,9 @@ def resolve_source(source: str = "auto", gsm8k_dir: str | Path | None = None) ->
     """Turn (source, dir) as given on the command line into ("bundled"|"hub"|"dir", dir)."""
     if source not in SOURCES:
         raise DataError("--source", None, f"unknown GSM8K source {source!r}", f"use one of {', '.join(SOURCES)}")
-    directory = Path(gsm8k_dir).expanduser() if gsm8k_dir else constants.gsm8k_dir()
+    directory = Path(gsm8k_dir).expanduser() if gsm8k_dir else paths.gsm8k_dir()
     if source == "dir" and directory is None:
-        raise DataError("--source", None, "source 'dir' needs a directory", f"pass --gsm8k-dir or set {constants.GSM8K_DIR_ENV}")
+        raise DataError("--source", None, "source 'dir' needs a directory", f"pass --gsm8k-dir or set {paths.GSM8K_DIR_ENV}")
     if source in ("auto", "dir") and directory is not None:
         return "dir", directory
     if source == "auto":
@@ -60,7 +61,7 @@ def load_split(split: str, source: str = "auto", gsm8k_dir: str | Path | None = 
         raise DataError("--split", None, f"unknown split {split!r}", f"GSM8K has {', '.join(SPLITS)}")
     kind, directory = resolve_source(source, gsm8k_dir)
     if kind == "bundled":
-        res = read_jsonl(constants.BUNDLED_GSM8K_DIR / f"{split}.jsonl", required=FIELDS, lenient=lenient)
+        res = read_jsonl(paths.BUNDLED_GSM8K_DIR / f"{split}.jsonl", required=FIELDS, lenient=lenient)
         out = Split(res.rows, "bundled", split, res.skipped)
     elif kind == "dir":
         path = directory / f"{split}.jsonl"
@@ -85,7 +86,7 @@ def _load_hub(split: str, lenient: bool) -> Split:
         first = str(err).splitlines()[0] if str(err) else ""
         raise DataError(
             f"hub:{HUB_ID}", None, f"could not be loaded ({type(err).__name__}: {first})",
-            f"pass --gsm8k-dir DIR (or set {constants.GSM8K_DIR_ENV}) to a folder with train.jsonl/test.jsonl, "
+            f"pass --gsm8k-dir DIR (or set {paths.GSM8K_DIR_ENV}) to a folder with train.jsonl/test.jsonl, "
             f"or use --source bundled for the project's 50-problem sample") from err
     rows, skipped = [], []
     for i, row in enumerate(ds, start=1):
@@ -103,7 +104,7 @@ def _load_hub(split: str, lenient: bool) -> Split:
 def bundled_texts() -> Iterator[str]:
     """Every question and answer of the bundled sample (the tiny tokenizers train on it)."""
     for split in SPLITS:
-        for row in read_jsonl(constants.BUNDLED_GSM8K_DIR / f"{split}.jsonl", required=FIELDS).rows:
+        for row in read_jsonl(paths.BUNDLED_GSM8K_DIR / f"{split}.jsonl", required=FIELDS).rows:
             yield row["question"]
             yield row["answer"]
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from synthtune.errors import DataError
 from synthtune.files import atomic_write_bytes
 
 __all__ = ["DataError", "JsonlResult", "append_jsonl", "read_appended", "read_jsonl", "write_jsonl"]
@@ -32,36 +33,6 @@ __all__ = ["DataError", "JsonlResult", "append_jsonl", "read_appended", "read_js
 #: Characters json.dumps(ensure_ascii=False) leaves raw that some line splitter breaks lines on.
 _RAW_BREAKS = re.compile("[\x85\u2028\u2029]")
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class DataError(ValueError):
-    """A data file is missing or has a bad line.
-
-    The message reads ``PATH:LINE: field 'NAME' PROBLEM (HINT)`` so that editors and terminals can
-    jump to it; the parts are also kept as attributes for callers that want to reformat them.
-    """
-
-    def __init__(
-        self,
-        path: str | os.PathLike[str],
-        line: int | None,
-        problem: str,
-        hint: str = "",
-        field: str | None = None,
-    ) -> None:
-        self.path = str(path)
-        self.line = line
-        self.field = field
-        self.problem = problem
-        self.hint = hint
-        where = f"{self.path}:{line}" if line is not None else self.path
-        subject = f"field '{field}' {problem}" if field is not None else problem
-        super().__init__(f"{where}: {subject}" + (f" ({hint})" if hint else ""))
-
-    @property
-    def reason(self) -> str:
-        """The problem without the location or the hint, as recorded for skipped lines."""
-        return f"field '{self.field}' {self.problem}" if self.field is not None else self.problem
 
 
 @dataclass

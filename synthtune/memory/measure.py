@@ -1,13 +1,13 @@
-"""Measurements beside the estimate: saved-tensor bytes on CPU, and the H200 table.
+"""Measurements beside the estimate: saved-tensor bytes on CPU, and tables measured on GPUs.
 
 ``saved_tensor_bytes`` counts what autograd keeps from a real forward pass, through
 ``torch.autograd.graph.saved_tensors_hooks``: each saved tensor's storage once (autograd saves
 the same tensor for several ops), parameters excluded. That is the activation term the
 estimator walks op by op, measured on any machine, with no GPU.
 
-``compare_h200`` runs the estimator on every row of ``bench/results/memory_gpu_h200.jsonl``
-(peak allocated memory of real training steps on an NVIDIA H200) and returns estimate vs
-measurement.
+``compare_measured`` runs the estimator on every row of a measured table (the caller loads it with
+``load_measurements``, e.g. ``bench/results/memory_gpu_h200.jsonl``: peak allocated memory of real
+training steps on an NVIDIA H200) and returns estimate vs measurement.
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import constants
 from synthtune.memory.estimate import GIB, Setup, estimate, saved_bytes
 from synthtune.memory.shape import ModelShape, config_from_dict, shape_from_config
-
-H200_TABLE = constants.REPO_ROOT / "bench" / "results" / "memory_gpu_h200.jsonl"
 
 
 def saved_tensor_bytes(model, batch: dict, autocast: bool) -> int:
@@ -100,12 +97,12 @@ def cpu_saved_check(config, setup: Setup, name: str = "") -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------
-# the H200 table
+# measured tables (passed in: the library never reads bench/)
 # ---------------------------------------------------------------------------------------------
 
 
-def h200_rows(path: Path | None = None) -> list[dict[str, Any]]:
-    path = path or H200_TABLE
+def load_measurements(path: Path | str) -> list[dict[str, Any]]:
+    """The rows of a measurement table written by ``bench/memory_gpu_measure.py`` (one JSON object per line)."""
     # newline="\n": rows end at "\n" only (text mode would also split at a bare "\r")
     with open(path, encoding="utf-8", newline="\n") as fh:
         return [json.loads(line) for line in fh if line.strip()]
@@ -140,9 +137,9 @@ def group_of(row: dict[str, Any]) -> str:
     return f"{row['arch']} {method} ckpt={'on' if row['grad_ckpt'] else 'off'}"
 
 
-def compare_h200(rows: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """Estimate every measured row; each result has measured/estimated GiB and the % error."""
-    rows = h200_rows() if rows is None else rows
+def compare_measured(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Estimate every measured row (from :func:`load_measurements`); each result has measured/estimated GiB
+    and the % error."""
     shapes: dict[str, ModelShape] = {}
     out = []
     for r in rows:

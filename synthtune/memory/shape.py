@@ -11,10 +11,10 @@ import functools
 from dataclasses import dataclass, field
 from typing import Any
 
-import constants
+from synthtune import paths
 
 #: Shape (no weights) of google/flan-ul2, the workshop's 20B model; usable as ``--model``.
-FLAN_UL2_CONFIG = constants.CONFIGS_DIR / "models" / "flan-ul2" / "config.json"
+FLAN_UL2_CONFIG = paths.CONFIGS_DIR / "models" / "flan-ul2" / "config.json"
 
 
 

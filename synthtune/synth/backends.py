@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from synthtune.generation import SamplingParams
+from synthtune.generation.base import SamplingParams
+from synthtune.generation.sampler import Sample, sample_k
 from synthtune.synth.prompts import Prompt
-from synthtune.synth.sampler import Sample, sample_k
 
 BACKENDS = ("hf", "openai")
 
@@ -58,7 +58,7 @@ class HFBackend:
 
 def make_backend(name: str, model: str, *, device: str | None = None, seed: int = 0,
                  trust_remote_code: bool = False, batch_size: int = 1) -> HFBackend:
-    from synthtune.config import ConfigError
+    from synthtune.errors import ConfigError
     from synthtune.models import load_model
 
     if name != "hf":
@@ -70,7 +70,7 @@ def make_backend(name: str, model: str, *, device: str | None = None, seed: int 
 
 def backend_for(cfg):
     """The backend a ``SynthConfig`` asks for."""
-    from synthtune.config import ConfigError
+    from synthtune.errors import ConfigError
 
     if cfg.backend == "openai":
         from synthtune.synth.openai_backend import OpenAIBackend

@@ -48,9 +48,8 @@ from datetime import timezone
 from urllib.parse import urlsplit
 
 from synthtune import __version__
-from synthtune.config import ConfigError
-from synthtune.generation import Sample, SamplingParams, truncate_at_stop
-from synthtune.models import ModelError
+from synthtune.errors import ConfigError, ModelError
+from synthtune.generation.base import Sample, SamplingParams, truncate_at_stop
 from synthtune.redact import redact, redact_bytes, secret_from_env
 from synthtune.synth.prompts import Prompt
 

@@ -32,14 +32,15 @@ from pathlib import Path
 
 import yaml
 
-import constants
-from synthtune.config import ConfigError, SynthConfig, save_config, to_dict
+from synthtune import paths
+from synthtune.config import SynthConfig, save_config, to_dict
 from synthtune.data.answers import extract_answer, extract_gold
 from synthtune.data.gsm8k import is_test_source, load_source
-from synthtune.data.jsonl import DataError, append_jsonl, read_appended, write_jsonl
-from synthtune.diversity import select_diverse, workshop_rule
+from synthtune.data.jsonl import append_jsonl, read_appended, write_jsonl
+from synthtune.errors import ConfigError, DataError
 from synthtune.files import atomic_write_bytes, atomic_write_text, lock_dir
-from synthtune.generation import SamplingParams
+from synthtune.generation.base import SamplingParams
+from synthtune.synth.diversity import select_diverse, workshop_rule
 from synthtune.synth.prompts import PLAIN_STOP, build_prompt, default_format
 from synthtune.synth.scorers import calculator_score, gold_correctness, guarded, vote_share
 from synthtune.synth.vote import majority_vote
@@ -397,7 +398,7 @@ def _select(passing: list[int], texts: list[str], reward: list, kept_before: Seq
 
 def default_out_dir(cfg: SynthConfig) -> Path:
     slug = f"{Path(cfg.model).name}-{cfg.questions.replace(':', '-').replace('/', '_')}"
-    return constants.OUTPUTS_DIR / "synth" / slug
+    return paths.OUTPUTS_DIR / "synth" / slug
 
 
 def run_synthesis(cfg: SynthConfig, backend=None, *, progress: bool = True, log: Callable[[str], None] = print,

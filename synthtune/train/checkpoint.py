@@ -74,7 +74,7 @@ def adapter_only_checkpoints(acc, model) -> bool:
     """
     from accelerate.utils import DistributedType
 
-    from synthtune.config import ConfigError
+    from synthtune.errors import ConfigError
 
     if acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         return False

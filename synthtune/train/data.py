@@ -24,7 +24,7 @@ class EpochOrder:
     def __iter__(self):
         import torch
 
-        from synthtune.prep import length_grouped_order
+        from synthtune.train.batching import length_grouped_order
 
         if self.group_by_length:
             return iter(length_grouped_order(self.lengths, self.batch_size, seed=self.seed + self.epoch))
@@ -58,19 +58,14 @@ def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool
     import torch
     from torch.utils.data import DataLoader
 
-    import constants
+    from synthtune import paths
     from synthtune.data.gsm8k import load_source
-    from synthtune.prep import (
-        CausalCollator,
-        PackedCollator,
-        Seq2SeqCollator,
-        pack_sequences,
-        resolve_format,
-        tokenize_rows,
-    )
+    from synthtune.formats import resolve_format
+    from synthtune.train.batching import CausalCollator, PackedCollator, Seq2SeqCollator, pack_sequences
+    from synthtune.train.tokenize import tokenize_rows
 
     fmt = resolve_format(cfg.prompt_format, tokenizer, seq2seq)
-    cache = constants.CACHE_DIR / "prep"
+    cache = paths.CACHE_DIR / "prep"
     rows = load_source(cfg.data, cfg.gsm8k_dir, limit=cfg.limit).rows
     rows = [r for r in rows if r.get("answer")]
     train = tokenize_rows(rows, tokenizer, is_seq2seq=seq2seq, fmt=fmt, max_length=cfg.max_length,

@@ -22,12 +22,13 @@ import warnings
 from dataclasses import replace
 from pathlib import Path
 
-from synthtune.config import ConfigError, TrainConfig, save_config, to_dict
+from synthtune.config import TrainConfig, save_config, to_dict
+from synthtune.errors import ConfigError
 from synthtune.files import atomic_write_text
 from synthtune.train import checkpoint as ckpt
 from synthtune.train.data import build_train_data
-from synthtune.train.evaluate import evaluate
 from synthtune.train.loss import batch_tokens, model_inputs, token_loss_sum
+from synthtune.train.metrics import evaluate
 from synthtune.train.setup import (
     apply_lora,
     deepspeed_cpu_process_group,

@@ -13,8 +13,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import constants
-from synthtune.config import ConfigError, TrainConfig
+from synthtune import paths
+from synthtune.config import TrainConfig
+from synthtune.errors import ConfigError
 
 
 @dataclass
@@ -40,7 +41,7 @@ def resolve_precision(cfg: TrainConfig, cuda: bool, bf16_ok: bool) -> Precision:
 
 
 def default_output_dir(cfg: TrainConfig) -> Path:
-    return constants.OUTPUTS_DIR / "train" / f"{Path(cfg.model).name}-{cfg.method}"
+    return paths.OUTPUTS_DIR / "train" / f"{Path(cfg.model).name}-{cfg.method}"
 
 
 def lora_target_modules(cfg: TrainConfig):
@@ -59,8 +60,8 @@ def validate(cfg: TrainConfig) -> None:
     import torch
 
     from synthtune.data.gsm8k import load_source
-    from synthtune.data.jsonl import DataError
-    from synthtune.models import ModelError, is_seq2seq_config, load_config
+    from synthtune.errors import DataError, ModelError
+    from synthtune.models import is_seq2seq_config, load_config
 
     if cfg.per_device_batch_size < 1 or cfg.gradient_accumulation_steps < 1:
         raise ConfigError("per_device_batch_size and gradient_accumulation_steps must be >= 1")

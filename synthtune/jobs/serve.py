@@ -43,12 +43,10 @@ import ipaddress
 import itertools
 import json
 import math
-import os
 import queue
 import re
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -60,7 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthtune import __version__
-from synthtune.config import ConfigError, ServeConfig
+from synthtune.config import ServeConfig
+from synthtune.errors import ConfigError
 from synthtune.redact import secret_from_env
 
 MAX_N = 128
@@ -289,7 +288,7 @@ class Engine:
 
     def __init__(self, model: str, adapters: Sequence[str] = (), *, served_name: str | None = None,
                  device: str | None = None, seed: int = 0, context: int | None = None):
-        from synthtune.evaluate import check_adapter_dir, load_with_adapter
+        from synthtune.models import check_adapter_dir, load_with_adapter
 
         self.base_name = served_name or model
         named = [parse_adapter(a) for a in adapters]
@@ -364,8 +363,8 @@ class Engine:
 
     def run(self, group: list[GenRequest], abort: Callable[[], bool] | None = None) -> None:
         """Generate for prepared requests that share a group key, in one ``sample_k`` call."""
-        from synthtune.generation import SamplingParams
-        from synthtune.synth.sampler import sample_k
+        from synthtune.generation.base import SamplingParams
+        from synthtune.generation.sampler import sample_k
 
         first = group[0]
         ids = [x for req in group for x in req.ids]
@@ -395,7 +394,7 @@ class Engine:
 
     def _raw(self, sample, stop: tuple[str, ...]) -> tuple[str, object, str | None]:
         """The completion as OpenAI returns it: unstripped, cut before the stop string that ended it."""
-        from synthtune.generation import truncate_at_stop
+        from synthtune.generation.base import truncate_at_stop
 
         tokens = sample.token_ids[:-1] if sample.finish_reason == "eos" else sample.token_ids
         text = self.lm.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -502,7 +501,7 @@ class Batcher:
                 req.finish()
 
     def _run_isolated(self, group: list[GenRequest]) -> None:
-        from synthtune.synth.sampler import Aborted
+        from synthtune.generation.sampler import Aborted
 
         def abort(reqs=group):
             return all(r.cancelled for r in reqs)
@@ -648,8 +647,12 @@ class App:
             writer.close()
 
 
-class _Closed(Exception):
-    """The client closed its side of the connection."""
+class _Closed(ConnectionError):
+    """The client closed its side of the connection.
+
+    A ``ConnectionError``: wherever it surfaces (before a request, or mid-body once the head promised
+    more bytes than came), the connection just ends, as for a reset; it is not a server error.
+    """
 
 
 @dataclass
@@ -1149,60 +1152,5 @@ def serve(model: str, adapters: Sequence[str] = (), *, host: str = "127.0.0.1", 
         log("stopped")
 
 
-# --------------------------------------------------------------------------------------------
-# as a child process (tests, benchmarks, scripts)
-# --------------------------------------------------------------------------------------------
-
+#: What a started server prints once it accepts requests (a supervisor waits for this line).
 READY = r"serving on (http://\S+/v1)"
-
-
-@dataclass
-class ServerProcess:
-    """A child process that printed a readiness line holding its URL; its output goes to ``log``."""
-
-    proc: subprocess.Popen
-    url: str
-    log: Path
-
-    def lines(self, pattern: str) -> list[str]:
-        return [line for line in self.log.read_text(errors="replace").splitlines() if re.search(pattern, line)]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        """Signal the process group and wait; SIGKILL if it does not exit within ``timeout``."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=timeout)
-        return self.proc.returncode
-
-
-def spawn(cmd: Sequence[str], log: Path, ready: str, *, env: dict | None = None,
-          timeout: float = 180.0) -> ServerProcess:
-    """Start ``cmd`` in its own process group and wait (at most ``timeout`` s) for ``ready``.
-
-    Output goes to a file, not a pipe: a pipe nobody drains fills up and blocks the server.
-    """
-    with open(log, "wb") as fh:
-        proc = subprocess.Popen(list(cmd), stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        match = re.search(ready, log.read_text(errors="replace"))
-        if match:
-            return ServerProcess(proc, match.group(1), log)
-        if proc.poll() is not None:
-            raise RuntimeError(f"{cmd[0]} exited with {proc.returncode} before it was ready; its log {log}:\n"
-                               f"{log.read_text(errors='replace')[-3000:]}")
-        time.sleep(0.1)
-    ServerProcess(proc, "", log).stop(signal.SIGKILL)
-    raise RuntimeError(f"{cmd[0]} was not ready within {timeout:.0f} s; its log {log}:\n"
-                       f"{log.read_text(errors='replace')[-3000:]}")
-
-
-def serve_command(*args: str) -> list[str]:
-    """``synthtune serve ARGS`` with this interpreter (the console script beside it when installed)."""
-    script = Path(sys.executable).parent / "synthtune"
-    head = [str(script)] if script.exists() else [sys.executable, "-m", "synthtune.cli"]
-    return [*head, "serve", *args]

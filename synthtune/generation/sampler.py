@@ -31,7 +31,7 @@ Seq2seq models, and causal models whose attention this can't reproduce (sliding 
 soft-capping, non-"full_attention" layers), fall back to ``generate(num_return_sequences=k)``
 with the same ``Sample`` results.
 
-This module imports only torch, transformers and ``synthtune.generation`` (tqdm), so the GPU
+This module imports only torch, transformers and ``synthtune.generation.base`` (tqdm), so the GPU
 benchmark runs it from a bare checkout (repo root on ``sys.path``) where synthtune's other
 dependencies are missing.
 """
@@ -43,7 +43,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from synthtune.generation import Sample, SamplingParams, generate, truncate_at_stop  # noqa: F401 (Sample: re-export)
+from synthtune.generation.base import Sample, SamplingParams, generate, truncate_at_stop  # noqa: F401 (Sample: re-export)
 
 ATTN_NAME = "synthtune_shared_prefix"
 # Prompt remainders longer than this are prefilled in chunks, bounding the [rows, heads, chunk,

@@ -21,8 +21,9 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import constants
-from synthtune.config import ConfigError, DemoConfig, cli_overrides, load_config, save_config
+from synthtune import paths
+from synthtune.config import DemoConfig, cli_overrides, load_config, save_config
+from synthtune.errors import ConfigError
 from synthtune.files import atomic_write_text
 
 STAGES = ("synthesize", "sft set", "preprocess", "fine-tune", "evaluate")
@@ -77,7 +78,7 @@ def _repo_relative(word: str) -> str:
     key, sep, value = word.rpartition("=")
     if value.startswith("/"):
         try:
-            value = str(Path(value).resolve().relative_to(constants.REPO_ROOT.resolve()))
+            value = str(Path(value).resolve().relative_to(paths.REPO_ROOT.resolve()))
         except ValueError:
             pass
     return f"{key}{sep}{value}"
@@ -90,7 +91,7 @@ def _command(program: str, words: list[str]) -> str:
 def run_demo(cfg: DemoConfig, console=None) -> dict:
     """Run the five stages; return the summary that is also written to ``summary.json``."""
     say = (lambda m: console.print(m, soft_wrap=True, markup=False, highlight=False)) if console is not None else print
-    out = Path(cfg.output_dir) if cfg.output_dir else constants.OUTPUTS_DIR / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.output_dir) if cfg.output_dir else paths.OUTPUTS_DIR / "demo" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     cfg = replace(cfg, output_dir=str(out))
     save_config(cfg, out / "config.yaml")
@@ -105,7 +106,7 @@ def run_demo(cfg: DemoConfig, console=None) -> dict:
         say(f"      {line} ({run.seconds[name]:.0f} s)")
         write_report(run)
     if console is not None:
-        from synthtune.evaluate import comparison_table
+        from synthtune.jobs.eval import comparison_table
 
         console.print(comparison_table(run.eval))
     summary = _summary(run)
@@ -166,7 +167,7 @@ def _sft_set(run: DemoRun, say) -> str:
 
 
 def _preprocess(run: DemoRun, say) -> str:
-    from synthtune.prep import run_prep
+    from synthtune.jobs.prep import run_prep
 
     c = run.cfg
     run.prep = p = run_prep(c.model, run.sft["path"], fmt=c.train_format, max_length=c.max_length,
@@ -182,7 +183,7 @@ def demo_train_config(cfg: DemoConfig, data: str, output_dir: Path):
     """The demo's training config: the CPU LoRA recipe with the demo's model, data and budget."""
     from synthtune.config import TrainConfig
 
-    recipe = load_config(TrainConfig, constants.REPO_ROOT / TRAIN_RECIPE)
+    recipe = load_config(TrainConfig, paths.REPO_ROOT / TRAIN_RECIPE)
     # Base vs tuned accuracy is measured once, in stage 5, with the same code as `synthtune eval`;
     # during training only the eval loss is tracked, so the short run spends its time learning.
     tcfg = replace(recipe, model=cfg.model, data=data, eval_data=_data_spec(cfg, "test"),
@@ -213,8 +214,9 @@ def _fine_tune(run: DemoRun, say) -> str:
 
 
 def _evaluate(run: DemoRun, say) -> str:
+    from synthtune.config import EvalConfig
     from synthtune.data.jsonl import read_jsonl
-    from synthtune.evaluate import EvalConfig, run_eval
+    from synthtune.jobs.eval import run_eval
 
     c = run.cfg
     ecfg = EvalConfig(model=c.model, adapter=run.train["final_dir"], split="test", source=c.source,

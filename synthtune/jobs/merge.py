@@ -12,16 +12,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from synthtune.config import ConfigError
+from synthtune.errors import ConfigError, MergeMismatch
 from synthtune.files import current_umask
 
 PROBES = ("Question: Ann has 3 apples and buys 4 more. How many apples does she have?\nAnswer:",
           "Question: A train travels 60 miles per hour for 2 hours. How far does it go?\nAnswer:",
           "The answer is")
-
-
-class MergeMismatch(RuntimeError):
-    pass
 
 
 def _logits(model, tokenizer, is_seq2seq: bool):

@@ -1,4 +1,4 @@
-"""Score any model's GSM8K outputs: ``synthtune score IN.jsonl --out OUT.jsonl [--json]``.
+"""Score any model's GSM8K outputs (``synthtune score`` and ``synthtune eval`` use this).
 
 Input rows hold ``question``, ``answer`` (GSM8K gold text such as ``"... #### 72"``, or a number)
 and ``completions`` (a list of strings; a single ``completion`` string is accepted too).  Output rows
@@ -13,17 +13,15 @@ wrong, its row gains ``score_errors`` (the reason per completion, None for the o
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from synthtune.data.answers import extract_answer, extract_flexible, extract_gold, extract_strict
-from synthtune.data.jsonl import DataError, read_jsonl, write_jsonl
+from synthtune.errors import DataError
 from synthtune.synth.scorers import failure_reason
 from synthtune.synth.vote import majority_vote
 
-__all__ = ["score_file", "score_rows"]
+__all__ = ["REQUIRED", "report_skipped", "score_lines", "score_rows"]
 
 REQUIRED = ("question", "answer")
 # The summary is printed as one JSON line; the count of skipped lines is exact, the reasons a preview.
@@ -111,20 +109,20 @@ def score_rows(
     Rates are None when there is nothing to divide by.
     """
     skipped: list[tuple[int, str]] = []
-    out_rows, summary = _score(rows, source, lines, lenient, skipped)
+    out_rows, summary = score_lines(rows, source, lines, lenient, skipped)
     if lenient:
-        _report_skipped(summary, skipped)
+        report_skipped(summary, skipped)
     return out_rows, summary
 
 
-def _report_skipped(summary: dict[str, Any], skipped: list[tuple[int, str]]) -> None:
+def report_skipped(summary: dict[str, Any], skipped: list[tuple[int, str]]) -> None:
     skipped = sorted(skipped)
     summary["n_skipped"] = len(skipped)
     preview = skipped[:SKIPPED_PREVIEW]
     summary["skipped_preview"] = [{"line": line, "reason": reason} for line, reason in preview]
 
 
-def _score(
+def score_lines(
     rows: Sequence[dict[str, Any]],
     source: str,
     lines: Sequence[int] | None,
@@ -193,34 +191,3 @@ def _score(
         summary["n_failed"] = len(failed)
         summary["failed_preview"] = failed[:SKIPPED_PREVIEW]
     return out_rows, summary
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    if a.resolve() == b.resolve():
-        return True
-    try:
-        return os.path.samefile(a, b)  # also catches hard links
-    except OSError:
-        return False
-
-
-def score_file(
-    in_path: str | os.PathLike[str], out_path: str | os.PathLike[str], lenient: bool = False
-) -> dict[str, Any]:
-    """Score the JSONL file ``in_path``, write scored rows to ``out_path``, return the summary.
-
-    The output is written atomically and may never be the input file: scoring in place would destroy
-    the raw completions if anything went wrong.  With ``lenient``, unreadable or invalid lines are
-    skipped, and ``n_skipped`` in the summary says how many (``skipped_preview`` shows the first).
-    """
-    in_path, out_path = Path(in_path), Path(out_path)
-    if _same_file(in_path, out_path):
-        raise DataError(out_path, None, "is the input file; refusing to overwrite it",
-                        "pass a different --out path")
-    data = read_jsonl(in_path, required=REQUIRED, lenient=lenient)
-    skipped = list(data.skipped)  # lines that were not even JSON objects, then rows that fail validation
-    out_rows, summary = _score(data.rows, str(in_path), data.lines, lenient, skipped)
-    if lenient:
-        _report_skipped(summary, skipped)
-    write_jsonl(out_path, out_rows)
-    return summary

@@ -55,8 +55,8 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
     from accelerate.utils import gather_object
 
     from synthtune.data.answers import extract_strict, is_correct
-    from synthtune.generation import truncate_at_stop
-    from synthtune.prep import format_example, resolve_format
+    from synthtune.formats import format_example, resolve_format
+    from synthtune.generation.base import truncate_at_stop
     from synthtune.synth.prompts import PLAIN_STOP
 
     if not questions:

@@ -10,71 +10,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
-import constants
-from synthtune.config import SEED, ConfigError, opt
+from synthtune import paths
+from synthtune.config import EvalConfig
+from synthtune.errors import ConfigError
 from synthtune.files import atomic_write_text
-
-
-@dataclass
-class EvalConfig:
-    """`synthtune eval`: accuracy of a model (and optionally its LoRA adapter) on GSM8K."""
-
-    model: str = opt("smollm2-135m-instruct", "base model: HF id, local dir, or a built-in name")
-    adapter: str | None = opt(None, "LoRA adapter directory (a training run's final/)")
-    split: str = opt("test", "split to evaluate", ["train", "test"])
-    source: str = opt("bundled", "GSM8K source", ["bundled", "auto", "hub", "dir"])
-    gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl")
-    limit: int | None = opt(None, "only the first N questions", ge=1)
-    shots: int = opt(0, "0: the training format 'Question: ...\\nAnswer:'; 8: few-shot exemplars from train", ge=0)
-    k: int = opt(1, "samples per question: 1 = greedy; >1 = sampling with maj@k and pass@k", ge=1)
-    temperature: float = opt(0.7, "sampling temperature when k > 1", ge=0)
-    max_new_tokens: int = opt(256, "generation budget per answer", ge=1)
-    batch_size: int = opt(8, "questions per generate() call (k=1)", ge=1)
-    prompt_format: str = opt("plain", "plain or chat (the tokenizer's template); match what training used",
-                             ["plain", "chat", "auto"])
-    compare: bool = opt(False, "evaluate the base model and the adapter in one run, side by side")
-    seed: int = opt(0, "seed for exemplars and sampling", **SEED)
-    out: str | None = opt(None, "output directory; default outputs/eval/<timestamp>")
-    device: str | None = opt(None, "cpu, cuda...; default cuda when available")
-
-
-def check_adapter_dir(adapter: str) -> None:
-    """A peft adapter directory with safetensors weights (a pickled .bin is never loaded)."""
-    path = Path(adapter)
-    if not (path / "adapter_config.json").exists():
-        raise ConfigError(f"adapter: {adapter} holds no adapter_config.json (pass a training run's final/)")
-    if not (path / "adapter_model.safetensors").exists():
-        raise ConfigError(f"adapter: {adapter} has no adapter_model.safetensors; only safetensors adapters are "
-                          f"loaded (pickled weights can run code). Re-save it with save_pretrained(..., "
-                          f"safe_serialization=True)")
-
-
-def load_with_adapter(model: str, adapter: str | None, *, device: str | None = None, seed: int = 0,
-                      adapter_name: str = "default"):
-    """Base model, with the LoRA adapter attached when given (peft picks the causal/seq2seq class)."""
-    from synthtune.models import load_model
-
-    lm = load_model(model, device=device, seed=seed)
-    if adapter:
-        attach_adapter(lm, adapter, adapter_name=adapter_name)
-    return lm
-
-
-def attach_adapter(lm, adapter: str, *, adapter_name: str = "default"):
-    """Wrap a loaded base model with a LoRA adapter, in place (the base weights are shared, not copied)."""
-    from peft import PeftModel
-
-    check_adapter_dir(adapter)
-    lm.model = PeftModel.from_pretrained(lm.model, adapter, adapter_name=adapter_name).to(lm.device).eval()
-    lm.name = f"{lm.name}+{Path(adapter).name}"
-    return lm
+from synthtune.models import attach_adapter, check_adapter_dir, load_with_adapter
 
 
 def _prompts(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict]) -> tuple[list[str], bool]:
-    from synthtune.prep import format_example, resolve_format
+    from synthtune.formats import format_example, resolve_format
     from synthtune.synth.prompts import build_prompt
 
     fmt = resolve_format(cfg.prompt_format, lm.tokenizer, lm.is_seq2seq)
@@ -86,10 +33,10 @@ def _prompts(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict]) -> tuple[l
 
 
 def evaluate_model(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict], progress: bool = True) -> tuple[list, dict]:
-    from synthtune.generation import SamplingParams
-    from synthtune.score import score_rows
+    from synthtune.generation.base import SamplingParams
+    from synthtune.generation.sampler import complete
     from synthtune.synth.prompts import PLAIN_STOP
-    from synthtune.synth.sampler import complete
+    from synthtune.synth.scoring import score_rows
 
     texts, add_special = _prompts(cfg, lm, rows, pool)
     # plain prompts (special tokens added by the tokenizer) can run on into a made-up next problem;
@@ -113,7 +60,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
 
     if cfg.compare and not cfg.adapter:
         raise ConfigError("compare: needs adapter=DIR (the base model is compared with base + adapter)")
-    out = Path(cfg.out) if cfg.out else constants.OUTPUTS_DIR / "eval" / time.strftime("%Y%m%d-%H%M%S")
+    out = Path(cfg.out) if cfg.out else paths.OUTPUTS_DIR / "eval" / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     rows = load_split(cfg.split, cfg.source, cfg.gsm8k_dir, limit=cfg.limit).rows
     # Exemplars come from train only; evaluating train with shots would let a question see itself,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from synthtune.config import ConfigError
+from synthtune.errors import ConfigError
 
 
 def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None = None,
@@ -18,11 +18,11 @@ def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None =
     """Rows ``{question, completions, answers}`` (plus the input row's fields), also written as JSONL."""
     from synthtune.data.answers import extract_answer
     from synthtune.data.jsonl import read_jsonl, write_jsonl
-    from synthtune.evaluate import load_with_adapter
-    from synthtune.generation import SamplingParams
-    from synthtune.prep import format_example, resolve_format
+    from synthtune.formats import format_example, resolve_format
+    from synthtune.generation.base import SamplingParams
+    from synthtune.generation.sampler import complete
+    from synthtune.models import load_with_adapter
     from synthtune.synth.prompts import PLAIN_STOP
-    from synthtune.synth.sampler import complete
 
     if (prompts is None) == (input_path is None):
         raise ConfigError("give either --prompt TEXT (repeatable) or --input FILE.jsonl, not both or neither")
