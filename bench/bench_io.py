@@ -1,4 +1,4 @@
-"""What every benchmark records beside its numbers: the machine, and the JSON written to --out."""
+"""Helper, not a benchmark: what every benchmark records beside its numbers (the machine), and the JSON it writes."""
 
 from __future__ import annotations
 
@@ -18,8 +18,12 @@ def machine(**extra) -> dict:
 
 def emit(result: dict, out: Path | None) -> None:
     """Print the result as JSON, and write it to ``out`` when given."""
-    text = json.dumps(result, indent=2)
-    print(text)
+    print(json.dumps(result, indent=2))
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
+        write_json(result, out)
+
+
+def write_json(result: dict, out: Path) -> None:
+    """Write the result as indented JSON (the record a results table is generated from)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")

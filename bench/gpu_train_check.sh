@@ -16,7 +16,8 @@
 #                    full, workshop (pad to 256) vs length-grouped vs grouped + pad to a multiple of 64
 #                    vs packed, on GSM8K train
 # The padding bench runs last: it gets whatever time is left. Each run's summary.json is copied
-# to $OUT/<run>.json; a failing or timed-out run is logged and the script goes on. Each launch passes --mixed_precision bf16, matching the loop's own
+# to $OUT/<run>.json (commit it as bench/results/gpu_train_<card>_<run>.json, the padding bench's as
+# padding_bench_<card>.json: see bench/README.md); a failing or timed-out run is logged and the script goes on. Each launch passes --mixed_precision bf16, matching the loop's own
 # Accelerator(mixed_precision=...) for precision=bf16/bf16-mixed (the loop's value wins anyway;
 # under DeepSpeed accelerate turns it into the DS config's bf16.enabled).
 #

@@ -28,6 +28,8 @@ Usage::
 
 Each result is appended to ``OUTDIR/memory_gpu.jsonl`` (flushed immediately),
 and ``OUTDIR/memory_gpu.md`` is rewritten after every config.
+Commit them as ``bench/results/memory_gpu_<card>.{jsonl,md}`` (e.g. ``memory_gpu_h200``), with
+``env.json`` as ``memory_gpu_<card>_env.json``.
 """
 
 from __future__ import annotations

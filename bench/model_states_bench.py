@@ -1,7 +1,7 @@
 """Per-rank model-state bytes that DeepSpeed allocates on 2 ranks vs `synthtune memory`'s estimate.
 
     PYTHONPATH=$PWD .venv/bin/python bench/model_states_bench.py --model smollm2-135m-instruct \
-        --out bench/results/model_states_2rank_cpu.json
+        --out bench/results/model_states_cpu_2rank_smollm2.json
 
 Each case is a real 1-step training run of fine_tune/train.py under ``accelerate launch`` on 2 CPU
 ranks over gloo, fp32: ZeRO-3 and ZeRO-2 with DeepSpeed's defaults, and the shipped

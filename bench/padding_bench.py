@@ -1,7 +1,8 @@
-"""Padding benchmark: real (non-pad) training tokens/s, the workshop's batching vs synthtune.prep's.
+"""Padding benchmark: real (non-pad) training tokens/s, the workshop's batching vs synthtune's (train.batching).
 
-Run: .venv/bin/python bench/padding_bench.py   # full GSM8K from SYNTHTUNE_GSM8K_DIR or ../shared/data/gsm8k
-     .venv/bin/python bench/padding_bench.py --steps 2 --tasks causal   # a quick look
+Run: .venv/bin/python bench/padding_bench.py --steps 10   # full GSM8K from SYNTHTUNE_GSM8K_DIR or ../shared/data/gsm8k
+     # writes bench/results/padding_bench_cpu.json (on a GPU: padding_bench_<card>.json) unless --out says otherwise
+     .venv/bin/python bench/padding_bench.py --steps 2 --tasks causal --out /tmp/pb.json   # a quick look
      # on a GPU, from a shape-only model folder (config + tokenizer, no weights), LoRA and full:
      python bench/padding_bench.py --tasks causal --device cuda --dtype bf16 --random-init \
          --model DIR --methods lora,full --batch-size 8 --steps 40
@@ -17,7 +18,7 @@ Two tasks, each a fixed number of LoRA training steps (forward + backward + Adam
 
 Variants: ``workshop`` truncates and pads every example to 256 tokens (seq2seq: inputs and labels to
 256 each) in random fixed batches; ``grouped`` drops the >p99 examples, length-groups batches
-(:func:`synthtune.prep.length_grouped_order`) and pads per batch; ``bucket64`` (causal) is ``grouped``
+(:func:`synthtune.train.batching.length_grouped_order`) and pads per batch; ``bucket64`` (causal) is ``grouped``
 padded up to a multiple of 64 (the GPU recipes' ``pad_to_multiple_of``: a handful of batch shapes
 instead of hundreds); ``packed`` (causal only) packs
 examples into 512-token rows with a block-diagonal mask, half as many rows per batch so a step sees
@@ -301,7 +302,8 @@ def main() -> None:
     ap.add_argument("--variants", default="", help="causal: run only these (comma-separated names), workshop first")
     ap.add_argument("--pool", type=int, default=0,
                     help="cycle over each variant's first N batches (shapes recur: first-seen-shape costs drop out)")
-    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "padding_bench.json")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="default: bench/results/padding_bench_<machine>.json (cpu, or the card, e.g. h200)")
     args = ap.parse_args()
     args.rounds = args.rounds or args.steps
     args.buckets = [int(m) for m in args.buckets.split(",") if m]
@@ -315,6 +317,8 @@ def main() -> None:
 
     rows, data_name = gsm8k_train()
     gpu = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None
+    # results are named by machine (bench/README.md): "NVIDIA H200" -> padding_bench_h200.json
+    args.out = args.out or REPO / "bench" / "results" / f"padding_bench_{gpu.split()[-1].lower() if gpu else 'cpu'}.json"
     result = {"data": data_name, "n_rows": len(rows), "args": {k: str(v) for k, v in vars(args).items()},
               "env": {"python": platform.python_version(), "torch": torch.__version__, "threads": args.threads,
                       "cpus": os.cpu_count(), "gpu": gpu, "loadavg_start": os.getloadavg()}}

@@ -3,7 +3,7 @@
 Run (repo root; the full GSM8K is used when SYNTHTUNE_GSM8K_DIR points at it, as `make` sets it):
 
     SYNTHTUNE_GSM8K_DIR=../shared/data/gsm8k .venv/bin/python bench/pipeline_overhead_bench.py \
-        --completions 50000 --out bench/results/pipeline_overhead.json
+        --completions 50000 --out bench/results/pipeline_overhead_cpu.json
 
 A replay backend answers every prompt at once with k prepared completions built from the gold
 solution (the reference, an exact copy, a reworded path, a wrong final answer, a wrong

@@ -2,7 +2,7 @@
 
 Run (repo root):
 
-    .venv/bin/python bench/rouge_bench.py --out bench/results/rouge_bench.json
+    .venv/bin/python bench/rouge_bench.py --out bench/results/rouge_bench_cpu.json
 
 For each size (default 300 and 1,000 GSM8K answer texts, sampled with a fixed seed from the full
 GSM8K train split when present, else the bundled sample plus perturbed near-duplicates), it times

@@ -1,11 +1,11 @@
 """k-sample throughput: workshop-style vs HF num_return_sequences vs naive shared prefill vs sample_k.
 
 Run (CPU, repo root; the issue's setting):
-    .venv/bin/python bench/sampling_bench.py --threads 2 [--out /tmp/sampling_bench_cpu.json]
-(on a shared machine add OMP_WAIT_POLICY=PASSIVE: see bench/RESULTS.md)
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/sampling_bench.py --threads 2 --out bench/results/sampling_bench_cpu_t2_passive.json
+(PASSIVE: idle OpenMP threads sleep instead of spinning when another job shares the cores; see bench/RESULTS.md)
 GPU, random-init SmolLM2-135M-shaped model in bf16, random 2,057-token prompt (imports only torch,
-transformers and synthtune/synth/sampler.py, loaded by file path):
-    python bench/sampling_bench.py --random-init --device cuda --out $OUT/sampling_bench_gpu.json
+transformers and synthtune.generation.sampler from the checkout):
+    python bench/sampling_bench.py --random-init --device cuda --out $OUT/sampling_bench_h200.json
 
 Every variant decodes exactly --new tokens per sample (EOS is suppressed: ``min_new_tokens`` for
 generate, ``ignore_eos=True`` for sample_k) with the same sampling settings, so all do the same

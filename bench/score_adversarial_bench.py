@@ -2,7 +2,7 @@
 
 Run (repo root):
 
-    .venv/bin/python bench/score_adversarial_bench.py --out bench/results/score_adversarial.json
+    .venv/bin/python bench/score_adversarial_bench.py --out bench/results/score_adversarial_cpu.json
 
 1. Writes ``--n-completions`` completions of ``--size-kb`` KB each (250 questions x 4 completions by
    default) built from the pathological shapes below, in the input format ``synthtune score`` reads

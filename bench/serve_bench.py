@@ -2,8 +2,8 @@
 
 Run (repo root; PASSIVE keeps idle OpenMP threads from spinning on a shared machine):
 
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_bench.py --threads 1 --out bench/results/serve_bench_t1.json
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_bench.py --threads 2 --out bench/results/serve_bench_t2.json
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_bench.py --threads 1 --out bench/results/serve_bench_cpu_t1.json
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python bench/serve_bench.py --threads 2 --out bench/results/serve_bench_cpu_t2.json
 
 With --threads 1 every server has one core of its own (``serve x2`` then uses two cores, as two
 machines would add capacity); with --threads 2 both variants share the same two cores.
