@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import typer.main
@@ -362,7 +363,7 @@ SPELLINGS = [
 @pytest.mark.parametrize("argv, expected, json_only", SPELLINGS, ids=lambda v: " ".join(v[:1]) if isinstance(v, list)
                          else None)
 def test_documented_spellings_parse_to_the_same_config(argv, expected, json_only, monkeypatch):
-    monkeypatch.chdir(config.Path(__file__).resolve().parents[1])  # configs/ paths as the docs write them
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # configs/ paths as the docs write them
     assert parse_argv(GROUP, argv) == (expected, json_only)
 
 
@@ -373,3 +374,38 @@ def test_a_required_field_can_come_from_the_config_file(tmp_path):
                                                                               out="merged")
     with pytest.raises(ConfigError, match="out is required"):
         parse_argv(GROUP, ["merge", "model=M", "adapter=A"])
+
+
+# ------------------------------------------------------------------ layering: the library never imports the CLI
+
+
+def test_the_library_never_imports_the_cli_or_the_jobs():
+    """Jobs and the router sit on top; a library module importing them (even inside a function) fails here."""
+    import ast
+
+    root = Path(config.__file__).resolve().parent
+    top = {"synthtune.cli", "synthtune.cli_options", "synthtune.jobs"}
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).with_suffix("")
+        if rel.parts[1] in ("cli", "cli_options", "jobs"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "synthtune":
+                names = [f"synthtune.{a.name}" for a in node.names]
+            offenders += [f"{rel}: {n}" for n in names if any(n == t or n.startswith(t + ".") for t in top)]
+    assert not offenders, offenders
+
+
+def test_the_launch_script_loads_without_typer_or_rich():
+    # every rank of `accelerate launch fine_tune/train.py` imports it; the CLI's libraries stay out
+    code = ("import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('train_script', 'fine_tune/train.py')\n"
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "print(sorted(m for m in ('typer', 'rich', 'synthtune.cli', 'synthtune.jobs') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
