@@ -1,4 +1,9 @@
-"""The `synthtune` command line. Each command is a thin wrapper over a library function.
+"""The `synthtune` command line: a router from each command to its job in ``synthtune/jobs/``.
+
+Each command parses its options into its config dataclass (``synthtune/config.py``), runs the
+job and prints the result. The options are generated from the dataclass (``cli_options.py``):
+every field is an option with the field's help, and every command also takes ``--config
+FILE.yaml`` and ``key=value`` overrides (precedence: defaults < YAML < key=value < options).
 
     synthtune --help
     synthtune demo [--config configs/demo.yaml] [key=value ...]
@@ -25,7 +30,6 @@ import json
 import logging
 import sys
 import traceback
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -33,6 +37,8 @@ from rich.console import Console
 from rich.text import Text
 
 from synthtune import __version__
+from synthtune import config as C
+from synthtune.cli_options import config_command
 from synthtune.errors import USER_ERRORS
 
 app = typer.Typer(name="synthtune", no_args_is_help=True, add_completion=False, pretty_exceptions_show_locals=False,
@@ -44,10 +50,6 @@ app.add_typer(models_app, name="models")
 
 # soft_wrap: error lines carry file paths, which must stay whole for editors and grep.
 err_console = Console(stderr=True, soft_wrap=True)
-
-OverridesArg = Annotated[list[str] | None, typer.Argument(
-    help="config overrides as key=value, e.g. n_questions=3 model=tiny-llama", show_default=False)]
-
 
 _result_streams: list = []
 
@@ -101,342 +103,148 @@ def install_log_redaction() -> None:
             handler.addFilter(RedactingFilter())
 
 
-@app.command()
+def say(text: str, style: str | None = None) -> None:
+    """A line for people, on stderr (stdout carries the result). Text, not markup: it may hold brackets."""
+    err_console.print(Text(text, style=style))
+
+
+@config_command(app, "demo", C.DemoConfig)
 @results_on_stdout
-def demo(
-    overrides: OverridesArg = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML config (see configs/demo.yaml)")] = None,
-    model: Annotated[str | None, typer.Option(help="HF id, local dir, or built-in name")] = None,
-    output_dir: Annotated[str | None, typer.Option(help="where results go")] = None,
-) -> None:
+def demo(cfg: C.DemoConfig) -> None:
     """The README's whole job in one run: synthesize, SFT set, prep, LoRA fine-tune, base vs tuned eval."""
-    from synthtune.config import DemoConfig, load_config
-    from synthtune.jobs.demo import run_demo
+    from synthtune.jobs import demo as job
 
-    cfg = load_config(DemoConfig, config, overrides or [], model=model, output_dir=output_dir)
-    summary = run_demo(cfg, console=Console(stderr=True))
-    emit(json.dumps(summary, indent=2))
+    emit(json.dumps(job.run(cfg, console=Console(stderr=True)), indent=2))
 
 
-@app.command()
+@config_command(app, "synth", C.SynthConfig, json_switch=True)
 @results_on_stdout
-def synth(
-    overrides: OverridesArg = None,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML recipe (see configs/synth/)")] = None,
-    model: Annotated[str | None, typer.Option(help="HF id, local dir, or built-in name")] = None,
-    questions: Annotated[str | None, typer.Option(help="bundled:train, gsm8k:train, hub:train, dir:train or a JSONL")] = None,
-    exemplars: Annotated[str | None, typer.Option(help="exemplar pool (never a test split); default: train")] = None,
-    k: Annotated[int | None, typer.Option("--k", help="samples per question in round 1")] = None,
-    rounds: Annotated[int | None, typer.Option(help="retry rounds for unsolved questions")] = None,
-    out: Annotated[str | None, typer.Option(help="output directory (rerun the same command to resume)")] = None,
-    backend: Annotated[str | None, typer.Option(help="hf (this process loads the model) or openai (servers)")] = None,
-    endpoint: Annotated[list[str] | None, typer.Option(
-        help="openai backend: server API base, e.g. http://host:8000/v1 (repeat for several; round-robin)")] = None,
-    served_model: Annotated[str | None, typer.Option(help="openai backend: model name on the servers "
-                                                     "(default: --model)")] = None,
-    api_key_env: Annotated[str | None, typer.Option(help="openai backend: environment variable holding the API "
-                                                    "key (never logged or written)")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="openai backend: requests in flight at once")] = None,
-    limit: Annotated[int | None, typer.Option(help="only the first N questions")] = None,
-    allow_changed_settings: Annotated[bool, typer.Option(
-        "--allow-changed-settings", help="resume --out although sampling settings (k, temperature, stop, ...) "
-        "differ from its earlier runs; without it such a rerun is refused")] = False,
-    json_only: Annotated[bool, typer.Option("--json", help="print only the JSON summary")] = False,
-) -> None:
+def synth(cfg: C.SynthConfig, json_only: bool) -> None:
     """Synthesize rationales: k samples per question, vote, evaluate, keep distinct correct paths."""
-    from synthtune.config import SynthConfig, load_config
-    from synthtune.synth.pipeline import run_synthesis
+    from synthtune.jobs import synth as job
 
-    cfg = load_config(SynthConfig, config, overrides or [], model=model, questions=questions, exemplars=exemplars,
-                      k=k, rounds=rounds, out=out, backend=backend, endpoints=endpoint or None,
-                      served_model=served_model, api_key_env=api_key_env, concurrency=concurrency, limit=limit,
-                      allow_changed_settings=allow_changed_settings or None)
-    log = (lambda msg: None) if json_only else (lambda msg: err_console.print(Text(msg)))
-    summary = run_synthesis(cfg, progress=not json_only, log=log)
+    summary = job.run(cfg, progress=not json_only, log=(lambda msg: None) if json_only else say)
     emit(json.dumps(summary, indent=None if json_only else 2))
 
 
-def _serve_help(key: str) -> str:
-    from synthtune.config import ServeConfig, field_help
-
-    return f"{field_help(ServeConfig)[key]} (default {getattr(ServeConfig(), key)})"
-
-
-@app.command()
+@config_command(app, "serve", C.ServeConfig)
 @results_on_stdout
-def serve(
-    model: Annotated[str, typer.Option(help="base model: HF id, local dir, or built-in name")] = "smollm2-135m-instruct",
-    adapter: Annotated[list[str] | None, typer.Option(
-        help="LoRA adapter as NAME=DIR (or DIR: named after the folder), served as model NAME; repeatable")] = None,
-    host: Annotated[str, typer.Option(help="address to bind; keep 127.0.0.1 unless others must reach it")]
-    = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port (0 = any free one; the chosen one is printed)")] = 8000,
-    served_model_name: Annotated[str | None, typer.Option(help="name clients use for the base model "
-                                                          "(default: --model)")] = None,
-    api_key_env: Annotated[str | None, typer.Option(help="require the key held in this environment variable "
-                                                    "(Authorization: Bearer)")] = None,
-    max_batch: Annotated[int, typer.Option(help="most prompts generated together in one batch")] = 32,
-    batch_window_ms: Annotated[float, typer.Option(help="how long the first request waits for others to batch "
-                                                   "with (latency vs batch size)")] = 5.0,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads (one per core; fewer when sharing "
-                                                "the machine)")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda...; default cuda when available")] = None,
-    seed: Annotated[int, typer.Option(help="seed for built-in tiny models and requests without a seed")] = 0,
-    config: Annotated[Path | None, typer.Option("--config", help="YAML with the serve limits below (the flags "
-                                                "override it)")] = None,
-    max_request_tokens: Annotated[int | None, typer.Option(help=_serve_help("max_request_tokens"))] = None,
-    max_inflight_tokens: Annotated[int | None, typer.Option(help=_serve_help("max_inflight_tokens"))] = None,
-    max_connections: Annotated[int | None, typer.Option(help=_serve_help("max_connections"))] = None,
-    read_timeout: Annotated[float | None, typer.Option(help=_serve_help("read_timeout"))] = None,
-    context_length: Annotated[int | None, typer.Option(help=_serve_help("context_length"))] = None,
-) -> None:
+def serve(cfg: C.ServeConfig) -> None:
     """Serve a model and its LoRA adapters over an OpenAI-compatible HTTP API (for local use and tests)."""
-    from synthtune.config import ServeConfig, load_config
-    from synthtune.jobs.serve import serve as run_serve
+    from synthtune.jobs import serve as job
 
-    limits = load_config(ServeConfig, config, max_request_tokens=max_request_tokens,
-                         max_inflight_tokens=max_inflight_tokens, max_connections=max_connections,
-                         read_timeout=read_timeout, context_length=context_length)
-    run_serve(model, adapter or [], host=host, port=port, served_name=served_model_name, api_key_env=api_key_env,
-              device=device, seed=seed, max_batch=max_batch, batch_window_ms=batch_window_ms, threads=threads,
-              limits=limits, log=lambda msg: err_console.print(Text(msg)))
+    job.run(cfg, log=say)
 
 
-@app.command()
+@config_command(app, "train", C.TrainConfig, json_switch=True)
 @results_on_stdout
-def train(
-    overrides: OverridesArg = None,
-    config: Annotated[Path | None, typer.Option("--config", help="training recipe (configs/train/*.yaml)")] = None,
-    json_only: Annotated[bool, typer.Option("--json", help="print only the JSON summary")] = False,
-) -> None:
+def train(cfg: C.TrainConfig, json_only: bool) -> None:
     """Fine-tune on one process (same recipes as `accelerate launch fine_tune/train.py`)."""
-    from synthtune.config import TrainConfig, load_config
-    from synthtune.train.loop import exit_status
-    from synthtune.train.loop import train as run_train
+    from synthtune.jobs import train as job
 
-    cfg = load_config(TrainConfig, config, overrides or [])
-    summary = run_train(cfg, progress=not json_only)
-    summary.pop("history", None)
+    summary, status = job.run(cfg, progress=not json_only)
     emit(json.dumps(summary, indent=None if json_only else 2))
-    if exit_status(summary):  # stopped by SIGTERM/SIGINT after writing a checkpoint
-        raise typer.Exit(exit_status(summary))
+    if status:  # stopped by SIGTERM/SIGINT after writing a checkpoint
+        raise typer.Exit(status)
 
 
-@app.command()
+@config_command(app, "prep", C.PrepConfig, json_switch=True)
 @results_on_stdout
-def prep(
-    model: Annotated[str, typer.Option(help="HF id, local dir, or built-in name (only its tokenizer is loaded)")],
-    data: Annotated[str, typer.Option(help="bundled:train, gsm8k:train, hub:train, dir:train or a JSONL")],
-    fmt: Annotated[str, typer.Option("--format", help="plain, chat, or auto (chat when the model has a template)")]
-    = "auto",
-    max_length: Annotated[int, typer.Option(help="longest example (seq2seq: encoder input) in tokens")] = 512,
-    max_target_length: Annotated[int | None, typer.Option(help="seq2seq labels limit; default max-length")] = None,
-    truncation: Annotated[str, typer.Option(help="drop over-long examples, or truncate them (cuts the answer)")]
-    = "drop",
-    out: Annotated[str | None, typer.Option(help="output dir; default outputs/prep/<model>_<data>_<fmt>_<len>")]
-    = None,
-    limit: Annotated[int | None, typer.Option(help="only the first N rows")] = None,
-    json_only: Annotated[bool, typer.Option("--json", help="print only the one-line JSON summary")] = False,
-) -> None:
+def prep(cfg: C.PrepConfig, json_only: bool) -> None:
     """Tokenize data for fine-tuning: label masks, length stats, histogram, and a saved arrow dataset."""
-    from synthtune.jobs.prep import run_prep
+    from synthtune.jobs import prep as job
 
-    try:
-        summary = run_prep(model, data, fmt=fmt, max_length=max_length, max_target_length=max_target_length,
-                           truncation=truncation, out=out, limit=limit)
-    except ValueError as err:
-        if type(err) is not ValueError:  # DataError and friends print through main()
-            raise
-        raise typer.BadParameter(str(err)) from err
+    summary = job.run(cfg)
     if not json_only:
-        err_console.print(Text(f"{summary['n_kept']} of {summary['n']} examples -> {summary['dataset']}; "
-                               f"p99 {summary['p99']} tokens, recommended max_length "
-                               f"{summary['recommended_max_length']}"))
+        say(f"{summary['n_kept']} of {summary['n']} examples -> {summary['dataset']}; p99 {summary['p99']} tokens, "
+            f"recommended max_length {summary['recommended_max_length']}")
     emit(json.dumps(summary, indent=None if json_only else 2))
 
 
-@app.command()
+@config_command(app, "memory", C.MemoryConfig, json_switch=True)
 @results_on_stdout
-def memory(
-    model: Annotated[str, typer.Option(help="HF id, local dir, config.json path, or built-in name")] = "smollm2-135m-instruct",
-    method: Annotated[str, typer.Option(help="full | lora | qlora (4-bit base)")] = "full",
-    lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 8,
-    lora_targets: Annotated[str, typer.Option(help="comma list of module names (q,v) or all-linear")] = "q,v",
-    lora_dropout: Annotated[float, typer.Option(help="LoRA dropout (>0 keeps a mask and an input copy per adapter)")] = 0.0,
-    batch_size: Annotated[int, typer.Option(help="micro-batch per GPU")] = 8,
-    seq_len: Annotated[int, typer.Option(help="tokens per sequence (seq2seq: encoder length)")] = 256,
-    target_len: Annotated[int | None, typer.Option(help="seq2seq decoder length (default: seq-len)")] = None,
-    grad_ckpt: Annotated[bool, typer.Option("--grad-ckpt/--no-grad-ckpt", help="gradient checkpointing (~30% slower)")] = False,
-    precision: Annotated[str, typer.Option(help="fp32 | bf16 (bf16 weights) | bf16-mixed (fp32 weights + autocast)")] = "bf16-mixed",
-    optimizer: Annotated[str, typer.Option(help="adamw | adamw-8bit | sgd")] = "adamw",
-    zero_stage: Annotated[int, typer.Option(help="DeepSpeed ZeRO stage 0..3")] = 0,
-    offload: Annotated[str, typer.Option(help="none | optimizer | all (ZeRO offload to CPU)")] = "none",
-    gpus: Annotated[int, typer.Option(help="GPUs per node")] = 1,
-    nodes: Annotated[int, typer.Option(help="nodes")] = 1,
-    attn: Annotated[str, typer.Option(help="sdpa | flash | eager (eager keeps S x S probabilities)")] = "sdpa",
-    persistence_threshold: Annotated[int, typer.Option(
-        help="ZeRO-3: parameters of at most this many elements stay whole on every GPU "
-             "(DeepSpeed's stage3_param_persistence_threshold)")] = 100_000,
-    fit: Annotated[bool, typer.Option("--fit", help="search method/ZeRO/ckpt/micro-batch for the fastest setup that fits")] = False,
-    gpu_gib: Annotated[float, typer.Option(help="--fit: memory per GPU, GiB")] = 80.0,
-    headroom: Annotated[float, typer.Option(help="--fit: fraction kept free for the allocator's fragmentation")] = 0.1,
-    cpu_gib: Annotated[float | None, typer.Option(help="--fit: host RAM per node, GiB (enables offload options)")] = None,
-    global_batch: Annotated[int | None, typer.Option(help="--fit: sequences per optimizer step (sets gradient accumulation)")] = None,
-    train_config: Annotated[str, typer.Option(help="--fit: training recipe named in the printed command")] = "configs/train/X.yaml",
-    trust_remote_code: Annotated[bool, typer.Option(help="allow the model repo's own Python code to run")] = False,
-    json_only: Annotated[bool, typer.Option("--json", help="print only the JSON object")] = False,
-) -> None:
+def memory(cfg: C.MemoryConfig, json_only: bool) -> None:
     """Estimate peak GPU memory per GPU for a training setup, or --fit the fastest setup that fits."""
-    from synthtune.memory.estimate import Setup, estimate
-    from synthtune.memory.fit import fit as fit_search
-    from synthtune.memory.report import estimate_json, print_estimate, print_fit
-    from synthtune.memory.shape import load_shape
+    from synthtune.jobs import memory as job
 
-    setup = Setup(method=method, lora_r=lora_r, lora_targets=lora_targets, lora_dropout=lora_dropout,
-                  precision=precision, optimizer=optimizer, zero_stage=zero_stage, offload=offload, gpus=gpus,
-                  nodes=nodes, batch_size=batch_size, seq_len=seq_len, target_len=target_len, grad_ckpt=grad_ckpt,
-                  attn=attn, persistence_threshold=persistence_threshold)
-    try:
-        setup.check()
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
-    shape = load_shape(model, trust_remote_code=trust_remote_code)
-    if fit:
-        result = fit_search(shape, setup, gpu_gib, headroom=headroom, cpu_gib=cpu_gib, global_batch=global_batch,
-                            train_config=train_config)
-        if not json_only:
-            print_fit(result, err_console)
-        emit(json.dumps(result, indent=None if json_only else 2))
-        return
-    est = estimate(shape, setup)
-    if not json_only:
-        print_estimate(est, err_console)
-    emit(json.dumps(estimate_json(est), indent=None if json_only else 2))
+    result = job.run(cfg, console=None if json_only else err_console)
+    emit(json.dumps(result, indent=None if json_only else 2))
 
 
-@app.command()
+@config_command(app, "infer", C.InferConfig, json_switch=True)
 @results_on_stdout
-def infer(
-    model: Annotated[str, typer.Option(help="base model: HF id, local dir, or built-in name")],
-    adapter: Annotated[str | None, typer.Option(help="LoRA adapter dir (a training run's final/)")] = None,
-    prompt: Annotated[list[str] | None, typer.Option(help="a question (repeatable)")] = None,
-    input: Annotated[str | None, typer.Option("--input", help="JSONL with a question field")] = None,
-    out: Annotated[str | None, typer.Option(help="write results as JSONL here")] = None,
-    k: Annotated[int, typer.Option("--k", help="samples per question (1 = greedy)")] = 1,
-    max_new_tokens: Annotated[int, typer.Option(help="generation budget")] = 256,
-    prompt_format: Annotated[str, typer.Option("--format", help="plain or chat: what training used")] = "plain",
-    json_only: Annotated[bool, typer.Option("--json", help="print results as JSON lines only")] = False,
-) -> None:
+def infer(cfg: C.InferConfig, json_only: bool) -> None:
     """Answer questions with a model and its LoRA adapter, in the prompt format training used."""
-    from synthtune.jobs.infer import infer as run_infer
+    from synthtune.jobs import infer as job
 
-    rows = run_infer(model, adapter=adapter, prompts=prompt, input_path=input, out_path=out, k=k,
-                     max_new_tokens=max_new_tokens, fmt=prompt_format, progress=not json_only)
-    for r in rows:
+    for row in job.run(cfg, progress=not json_only):
         if not json_only:
-            err_console.print(Text(f"Q: {r['question']}\nA: {r['completions'][0]}\n", style="cyan"))
-        emit(json.dumps(r))
+            say(f"Q: {row['question']}\nA: {row['completions'][0]}\n", style="cyan")
+        emit(json.dumps(row))
 
 
-@app.command("eval")
+@config_command(app, "eval", C.EvalConfig, json_switch=True)
 @results_on_stdout
-def eval_cmd(
-    overrides: OverridesArg = None,
-    model: Annotated[str | None, typer.Option(help="base model: HF id, local dir, or built-in name")] = None,
-    adapter: Annotated[str | None, typer.Option(help="LoRA adapter dir (a training run's final/)")] = None,
-    split: Annotated[str | None, typer.Option(help="train or test")] = None,
-    limit: Annotated[int | None, typer.Option(help="only the first N questions")] = None,
-    shots: Annotated[int | None, typer.Option(help="0 (training format) or 8 (exemplars from train)")] = None,
-    k: Annotated[int | None, typer.Option("--k", help="samples per question (1 = greedy)")] = None,
-    seed: Annotated[int | None, typer.Option(help="seed for exemplars and sampling")] = None,
-    compare: Annotated[bool, typer.Option("--compare", help="base and base+adapter side by side")] = False,
-    out: Annotated[str | None, typer.Option(help="output directory")] = None,
-    json_only: Annotated[bool, typer.Option("--json", help="print only the JSON report")] = False,
-) -> None:
+def eval_cmd(cfg: C.EvalConfig, json_only: bool) -> None:
     """GSM8K accuracy by generation: strict and flexible accuracy, parse rate, maj@k; --compare."""
-    from synthtune.config import EvalConfig, load_config
-    from synthtune.jobs.eval import comparison_table, run_eval
+    from synthtune.jobs import eval as job
 
-    cfg = load_config(EvalConfig, None, overrides or [], model=model, adapter=adapter, split=split, limit=limit,
-                      shots=shots, k=k, seed=seed, out=out, compare=compare or None)
-    report = run_eval(cfg, progress=not json_only)
+    report = job.run(cfg, progress=not json_only)
     if not json_only:
-        err_console.print(comparison_table(report))
+        err_console.print(job.comparison_table(report))
     emit(json.dumps(report, indent=None if json_only else 2))
 
 
-@app.command()
+@config_command(app, "merge", C.MergeConfig)
 @results_on_stdout
-def merge(
-    model: Annotated[str, typer.Option(help="the adapter's base model")],
-    adapter: Annotated[str, typer.Option(help="LoRA adapter dir (a training run's final/)")],
-    out: Annotated[str, typer.Option(help="new directory for the merged model")],
-    atol: Annotated[float, typer.Option(help="largest allowed logit difference vs the adapter model")] = 1e-4,
-) -> None:
+def merge(cfg: C.MergeConfig) -> None:
     """Merge a LoRA adapter into its base (merge_and_unload), save safetensors, verify the logits."""
-    from synthtune.jobs.merge import merge_adapter
+    from synthtune.jobs import merge as job
 
-    emit(json.dumps(merge_adapter(model, adapter, out, atol=atol), indent=2))
+    emit(json.dumps(job.run(cfg), indent=2))
 
 
-@app.command()
+@config_command(app, "score", C.ScoreConfig, json_switch=True)
 @results_on_stdout
-def score(
-    input: Annotated[Path, typer.Argument(help="JSONL rows with question, answer, completions (or completion)")],
-    out: Annotated[Path, typer.Option("--out", help="where the scored JSONL is written")],
-    json_only: Annotated[bool, typer.Option("--json", help="print only the one-line JSON summary")] = False,
-    lenient: Annotated[bool, typer.Option(help="skip malformed rows (and report how many) instead of failing")] = False,
-) -> None:
+def score(cfg: C.ScoreConfig, json_only: bool) -> None:
     """Score any model's GSM8K outputs: extraction, correctness, majority vote, maj@k and pass@k."""
-    from synthtune.jobs.score import score_file
+    from synthtune.jobs import score as job
 
-    summary = score_file(input, out, lenient=lenient)
+    summary = job.run(cfg)
     if not json_only:
-        err_console.print(f"scored {summary['n_questions']} questions -> {out}")
+        say(f"scored {summary['n_questions']} questions -> {cfg.out}")
     emit(json.dumps(summary))
 
 
-@data_app.command("check")
+@config_command(data_app, "check", C.DataCheckConfig, json_switch=True)
 @results_on_stdout
-def data_check(
-    path: Annotated[Path, typer.Argument(help="JSONL with question and answer fields (GSM8K format)")],
-    lenient: Annotated[bool, typer.Option(help="skip malformed rows (and report them) instead of failing")] = False,
-    json_only: Annotated[bool, typer.Option("--json", help="print only the JSON summary")] = False,
-) -> None:
+def data_check(cfg: C.DataCheckConfig, json_only: bool) -> None:
     """Validate a GSM8K-format file: fields, final answers, and every calculator annotation."""
-    from synthtune.data.validate import check_file
+    from synthtune.jobs import data as job
 
-    report = check_file(path, lenient=lenient)
-    if not json_only:
-        for line in report.pop("problems_preview", []):
-            err_console.print(Text(line, style="yellow"))
-    else:
-        report.pop("problems_preview", None)
+    report = job.check(cfg)
+    for line in report.pop("problems_preview", []):
+        if not json_only:
+            say(line, style="yellow")
     emit(json.dumps(report))
 
 
-@models_app.command("prepare")
+@config_command(models_app, "prepare", C.ModelsPrepareConfig)
 @results_on_stdout
-def models_prepare(
-    name: Annotated[str, typer.Argument(help="smollm2-135m-instruct, tiny-llama, tiny-t5, an HF id or a dir")],
-    seed: Annotated[int, typer.Option(help="seed for the tiny models")] = 0,
-) -> None:
+def models_prepare(cfg: C.ModelsPrepareConfig) -> None:
     """Fetch/convert/build a model once (useful before going offline); prints its local path."""
-    from synthtune.models import resolve_model
+    from synthtune.jobs import models as job
 
-    emit(resolve_model(name, seed=seed))
+    emit(job.prepare(cfg))
 
 
-@models_app.command("info")
+@config_command(models_app, "info", C.ModelsInfoConfig)
 @results_on_stdout
-def models_info(
-    name: Annotated[str, typer.Argument(help="smollm2-135m-instruct, tiny-llama, tiny-t5, an HF id or a dir")],
-    trust_remote_code: Annotated[bool, typer.Option(help="allow the model repo's own Python code to run")] = False,
-) -> None:
+def models_info(cfg: C.ModelsInfoConfig) -> None:
     """Print a model's kind (causal or seq2seq), size and the dtype/device it would load with."""
-    from synthtune.models import model_info
+    from synthtune.jobs import models as job
 
-    emit(json.dumps(model_info(name, trust_remote_code=trust_remote_code), indent=2))
+    emit(json.dumps(job.info(cfg), indent=2))
 
 
 def main() -> None:

@@ -96,21 +96,53 @@ SEED = {"ge": 0, "le": 2 ** 32 - 1}
 
 def opt(default: Any, help: str, choices: Iterable[Any] | None = None, *, ge: float | None = None,
         gt: float | None = None, le: float | None = None, lt: float | None = None, also: tuple = (),
-        inf: bool = False, unbounded: bool = False):
-    """A dataclass field with help text and, optionally, the allowed values.
+        inf: bool = False, unbounded: bool = False, flag: str | None = None, positional: bool = False,
+        metavar: str | None = None, required: bool = False):
+    """A dataclass field with help text and, optionally, the allowed values and its command-line spelling.
 
     Numeric fields declare their range here (``ge``/``gt``/``le``/``lt`` bounds, ``also`` for
     sentinels such as -1, ``inf`` when infinity means something, ``unbounded`` for any finite
     number); ``tests/test_config.py`` checks that every one does.
+
+    The command line is generated from these fields (``synthtune/cli_options.py``): a field is
+    the option ``--field-name`` unless ``flag`` names another spelling (``--format`` for
+    ``prompt_format``), or a positional argument shown as ``metavar`` when ``positional``.
+    ``required`` fields default to None and must be given (by option, ``--config`` or ``key=value``)
+    before a command runs (``check_required``).
     """
     meta: dict[str, Any] = {"help": help}
     if choices is not None:
         meta["choices"] = tuple(choices)
     if unbounded or any(b is not None for b in (ge, gt, le, lt)):
         meta["range"] = Range(ge=ge, gt=gt, le=le, lt=lt, also=tuple(also), inf=inf)
+    if flag is not None:
+        meta["flag"] = flag
+    if positional:
+        meta["positional"] = True
+    if metavar is not None:
+        meta["metavar"] = metavar
+    if required:
+        if default is not None:
+            raise TypeError("a required field has no default (None until given)")
+        meta["required"] = True
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
+
+
+def flag_of(f: dataclasses.Field) -> str:
+    """How the command line spells field ``f``: its option (``--max-length``) or its positional metavar."""
+    if f.metadata.get("positional"):
+        return f.metadata.get("metavar") or f.name.upper()
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def check_required(cfg) -> None:
+    """Raise ConfigError naming every required field of ``cfg`` that is still unset, and how to set it."""
+    missing = [f for f in fields(cfg) if f.metadata.get("required") and getattr(cfg, f.name) is None]
+    if missing:
+        raise ConfigError("; ".join(f"{f.name} is required ({f.metadata['help']}): give {flag_of(f)}, or "
+                                    f"{f.name}: in the --config file, or {f.name}=..." for f in missing))
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,7 +200,8 @@ class SynthConfig:
     backend: str = opt("hf", "generation backend: hf = this process loads the model; openai = OpenAI-compatible "
                        "servers (vLLM, TGI, llama.cpp, `synthtune serve`) at endpoints=...", ["hf", "openai"])
     endpoints: list[str] = opt([], "openai backend: server base URLs (http://host:8000/v1); requests go round-robin "
-                               "over them. Not part of the resume fingerprint: rerun against other servers freely")
+                               "over them. Not part of the resume fingerprint: rerun against other servers freely",
+                               flag="--endpoint")
     served_model: str | None = opt(None, "openai backend: the model name the servers serve (vLLM "
                                    "--served-model-name, or a --lora-modules name); default: model")
     api_key_env: str | None = opt(None, "openai backend: name of the environment variable holding the API key "
@@ -315,12 +348,27 @@ class EvalConfig:
 
 @dataclass
 class ServeConfig:
-    """`synthtune serve` limits: what one request may cost and how much the server takes on at once.
+    """`synthtune serve`: the model and adapters to serve, where, and the limits.
 
-    A request's cost is prompts x n x (prompt tokens + max_tokens), the KV-cache tokens it may
-    hold in the worst case (the shared-prefill sampler often holds fewer).
+    The limits say what one request may cost and how much the server takes on at once. A request's
+    cost is prompts x n x (prompt tokens + max_tokens), the KV-cache tokens it may hold in the
+    worst case (the shared-prefill sampler often holds fewer).
     """
 
+    model: str = opt("smollm2-135m-instruct", "base model: HF id, local dir, or a built-in name")
+    adapters: list[str] = opt([], "LoRA adapter as NAME=DIR (or DIR: named after the folder), served as model NAME; "
+                              "repeatable", flag="--adapter")
+    host: str = opt("127.0.0.1", "address to bind; keep 127.0.0.1 unless others must reach it")
+    port: int = opt(8000, "port (0 = any free one; the chosen one is printed)", ge=0, le=65535)
+    served_model_name: str | None = opt(None, "name clients use for the base model (default: model)")
+    api_key_env: str | None = opt(None, "require the key held in this environment variable (Authorization: Bearer)")
+    max_batch: int = opt(32, "most prompts generated together in one batch", ge=1)
+    batch_window_ms: float = opt(5.0, "how long the first request waits for others to batch with (latency vs "
+                                 "batch size)", ge=0)
+    threads: int | None = opt(None, "torch CPU threads (one per core; fewer when sharing the machine); unset or 0: "
+                              "torch's default", ge=0)
+    device: str | None = opt(None, "cpu, cuda...; default cuda when available")
+    seed: int = opt(0, "seed for built-in tiny models and requests without a seed", **SEED)
     max_request_tokens: int = opt(65536, "per-request (and per-batch) budget of prompts x n x (prompt tokens + "
                                   "max_tokens); over it: 400 naming this limit", ge=1)
     max_inflight_tokens: int = opt(262144, "server-wide budget summed over the requests queued or running; a "
@@ -335,6 +383,123 @@ class ServeConfig:
                                      "names none", ge=2)
 
 
+@dataclass
+class PrepConfig:
+    """`synthtune prep`: tokenize data for fine-tuning (label masks, length stats, histogram, arrow dataset)."""
+
+    model: str | None = opt(None, "HF id, local dir, or built-in name (only its tokenizer is loaded)", required=True)
+    data: str | None = opt(None, "bundled:train, gsm8k:train, hub:train, dir:train or a JSONL", required=True)
+    prompt_format: str = opt("auto", "plain, chat, or auto (chat when the model has a template)",
+                             ["plain", "chat", "auto"], flag="--format")
+    max_length: int = opt(512, "longest example (seq2seq: encoder input) in tokens", ge=1)
+    max_target_length: int | None = opt(None, "seq2seq labels limit; default max_length", ge=1)
+    truncation: str = opt("drop", "drop over-long examples, or truncate them (cuts the answer)", ["drop", "truncate"])
+    out: str | None = opt(None, "output dir; default outputs/prep/<model>_<data>_<format>_<max_length>")
+    limit: int | None = opt(None, "only the first N rows", ge=1)
+
+
+@dataclass
+class InferConfig:
+    """`synthtune infer`: answer questions with a model and its LoRA adapter, in the format training used."""
+
+    model: str | None = opt(None, "base model: HF id, local dir, or built-in name", required=True)
+    adapter: str | None = opt(None, "LoRA adapter dir (a training run's final/)")
+    prompt: list[str] = opt([], "a question (repeatable); or give input")
+    input: str | None = opt(None, "JSONL with a question field")
+    out: str | None = opt(None, "write results as JSONL here")
+    k: int = opt(1, "samples per question (1 = greedy)", ge=1)
+    temperature: float = opt(0.7, "sampling temperature when k > 1", ge=0)
+    max_new_tokens: int = opt(256, "generation budget", ge=1)
+    prompt_format: str = opt("plain", "plain or chat: what training used (auto: chat when the tokenizer has a "
+                             "template)", ["plain", "chat", "auto"], flag="--format")
+    batch_size: int = opt(8, "questions per generate() call", ge=1)
+    seed: int = opt(0, "seed for built-in tiny models and sampling", **SEED)
+    device: str | None = opt(None, "cpu, cuda...; default cuda when available")
+
+
+@dataclass
+class MergeConfig:
+    """`synthtune merge`: fold a LoRA adapter into its base, save safetensors, verify the logits."""
+
+    model: str | None = opt(None, "the adapter's base model", required=True)
+    adapter: str | None = opt(None, "LoRA adapter dir (a training run's final/)", required=True)
+    out: str | None = opt(None, "new directory for the merged model", required=True)
+    atol: float = opt(1e-4, "largest allowed logit difference vs the adapter model", ge=0)
+
+
+@dataclass
+class ScoreConfig:
+    """`synthtune score`: extraction, correctness, majority vote, maj@k and pass@k of any model's outputs."""
+
+    input: str | None = opt(None, "JSONL rows with question, answer, completions (or completion)", required=True,
+                            positional=True, metavar="IN.jsonl")
+    out: str | None = opt(None, "where the scored JSONL is written", required=True)
+    lenient: bool = opt(False, "skip malformed rows (and report how many) instead of failing")
+
+
+@dataclass
+class DataCheckConfig:
+    """`synthtune data check`: fields, final answers and every calculator annotation of a GSM8K-format file."""
+
+    file: str | None = opt(None, "JSONL with question and answer fields (GSM8K format)", required=True,
+                           positional=True, metavar="FILE.jsonl")
+    lenient: bool = opt(False, "skip malformed rows (and report them) instead of failing")
+
+
+@dataclass
+class ModelsPrepareConfig:
+    """`synthtune models prepare`: fetch, convert or build a model once; prints its local path."""
+
+    name: str | None = opt(None, "smollm2-135m-instruct, tiny-llama, tiny-t5, an HF id or a dir", required=True,
+                           positional=True, metavar="NAME")
+    seed: int = opt(0, "seed for the tiny models", **SEED)
+
+
+@dataclass
+class ModelsInfoConfig:
+    """`synthtune models info`: a model's kind, size and the dtype/device it would load with."""
+
+    name: str | None = opt(None, "smollm2-135m-instruct, tiny-llama, tiny-t5, an HF id or a dir", required=True,
+                           positional=True, metavar="NAME")
+    trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
+
+
+@dataclass
+class MemoryConfig:
+    """`synthtune memory`: estimate peak GPU memory per GPU for a training setup, or fit the fastest that fits.
+
+    The setup fields mirror ``synthtune.memory.estimate.Setup`` (a test keeps them in step); the
+    defaults are the command's, e.g. a micro-batch of 8.
+    """
+
+    model: str = opt("smollm2-135m-instruct", "HF id, local dir, config.json path, or built-in name")
+    method: str = opt("full", "full | lora | qlora (4-bit base)", ["full", "lora", "qlora"])
+    lora_r: int = opt(8, "LoRA rank", ge=1)
+    lora_targets: str = opt("q,v", "comma list of module names (q,v) or all-linear")
+    lora_dropout: float = opt(0.0, "LoRA dropout (>0 keeps a mask and an input copy per adapter)", ge=0, lt=1)
+    batch_size: int = opt(8, "micro-batch per GPU", ge=1)
+    seq_len: int = opt(256, "tokens per sequence (seq2seq: encoder length)", ge=1)
+    target_len: int | None = opt(None, "seq2seq decoder length (default: seq_len)", ge=1)
+    grad_ckpt: bool = opt(False, "gradient checkpointing (~30% slower)")
+    precision: str = opt("bf16-mixed", "fp32 | bf16 (bf16 weights) | bf16-mixed (fp32 weights + autocast)",
+                         ["fp32", "bf16", "bf16-mixed"])
+    optimizer: str = opt("adamw", "adamw | adamw-8bit | sgd", ["adamw", "adamw-8bit", "sgd"])
+    zero_stage: int = opt(0, "DeepSpeed ZeRO stage 0..3", ge=0, le=3)
+    offload: str = opt("none", "none | optimizer | all (ZeRO offload to CPU)", ["none", "optimizer", "all"])
+    gpus: int = opt(1, "GPUs per node", ge=1)
+    nodes: int = opt(1, "nodes", ge=1)
+    attn: str = opt("sdpa", "sdpa | flash | eager (eager keeps S x S probabilities)", ["sdpa", "flash", "eager"])
+    persistence_threshold: int = opt(100_000, "ZeRO-3: parameters of at most this many elements stay whole on every "
+                                     "GPU (DeepSpeed's stage3_param_persistence_threshold)", ge=0)
+    fit: bool = opt(False, "search method/ZeRO/ckpt/micro-batch for the fastest setup that fits")
+    gpu_gib: float = opt(80.0, "fit: memory per GPU, GiB", gt=0)
+    headroom: float = opt(0.1, "fit: fraction kept free for the allocator's fragmentation", ge=0, lt=1)
+    cpu_gib: float | None = opt(None, "fit: host RAM per node, GiB (enables offload options)", gt=0)
+    global_batch: int | None = opt(None, "fit: sequences per optimizer step (sets gradient accumulation)", ge=1)
+    train_config: str = opt("configs/train/X.yaml", "fit: training recipe named in the printed command")
+    trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")
+
+
 # --------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------
@@ -344,11 +509,13 @@ def field_help(cls) -> dict[str, str]:
     return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = (),
-                **values: Any) -> T:
+def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterable[str] = (), /, *,
+                option_names: dict[str, str] | None = None, **values: Any) -> T:
     """Build ``cls`` from defaults, then the YAML file, then ``key=value`` overrides, then ``values``.
 
-    ``values`` are Python values (from typed CLI options or code); None means "not given".
+    ``values`` are Python values (from command-line options or code); None means "not given". A
+    string is taken as written, also for a number field (``"8"`` is 8, but never null). Errors
+    name a value's source as ``option_names[key]`` (``option --k``) when given, else ``argument key``.
     """
     hints = typing.get_type_hints(cls)
     by_name = {f.name: f for f in fields(cls)}
@@ -364,7 +531,8 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: Iterabl
         merged[key] = _coerce(cls, by_name, hints, key, _override_value(raw), f"override {item!r}")
     for key, value in values.items():
         if value is not None:
-            merged[key] = _coerce(cls, by_name, hints, key, value, f"argument {key}")
+            where = (option_names or {}).get(key) or f"argument {key}"
+            merged[key] = _coerce(cls, by_name, hints, key, value, where)
     return cls(**merged)
 
 

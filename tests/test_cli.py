@@ -3,12 +3,38 @@
 import json
 import os
 import subprocess
+import sys
+from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import typer.main
+import typer.rich_utils
+from typer.testing import CliRunner
 
-from synthtune import __version__
-from synthtune.cli import app
+from synthtune import __version__, config
+from synthtune.cli import app, main
+from synthtune.cli_options import CONFIG, JSON, OVERRIDES, parse_argv
+from synthtune.config import (
+    DataCheckConfig,
+    DemoConfig,
+    EvalConfig,
+    InferConfig,
+    MemoryConfig,
+    MergeConfig,
+    ModelsInfoConfig,
+    ModelsPrepareConfig,
+    PrepConfig,
+    ScoreConfig,
+    ServeConfig,
+    SynthConfig,
+    TrainConfig,
+    field_help,
+    flag_of,
+)
+from synthtune.errors import ConfigError
+
+GROUP = typer.main.get_command(app)
 
 
 def run(bin_, *args, check=True, **kw):
@@ -135,3 +161,251 @@ def test_demo_with_nothing_to_train_on_says_which_key(synthtune_bin, tmp_path):
                "gold_rationales=false", "--output-dir", str(tmp_path / "d"), check=False)
     assert proc.returncode == 2 and "gold_rationales" in proc.stderr and "Traceback" not in proc.stderr
     assert (tmp_path / "d" / "synth" / "status.jsonl").exists()  # what ran before the error is kept
+
+
+# ------------------------------------------------------------------ options come from the config dataclasses
+
+
+def _leaf_commands(cmd=GROUP, prefix=()):
+    if hasattr(cmd, "commands"):
+        for name, sub in cmd.commands.items():
+            yield from _leaf_commands(sub, (*prefix, name))
+    else:
+        yield prefix, cmd
+
+
+LEAVES = dict(_leaf_commands())
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
+
+
+def test_every_command_has_a_config_class():
+    assert {path: cmd.callback.config_class for path, cmd in LEAVES.items()} == {
+        ("demo",): DemoConfig, ("synth",): SynthConfig, ("serve",): ServeConfig, ("train",): TrainConfig,
+        ("prep",): PrepConfig, ("memory",): MemoryConfig, ("infer",): InferConfig, ("eval",): EvalConfig,
+        ("merge",): MergeConfig, ("score",): ScoreConfig, ("data", "check"): DataCheckConfig,
+        ("models", "prepare"): ModelsPrepareConfig, ("models", "info"): ModelsInfoConfig}
+
+
+@pytest.mark.parametrize("path", sorted(LEAVES), ids=" ".join)
+def test_help_shows_every_field_once_with_exactly_its_dataclass_help(path, monkeypatch):
+    """One source for the help text: each field's ``opt(help=...)``, and no option that is not a field."""
+    cmd = LEAVES[path]
+    cls = cmd.callback.config_class
+    # the other parameters are the generic ones every command shares
+    assert {p.name for p in cmd.params} - {f.name for f in fields(cls)} <= {CONFIG, OVERRIDES, JSON}
+    monkeypatch.setattr(typer.rich_utils, "MAX_WIDTH", 4000)  # one row per option: no wrapping
+    out = CliRunner().invoke(app, [*path, "--help"]).output
+    rows = [line.strip("│ ").split() for line in out.splitlines() if line.startswith("│")]
+    for f in fields(cls):
+        flag = flag_of(f)
+        mine = [" ".join(r) for r in rows if r and r[0] == flag]
+        assert len(mine) == 1, f"{flag} ({f.name}) is listed {len(mine)} times in {' '.join(path)} --help"
+        assert field_help(cls)[f.name] and _flat(field_help(cls)[f.name]) in _flat(mine[0]), (f.name, mine[0])
+
+
+@pytest.mark.parametrize("cls", sorted({c.callback.config_class for c in LEAVES.values()}, key=lambda c: c.__name__),
+                         ids=lambda c: c.__name__)
+def test_no_field_takes_a_name_the_command_line_or_load_config_uses(cls):
+    assert not {f.name for f in fields(cls)} & {CONFIG, OVERRIDES, JSON, "ctx", "option_names"}
+
+
+def test_memory_config_mirrors_the_estimators_setup():
+    from synthtune.memory.estimate import ATTNS, METHODS, OFFLOADS, OPTIMIZERS, PRECISIONS, Setup
+
+    mine = {f.name: f for f in fields(MemoryConfig)}
+    assert {f.name for f in fields(Setup)} <= set(mine)
+    for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
+                          ("offload", OFFLOADS), ("attn", ATTNS)):
+        assert mine[name].metadata["choices"] == allowed
+    same_default = {f.name for f in fields(Setup)} - {"batch_size"}  # the command's micro-batch is 8
+    assert all(getattr(MemoryConfig(), n) == getattr(Setup(), n) for n in same_default)
+
+
+# ------------------------------------------------------------------ precedence
+
+
+def test_precedence_defaults_yaml_overrides_options(tmp_path):
+    p = tmp_path / "synth.yaml"
+    p.write_text("k: 3\nrounds: 5\nshots: 1\nendpoints: [http://a/v1]\n")
+    assert parse_argv(GROUP, ["synth"])[0].k == SynthConfig().k == 8
+    from_file = parse_argv(GROUP, ["synth", "--config", str(p)])[0]
+    assert (from_file.k, from_file.rounds, from_file.endpoints) == (3, 5, ["http://a/v1"])
+    cfg = parse_argv(GROUP, ["synth", "--config", str(p), "k=4", "rounds=6"])[0]
+    assert (cfg.k, cfg.rounds, cfg.shots) == (4, 6, 1)
+    # an option given on the command line wins over both, wherever it stands
+    cfg = parse_argv(GROUP, ["synth", "--k", "5", "--config", str(p), "k=4", "--endpoint", "http://b/v1"])[0]
+    assert (cfg.k, cfg.rounds, cfg.shots, cfg.endpoints) == (5, 5, 1, ["http://b/v1"])
+    # a flag left out keeps what the file says, also for booleans (no default overrides the file)
+    p.write_text("use_gold: false\n")
+    assert parse_argv(GROUP, ["synth", "--config", str(p)])[0].use_gold is False
+    assert parse_argv(GROUP, ["synth", "--config", str(p), "--use-gold"])[0].use_gold is True
+    assert parse_argv(GROUP, ["synth", "use_gold=true", "--no-use-gold"])[0].use_gold is False
+
+
+def test_every_command_takes_config_and_overrides(tmp_path):
+    p = tmp_path / "score.yaml"
+    p.write_text("out: from_file.jsonl\nlenient: true\n")
+    assert parse_argv(GROUP, ["score", "in.jsonl", "--config", str(p)])[0] == \
+        ScoreConfig(input="in.jsonl", out="from_file.jsonl", lenient=True)
+    assert parse_argv(GROUP, ["score", "--config", str(p), "input=x.jsonl", "lenient=false"])[0] == \
+        ScoreConfig(input="x.jsonl", out="from_file.jsonl", lenient=False)
+    p.write_text("model: tiny-llama\nport: 0\nmax_request_tokens: 5000\nadapters: [math=run/final]\n")
+    assert parse_argv(GROUP, ["serve", "--config", str(p), "--port", "9000"])[0] == ServeConfig(
+        model="tiny-llama", port=9000, max_request_tokens=5000, adapters=["math=run/final"])
+
+
+# ------------------------------------------------------------------ errors: one line naming the field, exit 2
+
+
+def _main_error(monkeypatch, capsys, *argv) -> str:
+    monkeypatch.setattr(sys, "argv", ["synthtune", *argv])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (("synth", "--k", "0"), "error: option --k: k=0 is out of range: k must be an integer >= 1"),
+    (("synth", "k=0"), "error: override 'k=0': k=0 is out of range: k must be an integer >= 1"),
+    (("serve", "--port", "70000"), "option --port: port=70000 is out of range: port must be an integer in [0, 65535]"),
+    (("memory", "--headroom", "1"), "option --headroom: headroom=1.0 is out of range: headroom must be a finite "
+                                    "number in [0, 1)"),
+    (("memory", "--zero-stage", "4"), "zero_stage must be an integer in [0, 3]"),
+    (("infer", "--model", "m", "--format", "html"), "option --format: prompt_format must be one of plain, chat, "
+                                                    "auto, got 'html'"),
+    (("prep", "--model", "m", "--data", "d", "--max-length", "01"), "option --max-length: max_length: got '01': a "
+                                                                   "leading zero is ambiguous"),
+    (("eval", "--limit", "x"), "option --limit: limit: expected an integer"),
+    (("data", "check"), "file is required (JSONL with question and answer fields (GSM8K format)): give FILE.jsonl"),
+    (("merge", "--model", "m"), "adapter is required"),
+    (("models", "info", "tiny-llama", "trust_remote_codes=true"), "Did you mean 'trust_remote_code'?"),
+])
+def test_a_bad_value_names_the_field_and_what_is_allowed(monkeypatch, capsys, argv, expected):
+    assert expected in _main_error(monkeypatch, capsys, *argv)
+
+
+def test_missing_config_file_is_one_line(monkeypatch, capsys, tmp_path):
+    assert f"config file {tmp_path / 'no.yaml'} does not exist" in _main_error(
+        monkeypatch, capsys, "score", "in.jsonl", "--out", "o", "--config", str(tmp_path / "no.yaml"))
+
+
+# ------------------------------------------------------------------ the documented spellings still parse
+
+
+SPELLINGS = [
+    (["synth", "--model", "M", "--questions", "SRC", "--exemplars", "EX", "--k", "8", "--rounds", "2", "--out", "DIR",
+      "--backend", "openai", "--endpoint", "http://h1:8000/v1", "--endpoint", "http://h2:8000/v1", "--served-model",
+      "NAME", "--api-key-env", "VAR", "--concurrency", "16", "--limit", "10", "--allow-changed-settings", "--json"],
+     SynthConfig(model="M", questions="SRC", exemplars="EX", k=8, rounds=2, out="DIR", backend="openai",
+                 endpoints=["http://h1:8000/v1", "http://h2:8000/v1"], served_model="NAME", api_key_env="VAR",
+                 concurrency=16, limit=10, allow_changed_settings=True), True),
+    (["synth", "--model", "tiny-llama", "--questions", "bundled:test", "--k", "2", "--rounds", "1", "--limit", "3",
+      "--out", "o", "--json", "max_new_tokens=12", "shots=2"],
+     SynthConfig(model="tiny-llama", questions="bundled:test", k=2, rounds=1, limit=3, out="o", max_new_tokens=12,
+                 shots=2), True),
+    (["prep", "--model", "M", "--data", "SRC", "--format", "auto", "--max-length", "400", "--out", "DIR"],
+     PrepConfig(model="M", data="SRC", prompt_format="auto", max_length=400, out="DIR"), False),
+    (["prep", "--model", "M", "--data", "SRC", "--format", "chat", "--max-target-length", "64", "--truncation",
+      "truncate", "--limit", "5", "--json"],
+     PrepConfig(model="M", data="SRC", prompt_format="chat", max_target_length=64, truncation="truncate", limit=5),
+     True),
+    (["infer", "--model", "M", "--adapter", "DIR", "--prompt", "Ann has 3 apples, and 4 more?", "--prompt", "2+2?",
+      "--format", "plain", "--json"],
+     InferConfig(model="M", adapter="DIR", prompt=["Ann has 3 apples, and 4 more?", "2+2?"], prompt_format="plain"),
+     True),
+    (["infer", "--model", "M", "--adapter", "DIR", "--input", "q.jsonl", "--out", "a.jsonl", "--k", "4",
+      "--max-new-tokens", "5"],
+     InferConfig(model="M", adapter="DIR", input="q.jsonl", out="a.jsonl", k=4, max_new_tokens=5), False),
+    (["memory", "--model", "M", "--method", "lora", "--fit", "--gpu-gib", "40", "--gpus", "4", "--grad-ckpt", "--json"],
+     MemoryConfig(model="M", method="lora", fit=True, gpu_gib=40.0, gpus=4, grad_ckpt=True), True),
+    (["memory", "--model", "M", "--method", "lora", "--lora-r", "16", "--lora-targets", "all-linear", "--batch-size",
+      "2", "--seq-len", "256", "--target-len", "64", "--zero-stage", "3", "--offload", "optimizer", "--no-grad-ckpt",
+      "--precision", "bf16", "--optimizer", "adamw-8bit", "--nodes", "2", "--attn", "eager", "--lora-dropout", "0.1",
+      "--persistence-threshold", "0", "--headroom", "0.2", "--cpu-gib", "512", "--global-batch", "256",
+      "--train-config", "configs/train/flan_ul2_lora.yaml", "--trust-remote-code"],
+     MemoryConfig(model="M", method="lora", lora_r=16, lora_targets="all-linear", batch_size=2, seq_len=256,
+                  target_len=64, zero_stage=3, offload="optimizer", grad_ckpt=False, precision="bf16",
+                  optimizer="adamw-8bit", nodes=2, attn="eager", lora_dropout=0.1, persistence_threshold=0,
+                  headroom=0.2, cpu_gib=512.0, global_batch=256, train_config="configs/train/flan_ul2_lora.yaml",
+                  trust_remote_code=True), False),
+    (["serve", "--model", "M", "--adapter", "math=DIR", "--adapter", "DIR2", "--host", "0.0.0.0", "--port", "0",
+      "--threads", "1", "--api-key-env", "VAR", "--served-model-name", "base", "--max-batch", "8",
+      "--batch-window-ms", "2.5", "--device", "cpu", "--seed", "3", "--max-request-tokens", "5000",
+      "--max-inflight-tokens", "6000", "--max-connections", "4", "--read-timeout", "2", "--context-length", "256"],
+     ServeConfig(model="M", adapters=["math=DIR", "DIR2"], host="0.0.0.0", port=0, threads=1, api_key_env="VAR",
+                 served_model_name="base", max_batch=8, batch_window_ms=2.5, device="cpu", seed=3,
+                 max_request_tokens=5000, max_inflight_tokens=6000, max_connections=4, read_timeout=2.0,
+                 context_length=256), False),
+    (["eval", "--model", "M", "--adapter", "DIR", "--compare", "--limit", "100", "--split", "train", "--shots", "8",
+      "--k", "4", "--seed", "1", "--out", "o", "--json", "max_new_tokens=8"],
+     EvalConfig(model="M", adapter="DIR", compare=True, limit=100, split="train", shots=8, k=4, seed=1, out="o",
+                max_new_tokens=8), True),
+    (["merge", "--model", "M", "--adapter", "DIR", "--out", "merged", "--atol", "0.001"],
+     MergeConfig(model="M", adapter="DIR", out="merged", atol=0.001), False),
+    (["score", "IN.jsonl", "--out", "OUT.jsonl", "--json", "--lenient"],
+     ScoreConfig(input="IN.jsonl", out="OUT.jsonl", lenient=True), True),
+    (["data", "check", "FILE.jsonl", "--lenient"], DataCheckConfig(file="FILE.jsonl", lenient=True), False),
+    (["models", "prepare", "tiny-t5", "--seed", "2"], ModelsPrepareConfig(name="tiny-t5", seed=2), False),
+    (["models", "info", "NAME", "--trust-remote-code"], ModelsInfoConfig(name="NAME", trust_remote_code=True), False),
+    (["demo", "model=tiny-llama", "train_steps=3", "--output-dir", "d"],
+     DemoConfig(model="tiny-llama", train_steps=3, output_dir="d"), False),
+    (["train", "--config", "configs/train/smoke.yaml", "max_steps=2", "--json"],
+     config.load_config(TrainConfig, "configs/train/smoke.yaml", ["max_steps=2"]), True),
+]
+
+
+@pytest.mark.parametrize("argv, expected, json_only", SPELLINGS, ids=lambda v: " ".join(v[:1]) if isinstance(v, list)
+                         else None)
+def test_documented_spellings_parse_to_the_same_config(argv, expected, json_only, monkeypatch):
+    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # configs/ paths as the docs write them
+    assert parse_argv(GROUP, argv) == (expected, json_only)
+
+
+def test_a_required_field_can_come_from_the_config_file(tmp_path):
+    p = tmp_path / "merge.yaml"
+    p.write_text("model: M\nadapter: run/final\nout: merged\n")
+    assert parse_argv(GROUP, ["merge", "--config", str(p)])[0] == MergeConfig(model="M", adapter="run/final",
+                                                                              out="merged")
+    with pytest.raises(ConfigError, match="out is required"):
+        parse_argv(GROUP, ["merge", "model=M", "adapter=A"])
+
+
+# ------------------------------------------------------------------ layering: the library never imports the CLI
+
+
+def test_the_library_never_imports_the_cli_or_the_jobs():
+    """Jobs and the router sit on top; a library module importing them (even inside a function) fails here."""
+    import ast
+
+    root = Path(config.__file__).resolve().parent
+    top = {"synthtune.cli", "synthtune.cli_options", "synthtune.jobs"}
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root.parent).with_suffix("")
+        if rel.parts[1] in ("cli", "cli_options", "jobs"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.ImportFrom) and node.module == "synthtune":
+                names = [f"synthtune.{a.name}" for a in node.names]
+            offenders += [f"{rel}: {n}" for n in names if any(n == t or n.startswith(t + ".") for t in top)]
+    assert not offenders, offenders
+
+
+def test_the_launch_script_loads_without_typer_or_rich():
+    # every rank of `accelerate launch fine_tune/train.py` imports it; the CLI's libraries stay out
+    code = ("import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('train_script', 'fine_tune/train.py')\n"
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+            "print(sorted(m for m in ('typer', 'rich', 'synthtune.cli', 'synthtune.jobs') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -450,3 +450,8 @@ def _summary(run: DemoRun) -> dict:
         "eval": {label: {n: e[label].get(n) for n, _ in REPORT_METRICS} for label in ("base", "adapter")},
         "learned": learned(e),
     }
+
+
+def run(cfg: DemoConfig, console=None) -> dict:
+    """`synthtune demo`'s entry point (the same as :func:`run_demo`)."""
+    return run_demo(cfg, console=console)

@@ -103,3 +103,8 @@ def comparison_table(report: dict):
 
 def _fmt(v) -> str:
     return "-" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def run(cfg: EvalConfig, *, progress: bool = True) -> dict:
+    """`synthtune eval`'s entry point (the same as :func:`run_eval`)."""
+    return run_eval(cfg, progress=progress)

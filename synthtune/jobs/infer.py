@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from synthtune.config import InferConfig
 from synthtune.errors import ConfigError
 
 
@@ -44,3 +45,10 @@ def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None =
     if out_path:
         write_jsonl(out_path, results)
     return results
+
+
+def run(cfg: InferConfig, *, progress: bool = True) -> list[dict]:
+    """`synthtune infer`'s entry point: :func:`infer` with the command's config."""
+    return infer(cfg.model, adapter=cfg.adapter, prompts=cfg.prompt or None, input_path=cfg.input, out_path=cfg.out,
+                 k=cfg.k, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, fmt=cfg.prompt_format,
+                 batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, progress=progress)

@@ -12,6 +12,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from synthtune.config import MergeConfig
 from synthtune.errors import ConfigError, MergeMismatch
 from synthtune.files import current_umask
 
@@ -91,3 +92,8 @@ def _save_and_verify(merged, lm, tmp: Path, before, atol: float) -> float:
         raise MergeMismatch(f"the saved merged model, reloaded with transformers, differs from the adapter by "
                             f"{diff_reload:.3g} (> {atol}); nothing saved")
     return diff_reload
+
+
+def run(cfg: MergeConfig) -> dict:
+    """`synthtune merge`'s entry point: :func:`merge_adapter` with the command's config."""
+    return merge_adapter(cfg.model, cfg.adapter, cfg.out, atol=cfg.atol)

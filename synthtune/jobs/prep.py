@@ -10,6 +10,8 @@ import logging
 from pathlib import Path
 
 from synthtune import paths
+from synthtune.config import PrepConfig
+from synthtune.errors import ConfigError
 from synthtune.formats import resolve_format
 from synthtune.train.tokenize import load_tokenizer_for, padding_waste, plot_length_histogram, tokenize_rows
 
@@ -64,3 +66,16 @@ def run_prep(model: str, data: str, *, fmt: str = "auto", max_length: int = 512,
     return summary
 
 
+
+
+def run(cfg: PrepConfig) -> dict:
+    """`synthtune prep`'s entry point: :func:`run_prep` with the command's config."""
+    try:
+        return run_prep(cfg.model, cfg.data, fmt=cfg.prompt_format, max_length=cfg.max_length,
+                        max_target_length=cfg.max_target_length, truncation=cfg.truncation, out=cfg.out,
+                        limit=cfg.limit)
+    except ValueError as err:
+        if type(err) is not ValueError:  # DataError and friends already say where
+            raise
+        # a setting that does not fit this model (the chat format on a seq2seq model): the user's to fix
+        raise ConfigError(f"prep: {err}") from None

@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from synthtune.config import ScoreConfig
 from synthtune.data.jsonl import read_jsonl, write_jsonl
 from synthtune.errors import DataError
 from synthtune.synth.scoring import REQUIRED, report_skipped, score_lines
@@ -43,3 +44,8 @@ def score_file(
         report_skipped(summary, skipped)
     write_jsonl(out_path, out_rows)
     return summary
+
+
+def run(cfg: ScoreConfig) -> dict[str, Any]:
+    """`synthtune score`'s entry point: :func:`score_file` with the command's config."""
+    return score_file(cfg.input, cfg.out, lenient=cfg.lenient)

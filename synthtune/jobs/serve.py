@@ -1152,5 +1152,13 @@ def serve(model: str, adapters: Sequence[str] = (), *, host: str = "127.0.0.1", 
         log("stopped")
 
 
+
+def run(cfg: ServeConfig, log: Callable[[str], None] = _stderr) -> None:
+    """`synthtune serve`'s entry point: :func:`serve` with the command's config (its limits included)."""
+    serve(cfg.model, cfg.adapters, host=cfg.host, port=cfg.port, served_name=cfg.served_model_name,
+          api_key_env=cfg.api_key_env, device=cfg.device, seed=cfg.seed, max_batch=cfg.max_batch,
+          batch_window_ms=cfg.batch_window_ms, threads=cfg.threads, limits=cfg, log=log)
+
+
 #: What a started server prints once it accepts requests (a supervisor waits for this line).
 READY = r"serving on (http://\S+/v1)"
