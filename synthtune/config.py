@@ -234,7 +234,8 @@ class SynthConfig:
     top_p: float = opt(0.95, "nucleus sampling", gt=0, le=1)
     top_k: int = opt(0, "top-k sampling (0 = off)", ge=0)
     max_new_tokens: int = opt(256, "per sample; GSM8K rationales average ~120 tokens", ge=1)
-    stop: list[str] = opt([], "extra stop strings (plain format always stops at a new 'Problem:')")
+    stop: list[str] = opt([], "extra stop strings (the plain format always stops at a new 'Question:' or "
+                              "'Problem:' line)")
     batch_size: int = opt(4, "questions per batch; results are flushed after every batch", ge=1)
     min_agreement: float = opt(0.5, "without gold: below this majority share a question has no consensus", ge=0, le=1)
     use_gold: bool = opt(True, "keep only rationales that reach the gold answer when one exists (rejection "
@@ -278,7 +279,7 @@ class TrainConfig:
     eval_limit: int | None = opt(None, "use only the first N eval rows (the full GSM8K test has 1,319)", ge=1)
     gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl")
     limit: int | None = opt(None, "use only the first N training rows", ge=1)
-    prompt_format: str = opt("plain", "plain: 'Question: ...\nAnswer: ...'; chat: the tokenizer's chat template; "
+    prompt_format: str = opt("plain", "plain: 'Question: ...\\nAnswer: ...'; chat: the tokenizer's chat template; "
                              "auto: chat when the tokenizer has one", ["plain", "chat", "auto"])
     max_length: int = opt(512, "token limit per example; GSM8K with SmolLM2's tokenizer: p99 399, max 543 "
                           "(the workshop's 256 cut 15.7% of answers)", ge=1)
@@ -333,7 +334,8 @@ class EvalConfig:
     source: str = opt("bundled", "GSM8K source", ["bundled", "auto", "hub", "dir"])
     gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl")
     limit: int | None = opt(None, "only the first N questions", ge=1)
-    shots: int = opt(0, "0: the training format 'Question: ...\\nAnswer:'; 8: few-shot exemplars from train", ge=0)
+    shots: int = opt(0, "0: the training format 'Question: ...\\nAnswer:'; 8: few-shot exemplars from train, in the same "
+                     "words, before it", ge=0)
     k: int = opt(1, "samples per question: 1 = greedy; >1 = sampling with maj@k and pass@k", ge=1)
     temperature: float = opt(0.7, "sampling temperature when k > 1", ge=0)
     max_new_tokens: int = opt(256, "generation budget per answer", ge=1)

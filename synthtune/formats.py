@@ -1,5 +1,7 @@
 """Prompt formats: how a question becomes the text a model reads, at training, evaluation, inference,
-serving and synthesis time alike.
+serving and synthesis time alike. This module is the one place where a format's text, its stop
+strings and the ``auto`` rule are written; everything else imports them from here, so a prompt
+cannot differ between training and evaluation.
 
 Formats (zero-shot, the same text at training and evaluation time: use :func:`encode_prompt` to
 build evaluation prompts so they match the training prompts token for token):
@@ -12,68 +14,192 @@ build evaluation prompts so they match the training prompts token for token):
   assistant turn; everything before the assistant content is masked, the template's end-of-turn
   token(s) are part of the target (SmolLM2's ``<|im_end|>`` is its EOS).
 * seq2seq (T5/UL2): the encoder reads the plain prompt, the decoder's labels are ``{answer}`` + EOS.
+
+Few-shot prompts (synthesis, ``synthtune eval --shots 8``) are a meta-prompt, then k exemplars, then
+the question, each written exactly as a training example would be: a plain exemplar block is a
+whole training text (``Question: {q}\\nAnswer: {a}``) and the last block is the zero-shot prompt;
+in chat, the exemplars are earlier user/assistant turns and the meta-prompt is the system turn.
+
+>>> zero_shot_prompt("What is 2 + 2?", None, fmt="plain", is_seq2seq=False)
+'Question: What is 2 + 2?\\nAnswer:'
+>>> few_shot_prompt("What is 2 + 2?", [{"question": "1 + 1?", "answer": "#### 2"}], fmt="plain", meta_prompt="")
+'Question: 1 + 1?\\nAnswer: #### 2\\n\\nQuestion: What is 2 + 2?\\nAnswer:'
+>>> stop_strings("plain"), stop_strings("chat")
+(('\\nQuestion:', '\\nProblem:'), ())
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
+from synthtune.errors import ConfigError
+
 FORMATS = ("plain", "chat")
+#: Resolved per model by :func:`default_format`.
+AUTO = "auto"
 PLAIN_PROMPT = "Question: {question}\nAnswer:"
+#: Between the meta-prompt and the exemplar blocks of a plain few-shot prompt.
+PLAIN_BLOCK_SEPARATOR = "\n\n"
+DEFAULT_META_PROMPT = (
+    "Solve the grade-school math problem step by step. Show each calculation, "
+    "then give the final answer on its own line as '#### <number>'."
+)
+# Where a plain-format completion has finished its answer and begun inventing the next problem:
+# the format's own next block, and "Problem:", the other heading base models ramble into on
+# GSM8K-style text (and the one synthtune's few-shot prompts used before they took this format's words).
+# A chat turn ends with the template's end-of-turn token instead, so chat has none.
+_PLAIN_STOP = ("\nQuestion:", "\nProblem:")
 
 
+# --------------------------------------------------------------------------------------------
+# which format: the auto rule
+# --------------------------------------------------------------------------------------------
 
 
-def resolve_format(fmt: str, tokenizer, is_seq2seq: bool) -> str:
-    """``auto`` -> ``chat`` for decoder models whose tokenizer has a chat template, else ``plain``."""
-    if fmt == "auto":
-        from synthtune.synth.prompts import default_format
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
-        return default_format(tokenizer, is_seq2seq)
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)} or auto")
+
+def default_format(tokenizer, is_seq2seq: bool, *, server_renders: bool = False) -> str:
+    """The ``auto`` rule: ``chat`` for decoder models that ship a chat template, else ``plain``.
+
+    ``server_renders``: the prompt goes to a server that applies its own template (an
+    OpenAI-compatible backend) and there is no local tokenizer to look at; such servers hold
+    instruct models far more often than base ones, so ``auto`` means ``chat`` there (a template-less
+    served model fails with a message naming ``prompt_format=plain``).
+    """
+    if server_renders:
+        return "chat"
+    return "chat" if (not is_seq2seq and has_chat_template(tokenizer)) else "plain"
+
+
+def resolve_format(fmt: str, tokenizer, is_seq2seq: bool, *, server_renders: bool = False) -> str:
+    """``plain`` or ``chat`` for ``fmt`` (``auto`` by :func:`default_format`), checked against the model."""
+    if fmt == AUTO:
+        return default_format(tokenizer, is_seq2seq, server_renders=server_renders)
+    _check_format(fmt, allow_auto=True)
     if fmt == "chat":
         if is_seq2seq:
-            raise ValueError("the 'chat' format is for decoder-only models; seq2seq models use 'plain'")
-        if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the 'chat' format needs a tokenizer with a chat template; this one has none "
-                             "(use 'plain' or 'auto')")
+            raise ConfigError("the 'chat' format is for decoder-only models; seq2seq models use 'plain' "
+                              "(set the prompt format to plain or auto)")
+        if not server_renders and not has_chat_template(tokenizer):
+            raise ConfigError("the 'chat' format needs a tokenizer with a chat template; this one has none "
+                              "(use 'plain' or 'auto')")
     return fmt
 
 
-def _chat_prompt(question: str, tokenizer) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
-                                         tokenize=False)
+def _check_format(fmt: str, allow_auto: bool = False) -> None:
+    if fmt not in FORMATS:
+        choices = ", ".join(FORMATS) + (" or auto" if allow_auto else "")
+        hint = "" if allow_auto or fmt != AUTO else " (resolve 'auto' first with resolve_format)"
+        raise ConfigError(f"unknown prompt format {fmt!r}; use one of {choices}{hint}")
 
 
-def format_example(row: dict, tokenizer, *, fmt: str, is_seq2seq: bool,
-                   question_field: str = "question", answer_field: str = "answer") -> tuple[str, str]:
-    """``(prompt_text, target_text)`` for one row; EOS is not in the text, :func:`tokenize_rows` adds it."""
-    question = str(row[question_field]).strip()
-    answer = str(row[answer_field]).strip()
+def add_special_tokens(fmt: str) -> bool:
+    """Whether the tokenizer adds its special tokens (BOS, T5's EOS) when encoding a prompt of ``fmt``."""
+    _check_format(fmt)
+    # A rendered chat template already holds its BOS/role tokens; adding them again doubles the BOS.
+    return fmt != "chat"
+
+
+def stop_strings(fmt: str, extra: Sequence[str] = ()) -> tuple[str, ...]:
+    """Where a completion of a ``fmt`` prompt ends: ``extra`` (the user's own) first, then the format's.
+
+    The same for causal and seq2seq models, and for every caller (eval, infer, in-training
+    accuracy, synthesis), so a model is cut where it would be cut anywhere else.
+    """
+    _check_format(fmt)
+    own = _PLAIN_STOP if fmt == "plain" else ()
+    return tuple(dict.fromkeys([*extra, *own]))
+
+
+# --------------------------------------------------------------------------------------------
+# rendering
+# --------------------------------------------------------------------------------------------
+
+
+def plain_prompt(question: str) -> str:
+    """The zero-shot plain prompt: ``Question: {question}\\nAnswer:`` (the question stripped)."""
+    return PLAIN_PROMPT.format(question=question.strip())
+
+
+def plain_example(question: str, answer: str) -> str:
+    """A whole plain training text, which is also a few-shot exemplar block."""
+    return f"{plain_prompt(question)} {answer.strip()}"
+
+
+def render_chat(messages: Sequence[Mapping[str, str]], tokenizer) -> str:
+    """The generation prompt for a conversation of ``{role, content}`` messages, by the tokenizer's
+    chat template (what ``synthtune serve`` does for a ``/v1/chat/completions`` request)."""
+    if not has_chat_template(tokenizer):
+        raise ConfigError("the 'chat' format needs a tokenizer with a chat template; this one has none "
+                          "(use 'plain' for base or seq2seq models)")
+    return tokenizer.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True, tokenize=False)
+
+
+def chat_messages(question: str, exemplars: Sequence[Mapping[str, str]] = (),
+                  meta_prompt: str | None = None) -> list[dict[str, str]]:
+    """The conversation of a chat prompt: the meta-prompt as the system turn, each exemplar as a
+    user/assistant pair, then the question as the last user turn."""
+    turns = [{"role": "system", "content": meta_prompt}] if meta_prompt else []
+    for ex in exemplars:
+        turns += [{"role": "user", "content": ex["question"].strip()},
+                  {"role": "assistant", "content": ex["answer"].strip()}]
+    turns.append({"role": "user", "content": question.strip()})
+    return turns
+
+
+def zero_shot_prompt(question: str, tokenizer, *, fmt: str, is_seq2seq: bool) -> str:
+    """The prompt text of ``question`` alone: what training masks as the prompt, and what eval,
+    infer and in-training accuracy feed the model (``fmt`` may be ``auto``)."""
+    question = str(question)  # a JSONL question may hold a number
     fmt = resolve_format(fmt, tokenizer, is_seq2seq)
     if fmt == "plain":
-        prompt = PLAIN_PROMPT.format(question=question)
+        return plain_prompt(question)
+    return render_chat(chat_messages(question), tokenizer)
+
+
+def few_shot_prompt(question: str, exemplars: Sequence[Mapping[str, str]], *, fmt: str, tokenizer=None,
+                    meta_prompt: str | None = DEFAULT_META_PROMPT) -> str:
+    """Meta-prompt, exemplars (``{question, answer}`` rows), then the question's zero-shot prompt.
+
+    With no exemplars and no meta-prompt this is :func:`zero_shot_prompt`. ``tokenizer`` is needed
+    for ``chat`` (its template); ``fmt`` must be resolved already (``plain`` or ``chat``).
+    """
+    _check_format(fmt)
+    if fmt == "chat":
+        return render_chat(chat_messages(question, exemplars, meta_prompt), tokenizer)
+    blocks = [meta_prompt.strip()] if meta_prompt else []
+    blocks += [plain_example(ex["question"], ex["answer"]) for ex in exemplars]
+    blocks.append(plain_prompt(question))
+    return PLAIN_BLOCK_SEPARATOR.join(blocks)
+
+
+def format_example(row: Mapping, tokenizer, *, fmt: str, is_seq2seq: bool,
+                   question_field: str = "question", answer_field: str = "answer") -> tuple[str, str]:
+    """``(prompt_text, target_text)`` for one training row; EOS is not in the text, the tokenizer
+    step (``train.tokenize.tokenize_rows``) adds it."""
+    question = str(row[question_field])
+    answer = str(row[answer_field]).strip()
+    fmt = resolve_format(fmt, tokenizer, is_seq2seq)
+    prompt = zero_shot_prompt(question, tokenizer, fmt=fmt, is_seq2seq=is_seq2seq)
+    if fmt == "plain":
         # The decoder of a seq2seq model starts fresh, so its target needs no separating space.
         return prompt, answer if is_seq2seq else " " + answer
-    prompt = _chat_prompt(question, tokenizer)
-    full = tokenizer.apply_chat_template([{"role": "user", "content": question},
-                                          {"role": "assistant", "content": answer}], tokenize=False)
+    full = tokenizer.apply_chat_template([*chat_messages(question), {"role": "assistant", "content": answer}],
+                                         tokenize=False)
     if not full.startswith(prompt):
         # Some templates render past turns differently from the generation prompt (e.g. they strip
         # reasoning blocks); then no prefix split is exact and the mask would be wrong.
-        raise ValueError("this chat template does not render the conversation as generation prompt + answer, "
-                         "so the prompt cannot be masked exactly; use fmt='plain'")
+        raise ConfigError("this chat template does not render the conversation as generation prompt + answer, "
+                          "so the prompt cannot be masked exactly; use the 'plain' format")
     # Trailing whitespace after the end-of-turn token (SmolLM2 writes '<|im_end|>\n') would be a label
     # the model never needs to produce: generation stops at the end-of-turn token.
     return prompt, full[len(prompt):].rstrip()
 
 
-def _add_special_tokens(fmt: str) -> bool:
-    # A rendered chat template already holds its BOS/role tokens; adding them again doubles the BOS.
-    return fmt != "chat"
-
-
 def encode_prompt(question: str, tokenizer, *, fmt: str, is_seq2seq: bool) -> list[int]:
     """Evaluation/inference prompt ids, identical to the prompt part of a training example."""
     fmt = resolve_format(fmt, tokenizer, is_seq2seq)
-    prompt, _ = format_example({"question": question, "answer": ""}, tokenizer, fmt=fmt, is_seq2seq=is_seq2seq)
-    return tokenizer(prompt, add_special_tokens=_add_special_tokens(fmt))["input_ids"]
+    prompt = zero_shot_prompt(question, tokenizer, fmt=fmt, is_seq2seq=is_seq2seq)
+    return tokenizer(prompt, add_special_tokens=add_special_tokens(fmt))["input_ids"]

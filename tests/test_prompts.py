@@ -1,7 +1,8 @@
 import pytest
 
 from synthtune.data.gsm8k import load_split
-from synthtune.synth.prompts import build_prompt, default_format, select_exemplars
+from synthtune.formats import default_format
+from synthtune.synth.prompts import build_prompt, select_exemplars
 
 
 @pytest.fixture(scope="module")
@@ -11,8 +12,8 @@ def pool():
 
 def test_eight_shot_plain_prompt_structure(pool):
     p = build_prompt("Ann has 3 apples and buys 4 more. How many?", pool, k=8, fmt="plain", seed=1)
-    assert p.text.count("Problem:") == 9 and p.text.count("Answer:") == 9
-    assert p.text.endswith("Problem: Ann has 3 apples and buys 4 more. How many?\nAnswer:")
+    assert p.text.count("Question:") == 9 and p.text.count("Answer:") == 9
+    assert p.text.endswith("Question: Ann has 3 apples and buys 4 more. How many?\nAnswer:")
     assert len(set(p.exemplar_ids)) == 8
     for i in p.exemplar_ids:
         assert pool[i]["question"] in p.text

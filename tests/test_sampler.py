@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from synthtune.data.gsm8k import load_split
+from synthtune.formats import stop_strings
 from synthtune.generation.base import SamplingParams
 from synthtune.generation.sampler import Sample, sample_k
-from synthtune.synth.prompts import PLAIN_STOP, build_prompt
+from synthtune.synth.prompts import build_prompt
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +192,7 @@ def test_finished_rows_drop_out_while_others_continue(lively_llama, pool):
 def test_seq2seq_falls_back_to_generate(tiny_t5, pool):
     prompt = _prompts(pool, 2)
     got = sample_k(tiny_t5, prompt, SamplingParams(max_new_tokens=6, temperature=1.0, num_samples=3,
-                                                   stop=PLAIN_STOP))
+                                                   stop=stop_strings("plain")))
     assert len(got) == 2 and all(len(g) == 3 for g in got)
     for g in got:
         for s in g:

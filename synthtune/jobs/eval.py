@@ -17,31 +17,30 @@ from synthtune import paths
 from synthtune.config import EvalConfig
 from synthtune.errors import ConfigError
 from synthtune.files import atomic_write_text
+from synthtune.formats import add_special_tokens, resolve_format, stop_strings, zero_shot_prompt
 from synthtune.models import attach_adapter, check_adapter_dir, load_with_adapter
+from synthtune.synth.prompts import build_prompt
 
 
-def _prompts(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict]) -> tuple[list[str], bool]:
-    from synthtune.formats import format_example, resolve_format
-    from synthtune.synth.prompts import build_prompt
-
+def eval_inputs(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict]) -> tuple[list[str], bool, tuple[str, ...]]:
+    """What the model is fed for ``rows``: prompt texts, whether the tokenizer adds its special
+    tokens, and the stop strings. ``shots=0`` is the training prompt itself; with shots, exemplars
+    from ``pool`` come first (the question's own block is still the training prompt)."""
     fmt = resolve_format(cfg.prompt_format, lm.tokenizer, lm.is_seq2seq)
     if cfg.shots == 0:
-        return [format_example(r, lm.tokenizer, fmt=fmt, is_seq2seq=lm.is_seq2seq)[0] for r in rows], fmt != "chat"
-    prompts = [build_prompt(r["question"], pool, k=cfg.shots, fmt=fmt, tokenizer=lm.tokenizer, seed=cfg.seed)
-               for r in rows]
-    return [p.text for p in prompts], prompts[0].add_special_tokens
+        texts = [zero_shot_prompt(r["question"], lm.tokenizer, fmt=fmt, is_seq2seq=lm.is_seq2seq) for r in rows]
+    else:
+        texts = [build_prompt(r["question"], pool, k=cfg.shots, fmt=fmt, tokenizer=lm.tokenizer, seed=cfg.seed).text
+                 for r in rows]
+    return texts, add_special_tokens(fmt), stop_strings(fmt)
 
 
 def evaluate_model(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict], progress: bool = True) -> tuple[list, dict]:
     from synthtune.generation.base import SamplingParams
     from synthtune.generation.sampler import complete
-    from synthtune.synth.prompts import PLAIN_STOP
     from synthtune.synth.scoring import score_rows
 
-    texts, add_special = _prompts(cfg, lm, rows, pool)
-    # plain prompts (special tokens added by the tokenizer) can run on into a made-up next problem;
-    # a chat turn ends with its end-of-turn token instead
-    stop = PLAIN_STOP + ("\nQuestion:",) if add_special else ()
+    texts, add_special, stop = eval_inputs(cfg, lm, rows, pool)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature if cfg.k > 1 else 0.0,
                             num_samples=cfg.k, stop=stop, seed=cfg.seed)
     t0 = time.perf_counter()

@@ -10,6 +10,15 @@ from pathlib import Path
 
 from synthtune.config import InferConfig
 from synthtune.errors import ConfigError
+from synthtune.formats import add_special_tokens, resolve_format, stop_strings, zero_shot_prompt
+
+
+def infer_inputs(lm, rows: list[dict], fmt: str) -> tuple[list[str], bool, tuple[str, ...]]:
+    """What the model is fed for ``rows``: the training prompt of each question, whether the
+    tokenizer adds its special tokens, and the stop strings."""
+    fmt = resolve_format(fmt, lm.tokenizer, lm.is_seq2seq)
+    texts = [zero_shot_prompt(r["question"], lm.tokenizer, fmt=fmt, is_seq2seq=lm.is_seq2seq) for r in rows]
+    return texts, add_special_tokens(fmt), stop_strings(fmt)
 
 
 def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None = None,
@@ -19,11 +28,9 @@ def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None =
     """Rows ``{question, completions, answers}`` (plus the input row's fields), also written as JSONL."""
     from synthtune.data.answers import extract_answer
     from synthtune.data.jsonl import read_jsonl, write_jsonl
-    from synthtune.formats import format_example, resolve_format
     from synthtune.generation.base import SamplingParams
     from synthtune.generation.sampler import complete
     from synthtune.models import load_with_adapter
-    from synthtune.synth.prompts import PLAIN_STOP
 
     if (prompts is None) == (input_path is None):
         raise ConfigError("give either --prompt TEXT (repeatable) or --input FILE.jsonl, not both or neither")
@@ -32,13 +39,10 @@ def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None =
     rows = [{"question": p} for p in prompts] if prompts is not None else \
         read_jsonl(input_path, required=("question",)).rows
     lm = load_with_adapter(model, adapter, device=device, seed=seed)
-    fmt = resolve_format(fmt, lm.tokenizer, lm.is_seq2seq)
-    texts = [format_example({"question": r["question"], "answer": ""}, lm.tokenizer, fmt=fmt,
-                            is_seq2seq=lm.is_seq2seq)[0] for r in rows]
-    stop = PLAIN_STOP + ("\nQuestion:",) if fmt == "plain" else ()
+    texts, add_special, stop = infer_inputs(lm, rows, fmt)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if k > 1 else 0.0,
                             num_samples=k, stop=stop, seed=seed)
-    outs = complete(lm, texts, params, batch_size=batch_size, add_special_tokens=fmt != "chat",
+    outs = complete(lm, texts, params, batch_size=batch_size, add_special_tokens=add_special,
                     progress=progress, desc="infer")
     results = [{**r, "completions": c, "answers": [extract_answer(t) for t in c], "model": lm.name}
                for r, c in zip(rows, outs, strict=True)]

@@ -15,9 +15,11 @@ from pathlib import Path
 from synthtune.config import MergeConfig
 from synthtune.errors import ConfigError, MergeMismatch
 from synthtune.files import current_umask
+from synthtune.formats import plain_prompt
 
-PROBES = ("Question: Ann has 3 apples and buys 4 more. How many apples does she have?\nAnswer:",
-          "Question: A train travels 60 miles per hour for 2 hours. How far does it go?\nAnswer:",
+# Two prompts in the training format, and a bare phrase.
+PROBES = (plain_prompt("Ann has 3 apples and buys 4 more. How many apples does she have?"),
+          plain_prompt("A train travels 60 miles per hour for 2 hours. How far does it go?"),
           "The answer is")
 
 

@@ -60,6 +60,7 @@ from pathlib import Path
 from synthtune import __version__
 from synthtune.config import ServeConfig
 from synthtune.errors import ConfigError
+from synthtune.formats import add_special_tokens, has_chat_template, render_chat
 from synthtune.redact import secret_from_env
 
 MAX_N = 128
@@ -382,15 +383,15 @@ class Engine:
             req.batch_prompts = len(ids)
 
     def _encode(self, prompt, chat: bool) -> list[int]:
+        """Prompt ids: a completions prompt verbatim (encoded as a plain-format prompt is), a chat
+        conversation rendered by the chat format, as training and ``synthtune eval`` render it."""
         tok = self.lm.tokenizer
         if not chat:
-            return tok(prompt, add_special_tokens=True)["input_ids"]
-        if not getattr(tok, "chat_template", None):
+            return tok(prompt, add_special_tokens=add_special_tokens("plain"))["input_ids"]
+        if not has_chat_template(tok):
             raise RequestError(400, "this model has no chat template; use /v1/completions with a plain prompt",
                                param="messages")
-        # the rendered template holds its own BOS/role tokens: adding them again would double the BOS
-        text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
-        return tok(text, add_special_tokens=False)["input_ids"]
+        return tok(render_chat(prompt, tok), add_special_tokens=add_special_tokens("chat"))["input_ids"]
 
     def _raw(self, sample, stop: tuple[str, ...]) -> tuple[str, object, str | None]:
         """The completion as OpenAI returns it: unstripped, cut before the stop string that ended it."""

@@ -39,9 +39,10 @@ from synthtune.data.gsm8k import is_test_source, load_source
 from synthtune.data.jsonl import append_jsonl, read_appended, write_jsonl
 from synthtune.errors import ConfigError, DataError
 from synthtune.files import atomic_write_bytes, atomic_write_text, lock_dir
+from synthtune.formats import resolve_format, stop_strings
 from synthtune.generation.base import SamplingParams
 from synthtune.synth.diversity import select_diverse, workshop_rule
-from synthtune.synth.prompts import PLAIN_STOP, build_prompt, default_format
+from synthtune.synth.prompts import build_prompt
 from synthtune.synth.scorers import calculator_score, gold_correctness, guarded, vote_share
 from synthtune.synth.vote import majority_vote
 
@@ -436,15 +437,13 @@ def run_synthesis(cfg: SynthConfig, backend=None, *, progress: bool = True, log:
                 backend.close()
 
 
-def _prompt_format(cfg: SynthConfig, backend) -> str:
-    if cfg.prompt_format != "auto":
-        return cfg.prompt_format
-    # A server-side backend has no local tokenizer to look at: its servers hold instruct models
-    # far more often than base ones, and a template-less model fails with a message naming
-    # prompt_format=plain.
-    if getattr(backend, "chat_on_server", False):
-        return "chat"
-    return default_format(backend.tokenizer, backend.is_seq2seq)
+def prompt_setup(cfg: SynthConfig, backend) -> tuple[str, tuple[str, ...]]:
+    """The prompt format this run uses with ``backend`` (``auto`` resolved) and its stop strings
+    (the user's ``stop`` first, then the format's own)."""
+    # A server-side backend has no local tokenizer to look at; formats' auto rule covers that case.
+    fmt = resolve_format(cfg.prompt_format, backend.tokenizer, backend.is_seq2seq,
+                         server_renders=getattr(backend, "chat_on_server", False))
+    return fmt, stop_strings(fmt, cfg.stop)
 
 
 def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list[dict], ex_spec: str,
@@ -453,8 +452,7 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
         from synthtune.synth.scorers import RewardModelScorer
 
         reward_fn = RewardModelScorer(cfg.reward_model, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
-    fmt = _prompt_format(cfg, backend)
-    stop = tuple(cfg.stop) + (PLAIN_STOP if fmt == "plain" else ())
+    fmt, stop = prompt_setup(cfg, backend)
     chat_on_server = getattr(backend, "chat_on_server", False)
     endpoints = getattr(backend, "endpoints", None)
     via = f", {backend.name} backend ({backend.model_name}{f' on {len(endpoints)} endpoints' if endpoints else ''})"

@@ -1,8 +1,10 @@
 """The prompt generator: a meta-prompt, k exemplars, then the target question.
 
-Two formats:
+This module picks the exemplars (:func:`select_exemplars`) and records what was sent
+(:class:`Prompt`); the text itself is rendered by :mod:`synthtune.formats`, in the words training
+and evaluation use:
 
-* ``plain``: the workshop's ``Problem:`` / ``Answer:`` blocks, for base and seq2seq models;
+* ``plain``: ``Question: ...`` / ``Answer: ...`` blocks, for base and seq2seq models;
 * ``chat``: the model's chat template, exemplars as earlier user/assistant turns, for
   instruct models.
 
@@ -17,17 +19,14 @@ import hashlib
 import json
 import random
 import re
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-DEFAULT_META_PROMPT = (
-    "Solve the grade-school math problem step by step. Show each calculation, "
-    "then give the final answer on its own line as '#### <number>'."
-)
-FORMATS = ("plain", "chat")
+from synthtune import formats
+from synthtune.formats import DEFAULT_META_PROMPT, FORMATS  # noqa: F401 (re-exported for callers of this module)
+
 STRATEGIES = ("random", "fixed", "similar")
-#: Where a plain-format completion has finished its answer and begun inventing the next problem.
-PLAIN_STOP = ("\n\nProblem:", "\nProblem:")
 
 
 @dataclass(frozen=True)
@@ -51,9 +50,7 @@ class Prompt:
 
     @property
     def add_special_tokens(self) -> bool:
-        # A rendered chat template already holds its BOS/role tokens; adding them again
-        # would double the BOS.
-        return self.format != "chat"
+        return formats.add_special_tokens(self.format)
 
 
 def select_exemplars(pool: Sequence[dict], k: int, *, question: str, strategy: str = "random",
@@ -86,7 +83,8 @@ def select_exemplars(pool: Sequence[dict], k: int, *, question: str, strategy: s
 def build_prompt(question: str, pool: Sequence[dict], *, k: int = 8, fmt: str = "plain",
                  tokenizer=None, strategy: str = "random", seed: int = 0,
                  meta_prompt: str = DEFAULT_META_PROMPT, render_chat: bool = True) -> Prompt:
-    """Render one few-shot prompt. ``tokenizer`` is needed for ``chat`` (its template).
+    """One few-shot prompt (:func:`synthtune.formats.few_shot_prompt`) with exemplars drawn from
+    ``pool``. ``tokenizer`` is needed for ``chat`` (its template).
 
     ``render_chat=False`` is for backends whose server applies the chat template: no tokenizer is
     needed, and ``text`` is the conversation as canonical JSON, so ``sha`` still pins the exact
@@ -96,30 +94,21 @@ def build_prompt(question: str, pool: Sequence[dict], *, k: int = 8, fmt: str = 
         raise ValueError(f"unknown prompt format {fmt!r}; use one of {', '.join(FORMATS)}")
     ids = select_exemplars(pool, k, question=question, strategy=strategy, seed=seed) if k else []
     shots = [pool[i] for i in ids]
-    if fmt == "plain":
-        blocks = [meta_prompt.strip()] if meta_prompt else []
-        blocks += [f"Problem: {ex['question'].strip()}\nAnswer: {ex['answer'].strip()}" for ex in shots]
-        blocks.append(f"Problem: {question.strip()}\nAnswer:")
-        text = "\n\n".join(blocks)
-        return Prompt(text=text, question=question, exemplar_ids=tuple(ids), format=fmt)
-    if render_chat and (tokenizer is None or not getattr(tokenizer, "chat_template", None)):
-        raise ValueError("the 'chat' format needs a tokenizer with a chat template; use fmt='plain' "
-                         "for base or seq2seq models")
-    turns = [("system", meta_prompt)] if meta_prompt else []
-    for ex in shots:
-        turns += [("user", ex["question"].strip()), ("assistant", ex["answer"].strip())]
-    turns.append(("user", question.strip()))
-    prompt = Prompt(text="", question=question, exemplar_ids=tuple(ids), format=fmt, messages=tuple(turns))
-    if render_chat:
-        text = tokenizer.apply_chat_template(prompt.chat_messages(), add_generation_prompt=True, tokenize=False)
+    messages: tuple[tuple[str, str], ...] = ()
+    if fmt == "chat":
+        messages = tuple((m["role"], m["content"]) for m in formats.chat_messages(question, shots, meta_prompt))
+    if fmt == "chat" and not render_chat:
+        text = json.dumps([{"role": r, "content": c} for r, c in messages], ensure_ascii=False, separators=(",", ":"))
     else:
-        text = json.dumps(prompt.chat_messages(), ensure_ascii=False, separators=(",", ":"))
-    return replace(prompt, text=text)
+        text = formats.few_shot_prompt(question, shots, fmt=fmt, tokenizer=tokenizer, meta_prompt=meta_prompt)
+    return Prompt(text=text, question=question, exemplar_ids=tuple(ids), format=fmt, messages=messages)
 
 
 def default_format(tokenizer, is_seq2seq: bool) -> str:
-    """``chat`` for decoder models that ship a chat template, else ``plain``."""
-    return "chat" if (not is_seq2seq and getattr(tokenizer, "chat_template", None)) else "plain"
+    """Deprecated: use :func:`synthtune.formats.default_format` (the one ``auto`` rule)."""
+    warnings.warn("synthtune.synth.prompts.default_format moved to synthtune.formats.default_format",
+                  DeprecationWarning, stacklevel=2)
+    return formats.default_format(tokenizer, is_seq2seq)
 
 
 @functools.lru_cache(maxsize=1 << 16)

@@ -8,6 +8,7 @@ answer extraction as `synthtune score`.
 from __future__ import annotations
 
 from synthtune.config import TrainConfig
+from synthtune.formats import add_special_tokens, resolve_format, stop_strings, zero_shot_prompt
 
 
 def eval_loss(acc, model, loader, seq2seq: bool) -> float | None:
@@ -49,29 +50,34 @@ def _sharded(acc) -> bool:
     return plugin is not None and getattr(plugin, "zero_stage", 0) == 3
 
 
+def accuracy_inputs(rows: list[dict], tokenizer, fmt: str, seq2seq: bool) -> tuple[list[str], bool, tuple[str, ...]]:
+    """What the model is fed for ``rows``: the training prompt of each question, whether the
+    tokenizer adds its special tokens, and the stop strings (all as ``synthtune eval`` has them)."""
+    fmt = resolve_format(fmt, tokenizer, seq2seq)
+    texts = [zero_shot_prompt(r["question"], tokenizer, fmt=fmt, is_seq2seq=seq2seq) for r in rows]
+    return texts, add_special_tokens(fmt), stop_strings(fmt)
+
+
 def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig, seq2seq: bool) -> dict:
     """Greedy answers to ``questions``, split over ranks, gathered; strict and flexible accuracy."""
     import torch
     from accelerate.utils import gather_object
 
     from synthtune.data.answers import extract_strict, is_correct
-    from synthtune.formats import format_example, resolve_format
     from synthtune.generation.base import truncate_at_stop
-    from synthtune.synth.prompts import PLAIN_STOP
 
     if not questions:
         return {}
-    fmt = resolve_format(cfg.prompt_format, tokenizer, seq2seq)
-    # The plain format's answers can run on into a made-up next question, as in `synthtune eval`;
-    # stopping there saves most of the generation budget for models that do not emit EOS yet.
-    stop = list(PLAIN_STOP + ("\nQuestion:",)) if fmt == "plain" and not seq2seq else []
-    stop_kwargs = {"stop_strings": stop, "tokenizer": tokenizer} if stop else {}
     rank, world = acc.process_index, acc.num_processes
     mine = questions[rank::world]
     # Under ZeRO-3 and FSDP every rank must join every forward (synced_gpus), so all ranks run the
     # same number of generate calls; short shards repeat their last question and drop the repeat.
     per_rank = -(-len(questions) // world)
     padded = mine + [mine[-1] if mine else questions[0]] * (per_rank - len(mine))
+    prompts, add_special, stop = accuracy_inputs(padded, tokenizer, cfg.prompt_format, seq2seq)
+    # The plain format's answers can run on into a made-up next question, as in `synthtune eval`;
+    # stopping there saves most of the generation budget for models that do not emit EOS yet.
+    stop_kwargs = {"stop_strings": list(stop), "tokenizer": tokenizer} if stop else {}
     unwrapped = acc.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()
@@ -81,9 +87,8 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
     bs = max(1, cfg.per_device_batch_size)
     for start in range(0, len(padded), bs):
         chunk = padded[start:start + bs]
-        prompts = [format_example(r, tokenizer, fmt=fmt, is_seq2seq=seq2seq)[0] for r in chunk]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True,
-                        add_special_tokens=fmt != "chat").to(acc.device)
+        enc = tokenizer(prompts[start:start + bs], return_tensors="pt", padding=True,
+                        add_special_tokens=add_special).to(acc.device)
         with torch.no_grad(), acc.autocast():
             out = unwrapped.generate(**enc, max_new_tokens=cfg.eval_max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, synced_gpus=_sharded(acc),

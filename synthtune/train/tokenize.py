@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from synthtune import paths
-from synthtune.formats import _add_special_tokens, format_example, resolve_format
+from synthtune.formats import add_special_tokens, format_example, resolve_format
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _encode_batch(batch: dict, tokenizer, fmt: str, is_seq2seq: bool, qf: str, a
         p, t = format_example({"question": q, "answer": a}, tokenizer, fmt=fmt, is_seq2seq=is_seq2seq)
         prompts.append(p)
         targets.append(t)
-    p_ids = tokenizer(prompts, add_special_tokens=_add_special_tokens(fmt))["input_ids"]
+    p_ids = tokenizer(prompts, add_special_tokens=add_special_tokens(fmt))["input_ids"]
     t_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
     out: dict[str, list] = {"input_ids": [], "labels": [], "length": []}
     if is_seq2seq:
