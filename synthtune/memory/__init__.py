@@ -7,9 +7,9 @@
     tr.summary()
 """
 
-from synthtune.memory.estimate import Estimate, Setup, estimate, workshop_rule
+from synthtune.memory.estimate import Estimate, Setup, estimate, rule_of_thumb_bytes, workshop_rule  # noqa: F401 (workshop_rule: deprecated alias)
 from synthtune.memory.shape import FLAN_UL2_CONFIG, ModelShape, load_shape, shape_from_config
 from synthtune.memory.trace import MemoryTracer
 
 __all__ = ["Estimate", "FLAN_UL2_CONFIG", "MemoryTracer", "ModelShape", "Setup", "estimate", "load_shape",
-           "shape_from_config", "workshop_rule"]
+           "rule_of_thumb_bytes", "shape_from_config"]
