@@ -10,6 +10,8 @@ import typer.main
 from synthtune import __version__
 from synthtune.cli import app
 
+pytestmark = pytest.mark.integration  # every test runs the installed synthtune CLI in a subprocess
+
 
 def run(bin_, *args, check=True, **kw):
     proc = subprocess.run([bin_, *args], capture_output=True, text=True, timeout=600, **kw)

@@ -121,6 +121,7 @@ def test_rouge_score_is_symmetric():
             assert (ab.precision, ab.recall) == (ba.recall, ba.precision)
 
 
+@pytest.mark.integration  # rouge-score over GSM8K pairs, ~11 s
 def test_parity_with_rouge_score_on_gsm8k():
     # 150 real answers + 50 near-duplicates + edge cases = 218 texts, 23,871 unordered pairs.
     texts = _corpus(150, 50)
@@ -135,6 +136,7 @@ def test_parity_with_rouge_score_on_gsm8k():
     assert ((off > 0.7) & (off < 1.0)).sum() > 20 and ((off > 0.0) & (off < 0.7)).sum() > 1000
 
 
+@pytest.mark.integration  # rouge-score with stemming, ~2 s
 def test_parity_with_rouge_score_stemmer():
     texts = _corpus(40, 15, seed=1)
     assert np.array_equal(rouge_l_matrix(texts, use_stemmer=True), _reference_upper(texts, use_stemmer=True))

@@ -200,6 +200,7 @@ def test_fit_multinode_command():
 # ---------------------------------------------------------------- the CLI
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_cli_json_contract(synthtune_bin):
     proc = subprocess.run([synthtune_bin, "memory", "--model", "tiny-t5", "--method", "lora", "--lora-r", "8",
                            "--lora-targets", "q,v", "--batch-size", "4", "--seq-len", "128", "--target-len", "64",
@@ -212,6 +213,7 @@ def test_cli_json_contract(synthtune_bin):
     assert out["per_gpu_gib"] == pytest.approx(sum(out["breakdown"].values()), abs=1e-3)
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_cli_fit_flan_ul2(synthtune_bin):
     proc = subprocess.run([synthtune_bin, "memory", "--model", str(FLAN_UL2_CONFIG), "--fit", "--gpu-gib", "40",
                            "--gpus", "4", "--seq-len", "256"], capture_output=True, text=True, timeout=180)
@@ -221,6 +223,7 @@ def test_cli_fit_flan_ul2(synthtune_bin):
     assert "accelerate launch" in proc.stderr  # the human output names the command too
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_cli_rejects_bad_setup(synthtune_bin):
     proc = subprocess.run([synthtune_bin, "memory", "--model", "tiny-llama", "--offload", "all", "--json"],
                           capture_output=True, text=True, timeout=120)
