@@ -1,5 +1,6 @@
-# make demo   -> builds .venv/ if needed, then runs the README's main job on the embedded model
-# make test   -> builds .venv/ if needed, then lint + lock check + the whole test suite
+# make demo      -> builds .venv/ if needed, then runs the README's main job on the embedded model
+# make test      -> builds .venv/ if needed, then lint + lock check + the whole test suite and the doctests
+# make test-fast -> the unit tests and doctests only (no processes, servers, training or notebooks), ~1 min
 #
 # The venv is rebuilt only when pyproject.toml changes, so a second call takes seconds.
 
@@ -20,7 +21,7 @@ ifneq ($(SHARED_GSM8K),)
 export SYNTHTUNE_GSM8K_DIR ?= $(SHARED_GSM8K)
 endif
 
-.PHONY: setup demo test lint lock-check clean-venv
+.PHONY: setup demo test test-fast lint lock-check clean-venv
 
 setup: $(STAMP)
 
@@ -46,6 +47,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lock-check lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Tests marked `integration` (pyproject.toml) are the slow tier: they launch the CLI, servers and
+# multi-rank runs, train, or execute the notebooks. What is left answers in about a minute.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from synthtune import paths
+from synthtune.data.gsm8k import bundled_texts
 from synthtune.errors import ConfigError, ModelError
 from synthtune.files import file_lock, publish_dir
 
@@ -205,8 +206,6 @@ def _tiny_tokenizer(vocab_size: int = 1024):
     """A byte-level BPE trained on the bundled sample: any text round-trips, no network needed."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
-
-    from synthtune.data.gsm8k import bundled_texts
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

@@ -36,6 +36,8 @@ from synthtune.errors import ConfigError
 
 GROUP = typer.main.get_command(app)
 
+pytestmark = pytest.mark.integration  # every test runs the installed synthtune CLI in a subprocess
+
 
 def run(bin_, *args, check=True, **kw):
     proc = subprocess.run([bin_, *args], capture_output=True, text=True, timeout=600, **kw)

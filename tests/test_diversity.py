@@ -1,4 +1,4 @@
-"""ROUGE-L matrices (bit-for-bit parity with rouge-score), select_diverse and workshop_rule.
+"""ROUGE-L matrices (bit-for-bit parity with rouge-score), select_diverse and below_mean_recall (the 2023 workshop's filter).
 
 Run: pytest tests/test_diversity.py
 (the module's doctests run here too, through ``test_doctests``)
@@ -18,12 +18,12 @@ from rouge_score import rouge_scorer
 
 from synthtune.synth import diversity
 from synthtune.synth.diversity import (
+    below_mean_recall,
     encode_texts,
     rouge_l_lcs_matrix,
     rouge_l_matrix,
     rouge_l_recall_matrix,
     select_diverse,
-    workshop_rule,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,6 +121,7 @@ def test_rouge_score_is_symmetric():
             assert (ab.precision, ab.recall) == (ba.recall, ba.precision)
 
 
+@pytest.mark.integration  # rouge-score over GSM8K pairs, ~11 s
 def test_parity_with_rouge_score_on_gsm8k():
     # 150 real answers + 50 near-duplicates + edge cases = 218 texts, 23,871 unordered pairs.
     texts = _corpus(150, 50)
@@ -135,6 +136,7 @@ def test_parity_with_rouge_score_on_gsm8k():
     assert ((off > 0.7) & (off < 1.0)).sum() > 20 and ((off > 0.0) & (off < 0.7)).sum() > 1000
 
 
+@pytest.mark.integration  # rouge-score with stemming, ~2 s
 def test_parity_with_rouge_score_stemmer():
     texts = _corpus(40, 15, seed=1)
     assert np.array_equal(rouge_l_matrix(texts, use_stemmer=True), _reference_upper(texts, use_stemmer=True))
@@ -188,7 +190,7 @@ def test_vocabulary_beyond_the_surrogate_range():
 def test_empty_input():
     assert rouge_l_matrix([]).shape == (0, 0)
     assert select_diverse([]) == []
-    assert workshop_rule([]) == []
+    assert below_mean_recall([]) == []
 
 
 # --- select_diverse -------------------------------------------------------------------------
@@ -258,7 +260,7 @@ def test_select_diverse_on_real_group():
     assert 0.9 * n_real <= len(kept) < len(texts)  # most perturbed copies go, the unrelated answers stay
 
 
-# --- workshop_rule --------------------------------------------------------------------------
+# --- below_mean_recall --------------------------------------------------------------------------
 
 
 def _workshop_reference(texts: list[str]) -> list[int]:
@@ -272,12 +274,12 @@ def _workshop_reference(texts: list[str]) -> list[int]:
     return [i for i, m in enumerate(means) if m < avg]
 
 
-def test_workshop_rule_matches_reference():
+def test_below_mean_recall_matches_reference():
     texts = _corpus(12, 6, seed=5)[:18]
-    assert workshop_rule(texts) == _workshop_reference(texts)
+    assert below_mean_recall(texts) == _workshop_reference(texts)
 
 
-def test_workshop_rule_drops_half_of_very_different_paths():
+def test_below_mean_recall_drops_half_of_very_different_paths():
     # Six answers to six different problems: nothing is near-duplicate (max F well below 0.7),
     # select_diverse keeps all six, yet the workshop rule drops about half of them.
     texts, _ = _answers()
@@ -285,18 +287,18 @@ def test_workshop_rule_drops_half_of_very_different_paths():
     m = rouge_l_matrix(group)
     assert m[~np.eye(6, dtype=bool)].max() < 0.5
     assert select_diverse(group) == list(range(6))
-    kept = workshop_rule(group)
+    kept = below_mean_recall(group)
     assert 2 <= len(kept) <= 4
     # Over many such groups it keeps about half on average, not "all that are different".
     rng = random.Random(7)
-    share = np.mean([len(workshop_rule(rng.sample(texts, 6))) / 6 for _ in range(50)])
+    share = np.mean([len(below_mean_recall(rng.sample(texts, 6))) / 6 for _ in range(50)])
     assert 0.3 < share < 0.7
 
 
-def test_workshop_rule_degenerate_cases():
+def test_below_mean_recall_degenerate_cases():
     # No shared token at all: every mean is 0, none is strictly below the mean, all dropped.
     assert (
-        workshop_rule(["alpha beta", "gamma delta", "epsilon zeta", "eta theta", "iota kappa", "mu nu"]) == []
+        below_mean_recall(["alpha beta", "gamma delta", "epsilon zeta", "eta theta", "iota kappa", "mu nu"]) == []
     )
     # A group of near-copies keeps some copies together (F >= 0.7) where select_diverse keeps one.
     base = "She buys 4 pens at 2 dollars each so she pays 4*2 = 8 dollars in total"
@@ -307,7 +309,13 @@ def test_workshop_rule_degenerate_cases():
         base + " now",
         base.replace("pens", "pencils"),
     ]
-    kept = workshop_rule(copies)
+    kept = below_mean_recall(copies)
     assert len(kept) >= 2 and rouge_l_matrix([copies[k] for k in kept]).min() >= 0.7
     assert len(select_diverse(copies)) == 1
-    assert workshop_rule(["only one"]) == [0]
+    assert below_mean_recall(["only one"]) == [0]
+
+
+def test_workshop_rule_is_a_deprecated_alias():
+    texts = _corpus(4, 3, seed=2)
+    with pytest.warns(DeprecationWarning, match="below_mean_recall"):
+        assert diversity.workshop_rule(texts) == below_mean_recall(texts)

@@ -22,6 +22,7 @@ def adapter(tmp_path_factory):
     return out / "final"
 
 
+@pytest.mark.integration  # trains an adapter (module fixture), runs the CLI
 def test_eval_compare_through_cli(synthtune_bin, adapter, tmp_path):
     out = tmp_path / "eval"
     proc = subprocess.run([synthtune_bin, "eval", "--model", "tiny-llama", "--adapter", str(adapter), "--compare",
@@ -39,6 +40,7 @@ def test_eval_compare_through_cli(synthtune_bin, adapter, tmp_path):
     assert json.loads((out / "eval_summary.json").read_text())["n_questions"] == 3
 
 
+@pytest.mark.integration  # trains an adapter (module fixture)
 def test_compare_on_one_base_copy_equals_separate_runs(adapter, tmp_path):
     # --compare evaluates the base, then wraps the same weights with the adapter: each side's answers
     # must be exactly those of a run that loads only that side
@@ -78,6 +80,7 @@ def test_eval_compare_needs_adapter():
         run_eval(EvalConfig(model="tiny-llama", compare=True))
 
 
+@pytest.mark.integration  # trains an adapter (module fixture)
 def test_merge_matches_adapter_and_reloads(adapter, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -101,6 +104,7 @@ def test_merge_matches_adapter_and_reloads(adapter, tmp_path):
         assert not torch.allclose(merged(ids).logits, base(ids).logits, atol=1e-5)
 
 
+@pytest.mark.integration  # trains an adapter (module fixture)
 def test_merge_fails_loudly_and_saves_nothing(adapter, tmp_path):
     from synthtune.errors import ConfigError
 
@@ -115,6 +119,7 @@ def test_merge_fails_loudly_and_saves_nothing(adapter, tmp_path):
         merge_adapter("tiny-llama", str(tmp_path), tmp_path / "x")
 
 
+@pytest.mark.integration  # trains an adapter (module fixture), runs the CLI
 def test_infer_cli_jsonl_in_and_out(synthtune_bin, adapter, tmp_path):
     src = tmp_path / "q.jsonl"
     src.write_text(json.dumps({"question": "What is 2+2?", "id": 7}) + "\n" + json.dumps({"question": "3+3?"}) + "\n")

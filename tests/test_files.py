@@ -34,6 +34,7 @@ print(json.dumps({"inode": inode, "path": str(path), "layers": cfg.num_hidden_la
 """
 
 
+@pytest.mark.integration  # spawns one process per rank
 def test_ranks_building_one_cached_model_at_once_share_one_complete_directory(tmp_path):
     # The old publish was "rmtree(target); os.replace(ours, target)": each rank that finished later
     # deleted the directory the earlier ones had been handed (or failed with ENOTEMPTY).

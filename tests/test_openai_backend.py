@@ -201,6 +201,7 @@ def test_unreachable_endpoint_gives_up_with_a_clear_error():
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # spawns synthtune serve processes (module fixture)
 def test_serve_models_completions_chat_and_errors(servers):
     url = servers[0].url
     status, models = http_json(f"{url}/models", key=KEY)
@@ -256,6 +257,7 @@ def test_serve_models_completions_chat_and_errors(servers):
     assert KEY not in servers[0].log.read_text()
 
 
+@pytest.mark.integration  # spawns synthtune serve processes (module fixture)
 def test_adapter_is_selected_by_model_name(servers, lively_adapter):
     from synthtune.generation.sampler import sample_k
     from synthtune.models import load_with_adapter
@@ -274,6 +276,7 @@ def test_adapter_is_selected_by_model_name(servers, lively_adapter):
     assert served("tiny-llama") != served("math")  # the base model answers without the adapter
 
 
+@pytest.mark.integration  # spawns synthtune serve processes (module fixture)
 def test_concurrent_requests_are_batched_and_routed_back(servers):
     url = servers[1].url
     prompts = [f"Problem: {a} + {a} = ?\nAnswer:" for a in (3, 17, 250, 4096)]
@@ -309,6 +312,7 @@ def test_concurrent_requests_are_batched_and_routed_back(servers):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # spawns synthtune serve processes (module fixture)
 def test_openai_backend_reproduces_the_hf_backend(servers, tiny_llama, key_env):
     """Same prompts, same seed: samples through serve equal in-process samples, plain and chat."""
     pool = load_split("train", "bundled").rows
@@ -337,6 +341,7 @@ def test_openai_backend_reproduces_the_hf_backend(servers, tiny_llama, key_env):
         remote.close()
 
 
+@pytest.mark.integration  # spawns synthtune serve processes (module fixture)
 def test_synth_over_two_endpoints_resumes_anywhere_and_never_writes_the_key(servers, key_env, tmp_path):
     out = tmp_path / "two"
     a, b = servers
@@ -366,6 +371,7 @@ def test_synth_over_two_endpoints_resumes_anywhere_and_never_writes_the_key(serv
     assert "api_key_env: " + KEY_ENV in (out / "config.yaml").read_text()
 
 
+@pytest.mark.integration  # spawns servers and kills one mid-run
 def test_server_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path, key_env):
     out, logs = tmp_path / "killed", tmp_path / "logs"
     logs.mkdir()
@@ -410,6 +416,7 @@ def test_server_killed_mid_run_then_rerun_completes_without_duplicates(tmp_path,
     _assert_no_duplicates(out, 12, 1)
 
 
+@pytest.mark.integration  # spawns synthtune serve processes (module fixture)
 def test_retries_on_injected_429_and_503(servers, tmp_path, key_env):
     proxy = start_proxy(servers[0].url, tmp_path / "proxy.log", "--fail-429", "2", "--fail-503", "2")
     try:
@@ -431,6 +438,7 @@ def test_retries_on_injected_429_and_503(servers, tmp_path, key_env):
         strict.stop()
 
 
+@pytest.mark.integration  # spawns synthtune serve processes (module fixture)
 def test_server_that_ignores_n_gets_single_requests(servers, tmp_path, key_env):
     proxy = start_proxy(servers[0].url, tmp_path / "proxy.log", "--ignore-n")
     backend = OpenAIBackend([proxy.url], "tiny-llama", api_key_env=KEY_ENV, concurrency=1)
@@ -448,6 +456,7 @@ def test_server_that_ignores_n_gets_single_requests(servers, tmp_path, key_env):
     assert stats["n_dropped"] == 1 and stats["forwarded"] == 1 + 6
 
 
+@pytest.mark.integration  # spawns synthtune serve processes (module fixture)
 def test_wrong_key_and_unknown_model_fail_clearly(servers, tmp_path, key_env):
     out = tmp_path / "wrong"
     env = {**key_env, KEY_ENV: "sk-wrong-key"}
@@ -463,6 +472,7 @@ def test_wrong_key_and_unknown_model_fail_clearly(servers, tmp_path, key_env):
         backend_for(replace(_cfg([servers[0].url], tmp_path / "x"), served_model="nope"))
 
 
+@pytest.mark.integration  # spawns a process
 def test_the_client_imports_without_torch():
     # a synthesis client for remote servers should not pay torch's ~1 s import (or need torch at all)
     code = "import sys, synthtune.synth.openai_backend; print('torch' in sys.modules)"
@@ -541,6 +551,7 @@ def _synth_cli(url: str, out: Path, env_value: str, verbose: bool = False) -> su
     return subprocess.run(cmd, capture_output=True, text=True, timeout=SYNTH_TIMEOUT_S, env=env)
 
 
+@pytest.mark.integration  # runs synthtune synth in a subprocess
 def test_key_with_a_carriage_return_fails_naming_the_variable_not_the_key(tmp_path, monkeypatch):
     """Regression: a key ending in \\r made http.client raise a ValueError quoting the header, and the
     CLI printed the traceback, key included."""
@@ -562,6 +573,7 @@ def test_key_with_a_carriage_return_fails_naming_the_variable_not_the_key(tmp_pa
     assert not _leaks(proc.stdout + proc.stderr)
 
 
+@pytest.mark.integration  # runs a server and synthtune synth in a subprocess
 @pytest.mark.parametrize("mode", ["cut", "no-choices", "503"])
 def test_a_server_echoing_the_key_never_gets_it_printed_logged_or_written(echo_server, tmp_path, mode):
     """Regression ("cut", "no-choices"): the key was scrubbed only after a message was cut to 400
@@ -596,6 +608,7 @@ def test_server_messages_are_redacted_before_they_are_cut():
     assert "***" in server_message(json.dumps({"detail": {"auth": odd}}).encode())
 
 
+@pytest.mark.integration  # spawns a process
 def test_log_records_and_cli_tracebacks_never_show_a_read_key(tmp_path):
     """Second line of defence: whatever message a key slips into, the CLI's logs and tracebacks hide it."""
     import io

@@ -309,6 +309,7 @@ def test_length_stats_and_waste(tmp_path):
 # ---------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_prep_cli(synthtune_bin, tmp_path):
     out = tmp_path / "prep"
     proc = subprocess.run([synthtune_bin, "prep", "--model", "tiny-llama", "--data", "bundled:train",

@@ -99,6 +99,7 @@ def test_batched_shared_prefix_matches_generate(lively_llama, pool):
                 assert s.token_ids == ref
 
 
+@pytest.mark.integration  # loads the 135M embedded model, ~5 s
 def test_greedy_matches_generate_smollm2_8shot(pool):
     from synthtune.models import load_model
 

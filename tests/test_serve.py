@@ -103,6 +103,7 @@ def _good(i: int) -> dict:
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # spawns synthtune serve processes
 def test_a_request_over_the_token_budget_is_refused_naming_the_limit(server):
     # the issue's request: 1,000 prompts x n=128 x 2,000 tokens, ~125 GiB of KV cache
     huge = {"model": "tiny-llama", "prompt": ["Problem: 1+1?"] * 1000, "n": 128, "max_tokens": 2000}
@@ -117,6 +118,7 @@ def test_a_request_over_the_token_budget_is_refused_naming_the_limit(server):
     assert status == 200 and len(ok["choices"]) == 2
 
 
+@pytest.mark.integration  # spawns synthtune serve processes
 def test_a_full_server_answers_503_with_retry_after(server):
     gate = threading.Barrier(3)
     results: list = [None] * 3
@@ -143,6 +145,7 @@ def test_a_full_server_answers_503_with_retry_after(server):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # spawns synthtune serve processes
 def test_malformed_bodies_get_400_and_are_logged(server):
     before = len(server.lines(r'"POST /v1/completions" 400'))
     cases = [
@@ -175,6 +178,7 @@ def test_malformed_bodies_get_400_and_are_logged(server):
     assert _status_line(raw_exchange(server.url, b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n")) == 400
 
 
+@pytest.mark.integration  # spawns synthtune serve processes
 def test_a_poisoned_request_fails_alone(server):
     """Bad requests sent first into a batch window with good ones: only they fail."""
     poison = [b'{"model": "tiny-llama", "prompt": "Problem: 1 + 1?\\nAnswer:", "max_tokens": 6, "temperature": 0, '
@@ -208,6 +212,7 @@ def test_a_poisoned_request_fails_alone(server):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # spawns synthtune serve processes
 def test_the_key_is_checked_before_the_body_is_read(server):
     # a 10 MB body announced and never sent: the server must answer from the headers alone
     with connect(server.url, timeout=15) as sock:
@@ -219,6 +224,7 @@ def test_the_key_is_checked_before_the_body_is_read(server):
         assert _status_line(read_until_closed(sock)) == 404
 
 
+@pytest.mark.integration  # spawns synthtune serve processes
 def test_half_sent_requests_time_out_and_leave_no_threads(server):
     assert _post(server.url, _good(0))[0] == 200
     baseline = proc_status(server.proc.pid)["Threads"]
@@ -239,6 +245,7 @@ def test_half_sent_requests_time_out_and_leave_no_threads(server):
     assert _post(server.url, _good(1))[0] == 200
 
 
+@pytest.mark.integration  # spawns synthtune serve processes
 def test_keep_alive_connections_serve_request_after_request(server):
     # While a request generates, the server watches its socket for a departing client; that watch
     # must be fully cancelled before the connection's next request is read (on Python 3.12+ a
@@ -261,6 +268,7 @@ def test_keep_alive_connections_serve_request_after_request(server):
     assert len(server.lines("error")) == errors_before
 
 
+@pytest.mark.integration  # spawns synthtune serve processes
 def test_log_lines_escape_what_clients_send(server):
     reply = raw_exchange(server.url, f"GET /v1/\x1b[2J\x1b]0;pwned\x07 HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\n"
                          "\r\n".encode())
@@ -272,6 +280,7 @@ def test_log_lines_escape_what_clients_send(server):
     assert server.lines(r"GET /v1/\\x1b\[2J\\x1b\]0;pwned\\x07") and server.lines(r"evil\\x1b\[31m\\nfake log line")
 
 
+@pytest.mark.integration  # spawns synthtune serve processes
 def test_departed_clients_lose_their_work(server):
     """Queued work of a client that disconnected is dropped; a batch all of whose clients left stops."""
     dropped_before = len(server.lines(r"dropped before generation"))
@@ -300,6 +309,7 @@ def test_departed_clients_lose_their_work(server):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.integration  # spawns synthtune serve processes
 def test_t5_gets_a_context_check_and_ipv6_loopback_works(t5_server):
     if _ipv6_loopback():
         assert t5_server.url.startswith("http://[::1]:")
@@ -324,6 +334,7 @@ def engine():
     return Engine("tiny-llama", device="cpu")
 
 
+@pytest.mark.integration  # loads a serving engine, ~2 s
 def test_a_batch_that_fails_is_rerun_request_by_request(engine):
     """A request that passes validation but breaks generation (a token id past the embedding) is
     batched first with good ones: the batch fails, its members rerun alone, only it fails."""
@@ -352,6 +363,7 @@ def test_a_batch_that_fails_is_rerun_request_by_request(engine):
     assert any("a batch of 4 requests failed" in line and "one by one" in line for line in logs), logs
 
 
+@pytest.mark.integration  # runs a server in this process
 def test_connections_over_the_cap_get_a_quick_503(engine):
     from synthtune.config import ServeConfig
     from synthtune.jobs.serve import ServerThread, build_app
@@ -414,6 +426,7 @@ def test_sampling_stops_at_the_step_after_abort_turns_true(model, request):
     assert sample_k(lm, ["Problem: 1 + 1?"], params) == full  # a hook that never fires changes nothing
 
 
+@pytest.mark.integration  # loads the model to serve, ~2 s
 def test_a_server_key_a_header_cannot_carry_fails_naming_the_variable_not_the_key(monkeypatch):
     """A key file saved with CRLF leaves a trailing \\r: every client would get 401 with no hint why."""
     from synthtune.errors import ConfigError

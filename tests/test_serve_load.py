@@ -31,6 +31,8 @@ from server_helpers import (  # noqa: E402
     start_servers,
 )
 
+pytestmark = pytest.mark.integration  # spawns a server and drives it with concurrent clients
+
 HALF_OPEN = 200
 CLIENTS, REQUESTS_EACH = 6, 4
 READ_TIMEOUT_S = 3

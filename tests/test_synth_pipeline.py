@@ -245,6 +245,7 @@ def test_a_lone_surrogate_from_a_server_is_stored_as_a_replacement_character(tmp
     assert all("\ufffd" in r["rationale"] for r in kept)
 
 
+@pytest.mark.integration  # kills a subprocess mid-run
 def test_kill_9_midway_then_rerun_has_no_duplicates(tmp_path):
     out = tmp_path / "killed"
     code = (f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
@@ -299,6 +300,7 @@ def test_torn_last_lines_are_repaired_so_later_resumes_still_work(tmp_path):
     assert again.calls == 0
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_synth_cli_on_tiny_model(synthtune_bin, tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run([synthtune_bin, "synth", "--model", "tiny-llama", "--questions", "bundled:test",
@@ -354,6 +356,7 @@ class _Recording:
         return outs
 
 
+@pytest.mark.integration  # three synthesis runs, ~9 s
 def test_a_resumed_run_draws_the_samples_an_uninterrupted_run_draws(tmp_path):
     from synthtune.synth.backends import make_backend
 
@@ -387,6 +390,7 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.integration  # kills a subprocess mid-write
 def test_kill_9_mid_write_with_line_separators_resumes_to_the_uninterrupted_result(tmp_path, one_torch_thread):
     # The done-when: questions holding U+2028/U+2029/U+0085, a real model (hf backend)
     # writing every line breaker and odd character there is, killed with SIGKILL while writing a

@@ -40,6 +40,7 @@ def _launch(config_file: str, *overrides: str, timeout=600):
     return proc
 
 
+@pytest.mark.integration  # trains under accelerate launch
 def test_smoke_recipe_via_accelerate_launch(tmp_path):
     out = tmp_path / "smoke"
     _launch("cpu.yaml", f"output_dir={out}")
@@ -71,6 +72,7 @@ def test_smoke_recipe_via_accelerate_launch(tmp_path):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000010", "step-0000020"]
 
 
+@pytest.mark.integration  # trains
 def test_saved_adapter_reloads_with_same_logits(tmp_path):
     cfg = _cfg(tmp_path, max_steps=4, save_steps=4, eval_accuracy_samples=0)
     train(cfg, progress=False)
@@ -99,6 +101,7 @@ def test_saved_adapter_reloads_with_same_logits(tmp_path):
         assert not torch.allclose(base(ids).logits, a, atol=1e-4), "the adapter must change the outputs"
 
 
+@pytest.mark.integration  # trains
 def test_seq2seq_tiny_t5_trains(tmp_path):
     cfg = _cfg(tmp_path, model="tiny-t5", lora_targets=["q", "v"], max_steps=10, eval_steps=0,
                eval_accuracy_samples=2, save_steps=0, learning_rate=1e-2)
@@ -107,6 +110,7 @@ def test_seq2seq_tiny_t5_trains(tmp_path):
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.integration  # trains
 def test_full_finetuning_saves_whole_model(tmp_path):
     cfg = _cfg(tmp_path, method="full", max_steps=6, learning_rate=1e-3, eval_accuracy_samples=0, save_steps=0)
     s = train(cfg, progress=False)
@@ -114,6 +118,7 @@ def test_full_finetuning_saves_whole_model(tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.integration  # trains
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     common = dict(max_steps=1, eval_data=None, save_steps=0, group_by_length=False, warmup_steps=0,
                   lr_scheduler="constant", learning_rate=1e-2, max_grad_norm=0.0)
@@ -126,6 +131,7 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path):
         assert torch.allclose(big[k], acc[k], atol=1e-6), k
 
 
+@pytest.mark.integration  # trains
 def test_resume_matches_uninterrupted_run(tmp_path):
     common = dict(max_steps=8, save_steps=4, eval_steps=0, eval_accuracy_samples=0, lora_dropout=0.1)
     full = train(_cfg(tmp_path, "full", **common), progress=False)
@@ -161,6 +167,7 @@ def _logged(summary: dict, key: str) -> dict[int, float]:
     return {h["step"]: h[key] for h in summary["history"] if key in h}
 
 
+@pytest.mark.integration  # trains on 2 launched processes
 def test_two_process_ddp_run_stops_and_resumes(tmp_path):
     out = tmp_path / "ddp"
     common = (f"output_dir={out}", "max_steps=6", "eval_steps=0", "save_steps=3", "trace_memory=false",
@@ -185,6 +192,7 @@ def test_two_process_ddp_run_stops_and_resumes(tmp_path):
     assert s["final_eval_loss"] == pytest.approx(w["final_eval_loss"], rel=1e-5)
 
 
+@pytest.mark.integration  # trains
 def test_packed_training_counts_the_same_real_tokens(tmp_path):
     # packed batches carry a 4D additive mask: summing it as a token count overflowed to -inf
     common = ("max_steps=-1", "num_epochs=1", "gradient_accumulation_steps=1", "eval_steps=0", "save_steps=0",
@@ -209,12 +217,14 @@ def test_bad_configs_fail_before_loading(override, match):
         validate(load_config(TrainConfig, SMOKE, override))
 
 
+@pytest.mark.integration  # runs the CLI in a subprocess
 def test_cli_reports_config_errors_cleanly(synthtune_bin):
     proc = subprocess.run([synthtune_bin, "train", "--config", str(SMOKE), "lora_targets=[nope]"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "lora_targets" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration  # trains under DeepSpeed
 def test_deepspeed_zero3_random_init_trains_like_plain_training_and_resumes(tmp_path):
     # Real DeepSpeed ZeRO-3 (its CPU accelerator), not accelerate's DDP fallback. A random-init
     # model must be built outside deepspeed.zero.Init: under it transformers skips weight init and
@@ -241,6 +251,7 @@ def test_deepspeed_zero3_random_init_trains_like_plain_training_and_resumes(tmp_
     assert z["final_eval_loss"] == pytest.approx(p["final_eval_loss"], rel=1e-5)
 
 
+@pytest.mark.integration  # trains under DeepSpeed
 def test_deepspeed_zero3_saves_a_real_adapter(tmp_path):
     # One process, on DeepSpeed's CPU accelerator; tests/test_multirank.py runs ZeRO on 2 ranks.
     out = tmp_path / "zero3"
@@ -300,6 +311,7 @@ def test_pad_to_multiple_of_buckets_every_batch_shape(model):
                 assert (batch["labels"][cols[None, :] >= lengths[:, None]] == IGNORE_INDEX).all()
 
 
+@pytest.mark.integration  # runs fine_tune/train.py in a subprocess
 def test_train_script_reports_user_errors_without_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "fine_tune" / "train.py"), "--config", str(SMOKE),
                            f"output_dir={tmp_path / 'none'}", "resume_from=latest", "log_with=none",
@@ -308,6 +320,7 @@ def test_train_script_reports_user_errors_without_a_traceback(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.integration  # trains, signals launched processes
 @pytest.mark.parametrize("launcher", ["python", "cpu_2proc.yaml"])
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_the_run_resumes(tmp_path, launcher):
     # A scheduler preempting the job sends SIGTERM to the whole process group; under torchrun the

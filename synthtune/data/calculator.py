@@ -12,7 +12,7 @@ untrusted, and ``eval`` (even on an AST whitelist) makes it easy to forget a nod
 Every value is bounded, not only exponents: a literal, and every intermediate result, numerator and
 denominator alike, has at most :data:`MAX_DIGITS` digits, and a power is refused before it is computed
 when its result would not.  ``(((10**64)**64)**64)**64`` is therefore an error found in microseconds.
-:func:`evaluate` raises :class:`CalcError` and nothing else (overflow, int/str size limits, deep
+:func:`exact_value` raises :class:`CalcError` and nothing else (overflow, int/str size limits, deep
 nesting and memory included); its subclass :class:`CalcLimit` means "too long or too deep to read",
 and :func:`check_calculations` reports such calculations as unchecked rather than wrong.  It never
 raises: it reads the first :data:`MAX_CHECK_CHARS` characters of a text and lists the rest as unchecked,
@@ -27,7 +27,7 @@ from decimal import Decimal, localcontext
 from fractions import Fraction
 from itertools import pairwise
 
-__all__ = ["CalcError", "CalcLimit", "CalcReport", "check_calculations", "evaluate"]
+__all__ = ["CalcError", "CalcLimit", "CalcReport", "check_calculations", "exact_value"]
 
 # 10**64 is far beyond any grade-school quantity.  Bounding exponents alone does not bound values
 # (a power of a power multiplies them), so every result is bounded too: 1,000 digits keep arithmetic in
@@ -71,7 +71,7 @@ _OP_ALIASES = {"×": "*", "÷": "/", "\u2212": "-", "\u2013": "-", "^": "**"}
 class CalcError(ValueError):
     """An expression that cannot be evaluated (bad syntax, division by zero, a value too large).
 
-    The only exception :func:`evaluate` raises: arithmetic failures of any kind are turned into it.
+    The only exception :func:`exact_value` raises: arithmetic failures of any kind are turned into it.
     """
 
 
@@ -386,12 +386,12 @@ def _values(tokens: list[_Tok]) -> set[Fraction]:
     return {_Parser(tokens, as_fraction).parse() for as_fraction in readings}
 
 
-def evaluate(expression: str, prose: bool = False) -> Fraction:
+def exact_value(expression: str, prose: bool = False) -> Fraction:
     """Exact value of an arithmetic expression; :class:`CalcError` if it is not one.
 
-    >>> evaluate("48/2"), evaluate("(1/2)*14 + 2**3"), evaluate("12 x 4", prose=True)
+    >>> exact_value("48/2"), exact_value("(1/2)*14 + 2**3"), exact_value("12 x 4", prose=True)
     (Fraction(24, 1), Fraction(15, 1), Fraction(48, 1))
-    >>> evaluate("(10**64)**64")
+    >>> exact_value("(10**64)**64")
     Traceback (most recent call last):
     ...
     synthtune.data.calculator.CalcError: result has more than 1000 digits
@@ -459,7 +459,7 @@ def _check_annotation(body: str) -> str | None:
         return f"<<{body}>>: no '=' in annotation"
     lhs, rhs = body.rsplit("=", 1)
     try:
-        exact = evaluate(lhs)
+        exact = exact_value(lhs)
     except CalcLimit:
         raise
     except CalcError as exc:
@@ -471,7 +471,7 @@ def _check_annotation(body: str) -> str | None:
     if len(rhs_tokens) != 1 or rhs_tokens[0].kind != "num" or rhs_tokens[0].value is None:
         # GSM8K has a few like <<3/4=3/4>>: a result written as an expression must be exact.
         try:
-            written = evaluate(rhs)
+            written = exact_value(rhs)
         except CalcLimit:
             raise
         except CalcError:

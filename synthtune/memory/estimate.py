@@ -23,6 +23,7 @@ tensor/pipeline parallelism.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -537,10 +538,22 @@ def saved_bytes(shape: ModelShape, setup: Setup) -> float:
     return act.saved + 4.0 * shape.vocab * act.logits_tokens + copies
 
 
-def workshop_rule(params: float, bytes_per_param: float = 18.0) -> float:
-    """The back-of-the-envelope: mixed-precision AdamW needs 18 bytes per parameter.
+def rule_of_thumb_bytes(params: float, bytes_per_param: float = 18.0) -> float:
+    """Model-state bytes by the back-of-the-envelope rule: mixed-precision AdamW needs 18 bytes per parameter.
 
     4 (fp32 weights) + 2 (bf16/fp16 working copy) + 4 (fp32 gradients) + 8 (two fp32 Adam
-    moments); activations excluded. 15e9 params -> 270e9 bytes (GB, decimal).
+    moments); activations excluded. The 2023 workshop sized Flan-UL2 this way.
+
+    >>> rule_of_thumb_bytes(15e9) / 1e9  # GB, decimal
+    270.0
+    >>> rule_of_thumb_bytes(135e6, bytes_per_param=2.0) / 1e6  # bf16 weights alone
+    270.0
     """
     return params * bytes_per_param
+
+
+def workshop_rule(params: float, bytes_per_param: float = 18.0) -> float:
+    """Deprecated name of :func:`rule_of_thumb_bytes` (notebooks written before the rename use it)."""
+    warnings.warn("synthtune.memory.workshop_rule is renamed rule_of_thumb_bytes; the old name will go",
+                  DeprecationWarning, stacklevel=2)
+    return rule_of_thumb_bytes(params, bytes_per_param)

@@ -13,7 +13,7 @@ import math
 from dataclasses import replace
 from typing import Any
 
-from synthtune.memory.estimate import GIB, Setup, estimate, workshop_rule
+from synthtune.memory.estimate import GIB, Setup, estimate, rule_of_thumb_bytes
 from synthtune.memory.shape import ModelShape
 
 # Launchers that ship in configs/accelerate/, as (name, zero_stage, offload).
@@ -115,7 +115,7 @@ def fit(shape: ModelShape, base: Setup, gpu_gib: float, *, methods: tuple[str, .
         per_method[method] = info
     result: dict[str, Any] = {"gpu_gib": gpu_gib, "usable_gib": round(limit, 2), "gpus": base.gpus, "nodes": base.nodes,
                               "model": shape.name, "params": shape.params, "methods": per_method,
-                              "workshop_rule_gb": round(workshop_rule(shape.params) / 1e9, 1)}
+                              "workshop_rule_gb": round(rule_of_thumb_bytes(shape.params) / 1e9, 1)}
     if best is None:
         result.update(fits=False, reason="nothing fits: " + "; ".join(
             f"{m}: {i.get('reason', '')}" for m, i in per_method.items()))
@@ -139,7 +139,7 @@ def _why_not(shape: ModelShape, s: Setup, e, gpu_gib: float, limit: float) -> st
     """Name the term that breaks the budget, the workshop's way for full fine-tuning."""
     states = sum(e.model_states_gib.values())
     if s.method == "full":
-        total = workshop_rule(shape.params, e.bytes_per_param)
+        total = rule_of_thumb_bytes(shape.params, e.bytes_per_param)
         return (f"model states alone need {e.bytes_per_param:g} B/param x {shape.params / 1e9:.2f}B params = "
                 f"{total / 1e9:.0f} GB; even sharded over {s.world} GPUs (ZeRO-{s.zero_stage}"
                 f"{', offload ' + s.offload if s.offload != 'none' else ''}) that is {states:.1f} GiB per GPU, "

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from synthtune.memory.estimate import GIB, Setup, estimate, saved_bytes
-from synthtune.memory.shape import ModelShape, config_from_dict, shape_from_config
+from synthtune.memory.shape import ModelShape, config_from_dict, resolve_targets, shape_from_config
 
 
 def saved_tensor_bytes(model, batch: dict, autocast: bool) -> int:
@@ -62,8 +62,6 @@ def build_random_model(config, setup: Setup):
             model.enable_input_require_grads()
     if setup.method != "full":
         from peft import LoraConfig, get_peft_model
-
-        from synthtune.memory.shape import resolve_targets, shape_from_config
 
         shape = shape_from_config(config)
         targets = resolve_targets(shape, setup.lora_targets)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from synthtune import paths
+from synthtune.models import is_seq2seq_config, load_config, meta_model, unique_parameter_count
 
 #: Shape (no weights) of google/flan-ul2, the workshop's 20B model; usable as ``--model``.
 FLAN_UL2_CONFIG = paths.CONFIGS_DIR / "models" / "flan-ul2" / "config.json"
@@ -107,8 +108,6 @@ def shape_from_config(config, name: str = "", trust_remote_code: bool = False) -
     """Build a :class:`ModelShape` from a transformers config by meta-device instantiation."""
     import torch
 
-    from synthtune.models import is_seq2seq_config, meta_model, unique_parameter_count
-
     seq2seq = is_seq2seq_config(config)
     model = meta_model(config, trust_remote_code=trust_remote_code)
     total = unique_parameter_count(model)
@@ -164,7 +163,5 @@ def config_from_dict(d: dict[str, Any]):
 @functools.lru_cache(maxsize=32)
 def load_shape(model: str, trust_remote_code: bool = False) -> ModelShape:
     """``--model`` (built-in name, dir, config.json path or hub id) -> shape. Only the config is read."""
-    from synthtune.models import load_config
-
     config = load_config(model, trust_remote_code=trust_remote_code)
     return shape_from_config(config, name=model, trust_remote_code=trust_remote_code)

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from synthtune.plotting import png
+
 GIB = float(1 << 30)
 CSV_NAME = "memory_trace.csv"
 PNG_NAME = "memory_trace.png"
@@ -171,8 +173,6 @@ class MemoryTracer:
 
 def plot_trace(rows: list[dict[str, Any]], path: str | os.PathLike, title: str = "memory and utilization") -> None:
     """Memory lines on the left axis, GPU utilization on the right: nvitop's two lines."""
-    from synthtune.plotting import png
-
     t = [r["t_s"] for r in rows]
     with png(path, (8, 4), dpi=100) as (_, ax):
         for key, label in (("gpu_allocated_gib", "GPU allocated"), ("gpu_reserved_gib", "GPU reserved"),

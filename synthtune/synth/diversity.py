@@ -16,6 +16,7 @@ prediction=texts[j])``. F is exactly symmetric anyway (see ``_f_from_lcs``); rec
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -28,8 +29,8 @@ __all__ = [
     "rouge_l_lcs_matrix",
     "rouge_l_matrix",
     "rouge_l_recall_matrix",
+    "below_mean_recall",
     "select_diverse",
-    "workshop_rule",
 ]
 
 # Self-Instruct (Wang et al. 2022, "Self-Instruct: Aligning Language Models with Self-Generated
@@ -222,7 +223,7 @@ def select_diverse(
     return kept
 
 
-def workshop_rule(texts: Sequence[str], use_stemmer: bool = False) -> list[int]:
+def below_mean_recall(texts: Sequence[str], use_stemmer: bool = False) -> list[int]:
     """The 2023 workshop's filter, kept for comparison: below-average mean ROUGE-L recall survives.
 
     For each path ``i`` take the mean over ``j != i`` of ``score(target=texts[i],
@@ -236,9 +237,9 @@ def workshop_rule(texts: Sequence[str], use_stemmer: bool = False) -> list[int]:
     example paths with no token in common (all recalls 0), *nothing* is strictly below the mean
     and the whole group is dropped. :func:`select_diverse` uses an absolute threshold instead.
 
-    >>> workshop_rule(["the cat sat on the mat", "the cat sat on a mat", "a dog ran in the park"])
+    >>> below_mean_recall(["the cat sat on the mat", "the cat sat on a mat", "a dog ran in the park"])
     [2]
-    >>> workshop_rule(["alpha beta", "gamma delta", "epsilon zeta"])  # disjoint: all dropped
+    >>> below_mean_recall(["alpha beta", "gamma delta", "epsilon zeta"])  # disjoint: all dropped
     []
     """
     n = len(texts)
@@ -249,3 +250,10 @@ def workshop_rule(texts: Sequence[str], use_stemmer: bool = False) -> list[int]:
     off_diagonal = ~np.eye(n, dtype=bool)
     means = (recall * off_diagonal).sum(axis=1) / (n - 1)
     return np.flatnonzero(means < means.mean()).tolist()
+
+
+def workshop_rule(texts: Sequence[str], use_stemmer: bool = False) -> list[int]:
+    """Deprecated name of :func:`below_mean_recall` (notebooks written before the rename use it)."""
+    warnings.warn("synthtune.synth.diversity.workshop_rule is renamed below_mean_recall; the old name will go",
+                  DeprecationWarning, stacklevel=2)
+    return below_mean_recall(texts, use_stemmer)

@@ -41,7 +41,7 @@ from synthtune.errors import ConfigError, DataError
 from synthtune.files import atomic_write_bytes, atomic_write_text, lock_dir
 from synthtune.formats import resolve_format, stop_strings
 from synthtune.generation.base import SamplingParams
-from synthtune.synth.diversity import select_diverse, workshop_rule
+from synthtune.synth.diversity import below_mean_recall, select_diverse
 from synthtune.synth.prompts import build_prompt
 from synthtune.synth.scorers import calculator_score, gold_correctness, guarded, vote_share
 from synthtune.synth.vote import majority_vote
@@ -383,7 +383,7 @@ def _select(passing: list[int], texts: list[str], reward: list, kept_before: Seq
     if cfg.diversity == "none":
         return passing[:room]
     if cfg.diversity == "workshop":
-        chosen = [passing[j] for j in workshop_rule([texts[i] for i in passing])]
+        chosen = [passing[j] for j in below_mean_recall([texts[i] for i in passing])]
         return chosen[:room]
     # Paths kept in earlier rounds come first with top priority, so a new path must differ from them too.
     pool = list(kept_before) + [texts[i] for i in passing]

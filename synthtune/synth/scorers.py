@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from synthtune.data.answers import extract_answer, extract_gold, is_correct
 from synthtune.data.calculator import check_calculations
+from synthtune.models import pick_device, resolve_model
 from synthtune.synth.vote import majority_vote
 
 
@@ -140,8 +141,6 @@ class RewardModelScorer:
     def __init__(self, name_or_path: str, *, device: str | None = None, batch_size: int = 8,
                  max_length: int = 1024, trust_remote_code: bool = False):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from synthtune.models import pick_device, resolve_model
 
         path = resolve_model(name_or_path)
         self.name = name_or_path

@@ -15,6 +15,7 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from synthtune.errors import ConfigError
 from synthtune.files import replace_dir
 
 STATE_FILE = "trainer_state.json"
@@ -73,8 +74,6 @@ def adapter_only_checkpoints(acc, model) -> bool:
     Returns whether the hooks were installed.
     """
     from accelerate.utils import DistributedType
-
-    from synthtune.errors import ConfigError
 
     if acc.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP):
         return False

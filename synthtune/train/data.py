@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from synthtune import paths
 from synthtune.config import TrainConfig
+from synthtune.data.gsm8k import load_source
+from synthtune.formats import resolve_format
+from synthtune.train.batching import (
+    CausalCollator,
+    PackedCollator,
+    Seq2SeqCollator,
+    length_grouped_order,
+    pack_sequences,
+)
+from synthtune.train.tokenize import tokenize_rows
 
 
 class EpochOrder:
@@ -23,8 +34,6 @@ class EpochOrder:
 
     def __iter__(self):
         import torch
-
-        from synthtune.train.batching import length_grouped_order
 
         if self.group_by_length:
             return iter(length_grouped_order(self.lengths, self.batch_size, seed=self.seed + self.epoch))
@@ -57,12 +66,6 @@ class TrainData:
 def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool = False) -> TrainData:
     import torch
     from torch.utils.data import DataLoader
-
-    from synthtune import paths
-    from synthtune.data.gsm8k import load_source
-    from synthtune.formats import resolve_format
-    from synthtune.train.batching import CausalCollator, PackedCollator, Seq2SeqCollator, pack_sequences
-    from synthtune.train.tokenize import tokenize_rows
 
     fmt = resolve_format(cfg.prompt_format, tokenizer, seq2seq)
     cache = paths.CACHE_DIR / "prep"

@@ -25,10 +25,23 @@ from pathlib import Path
 from synthtune.config import TrainConfig, save_config, to_dict
 from synthtune.errors import ConfigError
 from synthtune.files import atomic_write_text
+from synthtune.memory.estimate import Setup, estimate
+from synthtune.memory.partitions import ModelStateProbe
+from synthtune.memory.shape import load_shape
+from synthtune.memory.trace import MemoryTracer
+from synthtune.models import (
+    is_seq2seq_config,
+    load_config,
+    load_tokenizer,
+    resolve_model,
+    zero3_init,
+    zero3_init_flag,
+)
 from synthtune.train import checkpoint as ckpt
 from synthtune.train.data import build_train_data
 from synthtune.train.loss import batch_tokens, model_inputs, token_loss_sum
 from synthtune.train.metrics import evaluate
+from synthtune.train.plots import plot_history
 from synthtune.train.setup import (
     apply_lora,
     deepspeed_cpu_process_group,
@@ -118,9 +131,6 @@ def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict) -> dict | None:
     The longest training example sets the largest batch shape, so it is the sequence length
     used. On CPU the number is what a GPU would need for the same run.
     """
-    from synthtune.memory.estimate import Setup, estimate
-    from synthtune.memory.shape import load_shape
-
     plugin = getattr(acc.state, "deepspeed_plugin", None)
     precision = "fp32" if prec.mixed_precision == "no" and prec.weights_dtype == "fp32" else (
         "bf16" if prec.weights_dtype == "bf16" else "bf16-mixed")
@@ -144,15 +154,6 @@ def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict) -> dict | None:
 def load_for_training(cfg: TrainConfig, weights_dtype: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
-
-    from synthtune.models import (
-        is_seq2seq_config,
-        load_config,
-        load_tokenizer,
-        resolve_model,
-        zero3_init,
-        zero3_init_flag,
-    )
 
     path = resolve_model(cfg.model, seed=cfg.seed)
     mcfg = load_config(path, trust_remote_code=cfg.trust_remote_code)
@@ -250,8 +251,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
 
     tracer = None
     if cfg.trace_memory and main:
-        from synthtune.memory.trace import MemoryTracer
-
         tracer = MemoryTracer(out_dir, interval_s=0.5)
         tracer.start()
 
@@ -287,8 +286,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     # FSDP2 replaces every parameter with a sharded one at prepare: clipping the old objects
     # (no gradients) clipped nothing, silently
     params = [p for p in model.parameters() if p.requires_grad]
-    from synthtune.memory.partitions import ModelStateProbe
-
     states_probe = ModelStateProbe(opt)  # what each rank holds, beside the estimate in summary.json
     partitions = zero3_partitions(acc, model)
     if partitions:
@@ -472,8 +469,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         "memory": mem, "final_dir": str(final_dir), "history": history, "data": data.stats,
     }
     if main:
-        from synthtune.train.plots import plot_history
-
         curve = plot_history(history, out_dir / "loss.png")
         summary["loss_png"] = str(curve) if curve else None
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2) + "\n")

@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from synthtune.plotting import png
+
 
 def plot_history(history: Sequence[dict], path: Path | str) -> Path | None:
     """Train loss (and eval loss / accuracy, where measured) against optimizer steps.
@@ -16,8 +18,6 @@ def plot_history(history: Sequence[dict], path: Path | str) -> Path | None:
     acc = [(h["step"], h["eval/accuracy"], h.get("eval/format_rate")) for h in history if "eval/accuracy" in h]
     if not train and not evals:
         return None
-    from synthtune.plotting import png
-
     with png(path, (6.5, 3.6)) as (_, ax):
         if train:
             ax.plot(*zip(*train, strict=True), marker=".", color="#4c72b0", label="train loss (per token)")

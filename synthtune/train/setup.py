@@ -15,7 +15,9 @@ from pathlib import Path
 
 from synthtune import paths
 from synthtune.config import TrainConfig
-from synthtune.errors import ConfigError
+from synthtune.data.gsm8k import load_source
+from synthtune.errors import ConfigError, DataError, ModelError
+from synthtune.models import is_seq2seq_config, load_config, meta_model
 
 
 @dataclass
@@ -59,10 +61,6 @@ def validate(cfg: TrainConfig) -> None:
     """Fail fast, naming the key and the reason, before any weights are loaded."""
     import torch
 
-    from synthtune.data.gsm8k import load_source
-    from synthtune.errors import DataError, ModelError
-    from synthtune.models import is_seq2seq_config, load_config
-
     if cfg.per_device_batch_size < 1 or cfg.gradient_accumulation_steps < 1:
         raise ConfigError("per_device_batch_size and gradient_accumulation_steps must be >= 1")
     if cfg.pad_to_multiple_of is not None and cfg.pad_to_multiple_of < 1:
@@ -102,8 +100,6 @@ def validate(cfg: TrainConfig) -> None:
     if cfg.method in ("lora", "qlora"):
         targets = lora_target_modules(cfg)
         if targets != "all-linear":
-            from synthtune.models import meta_model
-
             meta = meta_model(mcfg, trust_remote_code=cfg.trust_remote_code)
             unmatched = [t for t in targets if not _matching_modules(meta, [t])]
             if unmatched:

@@ -34,7 +34,10 @@ from pathlib import Path
 from typing import Any
 
 from synthtune import paths
+from synthtune.errors import DataError
 from synthtune.formats import add_special_tokens, format_example, resolve_format
+from synthtune.models import is_seq2seq_config, load_config, load_tokenizer, resolve_model
+from synthtune.plotting import png
 
 logger = logging.getLogger(__name__)
 
@@ -165,8 +168,6 @@ def _as_dataset(rows, question_field: str, answer_field: str):
 
 
 def _missing_field(name: str, row: int | None):
-    from synthtune.data.jsonl import DataError
-
     return DataError("rows", row, "is missing or empty", "every training row needs a question and an answer "
                      "(GSM8K format: rationale then '#### n')", field=name)
 
@@ -294,8 +295,6 @@ def padding_waste(lengths: Sequence[int], pad_to: int) -> float:
 def plot_length_histogram(lengths: Sequence[int], path: Path | str, max_length: int | None = None, *,
                           title: str = "token lengths") -> None:
     """A PNG histogram with the p99 line and, when given, the ``max_length`` cut and how many exceed it."""
-    from synthtune.plotting import png
-
     stats = length_stats(lengths)
     with png(path, (7, 3.5), dpi=100) as (_, ax):
         ax.hist(list(lengths), bins=min(60, max(10, len(set(lengths)))), color="#4c72b0", edgecolor="white")
@@ -312,8 +311,6 @@ def plot_length_histogram(lengths: Sequence[int], path: Path | str, max_length: 
 
 def load_tokenizer_for(model: str) -> tuple[Any, bool]:
     """The tokenizer of ``model`` and whether it is seq2seq, without loading any weights."""
-    from synthtune.models import is_seq2seq_config, load_config, load_tokenizer, resolve_model
-
     path = resolve_model(model)
     tokenizer = load_tokenizer(path)
     if tokenizer.pad_token is None:
