@@ -521,6 +521,7 @@ def block_results(tmp_path_factory):
     return results, sorted(repo_state() - before)
 
 
+@pytest.mark.integration  # runs the CLI in subprocesses (tiny models, ~40 s of CPU for all blocks)
 @pytest.mark.parametrize("block", runnable_blocks(), ids=lambda b: b.where)
 def test_runnable_block_runs(block, block_results):
     results, _ = block_results
@@ -531,6 +532,7 @@ def test_runnable_block_runs(block, block_results):
     assert not missing, f"{block.where}: the output lacks the documented keys {missing}:\n{proc.stdout[-3000:]}"
 
 
+@pytest.mark.integration
 def test_runnable_blocks_write_only_into_tmp(block_results):
     _, new = block_results
     assert not new, f"runnable blocks wrote into the repository: {new}"
