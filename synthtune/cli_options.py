@@ -120,9 +120,16 @@ def parse(cls: type, ctx: typer.Context, values: dict[str, Any]):
             continue
         value = values[f.name]
         if f.metadata.get("positional") and value.partition("=")[0] in by_name:
-            # the argument was left out (it comes from key=value or the file), so click took an override for it
+            # click fills the argument with the first word; that word was an override. The argument is
+            # the first word that is none (``score out=o.jsonl in.jsonl``), or it comes from key=value/--config.
             overrides.insert(0, value)
-            continue
+            bare = next((o for o in overrides if o.partition("=")[0] not in by_name), None)
+            if bare is None:
+                continue
+            overrides.remove(bare)
+            value = bare
+        if isinstance(value, list) and f.metadata.get("split"):
+            value = [part.strip() for item in value for part in item.split(f.metadata["split"]) if part.strip()]
         given[f.name] = value
         names[f.name] = f"{'argument' if f.metadata.get('positional') else 'option'} {flag_of(f)}"
     cfg = load_config(cls, values[CONFIG], overrides, option_names=names, **given)

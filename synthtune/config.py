@@ -97,7 +97,7 @@ SEED = {"ge": 0, "le": 2 ** 32 - 1}
 def opt(default: Any, help: str, choices: Iterable[Any] | None = None, *, ge: float | None = None,
         gt: float | None = None, le: float | None = None, lt: float | None = None, also: tuple = (),
         inf: bool = False, unbounded: bool = False, flag: str | None = None, positional: bool = False,
-        metavar: str | None = None, required: bool = False):
+        metavar: str | None = None, required: bool = False, split: str | None = None):
     """A dataclass field with help text and, optionally, the allowed values and its command-line spelling.
 
     Numeric fields declare their range here (``ge``/``gt``/``le``/``lt`` bounds, ``also`` for
@@ -107,6 +107,8 @@ def opt(default: Any, help: str, choices: Iterable[Any] | None = None, *, ge: fl
     The command line is generated from these fields (``synthtune/cli_options.py``): a field is
     the option ``--field-name`` unless ``flag`` names another spelling (``--format`` for
     ``prompt_format``), or a positional argument shown as ``metavar`` when ``positional``.
+    ``split`` (lists only): each item of a repeated option is split on it too, so
+    ``--lora-targets q_proj,v_proj`` means what ``lora_targets=q_proj,v_proj`` means.
     ``required`` fields default to None and must be given (by option, ``--config`` or ``key=value``)
     before a command runs (``check_required``).
     """
@@ -121,6 +123,8 @@ def opt(default: Any, help: str, choices: Iterable[Any] | None = None, *, ge: fl
         meta["positional"] = True
     if metavar is not None:
         meta["metavar"] = metavar
+    if split is not None:
+        meta["split"] = split
     if required:
         if default is not None:
             raise TypeError("a required field has no default (None until given)")
@@ -201,7 +205,7 @@ class SynthConfig:
                        "servers (vLLM, TGI, llama.cpp, `synthtune serve`) at endpoints=...", ["hf", "openai"])
     endpoints: list[str] = opt([], "openai backend: server base URLs (http://host:8000/v1); requests go round-robin "
                                "over them. Not part of the resume fingerprint: rerun against other servers freely",
-                               flag="--endpoint")
+                               flag="--endpoint", split=",")
     served_model: str | None = opt(None, "openai backend: the model name the servers serve (vLLM "
                                    "--served-model-name, or a --lora-modules name); default: model")
     api_key_env: str | None = opt(None, "openai backend: name of the environment variable holding the API key "
@@ -225,7 +229,8 @@ class SynthConfig:
     shots: int = opt(8, "exemplars per prompt", ge=0)
     strategy: str = opt("random", "exemplar choice: random (fresh per question and round), fixed (shared "
                         "prefix), similar (lexical nearest)", ["random", "fixed", "similar"])
-    prompt_format: str = opt("auto", "auto = chat template for instruct models, else plain", ["auto", "plain", "chat"])
+    prompt_format: str = opt("auto", "auto = chat template for instruct models, else plain", ["auto", "plain", "chat"],
+                             flag="--format")
     k: int = opt(8, "samples per question in round 1", ge=1)
     k_growth: float = opt(1.0, "multiply k by this each later round (e.g. 2 for 8 -> 16)", gt=0)
     rounds: int = opt(2, "a question with no consensus or no passing path is retried up to this many rounds", ge=1)
@@ -272,7 +277,7 @@ class TrainConfig:
     lora_alpha: int = opt(16, "LoRA scaling numerator (scale = alpha / r)", ge=1)
     lora_dropout: float = opt(0.05, "dropout on the LoRA input; costs one mask per adapted input on GPU", ge=0, lt=1)
     lora_targets: list[str] = opt(["all-linear"], "module names to adapt (e.g. q_proj,v_proj or q,v for T5), or "
-                                  "all-linear")
+                                  "all-linear", split=",")
     data: str = opt("bundled:train", "training data: bundled:train, gsm8k:train, a synth kept.jsonl, or any JSONL "
                     "with question and answer")
     eval_data: str | None = opt("bundled:test", "held-out data for eval loss and accuracy (none to skip)")
@@ -280,7 +285,7 @@ class TrainConfig:
     gsm8k_dir: str | None = opt(None, "folder with GSM8K's train.jsonl/test.jsonl")
     limit: int | None = opt(None, "use only the first N training rows", ge=1)
     prompt_format: str = opt("plain", "plain: 'Question: ...\\nAnswer: ...'; chat: the tokenizer's chat template; "
-                             "auto: chat when the tokenizer has one", ["plain", "chat", "auto"])
+                             "auto: chat when the tokenizer has one", ["plain", "chat", "auto"], flag="--format")
     max_length: int = opt(512, "token limit per example; GSM8K with SmolLM2's tokenizer: p99 399, max 543 "
                           "(the workshop's 256 cut 15.7% of answers)", ge=1)
     max_target_length: int | None = opt(None, "seq2seq: label length limit (default max_length)", ge=1)
@@ -341,7 +346,7 @@ class EvalConfig:
     max_new_tokens: int = opt(256, "generation budget per answer", ge=1)
     batch_size: int = opt(8, "questions per generate() call (k=1)", ge=1)
     prompt_format: str = opt("plain", "plain or chat (the tokenizer's template); match what training used",
-                             ["plain", "chat", "auto"])
+                             ["plain", "chat", "auto"], flag="--format")
     compare: bool = opt(False, "evaluate the base model and the adapter in one run, side by side")
     seed: int = opt(0, "seed for exemplars and sampling", **SEED)
     out: str | None = opt(None, "output directory; default outputs/eval/<timestamp>")

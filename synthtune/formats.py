@@ -38,6 +38,10 @@ FORMATS = ("plain", "chat")
 #: Resolved per model by :func:`default_format`.
 AUTO = "auto"
 PLAIN_PROMPT = "Question: {question}\nAnswer:"
+#: Bump when a format's text or its stop strings change, so a resumed synthesis run refuses to mix
+#: samples drawn under both. 1: few-shot blocks read "Problem: ...\nAnswer: ..." (until 2026-11-30);
+#: 2: every block uses PLAIN_PROMPT's words, the same text training and eval use.
+PROMPT_VERSION = 2
 #: Between the meta-prompt and the exemplar blocks of a plain few-shot prompt.
 PLAIN_BLOCK_SEPARATOR = "\n\n"
 DEFAULT_META_PROMPT = (

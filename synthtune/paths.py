@@ -6,7 +6,8 @@ directory here, which broke on every machine but one.)
 
 ``REPO_ROOT`` is the checkout this package sits in (the usual case: ``make setup`` installs it
 editable). Installed from a wheel, the package lives in site-packages, where ``outputs/`` must not
-go; then the root is the current directory, and ``SYNTHTUNE_ROOT`` can name another one.
+go; then the root is the synthtune checkout the current directory is in (its ``configs/`` and
+bundled sample are used), else the current directory itself. ``SYNTHTUNE_ROOT`` overrides both.
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ from pathlib import Path
 _PACKAGE_PARENT = Path(__file__).resolve().parent.parent
 
 
+def _is_checkout(path: Path) -> bool:
+    return (path / "pyproject.toml").is_file() and (path / "configs").is_dir() and (path / "synthtune").is_dir()
+
+
 def _root() -> Path:
     value = os.environ.get("SYNTHTUNE_ROOT")
     if value:
         return Path(value).expanduser().resolve()
-    if (_PACKAGE_PARENT / "pyproject.toml").is_file() and (_PACKAGE_PARENT / "configs").is_dir():
+    if _is_checkout(_PACKAGE_PARENT):
         return _PACKAGE_PARENT
-    return Path.cwd().resolve()
+    cwd = Path.cwd().resolve()
+    return next((d for d in (cwd, *cwd.parents) if _is_checkout(d)), cwd)
 
 
 def _path_from_env(var: str, default: Path) -> Path:

@@ -49,3 +49,10 @@ def synthtune_bin() -> str:
     if not shutil.which(SYNTHTUNE):
         pytest.fail(f"{SYNTHTUNE} is missing: run the tests through `make test`, which installs it")
     return SYNTHTUNE
+
+
+def pytest_collection_modifyitems(items):
+    # Anything that runs the installed console script spawns a process: the integration tier.
+    for item in items:
+        if "synthtune_bin" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.integration)

@@ -36,7 +36,8 @@ from synthtune.errors import ConfigError
 
 GROUP = typer.main.get_command(app)
 
-pytestmark = pytest.mark.integration  # every test runs the installed synthtune CLI in a subprocess
+# Tests that run the installed console script (the synthtune_bin fixture) are integration tests:
+# conftest marks them. The option-building and parsing tests below run in-process, in test-fast.
 
 
 def run(bin_, *args, check=True, **kw):
@@ -381,24 +382,6 @@ def test_a_required_field_can_come_from_the_config_file(tmp_path):
 # ------------------------------------------------------------------ layering: the library never imports the CLI
 
 
-def test_the_library_never_imports_the_cli_or_the_jobs():
-    """Jobs and the router sit on top; a library module importing them (even inside a function) fails here."""
-    import ast
-
-    root = Path(config.__file__).resolve().parent
-    top = {"synthtune.cli", "synthtune.cli_options", "synthtune.jobs"}
-    offenders = []
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root.parent).with_suffix("")
-        if rel.parts[1] in ("cli", "cli_options", "jobs"):
-            continue
-        for node in ast.walk(ast.parse(path.read_text())):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
-            if isinstance(node, ast.ImportFrom) and node.module == "synthtune":
-                names = [f"synthtune.{a.name}" for a in node.names]
-            offenders += [f"{rel}: {n}" for n in names if any(n == t or n.startswith(t + ".") for t in top)]
-    assert not offenders, offenders
 
 
 def test_the_launch_script_loads_without_typer_or_rich():
@@ -411,3 +394,28 @@ def test_the_launch_script_loads_without_typer_or_rich():
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"
+
+
+def test_a_positional_argument_may_follow_overrides():
+    cfg, _ = parse_argv(GROUP, ["score", "out=o.jsonl", "in.jsonl"])
+    assert cfg == ScoreConfig(input="in.jsonl", out="o.jsonl")
+    cfg, _ = parse_argv(GROUP, ["models", "prepare", "seed=2", "tiny-t5"])
+    assert cfg == ModelsPrepareConfig(name="tiny-t5", seed=2)
+
+
+def test_comma_lists_mean_the_same_as_an_option_and_as_key_value():
+    by_option, _ = parse_argv(GROUP, ["train", "--lora-targets", "q_proj,v_proj", "--lora-targets", "o_proj"])
+    by_override, _ = parse_argv(GROUP, ["train", "lora_targets=q_proj,v_proj,o_proj"])
+    assert by_option.lora_targets == by_override.lora_targets == ["q_proj", "v_proj", "o_proj"]
+    cfg, _ = parse_argv(GROUP, ["synth", "--endpoint", "http://a:1/v1,http://b:2/v1", "--endpoint", "http://c:3/v1"])
+    assert cfg.endpoints == ["http://a:1/v1", "http://b:2/v1", "http://c:3/v1"]
+    # stop strings are taken as written: a comma is a character a stop string may hold
+    cfg, _ = parse_argv(GROUP, ["synth", "--stop", "a,b"])
+    assert cfg.stop == ["a,b"]
+
+
+@pytest.mark.parametrize("command", ["synth", "train", "eval", "infer", "prep"])
+def test_every_prompt_format_option_is_spelled_format(command):
+    required = {"prep": ["model=tiny-llama", "data=bundled:train"], "infer": ["model=tiny-llama"]}
+    cfg, _ = parse_argv(GROUP, [command, "--format", "chat", *required.get(command, [])])
+    assert cfg.prompt_format == "chat"

@@ -313,9 +313,3 @@ def test_below_mean_recall_degenerate_cases():
     assert len(kept) >= 2 and rouge_l_matrix([copies[k] for k in kept]).min() >= 0.7
     assert len(select_diverse(copies)) == 1
     assert below_mean_recall(["only one"]) == [0]
-
-
-def test_workshop_rule_is_a_deprecated_alias():
-    texts = _corpus(4, 3, seed=2)
-    with pytest.warns(DeprecationWarning, match="below_mean_recall"):
-        assert diversity.workshop_rule(texts) == below_mean_recall(texts)

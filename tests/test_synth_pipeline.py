@@ -13,6 +13,7 @@ import pytest
 from synthtune.config import SynthConfig
 from synthtune.errors import ConfigError, DataError, DirectoryInUse
 from synthtune.files import LOCK_NAME
+from synthtune.formats import PROMPT_VERSION
 from synthtune.generation.sampler import Sample
 from synthtune.synth.pipeline import KEPT, STATUS, evaluate_question, load_items, run_synthesis
 
@@ -173,7 +174,7 @@ def test_fingerprints_from_before_the_new_keys(tmp_path):
     # that run saved (so a changed k is still caught); with no config.yaml either, the run goes on
     # and says what it could not check, and the fingerprint is completed.
     old_keys = ("model", "backend", "served_model", "questions", "exemplars", "exemplar_pool_size", "shots",
-                "strategy", "prompt_format", "seed", "use_gold")
+                "strategy", "prompt_format", "seed", "use_gold", "prompt_version")
     cfg = _cfg(tmp_path, rounds=1, limit=3)
     _quiet(cfg)
     out = Path(cfg.out)
@@ -188,6 +189,24 @@ def test_fingerprints_from_before_the_new_keys(tmp_path):
     assert json.loads((out / "fingerprint.json").read_text())["k"] == 4
     with pytest.raises(ConfigError, match="k: 4 -> 5"):
         _quiet(_cfg(tmp_path, rounds=1, limit=3, k=5))
+
+
+def test_a_run_from_before_the_prompt_wording_changed_is_not_silently_mixed(tmp_path):
+    # Plain few-shot prompts said "Problem:" before PROMPT_VERSION 2; such a run's fingerprint has no
+    # prompt_version, and resuming it with the new wording would mix both in one dataset.
+    cfg = _cfg(tmp_path, rounds=1, limit=3)
+    _quiet(cfg)
+    out = Path(cfg.out)
+    fp = json.loads((out / "fingerprint.json").read_text())
+    assert fp["prompt_version"] == PROMPT_VERSION == 2
+    del fp["prompt_version"]
+    (out / "fingerprint.json").write_text(json.dumps(fp))
+    with pytest.raises(ConfigError, match="prompt_version: 1 -> 2"):
+        _quiet(_cfg(tmp_path, rounds=1, limit=3))
+    logs = []
+    _quiet(_cfg(tmp_path, rounds=1, limit=3, allow_changed_settings=True), log=logs.append)
+    assert any("prompt_version: 1 -> 2" in m for m in logs)
+    assert json.loads((out / "fingerprint.json").read_text())["prompt_version"] == 2
 
 
 def _damage_missing_status(out):

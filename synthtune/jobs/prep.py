@@ -66,8 +66,6 @@ def run_prep(model: str, data: str, *, fmt: str = "auto", max_length: int = 512,
     return summary
 
 
-
-
 def run(cfg: PrepConfig) -> dict:
     """`synthtune prep`'s entry point: :func:`run_prep` with the command's config."""
     try:

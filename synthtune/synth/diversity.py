@@ -16,7 +16,6 @@ prediction=texts[j])``. F is exactly symmetric anyway (see ``_f_from_lcs``); rec
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -250,10 +249,3 @@ def below_mean_recall(texts: Sequence[str], use_stemmer: bool = False) -> list[i
     off_diagonal = ~np.eye(n, dtype=bool)
     means = (recall * off_diagonal).sum(axis=1) / (n - 1)
     return np.flatnonzero(means < means.mean()).tolist()
-
-
-def workshop_rule(texts: Sequence[str], use_stemmer: bool = False) -> list[int]:
-    """Deprecated name of :func:`below_mean_recall` (notebooks written before the rename use it)."""
-    warnings.warn("synthtune.synth.diversity.workshop_rule is renamed below_mean_recall; the old name will go",
-                  DeprecationWarning, stacklevel=2)
-    return below_mean_recall(texts, use_stemmer)

@@ -39,7 +39,7 @@ from synthtune.data.gsm8k import is_test_source, load_source
 from synthtune.data.jsonl import append_jsonl, read_appended, write_jsonl
 from synthtune.errors import ConfigError, DataError
 from synthtune.files import atomic_write_bytes, atomic_write_text, lock_dir
-from synthtune.formats import resolve_format, stop_strings
+from synthtune.formats import PROMPT_VERSION, resolve_format, stop_strings
 from synthtune.generation.base import SamplingParams
 from synthtune.synth.diversity import below_mean_recall, select_diverse
 from synthtune.synth.prompts import build_prompt
@@ -240,7 +240,8 @@ def repair_state(out_dir: Path, state: RunState) -> None:
 
 
 def _fingerprint(cfg: SynthConfig) -> dict:
-    return {k: getattr(cfg, k) for k in FINGERPRINT_KEYS}
+    # prompt_version is no setting: it names the prompt text this synthtune renders for the same settings
+    return {**{k: getattr(cfg, k) for k in FINGERPRINT_KEYS}, "prompt_version": PROMPT_VERSION}
 
 
 def _previous_settings(out_dir: Path) -> tuple[dict, bool] | None:
@@ -288,6 +289,8 @@ def _check_resume(out_dir: Path, cfg: SynthConfig, log: Callable[[str], None]) -
     if previous is None:
         return new, {}
     old, outdated = previous
+    # A run that recorded no prompt_version predates it: its prompts were version 1.
+    old = {"prompt_version": 1, **old}
     diff = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
     unknown = [k for k in FINGERPRINT_KEYS if k not in old]
     changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
