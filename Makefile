@@ -1,17 +1,31 @@
 # make demo      -> builds .venv/ if needed, then runs the README's main job on the embedded model
 # make test      -> builds .venv/ if needed, then lint + lock check + the whole test suite and the doctests
 # make test-fast -> the unit tests and doctests only (no processes, servers, training or notebooks), ~1 min
+# make lock      -> re-resolves poetry.lock (LOCK_ARGS=--regenerate to take the newest versions the ranges
+#                   allow) and rewrites constraints.txt from it; commit both once `make test` passes on them
 #
-# The venv is rebuilt only when pyproject.toml changes, so a second call takes seconds.
+# .venv/ holds exactly the versions in poetry.lock: pip installs through constraints.txt, the lock's pins
+# exported for pip. The venv is rebuilt only when pyproject.toml, poetry.lock or constraints.txt change,
+# so a second call takes seconds.
 
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-# torch goes in first and by exact version: pip here takes the local CPU wheel, and on a GPU
-# machine the same line takes PyPI's CUDA build. The project's ranges then admit it as is.
-TORCH_SPEC ?= torch==2.13.0
+CONSTRAINTS := constraints.txt
+# torch goes in first, at the lock's version (read from constraints.txt: one place): pip here takes the
+# local CPU wheel of that version, and on a GPU machine the same line takes PyPI's CUDA build of it.
+TORCH_SPEC := $(shell sed -n 's/^\(torch==[^ ;]*\).*/\1/p' $(CONSTRAINTS))
 POETRY_SPEC ?= poetry==2.5.1
+EXPORT_SPEC ?= poetry-plugin-export==1.10.1
+POETRY := $(VENV)/poetry/bin/poetry
+# named after the versions, so changing either spec reinstalls them
+POETRY_STAMP := $(VENV)/poetry/.installed-$(subst ==,-,$(POETRY_SPEC))-$(subst ==,-,$(EXPORT_SPEC))
+LOCK_ARGS ?=
+# The lock's pins for pip. torch's CUDA runtime (nvidia-*, cuda-*, triton) is left out: the torch wheel
+# pins it exactly itself, the CPU wheel needs none of it, and poetry locks some of it twice.
+EXPORT = $(POETRY) export -f constraints.txt --all-extras --without-hashes --without-urls | \
+	grep -v -E '^(nvidia-|cuda-|triton==)'
 PYTEST_ARGS ?=
 
 # The full GSM8K, when this machine has it beside the checkout: tests and benches use it,
@@ -21,26 +35,40 @@ ifneq ($(SHARED_GSM8K),)
 export SYNTHTUNE_GSM8K_DIR ?= $(SHARED_GSM8K)
 endif
 
-.PHONY: setup demo test test-fast lint lock-check clean-venv
+.PHONY: setup demo test test-fast lint lock lock-check clean-venv
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml poetry.lock $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "synthtune needs Python 3.10+, found " + sys.version' 
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
-	@# poetry lives in its own venv so its dependencies never bend the project's.
-	@test -x $(VENV)/poetry/bin/poetry || { $(PYTHON) -m venv $(VENV)/poetry && \
-		$(VENV)/poetry/bin/python -m pip install --quiet --disable-pip-version-check "$(POETRY_SPEC)"; }
+	@test -n "$(TORCH_SPEC)" || { echo "$(CONSTRAINTS) pins no torch: run make lock" >&2; exit 1; }
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev]'
+	@$(MAKE) --no-print-directory $(POETRY_STAMP)
 	@$(BIN)/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'
 	@touch $@
+
+# poetry (and its export plugin) live in their own venv so their dependencies never bend the project's.
+$(POETRY_STAMP):
+	@test -x $(VENV)/poetry/bin/python || $(PYTHON) -m venv $(VENV)/poetry
+	$(VENV)/poetry/bin/python -m pip install --quiet --disable-pip-version-check "$(POETRY_SPEC)" "$(EXPORT_SPEC)"
+	@touch $@
+
+# Re-resolve, then export; `make test` must pass on the new set before both files are committed.
+lock: $(POETRY_STAMP)
+	$(POETRY) lock $(LOCK_ARGS)
+	$(EXPORT) > $(CONSTRAINTS)
 
 demo: $(STAMP)
 	$(BIN)/synthtune demo --config configs/demo.yaml
 
+# poetry.lock matches pyproject.toml, and constraints.txt is exactly what the lock exports (a pin edited
+# in either file by hand, or a lock refreshed without re-exporting, fails here with what to run).
 lock-check: $(STAMP)
-	$(VENV)/poetry/bin/poetry check --lock
+	$(POETRY) check --lock
+	@$(EXPORT) | diff -u $(CONSTRAINTS) - >/dev/null || { $(EXPORT) | diff -u $(CONSTRAINTS) - | head -20; \
+		echo "$(CONSTRAINTS) does not match poetry.lock: run make lock (then make test) and commit both" >&2; exit 1; }
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
