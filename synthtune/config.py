@@ -472,6 +472,14 @@ class ModelsInfoConfig:
 
 
 @dataclass
+class EnvConfig:
+    """`synthtune env`: versions, accelerator, paths and installed packages against poetry.lock, for a bug report.
+
+    No fields: the report reads only the installed environment and the checkout it runs from.
+    """
+
+
+@dataclass
 class MemoryConfig:
     """`synthtune memory`: estimate peak GPU memory per GPU for a training setup, or fit the fastest that fits.
 
