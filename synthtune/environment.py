@@ -24,6 +24,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from synthtune import __version__, models, paths
+from synthtune.errors import ConfigError
 
 PROJECT = "synthtune"
 #: installed by the virtualenv itself or by pip, never pinned in the lock
@@ -41,12 +42,12 @@ def _load_toml(text: str, where: str) -> dict:
         try:
             import tomli as tomllib  # type: ignore[no-redef]
         except ModuleNotFoundError:
-            raise RuntimeError(f"reading {where} needs a TOML parser: Python 3.11+ has tomllib; on 3.10 "
-                               f"install tomli (`pip install tomli`)") from None
+            raise ConfigError(f"reading {where} needs a TOML parser: Python 3.11+ has tomllib; on 3.10 "
+                              f"install tomli (`pip install tomli`)") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"{where} is not valid TOML ({err}); restore it with `git checkout poetry.lock`") from None
+        raise ConfigError(f"{where} is not valid TOML ({err}); restore it with `git checkout poetry.lock`") from None
 
 
 def _applies(marker: str | None, extras: Iterable[str], environment: Mapping[str, str] | None) -> bool:
@@ -212,11 +213,17 @@ def deepspeed_ops() -> dict[str, Any] | str:
 
 
 def lock_status(root: Path | None = None, installed: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """``matches_lock`` and ``lock_mismatches`` for the ``poetry.lock`` in ``root`` (the project root)."""
+    """``matches_lock`` and ``lock_mismatches`` for the ``poetry.lock`` in ``root`` (the project root).
+
+    Without a readable lock, ``matches_lock`` is None and ``lock_mismatches`` says why, in words.
+    """
     lock = (root or paths.REPO_ROOT) / "poetry.lock"
     if not lock.is_file():
         return {"lock": None, "matches_lock": None, "lock_mismatches": NO_LOCK}
-    lines = lock_mismatches(lock, installed)
+    try:
+        lines = lock_mismatches(lock, installed)
+    except (ConfigError, OSError) as err:  # the report still prints everything else
+        return {"lock": str(lock), "matches_lock": None, "lock_mismatches": f"could not read the lock: {err}"}
     return {"lock": str(lock), "matches_lock": not lines, "lock_mismatches": lines}
 
 

@@ -13,6 +13,7 @@ from rich.console import Console
 
 from synthtune import environment as E
 from synthtune.config import EnvConfig
+from synthtune.errors import ConfigError
 from synthtune.jobs import env as job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -124,8 +125,11 @@ def test_lock_mismatches_reads_a_lock_file(tmp_path):
 def test_a_broken_lock_says_where_and_how_to_fix(tmp_path):
     lock = tmp_path / "poetry.lock"
     lock.write_text("[[package]\nname = ")
-    with pytest.raises(ValueError, match=r"poetry\.lock is not valid TOML.*git checkout poetry\.lock"):
+    with pytest.raises(ConfigError, match=r"poetry\.lock is not valid TOML.*line 1.*git checkout poetry\.lock"):
         E.lock_mismatches(lock, {})
+    # the report still prints everything else, and says why the lock was not compared
+    status = E.lock_status(tmp_path, {})
+    assert status["matches_lock"] is None and "is not valid TOML" in status["lock_mismatches"]
 
 
 def test_the_real_lock_pins_the_stack():
