@@ -196,6 +196,13 @@ def test_the_human_listing_shows_a_mismatch(report):
     assert job.run(EnvConfig()).keys() == KEYS
 
 
+def test_env_takes_no_keys_and_says_so():
+    from synthtune.config import load_config
+
+    with pytest.raises(ConfigError, match=r"unknown key 'foo' for EnvConfig\. It takes no keys\."):
+        load_config(EnvConfig, None, ["foo=1"])
+
+
 def test_synthtune_env_json(synthtune_bin):
     proc = subprocess.run([synthtune_bin, "env", "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
