@@ -50,14 +50,18 @@ def _load_toml(text: str, where: str) -> dict:
         raise ConfigError(f"{where} is not valid TOML ({err}); restore it with `git checkout poetry.lock`") from None
 
 
-def _applies(marker: str | None, extras: Iterable[str], environment: Mapping[str, str] | None) -> bool:
+def _applies(marker: str | Mapping[str, str] | None, extras: Iterable[str],
+             environment: Mapping[str, str] | None) -> bool:
     """Whether a lock entry's ``markers`` hold here, with any of the lock's extras installed.
 
     Poetry writes the dev dependencies as ``extra == "dev"``; whether that extra was installed is
-    not recorded anywhere, so an entry counts if it holds with no extra or with any of them.
+    not recorded anywhere, so an entry counts if it holds with no extra or with any of them. A
+    lock with dependency groups may store one marker per group (a table): any of them will do.
     """
     if not marker:
         return True
+    if isinstance(marker, Mapping):
+        return any(_applies(m, extras, environment) for m in marker.values())
     try:
         parsed = Marker(marker)
     except InvalidMarker:

@@ -57,6 +57,12 @@ version = "311"
 groups = ["main"]
 markers = "platform_system == \\"Windows\\""
 
+[[package]]
+name = "ruff"
+version = "0.6"
+groups = ["dev", "docs"]
+markers = {dev = "platform_system == \\"Windows\\"", docs = "python_version >= \\"3.11\\""}
+
 [extras]
 dev = ["pytest"]
 '''
@@ -108,8 +114,9 @@ def test_names_compare_after_pep503_normalization_and_any_applicable_pin_matches
 
 def test_lock_markers_pick_the_pins_for_this_interpreter_and_platform():
     pins = E.locked_pins(SYNTHETIC_LOCK, LINUX_311)
-    assert pins == {"foo-bar": ("1.0",), "numpy": ("2.4.6",), "pytest": ("8.0",)}  # no pywin32 on Linux
-    assert E.locked_pins(SYNTHETIC_LOCK, {**LINUX_311, "python_version": "3.10"})["numpy"] == ("2.2.6",)
+    assert pins == {"foo-bar": ("1.0",), "numpy": ("2.4.6",), "pytest": ("8.0",), "ruff": ("0.6",)}  # no pywin32
+    on_310 = E.locked_pins(SYNTHETIC_LOCK, {**LINUX_311, "python_version": "3.10"})
+    assert on_310["numpy"] == ("2.2.6",) and "ruff" not in on_310  # neither group's marker holds
     assert "pywin32" in E.locked_pins(SYNTHETIC_LOCK, {**LINUX_311, "platform_system": "Windows"})
 
 
