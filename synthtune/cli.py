@@ -20,6 +20,7 @@ FILE.yaml`` and ``key=value`` overrides (precedence: defaults < YAML < key=value
     synthtune score IN.jsonl --out OUT.jsonl [--json]
     synthtune data check FILE.jsonl [--lenient]
     synthtune models prepare NAME | synthtune models info NAME
+    synthtune env [--json]
 """
 
 from __future__ import annotations
@@ -245,6 +246,18 @@ def models_info(cfg: C.ModelsInfoConfig) -> None:
     from synthtune.jobs import models as job
 
     emit(json.dumps(job.info(cfg), indent=2))
+
+
+@config_command(app, "env", C.EnvConfig, json_switch=True)
+@results_on_stdout
+def env(cfg: C.EnvConfig, json_only: bool) -> None:
+    """Print what a bug report needs: versions, GPUs, paths, and installed packages against poetry.lock."""
+    from synthtune.jobs import env as job
+
+    result = job.run(cfg)
+    if not json_only:
+        err_console.print(job.table(result))
+    emit(json.dumps(result, indent=None if json_only else 2))
 
 
 def main() -> None:

@@ -472,6 +472,14 @@ class ModelsInfoConfig:
 
 
 @dataclass
+class EnvConfig:
+    """`synthtune env`: versions, accelerator, paths and installed packages against poetry.lock, for a bug report.
+
+    No fields: the report reads only the installed environment and the checkout it runs from.
+    """
+
+
+@dataclass
 class MemoryConfig:
     """`synthtune memory`: estimate peak GPU memory per GPU for a training setup, or fit the fastest that fits.
 
@@ -699,7 +707,7 @@ def _coerce(cls, by_name, hints, key: str, value: Any, where: str) -> Any:
         close = difflib.get_close_matches(key, by_name, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ConfigError(f"{where}: unknown key {key!r} for {cls.__name__}.{hint} "
-                          f"Valid keys: {', '.join(sorted(by_name))}")
+                          + (f"Valid keys: {', '.join(sorted(by_name))}" if by_name else "It takes no keys."))
     meta = by_name[key].metadata
     try:
         value = _to_type(hints[key], value)

@@ -149,6 +149,12 @@ def _fetch_smollm2_gguf(work: Path) -> Path:
     return out
 
 
+def converted_embedded_model(cache_dir: Path | None = None) -> Path | None:
+    """The embedded model's converted checkpoint if it is already whole in the cache, else None (a look, no work)."""
+    target = (cache_dir or paths.MODELS_CACHE_DIR) / EMBEDDED_MODEL
+    return target if _is_complete(target) else None
+
+
 def ensure_embedded_model(cache_dir: Path | None = None) -> Path:
     """Build (once) and return the dense HF checkpoint of SmolLM2-135M-Instruct."""
     cache_dir = cache_dir or paths.MODELS_CACHE_DIR

@@ -18,6 +18,7 @@ from synthtune.cli_options import CONFIG, JSON, OVERRIDES, parse_argv
 from synthtune.config import (
     DataCheckConfig,
     DemoConfig,
+    EnvConfig,
     EvalConfig,
     InferConfig,
     MemoryConfig,
@@ -189,7 +190,8 @@ def test_every_command_has_a_config_class():
         ("demo",): DemoConfig, ("synth",): SynthConfig, ("serve",): ServeConfig, ("train",): TrainConfig,
         ("prep",): PrepConfig, ("memory",): MemoryConfig, ("infer",): InferConfig, ("eval",): EvalConfig,
         ("merge",): MergeConfig, ("score",): ScoreConfig, ("data", "check"): DataCheckConfig,
-        ("models", "prepare"): ModelsPrepareConfig, ("models", "info"): ModelsInfoConfig}
+        ("models", "prepare"): ModelsPrepareConfig, ("models", "info"): ModelsInfoConfig,
+        ("env",): EnvConfig}
 
 
 @pytest.mark.parametrize("path", sorted(LEAVES), ids=" ".join)
