@@ -333,12 +333,12 @@ SPELLINGS = [
       "2", "--seq-len", "256", "--target-len", "64", "--zero-stage", "3", "--offload", "optimizer", "--no-grad-ckpt",
       "--precision", "bf16", "--optimizer", "adamw-8bit", "--nodes", "2", "--attn", "eager", "--lora-dropout", "0.1",
       "--persistence-threshold", "0", "--headroom", "0.2", "--cpu-gib", "512", "--global-batch", "256",
-      "--train-config", "configs/train/flan_ul2_lora.yaml", "--trust-remote-code"],
+      "--train-config", "configs/train/flan_ul2_lora.yaml"],
      MemoryConfig(model="M", method="lora", lora_r=16, lora_targets="all-linear", batch_size=2, seq_len=256,
                   target_len=64, zero_stage=3, offload="optimizer", grad_ckpt=False, precision="bf16",
                   optimizer="adamw-8bit", nodes=2, attn="eager", lora_dropout=0.1, persistence_threshold=0,
-                  headroom=0.2, cpu_gib=512.0, global_batch=256, train_config="configs/train/flan_ul2_lora.yaml",
-                  trust_remote_code=True), False),
+                  headroom=0.2, cpu_gib=512.0, global_batch=256, train_config="configs/train/flan_ul2_lora.yaml"),
+     False),
     (["serve", "--model", "M", "--adapter", "math=DIR", "--adapter", "DIR2", "--host", "0.0.0.0", "--port", "0",
       "--threads", "1", "--api-key-env", "VAR", "--served-model-name", "base", "--max-batch", "8",
       "--batch-window-ms", "2.5", "--device", "cpu", "--seed", "3", "--max-request-tokens", "5000",
@@ -357,12 +357,20 @@ SPELLINGS = [
      ScoreConfig(input="IN.jsonl", out="OUT.jsonl", lenient=True), True),
     (["data", "check", "FILE.jsonl", "--lenient"], DataCheckConfig(file="FILE.jsonl", lenient=True), False),
     (["models", "prepare", "tiny-t5", "--seed", "2"], ModelsPrepareConfig(name="tiny-t5", seed=2), False),
-    (["models", "info", "NAME", "--trust-remote-code"], ModelsInfoConfig(name="NAME", trust_remote_code=True), False),
+    (["models", "info", "NAME"], ModelsInfoConfig(name="NAME"), False),
     (["demo", "model=tiny-llama", "train_steps=3", "--output-dir", "d"],
      DemoConfig(model="tiny-llama", train_steps=3, output_dir="d"), False),
     (["train", "--config", "configs/train/smoke.yaml", "max_steps=2", "--json"],
      config.load_config(TrainConfig, "configs/train/smoke.yaml", ["max_steps=2"]), True),
 ]
+
+
+@pytest.mark.parametrize("argv", [["memory", "--model", "M"], ["models", "info", "NAME"]], ids=lambda a: a[0])
+def test_remote_code_runs_only_when_the_user_asks(argv):
+    # a model repo's own Python code is off by default; only the explicit flag turns it on
+    assert parse_argv(GROUP, argv)[0].trust_remote_code is False
+    assert parse_argv(GROUP, [*argv, "--trust-remote-code"])[0].trust_remote_code is True
+    assert parse_argv(GROUP, [*argv, "--no-trust-remote-code"])[0].trust_remote_code is False
 
 
 @pytest.mark.parametrize("argv, expected, json_only", SPELLINGS, ids=lambda v: " ".join(v[:1]) if isinstance(v, list)
