@@ -15,18 +15,12 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from synthtune.environment import lock_mismatches
+from synthtune.environment import lock_mismatches, locked_versions
 
 REPO = Path(__file__).resolve().parents[1]
 LOCK = REPO / "poetry.lock"
 CONSTRAINTS = REPO / "constraints.txt"
 IN_PROJECT_VENV = Path(sys.prefix).resolve() == (REPO / ".venv").resolve()
-
-
-def _lock_version(name: str) -> str:
-    match = re.search(rf'^name = "{name}"\nversion = "([^"]+)"', LOCK.read_text(), re.M)
-    assert match, f"poetry.lock pins no {name}"
-    return match.group(1)
 
 
 def _constraints() -> dict[str, list[Requirement]]:
@@ -45,7 +39,7 @@ def test_the_venv_holds_exactly_the_locked_versions():
 
 
 def test_torch_has_one_version_in_the_lock_the_constraints_and_the_makefile():
-    locked = _lock_version("torch")
+    locked = locked_versions(LOCK)["torch"]
     (torch_pin,) = _constraints()["torch"]
     assert str(torch_pin.specifier) == f"=={locked}"
     # the Makefile reads TORCH_SPEC from constraints.txt rather than writing a version of its own
