@@ -35,7 +35,7 @@ ifneq ($(SHARED_GSM8K),)
 export SYNTHTUNE_GSM8K_DIR ?= $(SHARED_GSM8K)
 endif
 
-.PHONY: setup demo test test-fast lint lock lock-check clean-venv
+.PHONY: setup demo test test-fast fuzz lint lock lock-check clean-venv
 
 setup: $(STAMP)
 
@@ -74,12 +74,16 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) lock-check lint
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --hypothesis-profile=gate $(PYTEST_ARGS)
 
 # Tests marked `integration` (pyproject.toml) are the slow tier: they launch the CLI, servers and
 # multi-rank runs, train, or execute the notebooks. What is left answers in about a minute.
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not integration" $(PYTEST_ARGS)
+
+# The property tests with fresh random examples (make test replays one fixed draw of them).
+fuzz: $(STAMP)
+	$(BIN)/python -m pytest --hypothesis-profile=explore tests/test_fuzz_*.py $(PYTEST_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

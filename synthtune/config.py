@@ -589,8 +589,17 @@ def override_text(tp: Any, value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)  # 2e-05, inf: both read back exactly
     if isinstance(value, (list, tuple)):
-        # flow style quotes every item that needs it; items are read as their text, so it round-trips
-        return yaml.safe_dump(list(value), default_flow_style=True, allow_unicode=True, width=2 ** 31).strip()
+        # flow style quotes most items that need it, but not all: PyYAML leaves a lone U+00A0 bare,
+        # and a bare item is stripped as Python strips text. Anything that would read back
+        # differently goes with every item double-quoted, which always reads back as written.
+        text = yaml.safe_dump(list(value), default_flow_style=True, allow_unicode=True, width=2 ** 31).strip()
+        try:
+            if list(_to_type(tp, _override_value(text))) == list(value):
+                return text
+        except ValueError:
+            pass
+        return yaml.safe_dump(list(value), default_flow_style=True, default_style='"', allow_unicode=True,
+                              width=2 ** 31).strip()
     text = str(value)
     try:
         if _to_type(tp, _override_value(text)) == text:

@@ -8,6 +8,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# `make test` is the gate CI runs, so its property tests draw the same examples every time
+# (`--hypothesis-profile=gate`): a gate that fails at random blocks work that broke nothing.
+# Everywhere else (`make test-fast`, plain pytest, `make fuzz`) they draw fresh examples, which is
+# how they keep finding inputs nobody thought of; a failure prints the blob that replays it.
+settings.register_profile("gate", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", print_blob=True)
 
 REPO = Path(__file__).resolve().parents[1]
 # The CLI under test is the one `make` installed next to this interpreter.
