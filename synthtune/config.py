@@ -323,7 +323,9 @@ class TrainConfig:
                                    "continue later with resume_from=latest (the schedule still spans max_steps)", ge=1)
     resume_from: str | None = opt(None, "latest, or a checkpoint directory: restores model, optimizer, scheduler, "
                                   "RNG and data position")
-    log_with: str = opt("tensorboard", "accelerate tracker", ["tensorboard", "wandb", "none"])
+    log_with: str = opt("auto", "accelerate tracker; auto: tensorboard when it is installed (the `tracking` "
+                        "extra), else none. Metrics go to train_log.jsonl either way",
+                        ["auto", "tensorboard", "wandb", "none"])
     trace_memory: bool = opt(True, "sample memory (and GPU utilization) in the background; CSV + PNG")
     device: str | None = opt(None, "single-process runs only: cpu or cuda (accelerate decides under launch)")
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")

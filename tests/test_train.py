@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -368,3 +369,32 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_the_run_resumes(tmp_p
     else:
         _launch(launcher, *common, "resume_from=latest", f"stop_at_step={step + 2}")
         assert (out / "checkpoints" / f"step-{step + 2:07d}").is_dir()
+
+
+def test_tracker_auto_takes_tensorboard_only_when_it_is_installed(monkeypatch):
+    from synthtune.train.setup import resolve_tracker
+
+    assert resolve_tracker("auto") == "tensorboard"  # the dev install has the `tracking` extra
+    assert resolve_tracker("none") is None
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # what an install without the extra sees
+    assert resolve_tracker("auto") is None
+    with pytest.raises(ConfigError, match=r"log_with: tensorboard needs the tensorboard package.*synthtune\[tracking\]"):
+        resolve_tracker("tensorboard")
+
+
+def test_a_deepspeed_launch_without_deepspeed_says_which_extra_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    with pytest.raises(ConfigError, match=r"DeepSpeed is not installed: pip install 'synthtune\[zero\]'"):
+        train(_cfg(tmp_path))
+    assert not (tmp_path / "run").exists()  # stopped before writing anything
+
+
+@pytest.mark.integration  # trains
+def test_the_default_tracker_writes_tensorboard_events_when_tensorboard_is_installed(tmp_path):
+    cfg = load_config(TrainConfig, SMOKE, [f"output_dir={tmp_path / 'run'}", "max_steps=2", "eval_steps=0",
+                                           "save_steps=0", "trace_memory=false", "eval_accuracy_samples=0"])
+    cfg = replace(cfg, log_with=TrainConfig().log_with)  # the default, whatever the recipe says
+    assert cfg.log_with == "auto"
+    train(cfg, progress=False)
+    assert list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))

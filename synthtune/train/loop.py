@@ -47,7 +47,9 @@ from synthtune.train.setup import (
     deepspeed_cpu_process_group,
     default_output_dir,
     raise_if_any_rank_failed,
+    require_deepspeed,
     resolve_precision,
+    resolve_tracker,
     trainable_parameters,
     validation_problem,
     zero3_partitions,
@@ -220,6 +222,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     # Accelerator(cpu=True) drops a DeepSpeed launcher config and runs plain (DDP) training; under
     # `accelerate launch` with DeepSpeed, its CPU accelerator (DS_ACCELERATOR=cpu) runs ZeRO on CPU.
     # (On a GPU machine, device=cpu keeps accelerate's CPU semantics: DeepSpeed would pick the GPU.)
+    require_deepspeed()
+    tracker = resolve_tracker(cfg.log_with)
     deepspeed_on_cpu = (os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
                         and not torch.cuda.is_available())
     # Several DeepSpeed ranks on CPU need the process group's backend named, or accelerate counts
@@ -239,7 +243,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         step_scheduler_with_optimizer=False,
         gradient_accumulation_plugin=GradientAccumulationPlugin(num_steps=G, sync_with_dataloader=False,
                                                                 adjust_scheduler=False),
-        log_with=None if cfg.log_with == "none" else cfg.log_with,
+        log_with=tracker,
         project_config=ProjectConfiguration(project_dir=str(out_dir), logging_dir=str(out_dir / "logs")))
     raise_if_any_rank_failed(acc, problem)
     main = acc.is_main_process
@@ -314,7 +318,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     # Not prepared or registered: the schedule is a function of the optimizer step alone, so a
     # resume fast-forwards it to the restored step instead of trusting a saved scheduler (older
     # DeepSpeed checkpoints have none; older multi-process ones saved a wrongly advanced one).
-    if cfg.log_with != "none":
+    if tracker is not None:
         acc.init_trackers("synthtune", config={k: (v if isinstance(v, (int, float, str, bool)) else str(v))
                                                for k, v in to_dict(cfg).items()})
 

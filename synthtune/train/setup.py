@@ -7,6 +7,7 @@ without CUDA all fail here with the key and the reason.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import warnings
@@ -158,6 +159,41 @@ def apply_lora(model, cfg: TrainConfig, is_seq2seq: bool):
         # every run that the user can do nothing about
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         return get_peft_model(model, lcfg)
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_tracker(log_with: str) -> str | None:
+    """The accelerate tracker to start for ``log_with``, or None for none.
+
+    TensorBoard is an extra (``synthtune[tracking]``), so ``auto`` takes it only when it is
+    installed; naming a tracker that is not installed stops before any work, where accelerate
+    would warn and log nowhere.
+    """
+    if log_with == "none":
+        return None
+    module = "wandb" if log_with == "wandb" else "tensorboard"
+    if _installed(module):
+        return log_with if log_with != "auto" else "tensorboard"
+    if log_with == "auto":
+        return None
+    fix = "pip install 'synthtune[tracking]'" if module == "tensorboard" else "pip install wandb"
+    raise ConfigError(f"log_with: {log_with} needs the {module} package, which is not installed: {fix}, or set "
+                      f"log_with=auto or none (train_log.jsonl holds the metrics either way)")
+
+
+def require_deepspeed() -> None:
+    """Stop with what to install when the launch asks for DeepSpeed and it is absent.
+
+    DeepSpeed is the ``zero`` extra: plain, DDP and FSDP runs need none of it. ``accelerate
+    launch`` checks for it itself; this covers a launch that sets ACCELERATE_USE_DEEPSPEED itself.
+    """
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and not _installed("deepspeed"):
+        raise ConfigError("the launch turns DeepSpeed on (ACCELERATE_USE_DEEPSPEED=true) but DeepSpeed is not "
+                          "installed: pip install 'synthtune[zero]' (Linux only), or launch with an accelerate "
+                          "config without deepspeed_config (single-process, DDP and FSDP need no DeepSpeed)")
 
 
 def deepspeed_cpu_process_group():
