@@ -4,9 +4,10 @@
 # make lock      -> re-resolves poetry.lock (LOCK_ARGS=--regenerate to take the newest versions the ranges
 #                   allow) and rewrites constraints.txt from it; commit both once `make test` passes on them
 #
-# .venv/ holds exactly the versions in poetry.lock: pip installs through constraints.txt, the lock's pins
-# exported for pip. The venv is rebuilt only when pyproject.toml, poetry.lock or constraints.txt change,
-# so a second call takes seconds.
+# .venv/ holds exactly the versions in poetry.lock, every package but torch hash-checked against it: pip
+# installs the lock's export (with hashes, no dependency resolution), then the project, then checks. The
+# venv is rebuilt only when pyproject.toml, poetry.lock or constraints.txt change, so a second call takes
+# seconds.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -22,10 +23,16 @@ POETRY := $(VENV)/poetry/bin/poetry
 # named after the versions, so changing either spec reinstalls them
 POETRY_STAMP := $(VENV)/poetry/.installed-$(subst ==,-,$(POETRY_SPEC))-$(subst ==,-,$(EXPORT_SPEC))
 LOCK_ARGS ?=
-# The lock's pins for pip. torch's CUDA runtime (nvidia-*, cuda-*, triton) is left out: the torch wheel
-# pins it exactly itself, the CPU wheel needs none of it, and poetry locks some of it twice.
-EXPORT = $(POETRY) export -f constraints.txt --all-extras --without-hashes --without-urls | \
-	grep -v -E '^(nvidia-|cuda-|triton==)'
+# The lock's pins for pip. torch's CUDA runtime (nvidia-cu*, nvidia-nccl..., cuda-*, triton; not nvitop's
+# nvidia-ml-py) is left out: the torch wheel pins it exactly itself, the CPU wheel needs none of it, and
+# poetry locks some of it twice.
+CUDA_RUNTIME := ^(cuda-|triton==|nvidia-(cu|nccl|nvjitlink|nvshmem|nvtx))
+EXPORT = $(POETRY) export -f constraints.txt --all-extras --without-hashes --without-urls | grep -v -E '$(CUDA_RUNTIME)'
+# The same pins with the lock's hashes, for pip's hash-checking mode; torch goes too (the CPU wheel is
+# another file than the one the lock hashes). A package's hashes sit on its continuation lines.
+LOCKED_REQS := $(VENV)/locked-requirements.txt
+EXPORT_HASHED = $(POETRY) export -f requirements.txt --all-extras --without-urls | \
+	awk '/^[^ ]/ { skip = ($$0 ~ /$(CUDA_RUNTIME)|^torch==/) } !skip'
 PYTEST_ARGS ?=
 
 # The full GSM8K, when this machine has it beside the checkout: tests and benches use it,
@@ -43,9 +50,12 @@ $(STAMP): pyproject.toml poetry.lock $(CONSTRAINTS)
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "synthtune needs Python 3.10+, found " + sys.version' 
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -n "$(TORCH_SPEC)" || { echo "$(CONSTRAINTS) pins no torch: run make lock" >&2; exit 1; }
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) -e '.[dev,zero,tracking]'
 	@$(MAKE) --no-print-directory $(POETRY_STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) "$(TORCH_SPEC)"
+	@$(EXPORT_HASHED) > $(LOCKED_REQS)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCKED_REQS)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(BIN)/python -m pip check
 	@$(BIN)/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'
 	@touch $@
 

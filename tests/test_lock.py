@@ -60,6 +60,20 @@ def test_torch_has_one_version_in_the_lock_the_constraints_and_the_makefile():
 def test_constraints_pin_every_locked_package_but_torchs_cuda_runtime():
     pins = _constraints()
     names = set(re.findall(r'^name = "([^"]+)"', LOCK.read_text(), re.M))
-    cuda_runtime = {n for n in names if n.startswith(("nvidia-", "cuda-")) or n == "triton"}
+    # the Makefile's CUDA_RUNTIME: torch's own CUDA wheels (nvitop's nvidia-ml-py is no part of them)
+    cuda_runtime = {n for n in names if n.startswith(("nvidia-cu", "nvidia-nccl", "nvidia-nvjitlink",
+                                                      "nvidia-nvshmem", "nvidia-nvtx", "cuda-")) or n == "triton"}
+    assert "nvidia-ml-py" in names - cuda_runtime
     assert set(pins) == names - cuda_runtime
     assert all(str(r.specifier).startswith("==") for rs in pins.values() for r in rs)
+
+
+@pytest.mark.skipif(not IN_PROJECT_VENV, reason="checks the venv `make setup` built (.venv/), not this interpreter")
+def test_setup_installed_every_pin_but_torch_in_hash_checking_mode():
+    # make setup installs .venv/locked-requirements.txt with --require-hashes: every package the lock
+    # pins, each with its hashes, except torch (the CPU wheel is another file) and its CUDA runtime
+    text = (REPO / ".venv" / "locked-requirements.txt").read_text().replace("\\\n", " ")
+    entries = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    names = {Requirement(line.split(" --hash")[0]).name for line in entries}
+    assert all("--hash=sha256:" in line for line in entries)
+    assert names == set(_constraints()) - {"torch"}
