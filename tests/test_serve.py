@@ -583,6 +583,37 @@ def test_a_batch_that_fails_is_rerun_request_by_request(engine):
     assert any("a batch of 4 requests failed" in line and "one by one" in line for line in logs), logs
 
 
+@pytest.mark.integration  # loads a serving engine, ~2 s
+def test_default_max_tokens_are_fitted_to_the_context_and_the_budget(engine):
+    """A request without max_tokens is costed at its fitted default, never refused for it."""
+    from synthtune.jobs.serve import CHAT_MAX_TOKENS_NO_CONTEXT, parse_request
+
+    def prepared(body: dict, budget: int, chat: bool = True):
+        req = parse_request({"model": "tiny-llama", **body}, chat=chat, models=engine.names)
+        engine.prepare(req, budget)
+        return req
+
+    messages = [{"role": "user", "content": "Problem: 2 + 2?"}]
+    alone = prepared({"messages": messages}, 1 << 20)
+    p = alone.prompt_tokens
+    assert alone.max_tokens == 2048 - p and alone.cost == 2048  # the rest of the context
+    # n=16 of those would cost 32,768: the default shrinks to what the budget of 20,000 leaves
+    req = prepared({"messages": messages, "n": 16}, 20000)
+    assert req.max_tokens == 20000 // 16 - p and req.cost == 16 * (p + req.max_tokens) <= 20000
+    # completions: 16, also when n x prompts is large, as long as the budget holds it
+    req = prepared({"prompt": ["x"] * 8, "n": 100}, 20000, chat=False)
+    assert req.max_tokens == 16 and req.cost <= 20000
+    req = prepared({"prompt": ["x"] * 10, "n": 128}, 20000, chat=False)  # 16 would pass the budget
+    assert req.max_tokens < 16 and req.cost <= 20000
+    # a model that names no context: the documented cap, then the budget
+    saved, engine.context = engine.context, None
+    try:
+        assert prepared({"messages": messages}, 1 << 20).max_tokens == CHAT_MAX_TOKENS_NO_CONTEXT
+        assert prepared({"messages": messages}, 1000).max_tokens == 1000 - p
+    finally:
+        engine.context = saved
+
+
 @pytest.mark.integration  # runs a server in this process
 def test_connections_over_the_cap_get_a_quick_503(engine):
     from synthtune.config import ServeConfig
