@@ -19,7 +19,7 @@ import pytest
 openai = pytest.importorskip("openai")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from server_helpers import KEY_ENV, start_servers  # noqa: E402
+from server_helpers import KEY_ENV, http_json, start_servers  # noqa: E402
 
 pytestmark = pytest.mark.integration  # spawns a synthtune serve process
 
@@ -54,7 +54,7 @@ def encode():
     return lambda text: tok(text, add_special_tokens=add_special_tokens("plain"))["input_ids"]
 
 
-def test_models_list_and_retrieve(client):
+def test_models_list_and_retrieve(client, server):
     from openai.types import Model
 
     models = client.models.list()
@@ -62,6 +62,9 @@ def test_models_list_and_retrieve(client):
     model = client.models.retrieve(NAME)
     assert Model.model_validate(model.model_dump()) == model
     assert (model.id, model.object, model.owned_by) == (NAME, "model", "synthtune") and model.created > 0
+    # clients that put the id in the path as it is (two segments) get the same object
+    raw = client.models.with_raw_response.retrieve(NAME).http_response.json()
+    assert http_json(f"{server.url}/models/{NAME}", key=KEY) == (200, raw) and raw["id"] == NAME
     with pytest.raises(openai.NotFoundError) as err:
         client.models.retrieve("acme/no-such-model")
     assert err.value.status_code == 404 and err.value.code == "model_not_found"
