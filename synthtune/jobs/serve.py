@@ -1003,7 +1003,8 @@ class _Connection:
                 raise RequestError(404, f"no route POST {_show(head.target)}; use /v1/completions or "
                                    f"/v1/chat/completions", code="not_found", close=body_unread)
             if length == -1:
-                raise RequestError(411, "a Content-Length header with a byte count is required", close=True)
+                raise RequestError(411, "send the body with a Content-Length header (a byte count) or "
+                                   "Transfer-Encoding: chunked", close=True)
             if length > MAX_BODY_BYTES:
                 raise RequestError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", close=True)
             if head.version == "HTTP/1.1" and (head.headers.get("Expect") or "").lower() == "100-continue":
