@@ -227,7 +227,8 @@ def test_serve_models_completions_chat_and_errors(servers):
            ({"model": "tiny-llama", "prompt": "x", "top_p": 0}, 400, "top_p must be"),
            ({"model": "tiny-llama", "prompt": "x", "max_tokens": 4000}, 400, "exceeds the model's context"),
            ({"model": "tiny-llama", "prompt": "x", "stream": True}, 400, "stream is not supported"),
-           ({"model": "tiny-llama", "prompt": [1, 2]}, 400, "prompt must be"),
+           ({"model": "tiny-llama", "prompt": [1, 99999]}, 400, "prompt[1] is 99999, not a token id"),
+           ({"model": "tiny-llama", "prompt": [["x"]]}, 400, "prompt must be"),
            ({"model": "nope", "prompt": "x"}, 404, "does not exist")]
     for body, code, msg in bad:
         status, err = http_json(f"{url}/completions", "POST", body, key=KEY)

@@ -9,6 +9,7 @@ the parser fuzz test_fuzz_serve.py.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import socket
@@ -170,7 +171,7 @@ def test_malformed_bodies_get_400_and_are_logged(server):
     assert wait_for(lambda: len(server.lines(r'"POST /v1/completions" 400')) - before >= len(cases), 10)
     # framing errors: no trustworthy length means the connection closes after the answer
     for head, code in [(b"Content-Length: +5\r\n", 411), (b"Content-Length: 5\r\nContent-Length: 6\r\n", 411),
-                       (b"Transfer-Encoding: chunked\r\n", 411), (b"", 411),
+                       (b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n", 400), (b"", 411),
                        (f"Content-Length: {17 << 20}\r\n".encode(), 413)]:
         reply = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\nAuthorization: Bearer " + KEY.encode()
                              + b"\r\n" + head + b"\r\n{}")
@@ -305,6 +306,225 @@ def test_departed_clients_lose_their_work(server):
 
 
 # --------------------------------------------------------------------------------------------
+# OpenAI / vLLM parity (issue #16): token-id prompts, max_tokens defaults, routes, roles, chunked bodies
+# --------------------------------------------------------------------------------------------
+
+
+def _chat(url, body, key=KEY):
+    return http_json(f"{url}/chat/completions", "POST", body, key=key)
+
+
+def _plain_ids(tok, text: str) -> list[int]:
+    from synthtune.formats import add_special_tokens
+
+    return tok(text, add_special_tokens=add_special_tokens("plain"))["input_ids"]
+
+
+@pytest.mark.integration  # spawns synthtune serve processes
+def test_token_id_prompts_run_like_the_text_they_encode(server, tiny_llama):
+    """lm-eval's default local-completions sends token ids, as vLLM accepts (was a 400)."""
+    texts = ["Problem: 2 + 3?\nAnswer:", "Tom has 4 apples."]
+    ids = [_plain_ids(tiny_llama.tokenizer, t) for t in texts]
+    common = {"model": "tiny-llama", "max_tokens": 5, "temperature": 0}
+    status, by_text = _post(server.url, {**common, "prompt": texts})
+    assert status == 200
+    for prompt in (ids, ids[:1], ids[0]):  # a list of lists, a list of one list, one flat list
+        status, by_ids = _post(server.url, {**common, "prompt": prompt})
+        assert status == 200, by_ids
+        want = by_text["choices"][:len(prompt) if isinstance(prompt[0], list) else 1]
+        assert [c["text"] for c in by_ids["choices"]] == [c["text"] for c in want]
+        assert by_ids["usage"]["prompt_tokens"] == sum(len(x) for x in ids[:len(want)])
+    status, out = _post(server.url, {**common, "prompt": ids[0], "n": 3, "temperature": 1.0, "seed": 7})
+    assert status == 200 and len(out["choices"]) == 3
+
+
+@pytest.mark.integration  # spawns synthtune serve processes
+def test_token_ids_outside_the_vocabulary_or_malformed_get_a_400_naming_where(server):
+    vocab = 1024  # the tiny tokenizer's size, which is also its embedding's
+    cases = [
+        ([[1, 2], [3, vocab]], f"prompt[1][1] is {vocab}, not a token id of this model (its ids run from 0 to 1023)"),
+        ([5, 6, vocab + 7], f"prompt[2] is {vocab + 7}, not a token id"),
+        ([1, -2], "prompt[1] is -2: a token-id prompt holds only token ids"),
+        ([1, True], "prompt[1] is True"),
+        ([1, 2.5], "prompt[1] is 2.5"),
+        ([[1, 2], []], "prompt[1] is []"),
+        ([[1, 2], "text"], "prompt[1] is 'text'"),
+        (["text", [1, 2]], "prompt[1] is [1, 2]"),
+        ([1, 1 << 40], "prompt[1] is 1099511627776"),
+        ([], "prompt must be"),
+    ]
+    for prompt, message in cases:
+        status, err = _post(server.url, {"model": "tiny-llama", "prompt": prompt, "max_tokens": 2})
+        assert status == 400 and err["error"]["param"] == "prompt" and message in err["error"]["message"], \
+            (prompt, err)
+
+
+@pytest.mark.integration  # spawns synthtune serve processes
+def test_max_tokens_defaults_follow_openai_and_vllm(server, tiny_llama):
+    """Completions: 16 (was 256). Chat: the rest of the context, so a 1,900-token conversation on a
+    2,048-token model is answered (it got 400 'lower max_tokens' for a parameter it never sent)."""
+    from synthtune.formats import add_special_tokens, render_chat
+
+    status, out = _post(server.url, {"model": "tiny-llama", "prompt": [5, 6, 7], "temperature": 0})
+    assert status == 200 and out["choices"][0]["finish_reason"] == "length" and out["usage"]["completion_tokens"] == 16
+    # 16 does not fit after 2,040 prompt tokens: the default shrinks to the 8 left
+    status, out = _post(server.url, {"model": "tiny-llama", "prompt": [5] * 2040, "temperature": 0})
+    assert status == 200 and out["usage"]["completion_tokens"] <= 8
+    assert out["choices"][0]["finish_reason"] != "length" or out["usage"]["completion_tokens"] == 8
+
+    tok = tiny_llama.tokenizer
+
+    def chat_tokens(words: int) -> tuple[list, int]:
+        messages = [{"role": "user", "content": " ".join(["apples"] * words)}]
+        return messages, len(tok(render_chat(messages, tok), add_special_tokens=add_special_tokens("chat"))["input_ids"])
+
+    t100, t200 = chat_tokens(100)[1], chat_tokens(200)[1]
+    words = 100 + (1890 - t100) * 100 // (t200 - t100)  # the template's own tokens, then some per word
+    messages, n_prompt = chat_tokens(words)
+    assert 1800 < n_prompt < 2000, n_prompt
+    status, out = _chat(server.url, {"model": "tiny-llama", "messages": messages, "temperature": 0})
+    assert status == 200, out
+    assert out["usage"]["prompt_tokens"] == n_prompt
+    left = 2048 - n_prompt
+    assert out["usage"]["completion_tokens"] <= left
+    assert out["choices"][0]["finish_reason"] != "length" or out["usage"]["completion_tokens"] == left
+    # a max_tokens the client did send and that does not fit still gets the 400 it always got
+    status, err = _chat(server.url, {"model": "tiny-llama", "messages": messages, "max_tokens": left + 1})
+    assert status == 400 and err["error"]["param"] == "max_tokens" and "lower max_tokens" in err["error"]["message"]
+    # a prompt that fills the context: a 400 about the prompt, not about a default
+    status, err = _post(server.url, {"model": "tiny-llama", "prompt": [5] * 2048})
+    assert status == 400 and err["error"]["param"] == "prompt" and "leaves no room" in err["error"]["message"]
+
+
+@pytest.mark.integration  # spawns synthtune serve processes
+def test_model_retrieve_and_health_routes(server):
+    status, model = http_json(f"{server.url}/models/tiny-llama", key=KEY)
+    assert status == 200 and model["id"] == "tiny-llama" and model["object"] == "model"
+    assert isinstance(model["created"], int) and model["owned_by"] == "synthtune"
+    assert http_json(f"{server.url}/models/tiny%2Dllama", key=KEY) == (200, model)  # percent-encoded
+    status, err = http_json(f"{server.url}/models/gpt-4o", key=KEY)
+    assert status == 404 and err["error"]["code"] == "model_not_found" and "gpt-4o" in err["error"]["message"]
+    assert http_json(f"{server.url}/models/tiny-llama", key="wrong")[0] == 401
+    # /health: no key needed (as vLLM's: load balancers probe without one), empty body, keep-alive
+    root = server.url.removesuffix("/v1")
+    head = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
+    reply = raw_exchange(root, head + head.replace(b"GET", b"HEAD") + b"POST /health HTTP/1.1\r\n\r\n")
+    answers = reply.split(b"HTTP/1.1 ")[1:]
+    assert [a[:3] for a in answers] == [b"200", b"200", b"405"], reply[:400]
+    assert all(b"Content-Length: 0\r\n\r\n" in a for a in answers[:2])
+    assert server.lines(r'"GET /health" 200')
+
+
+@pytest.mark.integration  # spawns synthtune serve processes
+def test_developer_is_system_and_tools_are_refused(server):
+    base = {"model": "tiny-llama", "max_tokens": 4, "temperature": 0}
+    user = {"role": "user", "content": "Problem: 2 + 2?"}
+    as_system = _chat(server.url, {**base, "messages": [{"role": "system", "content": "Be brief."}, user]})
+    as_developer = _chat(server.url, {**base, "messages": [{"role": "developer", "content": "Be brief."}, user]})
+    assert as_developer[0] == 200 and as_system[0] == 200
+    assert as_developer[1]["usage"] == as_system[1]["usage"]
+    assert as_developer[1]["choices"][0]["message"] == as_system[1]["choices"][0]["message"]
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    for messages in ([user, {"role": "assistant", "content": None, "tool_calls": [call]},
+                      {"role": "tool", "tool_call_id": "c1", "content": "4"}],
+                     [user, {"role": "assistant", "content": None, "tool_calls": [call]}],
+                     [{"role": "function", "name": "add", "content": "4"}]):
+        status, err = _chat(server.url, {**base, "messages": messages})
+        assert status == 400 and err["error"]["param"] == "messages", err
+        assert "tools and function calling are not supported" in err["error"]["message"]
+    status, err = _chat(server.url, {**base, "messages": [user], "tools": [{"type": "function", "function": call}]})
+    assert status == 400 and err["error"]["param"] == "tools"
+
+
+@pytest.mark.integration  # spawns synthtune serve processes
+def test_parameters_serve_does_not_act_on_get_a_400_naming_them(server):
+    """Nothing is silently ignored: a vLLM extension serve does not implement is refused by name."""
+    for key, value in [("repetition_penalty", 1.2), ("min_tokens", 4), ("ignore_eos", True), ("guided_json", {})]:
+        status, err = _post(server.url, {"model": "tiny-llama", "prompt": "x", "max_tokens": 2, key: value})
+        assert status == 400 and err["error"]["param"] == key and "not a parameter" in err["error"]["message"]
+    # OpenAI fields clients send switched off are accepted; user is an end-user id with no effect on output
+    status, _ = _post(server.url, {"model": "tiny-llama", "prompt": "x", "max_tokens": 2, "stream": False,
+                                   "logprobs": None, "echo": False, "user": "alice"})
+    assert status == 200
+
+
+def _chunked(body: bytes, cuts: list[int], ext: bytes = b"", trailer: bytes = b"") -> bytes:
+    """``body`` in chunked framing, cut at the offsets ``cuts``, each size line with ``ext``."""
+    bounds = [0, *cuts, len(body)]
+    parts = [body[a:b] for a, b in itertools.pairwise(bounds) if b > a]
+    return b"".join(b"%x%s\r\n%s\r\n" % (len(p), ext, p) for p in parts) + b"0\r\n" + trailer + b"\r\n"
+
+
+@pytest.mark.integration  # spawns synthtune serve processes
+def test_chunked_bodies_are_read_within_the_same_cap(server):
+    import http.client
+    from urllib.parse import urlsplit
+
+    good = _good(3)
+    body = json.dumps(good).encode()
+    want = _post(server.url, good)[1]["choices"]
+    parts = urlsplit(server.url)
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+    try:  # http.client sends an iterable body chunked; twice on one keep-alive connection
+        for _ in range(2):
+            conn.request("POST", "/v1/completions", body=iter([body[:9], body[9:30], body[30:]]),
+                         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+                         encode_chunked=True)
+            resp = conn.getresponse()
+            assert resp.status == 200 and json.loads(resp.read())["choices"] == want
+    finally:
+        conn.close()
+    assert server.lines(r'"POST /v1/completions" 200')
+
+    head = (f"POST /v1/completions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\nTransfer-Encoding: chunked\r\n"
+            f"Connection: close\r\n\r\n").encode()
+    # extensions and trailer fields are allowed and ignored
+    data = _chunked(json.dumps({**good, "model": "no-such"}).encode(), [3, 50], b" ;name=value", b"X-Trailer: 1\r\n")
+    reply = raw_exchange(server.url, head + data)
+    assert _status_line(reply) == 404 and b"'no-such' does not exist" in reply
+    over = (16 << 20) + 1
+    cases = [
+        (b"%x\r\n" % over, 413, b"over 16 MiB"),  # one chunk announced over the cap: refused before its data
+        (b"%x\r\n%s\r\n%x\r\n" % (9 << 20, b" " * (9 << 20), 8 << 20), 413, b"over 16 MiB"),  # the sum passes it
+        (b"1\r\n \r\n" * ((1 << 16) + 1), 413, b"more than 65,536 chunks"),
+        (b"zz\r\n{}\r\n0\r\n\r\n", 400, b"not a chunk size"),
+        (b"2\r\n{}xx0\r\n\r\n", 400, b"not followed by CRLF"),
+        (b"2" * 5000 + b"\r\n", 400, b"chunk-size line over 4096 bytes"),
+    ]
+    for data, code, message in cases:
+        reply = raw_exchange(server.url, head + data)
+        assert _status_line(reply) == code and message in reply and b"Connection: close" in reply, reply[:300]
+    for extra, code in [(b"Transfer-Encoding: gzip, chunked\r\n", 501), (b"Transfer-Encoding: chunked, gzip\r\n", 400),
+                        (b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n", 400)]:
+        reply = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\n" + extra + b"\r\n4\r\n{}{}\r\n0\r\n\r\n")
+        assert _status_line(reply) == code and b"Connection: close" in reply, (extra, reply[:300])
+    # a chunked body that stops coming: 408 within the read timeout, as for a Content-Length one
+    with connect(server.url, timeout=READ_TIMEOUT_S + 20) as sock:
+        sock.sendall(head + b"20\r\n{\"model\": ")
+        assert _status_line(read_until_closed(sock)) == 408
+    assert _post(server.url, _good(1))[0] == 200
+
+
+def test_the_docs_list_exactly_the_parameters_serve_takes():
+    """docs/evaluation.md's table of request parameters is the code's ``PARAMETERS`` and ``_UNSUPPORTED``."""
+    import re
+
+    from synthtune.jobs.serve import _UNSUPPORTED, PARAMETERS
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    section = text.split("### Request parameters", 1)[1].split("\n#", 1)[0]
+    rows = re.findall(r"^\| `([a-z_]+)` \| ([^|]+) \|", section, flags=re.M)
+    documented = {"completions": [], "chat": []}
+    for name, routes in rows:
+        for route in ("completions", "chat"):
+            if route in routes.split():
+                documented[route].append(name)
+    assert documented == {route: list(names) for route, names in PARAMETERS.items()}
+    off = re.search(r"only switched off: (.+)\.$", section, flags=re.M)
+    assert off and re.findall(r"`([a-z_]+)`", off.group(1)) == list(_UNSUPPORTED)
+
+
+# --------------------------------------------------------------------------------------------
 # seq2seq context, IPv6
 # --------------------------------------------------------------------------------------------
 
@@ -361,6 +581,37 @@ def test_a_batch_that_fails_is_rerun_request_by_request(engine):
     assert bad.error is not None and bad.error.status == 500 and "IndexError" in bad.error.message
     assert [r.error for r in good] == [None] * 3 and [r.samples[0][0][0] for r in good] == alone
     assert any("a batch of 4 requests failed" in line and "one by one" in line for line in logs), logs
+
+
+@pytest.mark.integration  # loads a serving engine, ~2 s
+def test_default_max_tokens_are_fitted_to_the_context_and_the_budget(engine):
+    """A request without max_tokens is costed at its fitted default, never refused for it."""
+    from synthtune.jobs.serve import CHAT_MAX_TOKENS_NO_CONTEXT, parse_request
+
+    def prepared(body: dict, budget: int, chat: bool = True):
+        req = parse_request({"model": "tiny-llama", **body}, chat=chat, models=engine.names)
+        engine.prepare(req, budget)
+        return req
+
+    messages = [{"role": "user", "content": "Problem: 2 + 2?"}]
+    alone = prepared({"messages": messages}, 1 << 20)
+    p = alone.prompt_tokens
+    assert alone.max_tokens == 2048 - p and alone.cost == 2048  # the rest of the context
+    # n=16 of those would cost 32,768: the default shrinks to what the budget of 20,000 leaves
+    req = prepared({"messages": messages, "n": 16}, 20000)
+    assert req.max_tokens == 20000 // 16 - p and req.cost == 16 * (p + req.max_tokens) <= 20000
+    # completions: 16, also when n x prompts is large, as long as the budget holds it
+    req = prepared({"prompt": ["x"] * 8, "n": 100}, 20000, chat=False)
+    assert req.max_tokens == 16 and req.cost <= 20000
+    req = prepared({"prompt": ["x"] * 10, "n": 128}, 20000, chat=False)  # 16 would pass the budget
+    assert req.max_tokens < 16 and req.cost <= 20000
+    # a model that names no context: the documented cap, then the budget
+    saved, engine.context = engine.context, None
+    try:
+        assert prepared({"messages": messages}, 1 << 20).max_tokens == CHAT_MAX_TOKENS_NO_CONTEXT
+        assert prepared({"messages": messages}, 1000).max_tokens == 1000 - p
+    finally:
+        engine.context = saved
 
 
 @pytest.mark.integration  # runs a server in this process

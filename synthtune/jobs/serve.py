@@ -3,9 +3,14 @@
 It is for local use and for tests: the ``openai`` synthesis backend talks to it exactly as it talks
 to vLLM, which is what to run at GPU scale (see docs/scaling.md, "Synthesis against vLLM servers").
 
-* Routes: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/completions`` with ``n``,
-  ``temperature``, ``top_p``, ``top_k``, ``max_tokens``, ``stop`` and ``seed``. Errors use OpenAI's
-  ``{"error": {...}}`` shape: 400 for a bad parameter, 404 ``model_not_found``, 401 for a wrong key.
+* Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST
+  /v1/chat/completions`` with the fields in ``PARAMETERS`` (any other is a 400 naming it), and ``GET
+  /health`` (200, empty; no key needed, as vLLM's). Errors use OpenAI's ``{"error": {...}}`` shape:
+  400 for a bad parameter, 404 ``model_not_found``, 401 for a wrong key.
+* As vLLM: a completions ``prompt`` may be token ids (a list of ints, or a list of such lists);
+  without ``max_tokens`` a completion gets 16 tokens and a chat reply the rest of the context
+  (``CHAT_MAX_TOKENS_NO_CONTEXT`` when the model names none), cut to fit the budget; the chat role
+  ``developer`` is ``system``. Bodies come with a Content-Length or chunked.
 * Adapters: each ``--adapter NAME=DIR`` is a peft LoRA adapter (safetensors only) on the one base
   model, chosen per request by ``model=NAME``, as with vLLM's ``--lora-modules``.
 * HTTP: one asyncio event loop owns every connection, so a connection costs a socket and a few KB,
@@ -50,6 +55,7 @@ import socket
 import sys
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -68,7 +74,11 @@ MAX_STOP = 16
 MAX_BODY_BYTES = 16 << 20
 #: request line plus headers; more is answered 431 (http.server allows 64 KiB per line and 100 headers)
 MAX_HEAD_BYTES = 64 << 10
-DEFAULT_MAX_TOKENS = 256
+#: /v1/completions without max_tokens: OpenAI's and vLLM's default
+COMPLETIONS_MAX_TOKENS = 16
+#: /v1/chat/completions without max_tokens gets the rest of the context (as vLLM); when the model
+#: names no context, this many (the budget may still lower it)
+CHAT_MAX_TOKENS_NO_CONTEXT = 4096
 #: seeds are int64 as in vLLM, non-negative so that torch (which takes uint64) accepts seed + offset
 SEED_MAX = (1 << 63) - 1
 #: A request waits at most this long for the worker; the client then gets a retryable 503.
@@ -78,8 +88,23 @@ WAIT_S = 600.0
 LINGER_S, LINGER_BYTES = 1.0, 1 << 20
 #: T5 and its kin have relative positions and name no context; they were pretrained on 512 tokens
 SEQ2SEQ_DEFAULT_CONTEXT = 512
-_ROLES = ("system", "user", "assistant")
-_UNSUPPORTED = ("stream", "echo", "suffix", "logprobs", "top_logprobs", "tools", "functions", "response_format")
+#: chat roles and the role the chat template sees; OpenAI's ``developer`` is its newer name for ``system``
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+#: roles of tool and function calling, which serve does not do
+_TOOL_ROLES = ("tool", "function")
+#: Every request field serve reads, per route. docs/evaluation.md lists the same ones (a test
+#: compares them); any other field gets a 400 naming it, so nothing a client sends is ignored unseen.
+PARAMETERS = {
+    "completions": ("model", "prompt", "n", "best_of", "max_tokens", "max_completion_tokens", "temperature",
+                    "top_p", "top_k", "stop", "seed", "user"),
+    "chat": ("model", "messages", "n", "best_of", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+             "top_k", "stop", "seed", "user"),
+}
+#: OpenAI fields that clients send at their "off" value (false, null, 0): accepted only at that value
+_UNSUPPORTED = ("stream", "stream_options", "echo", "suffix", "logprobs", "top_logprobs", "tools", "tool_choice",
+                "functions", "function_call", "response_format")
+#: the largest id a token-id prompt may hold before the model's own vocabulary is checked
+_MAX_TOKEN_ID = (1 << 31) - 1
 
 
 class RequestError(Exception):
@@ -104,14 +129,16 @@ class GenRequest:
 
     chat: bool
     model: str
-    prompts: list  # completions: prompt strings; chat: one messages list
+    prompts: list  # completions: prompt strings or token-id lists; chat: one messages list
     n: int
-    max_tokens: int
+    max_tokens: int | None  # None: a chat default, set by Engine.prepare
     temperature: float
     top_p: float
     top_k: int
     stop: tuple[str, ...]
     seed: int | None
+    fit_max_tokens: bool = False  # max_tokens is the route's default: Engine.prepare fits it to the context and budget
+    flat_ids: bool = False  # ``prompt`` was one list of token ids (error messages name prompt[j], not prompt[i][j])
     ids: list = field(default_factory=list)  # token ids per prompt (Engine.prepare)
     cost: int = 0  # prompts x n x (prompt tokens + max_tokens), summed over the prompts
     done: threading.Event = field(default_factory=threading.Event)
@@ -177,6 +204,77 @@ def _text(content, where: str) -> str:
     raise RequestError(400, f"{where}.content must be a string (or a list of text parts)", param="messages")
 
 
+def _check_fields(body: dict, chat: bool) -> None:
+    """Refuse any field serve would not act on, naming it (after the model: a 404 comes first)."""
+    route = "chat" if chat else "completions"
+    known = PARAMETERS[route]
+    for key, value in body.items():
+        if key in known:
+            continue
+        if key in _UNSUPPORTED:
+            if value in (None, False, 0):
+                continue
+            raise RequestError(400, f"{key} is not supported by synthtune serve; leave it out", param=key)
+        raise RequestError(400, f"{_show(key)} is not a parameter synthtune serve takes on /v1/"
+                           f"{'chat/' if chat else ''}completions; leave it out (it takes {', '.join(known)})",
+                           param=key)
+
+
+def _messages(messages) -> list[dict]:
+    """A chat request's messages as ``{role, content}`` for the chat template (``developer`` -> ``system``)."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "messages must be a non-empty list of {role, content}", param="messages")
+    clean = []
+    for i, m in enumerate(messages):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role in _TOOL_ROLES or (role == "assistant" and (m.get("tool_calls") or m.get("function_call"))):
+            what = f"role {role!r}" if role in _TOOL_ROLES else "tool_calls"
+            raise RequestError(400, f"messages[{i}] has {what}: tools and function calling are not supported by "
+                               f"synthtune serve; send only {', '.join(_ROLES)} messages with text content",
+                               param="messages")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise RequestError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)}", param="messages")
+        clean.append({"role": _ROLES[role], "content": _text(m.get("content"), f"messages[{i}]")})
+    return clean
+
+
+def _token_ids(value, where: str) -> list[int] | None:
+    """``value`` as a token-id prompt (a non-empty list of ints), or None when it holds no int."""
+    if not isinstance(value, list) or not any(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        return None
+    for j, t in enumerate(value):
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t <= _MAX_TOKEN_ID:
+            raise RequestError(400, f"{where}[{j}] is {_show(t)}: a token-id prompt holds only token ids "
+                               f"(integers >= 0)", param="prompt")
+    return value
+
+
+def _prompts(prompt) -> tuple[list, bool]:
+    """A completions ``prompt`` as a list of prompts (strings or token-id lists), and whether it was
+    one flat list of ids. Accepted as vLLM does: a string, a list of strings, a list of token ids,
+    or a list of such lists."""
+    shapes = "a non-empty string, a list of them, a list of token ids, or a list of such lists"
+    if isinstance(prompt, str):
+        return [_string(prompt, "prompt[0]", "prompt")], False
+    flat = _token_ids(prompt, "prompt")
+    if flat is not None:
+        return [flat], True
+    if not isinstance(prompt, list) or not prompt:
+        raise RequestError(400, f"prompt must be {shapes}", param="prompt")
+    kind = str if isinstance(prompt[0], str) else list
+    out = []
+    for i, p in enumerate(prompt):
+        if kind is str and isinstance(p, str) and p:
+            out.append(_string(p, f"prompt[{i}]", "prompt"))
+            continue
+        ids = _token_ids(p, f"prompt[{i}]") if kind is list else None
+        if ids is None:
+            raise RequestError(400, f"prompt[{i}] is {_show(p)}; prompt must be {shapes} (not a mix)",
+                               param="prompt")
+        out.append(ids)
+    return out, False
+
+
 def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
     """Validate a completions / chat completions body; raise ``RequestError`` naming the bad field."""
     if not isinstance(body, dict):
@@ -187,9 +285,7 @@ def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
     if model not in models:
         raise RequestError(404, f"the model {_show(model)} does not exist here; served models: {', '.join(models)}",
                            param="model", code="model_not_found")
-    for key in _UNSUPPORTED:
-        if body.get(key) not in (None, False, 0):
-            raise RequestError(400, f"{key} is not supported by synthtune serve; leave it out", param=key)
+    _check_fields(body, chat)
     n = _number(body, "n", 1, 1, MAX_N, integer=True)
     best_of = body.get("best_of")
     if best_of is not None and (isinstance(best_of, bool) or best_of != n):
@@ -197,7 +293,10 @@ def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
                            param="best_of")
     if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
         body = {**body, "max_tokens": body["max_completion_tokens"]}
-    max_tokens = _number(body, "max_tokens", DEFAULT_MAX_TOKENS, 1, 1 << 20, integer=True)
+    # without max_tokens: OpenAI's 16 for completions, the rest of the context for chat (as vLLM),
+    # fitted by Engine.prepare so that a default alone never makes a request fail
+    default = None if chat else COMPLETIONS_MAX_TOKENS
+    max_tokens = _number(body, "max_tokens", default, 1, 1 << 20, integer=True)
     temperature = float(_number(body, "temperature", 1.0, 0.0, 2.0))
     top_p = float(_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True))
     top_k = _number(body, "top_k", -1, -1, 1 << 20, integer=True)
@@ -209,26 +308,17 @@ def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
     for i, s in enumerate(stop):
         _string(s, f"stop[{i}]", "stop")
     seed = _number(body, "seed", None, 0, SEED_MAX, integer=True)
+    user = body.get("user")
+    if user is not None and not isinstance(user, str):
+        raise RequestError(400, f"user must be a string, got {_show(user)}", param="user")
+    flat = False
     if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise RequestError(400, "messages must be a non-empty list of {role, content}", param="messages")
-        clean = []
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or m["role"] not in _ROLES:
-                raise RequestError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)}", param="messages")
-            clean.append({"role": m["role"], "content": _text(m.get("content"), f"messages[{i}]")})
-        prompts = [clean]
+        prompts = [_messages(body.get("messages"))]
     else:
-        prompt = body.get("prompt")
-        prompts = [prompt] if isinstance(prompt, str) else prompt
-        if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) and p for p in prompts):
-            raise RequestError(400, "prompt must be a non-empty string or a list of them (token-id prompts are "
-                               "not supported)", param="prompt")
-        for i, p in enumerate(prompts):
-            _string(p, f"prompt[{i}]", "prompt")
+        prompts, flat = _prompts(body.get("prompt"))
     return GenRequest(chat=chat, model=model, prompts=prompts, n=n, max_tokens=max_tokens, temperature=temperature,
-                      top_p=top_p, top_k=0 if top_k in (-1, 0) else top_k, stop=tuple(stop), seed=seed)
+                      top_p=top_p, top_k=0 if top_k in (-1, 0) else top_k, stop=tuple(stop), seed=seed,
+                      fit_max_tokens=body.get("max_tokens") is None, flat_ids=flat)
 
 
 def _no_constant(name: str):
@@ -312,8 +402,10 @@ class Engine:
     # ---- per request, on the parsing thread: everything that can fail for one request alone
 
     def prepare(self, req: GenRequest, max_request_tokens: int) -> None:
-        """Tokenize ``req`` and check it against the context and the token budget (``RequestError``)."""
-        floor = len(req.prompts) * req.n * (1 + req.max_tokens)  # every prompt is at least one token
+        """Tokenize ``req``, fit a default ``max_tokens``, and check it against the context and the token
+        budget (``RequestError``)."""
+        # every prompt is at least one token, and a default max_tokens at least one
+        floor = len(req.prompts) * req.n * (1 + (1 if req.fit_max_tokens else req.max_tokens))
         if floor > max_request_tokens:  # refuse before tokenizing a huge list
             raise self._over_budget(req, floor, max_request_tokens, at_least=True)
         ids = []
@@ -327,19 +419,55 @@ class Engine:
                                    f"{type(err).__name__}: {err}"[:300], param="messages" if req.chat else "prompt") from None
             if not x:
                 raise RequestError(400, f"prompt[{i}] tokenizes to nothing", param="prompt")
-            self._check_context(i, len(x), req.max_tokens)
+            if not req.chat and isinstance(p, list):
+                self._check_ids(req, i, x)
             ids.append(x)
+        if req.fit_max_tokens:
+            req.max_tokens = self.default_max_tokens(req, [len(x) for x in ids], max_request_tokens)
+        for i, x in enumerate(ids):
+            self._check_context(i, len(x), req.max_tokens, param="messages" if req.chat else "prompt")
         req.ids = ids
         req.prompt_tokens = sum(len(x) for x in ids)
         req.cost = sum(req.n * (len(x) + req.max_tokens) for x in ids)
         if req.cost > max_request_tokens:
             raise self._over_budget(req, req.cost, max_request_tokens)
 
-    def _check_context(self, i: int, n_prompt: int, max_tokens: int) -> None:
+    @property
+    def vocab_size(self) -> int:
+        """Token ids a prompt may hold: those the tokenizer can decode and the model can embed."""
+        rows = self.lm.model.get_input_embeddings().num_embeddings
+        return min(len(self.lm.tokenizer), rows)
+
+    def _check_ids(self, req: GenRequest, i: int, ids: list[int]) -> None:
+        vocab = self.vocab_size
+        for j, t in enumerate(ids):
+            if t >= vocab:
+                where = f"prompt[{j}]" if req.flat_ids else f"prompt[{i}][{j}]"
+                raise RequestError(400, f"{where} is {t}, not a token id of this model (its ids run from 0 to "
+                                   f"{vocab - 1}); tokenize with the served model's tokenizer", param="prompt")
+
+    def default_max_tokens(self, req: GenRequest, lengths: Sequence[int], max_request_tokens: int) -> int:
+        """``max_tokens`` for a request that named none: the route's default (16 for completions; for
+        chat the rest of the context, or ``CHAT_MAX_TOKENS_NO_CONTEXT`` when the model names none), cut
+        to what the context and the budget leave. At least 1: a prompt with no room left fails on
+        its own length, not on a parameter the client never sent."""
+        limits = [req.max_tokens if req.max_tokens is not None else CHAT_MAX_TOKENS_NO_CONTEXT]
+        if self.context is not None:
+            # seq2seq: the decoder holds its start token beside the completion; causal: the prompt too
+            limits += [self.context - 1] if self.lm.is_seq2seq else [self.context - n for n in lengths]
+        # the budget: n x sum(prompt tokens + max_tokens) <= max_request_tokens
+        limits.append((max_request_tokens // req.n - sum(lengths)) // len(lengths))
+        return max(1, min(limits))
+
+    def _check_context(self, i: int, n_prompt: int, max_tokens: int, *, param: str = "prompt") -> None:
         ctx = self.context
         if ctx is None:
             return
         if not self.lm.is_seq2seq:
+            if n_prompt >= ctx:  # whatever max_tokens is (a default is fitted below the rest of the context)
+                what = "the conversation" if param == "messages" else f"prompt {i}"
+                raise RequestError(400, f"{what} ({n_prompt} tokens) leaves no room for a reply in the model's "
+                                   f"context of {ctx} tokens; shorten it", param=param)
             if n_prompt + max_tokens > ctx:
                 raise RequestError(400, f"the prompt ({n_prompt} tokens) plus max_tokens ({max_tokens}) exceeds the "
                                    f"model's context of {ctx} tokens; shorten the prompt or lower max_tokens",
@@ -347,18 +475,22 @@ class Engine:
             return
         if n_prompt > ctx:
             raise RequestError(400, f"prompt {i} ({n_prompt} tokens) exceeds the model's encoder context of {ctx} "
-                               f"tokens; shorten the prompt", param="prompt")
+                               f"tokens; shorten the prompt", param=param)
         if max_tokens + 1 > ctx:  # the decoder also holds its start token
             raise RequestError(400, f"max_tokens ({max_tokens}) plus the decoder start token exceeds the model's "
                                f"decoder context of {ctx} tokens; lower max_tokens", param="max_tokens")
 
     @staticmethod
     def _over_budget(req: GenRequest, cost: int, limit: int, at_least: bool = False) -> RequestError:
+        if req.fit_max_tokens:  # no max_tokens sent: the default was already cut to the least it can be
+            tokens, fix, param = "max_tokens at least 1, none sent", "", "messages" if req.chat else "prompt"
+        else:
+            tokens, fix, param = f"max_tokens {req.max_tokens}", " or max_tokens", "max_tokens"
         return RequestError(
             400, f"this request needs {'at least ' if at_least else ''}{cost:,} tokens (prompts {len(req.prompts)} x "
-            f"n {req.n} x (prompt tokens + max_tokens {req.max_tokens})), over the server's max_request_tokens of "
-            f"{limit:,}; send fewer prompts or a smaller n or max_tokens (or start the server with a larger "
-            f"--max-request-tokens)", param="max_tokens", code="request_too_large")
+            f"n {req.n} x (prompt tokens + {tokens})), over the server's max_request_tokens of "
+            f"{limit:,}; send fewer prompts or a smaller n{fix} (or start the server with a larger "
+            f"--max-request-tokens)", param=param, code="request_too_large")
 
     # ---- on the worker thread
 
@@ -386,6 +518,8 @@ class Engine:
         """Prompt ids: a completions prompt verbatim (encoded as a plain-format prompt is), a chat
         conversation rendered by the chat format, as training and ``synthtune eval`` render it."""
         tok = self.lm.tokenizer
+        if not chat and isinstance(prompt, list):  # token ids: used as sent, as vLLM does
+            return list(prompt)
         if not chat:
             return tok(prompt, add_special_tokens=add_special_tokens("plain"))["input_ids"]
         if not has_chat_template(tok):
@@ -672,6 +806,12 @@ _HEAD_END = re.compile(rb"\r?\n\r?\n")
 #: asyncio.wait_for raises asyncio.TimeoutError, a class of its own before Python 3.11
 _TIMEOUTS = (TimeoutError, asyncio.TimeoutError)
 _DIGITS = re.compile(r"[0-9]{1,12}")
+_HEX = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: a body "length" meaning Transfer-Encoding: chunked (-1 means no body framing at all)
+CHUNKED = -2
+#: a chunk-size line (size and extensions); the chunks of one body. A body sent one byte per chunk
+#: costs the event loop a step per byte: a cap keeps that bounded like a Content-Length body.
+MAX_CHUNK_LINE, MAX_CHUNKS = 4096, 1 << 16
 
 
 class _Connection:
@@ -722,23 +862,88 @@ class _Connection:
         return _Head(method, target, version, headers)
 
     def _content_length(self, head: _Head) -> int:
-        if head.headers.get("Transfer-Encoding"):
-            raise RequestError(411, "Transfer-Encoding is not supported; send the body with a Content-Length",
-                               close=True)
+        """The body's length from the headers: bytes, ``CHUNKED``, or -1 when there is no body framing.
+
+        Framing that cannot be trusted closes the connection after the answer (RFC 9112 6.1, 6.3):
+        a body that cannot be measured cannot be skipped, and would be read as the next request.
+        """
+        codings = [c.strip().lower() for v in head.headers.get_all("Transfer-Encoding") or [] for c in v.split(",")]
         values = head.headers.get_all("Content-Length") or []
+        if codings:
+            if head.version != "HTTP/1.1":
+                raise RequestError(400, "Transfer-Encoding needs HTTP/1.1", close=True)
+            if values:  # both: the classic request-smuggling shape, refused rather than guessed
+                raise RequestError(400, "send either Content-Length or Transfer-Encoding, not both", close=True)
+            if codings[-1] != "chunked":
+                raise RequestError(400, "Transfer-Encoding must end with chunked (or send a Content-Length)",
+                                   close=True)
+            if len(codings) > 1:
+                raise RequestError(501, f"Transfer-Encoding {_show(', '.join(codings[:-1]))} is not supported; send "
+                                   f"the body chunked only, or with a Content-Length", close=True)
+            return CHUNKED
         if not values:
             return -1
         if len(set(v.strip() for v in values)) != 1 or not _DIGITS.fullmatch(values[0].strip()):
-            # no trustworthy length: the body cannot be skipped, so the connection must close
             raise RequestError(411, "a Content-Length header with a byte count is required", close=True)
         return int(values[0])
 
     async def _read_body(self, length: int, deadline: float) -> bytes:
+        if length == CHUNKED:
+            return await self._read_chunked(deadline)
         while len(self.buf) < length:
             await self._more(deadline)
         body = bytes(self.buf[:length])
         del self.buf[:length]
         return body
+
+    async def _read_line(self, deadline: float, limit: int, what: str) -> bytes:
+        """One CRLF-terminated line of chunked framing, without its CRLF (400 when over ``limit``)."""
+        scanned = 0  # only new bytes are searched: a trickled line stays linear
+        while True:
+            end = self.buf.find(b"\r\n", max(0, scanned - 1), limit + 2)
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[:end + 2]
+                return line
+            if len(self.buf) >= limit + 2:
+                raise RequestError(400, f"bad chunked body: {what} over {limit} bytes", close=True)
+            scanned = len(self.buf)
+            await self._more(deadline)
+
+    async def _read_chunked(self, deadline: float) -> bytes:
+        """A ``Transfer-Encoding: chunked`` body (RFC 9112 7.1) within ``MAX_BODY_BYTES`` (413 past it).
+
+        Chunk extensions and trailer fields are read and ignored; malformed framing is a 400 and
+        closes the connection, since where the next request would start is then unknown.
+        """
+        body = bytearray()
+        for _ in range(MAX_CHUNKS + 1):
+            line = await self._read_line(deadline, MAX_CHUNK_LINE, "a chunk-size line")
+            size_text = line.split(b";", 1)[0].rstrip(b" \t")
+            if not _HEX.fullmatch(size_text):
+                raise RequestError(400, f"bad chunked body: {_show(line.decode('latin-1'))} is not a chunk size "
+                                   f"(hex digits, then optional ;extensions)", close=True)
+            size = int(size_text, 16)
+            if size == 0:
+                break
+            if len(body) + size > MAX_BODY_BYTES:
+                raise RequestError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", close=True)
+            while len(self.buf) < size + 2:
+                await self._more(deadline)
+            if self.buf[size:size + 2] != b"\r\n":
+                raise RequestError(400, f"bad chunked body: a chunk of {size} bytes is not followed by CRLF",
+                                   close=True)
+            body += self.buf[:size]
+            del self.buf[:size + 2]
+        else:
+            raise RequestError(413, f"request body in more than {MAX_CHUNKS:,} chunks; send larger chunks or a "
+                               f"Content-Length", close=True)
+        trailers = 0
+        while line := await self._read_line(deadline, MAX_HEAD_BYTES, "a trailer line"):
+            trailers += len(line) + 2
+            if trailers > MAX_HEAD_BYTES:
+                raise RequestError(431, f"trailer fields over {MAX_HEAD_BYTES >> 10} KiB", close=True)
+        return bytes(body)
 
     # ---- the connection's life
 
@@ -774,17 +979,22 @@ class _Connection:
         body_unread = True
         try:
             length = self._content_length(head)
-            body_unread = length > 0
+            body_unread = length > 0 or length == CHUNKED
             routes = {"/v1/completions": False, "/v1/chat/completions": True}
+            if head.path == "/health":
+                # before the key, as vLLM's: load balancers probe without one, and it says nothing but "up"
+                if head.method not in ("GET", "HEAD"):
+                    raise RequestError(405, f"method {_show(head.method)} is not allowed on /health; use GET",
+                                       close=body_unread)
+                keep = keep and not body_unread  # a GET body is never read; it must not be taken as the next request
+                sent = await self._reply(200, None, t0, "", close=not keep, command=command)
+                return keep and sent
             # the key, the method and the route come from the headers: refuse before reading a body
             self._authorize(head)
             if head.method == "GET":
-                if head.path != "/v1/models":
-                    raise RequestError(404, f"no route GET {_show(head.target)}; try GET /v1/models",
-                                       code="not_found", close=body_unread)
-                if body_unread:
-                    keep = False  # a GET body is never read; it must not be taken as the next request
-                sent = await self._reply(200, self._models(), t0, "", close=not keep, command=command)
+                keep = keep and not body_unread  # a GET body is never read; it must not be taken as the next request
+                body = self._get(head)
+                sent = await self._reply(200, body, t0, "", close=not keep, command=command)
                 return keep and sent
             if head.method != "POST":
                 raise RequestError(405, f"method {_show(head.method)} is not allowed; use GET /v1/models or POST",
@@ -792,8 +1002,9 @@ class _Connection:
             if head.path not in routes:
                 raise RequestError(404, f"no route POST {_show(head.target)}; use /v1/completions or "
                                    f"/v1/chat/completions", code="not_found", close=body_unread)
-            if length < 0:
-                raise RequestError(411, "a Content-Length header with a byte count is required", close=True)
+            if length == -1:
+                raise RequestError(411, "send the body with a Content-Length header (a byte count) or "
+                                   "Transfer-Encoding: chunked", close=True)
             if length > MAX_BODY_BYTES:
                 raise RequestError(413, f"request body over {MAX_BODY_BYTES >> 20} MiB", close=True)
             if head.version == "HTTP/1.1" and (head.headers.get("Expect") or "").lower() == "100-continue":
@@ -829,13 +1040,26 @@ class _Connection:
             raise RequestError(401, "invalid API key: send the server's key as 'Authorization: Bearer <key>'",
                                code="invalid_api_key", close=True)
 
-    def _models(self) -> dict:
+    def _get(self, head: _Head) -> dict:
+        """The body of a GET on a /v1 route (``RequestError`` 404 for another route or an unknown model)."""
+        if head.path == "/v1/models":
+            return {"object": "list", "data": [self._model(name) for name in self.app.engine.names]}
+        if head.path.startswith("/v1/models/"):
+            # the official client puts the id in the path as it is ("org/name" stays two segments);
+            # others percent-encode it
+            name = urllib.parse.unquote(head.path[len("/v1/models/"):], errors="surrogateescape")
+            if name in self.app.engine.names:
+                return self._model(name)
+            raise RequestError(404, f"the model {_show(name)} does not exist here; served models: "
+                               f"{', '.join(self.app.engine.names)}", param="model", code="model_not_found")
+        raise RequestError(404, f"no route GET {_show(head.target)}; try GET /v1/models", code="not_found")
+
+    def _model(self, name: str) -> dict:
+        """OpenAI's Model object, with vLLM's ``root`` (an adapter's directory) and ``parent`` (its base)."""
         engine = self.app.engine
-        data = [{"id": name, "object": "model", "created": self.app.created, "owned_by": "synthtune",
-                 "root": name if name == engine.base_name else engine.adapters[name],
-                 "parent": None if name == engine.base_name else engine.base_name}
-                for name in engine.names]
-        return {"object": "list", "data": data}
+        return {"id": name, "object": "model", "created": self.app.created, "owned_by": "synthtune",
+                "root": name if name == engine.base_name else engine.adapters[name],
+                "parent": None if name == engine.base_name else engine.base_name}
 
     async def _generate(self, req: GenRequest) -> bool:
         """Queue ``req`` and wait for it; False when the client went away meanwhile."""
@@ -894,22 +1118,23 @@ class _Connection:
 
     # ---- writing
 
-    async def _reply(self, status: int, body: dict, t0: float, note: str, req: GenRequest | None = None, *,
+    async def _reply(self, status: int, body: dict | None, t0: float, note: str, req: GenRequest | None = None, *,
                      close: bool = False, command: str = "-") -> bool:
-        """Send one response; False when it could not be delivered within ``read_timeout``."""
-        data = json.dumps(body).encode()
+        """Send one response (``body`` None: an empty one); False when it could not be delivered within
+        ``read_timeout``."""
+        data = b"" if body is None else json.dumps(body).encode()
         try:
             phrase = http.HTTPStatus(status).phrase
         except ValueError:
             phrase = "Error"
-        lines = [f"HTTP/1.1 {status} {phrase}", f"Server: synthtune/{__version__}", "Content-Type: application/json",
-                 f"Content-Length: {len(data)}"]
+        lines = [f"HTTP/1.1 {status} {phrase}", f"Server: synthtune/{__version__}",
+                 *(["Content-Type: application/json"] if body is not None else []), f"Content-Length: {len(data)}"]
         if status == 503:
             lines.append("Retry-After: 1")
         if close:
             lines.append("Connection: close")
         what = ""
-        if req is not None and status == 200:
+        if req is not None and status == 200 and body is not None:
             usage = body.get("usage", {})
             what = (f" tokens={usage.get('prompt_tokens', 0)}+{usage.get('completion_tokens', 0)} "
                     f"batch={req.batch_prompts}")
