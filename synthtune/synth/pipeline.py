@@ -58,8 +58,8 @@ STAGES = ("sampled", "finished", "parsed", "on_target", "calc_ok", "reward_ok", 
 FINGERPRINT_KEYS = ("model", "backend", "served_model", "questions", "exemplars", "exemplar_pool_size", "shots",
                     "strategy", "prompt_format", "seed", "use_gold",
                     "k", "k_growth", "temperature", "temperature_step", "top_p", "top_k", "presence_penalty",
-                    "frequency_penalty", "max_new_tokens", "stop", "batch_size", "min_agreement", "min_calc", "reward_model", "min_reward", "max_keep", "diversity",
-                    "rouge_threshold")
+                    "frequency_penalty", "max_new_tokens", "stop", "batch_size", "min_agreement", "min_calc",
+                    "reward_model", "min_reward", "max_keep", "diversity", "rouge_threshold")
 #: Settings newer than some output directories, with the value every run before them sampled
 #: with: such a run is then checked as if it had recorded them, instead of going unchecked.
 ADDED_LATER = {"presence_penalty": 0.0, "frequency_penalty": 0.0}
