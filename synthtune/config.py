@@ -238,6 +238,12 @@ class SynthConfig:
     temperature_step: float = opt(0.2, "added to the temperature each later round (more diverse retries)", ge=0)
     top_p: float = opt(0.95, "nucleus sampling", gt=0, le=1)
     top_k: int = opt(0, "top-k sampling (0 = off)", ge=0)
+    presence_penalty: float = opt(0.0, "subtracted once from the logit of every token a sample has already "
+                                  "generated (OpenAI/vLLM semantics; the prompt does not count): > 0 steers each "
+                                  "sample to new tokens, < 0 to repeats; -2 to 2, 0 = off", ge=-2, le=2)
+    frequency_penalty: float = opt(0.0, "subtracted from a token's logit once per time the sample has already "
+                                   "generated it (OpenAI/vLLM semantics): > 0 curbs loops of the same words; "
+                                   "-2 to 2, 0 = off", ge=-2, le=2)
     max_new_tokens: int = opt(256, "per sample; GSM8K rationales average ~120 tokens", ge=1)
     stop: list[str] = opt([], "extra stop strings (the plain format always stops at a new 'Question:' or "
                               "'Problem:' line)")

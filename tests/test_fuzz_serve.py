@@ -31,7 +31,8 @@ from synthtune.jobs.serve import (
 
 MODELS = ("tiny-llama", "math")
 FIELDS = ("model", "prompt", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-          "stop", "seed", "best_of", "stream", "echo", "logprobs", "user", "tool_choice", "repetition_penalty")
+          "stop", "seed", "best_of", "stream", "echo", "logprobs", "user", "tool_choice", "repetition_penalty",
+          "presence_penalty", "frequency_penalty", "logit_bias")
 
 # every code point, lone surrogates (category Cs) and controls included
 ANY_CHAR = st.characters(exclude_categories=())
@@ -51,6 +52,9 @@ FIELD_VALUES = {
     | st.lists(st.lists(TOKEN_ID, max_size=3), max_size=3),
     "messages": st.lists(MESSAGE, max_size=4) | JSON,
     "stop": TEXT | st.lists(TEXT, max_size=MAX_STOP + 2) | JSON,
+    # mostly well-formed keys (digit strings, some padded or signed) so the value checks get reached
+    "logit_bias": st.dictionaries(st.integers(-5, 10**13).map(str) | st.sampled_from(["029", " 1", "+1", "\u0661"])
+                                  | TEXT, NUMBERS | JSON, max_size=5) | JSON,
 }
 BODIES = st.dictionaries(st.sampled_from(FIELDS), JSON, max_size=8).flatmap(
     lambda base: st.fixed_dictionaries({}, optional={k: FIELD_VALUES.get(k, NUMBERS | JSON) for k in FIELDS})
@@ -85,6 +89,12 @@ def _check(raw: bytes, chat: bool) -> None:
     assert 0 < req.top_p <= 1 and req.top_k >= 0
     assert req.seed is None or 0 <= req.seed <= SEED_MAX
     assert all(isinstance(s, str) and s for s in req.stop) and len(req.stop) <= MAX_STOP
+    for penalty in (req.presence_penalty, req.frequency_penalty):
+        assert isinstance(penalty, float) and -2 <= penalty <= 2
+    ids = [tok for tok, _ in req.logit_bias]
+    assert len(ids) <= 300 and ids == sorted(set(ids)) and all(isinstance(t, int) and t >= 0 for t in ids)
+    assert all(isinstance(b, float) and -100 <= b <= 100 for _, b in req.logit_bias)
+    hash(req.group_key())
     if chat:
         assert len(req.prompts) == 1
         for m in req.prompts[0]:

@@ -343,6 +343,34 @@ def test_openai_backend_reproduces_the_hf_backend(servers, tiny_llama, key_env):
 
 
 @pytest.mark.integration  # spawns synthtune serve processes (module fixture)
+def test_openai_backend_sends_penalties_and_logit_bias(servers, tiny_llama, key_env):
+    """The penalties and logit_bias go to the server, which applies them as the local sampler does."""
+    pool = load_split("train", "bundled").rows
+    prompts = [build_prompt(r["question"], pool, k=1, fmt="plain") for r in load_split("test", "bundled").rows[:2]]
+    remote = OpenAIBackend([servers[0].url], "tiny-llama", api_key_env=KEY_ENV, concurrency=1)
+    local = HFBackend(tiny_llama)
+    try:
+        plain = SamplingParams(max_new_tokens=10, temperature=1.0, num_samples=2, seed=3)
+        favourite = local.sample(prompts[:1], replace(plain, temperature=0.0))[0][0].token_ids[0]
+        greedy = replace(plain, temperature=0.0)
+        # (params, whether it must change the samples): sampled with small penalties on the stock
+        # model's flat logits may draw the same tokens; the others change what is generated
+        for params, changes in ((replace(plain, presence_penalty=-2.0, frequency_penalty=0.5), False),
+                                (replace(greedy, frequency_penalty=2.0), True),
+                                (replace(greedy, logit_bias={favourite: -100.0}), True),
+                                (replace(plain, logit_bias={favourite: 100.0}), True)):
+            got = remote.sample(prompts, params)
+            for prompt, samples in zip(prompts, got, strict=True):
+                ref = local.sample([prompt], params)[0]
+                assert [s.text for s in samples] == [s.text for s in ref]
+                if changes:
+                    unpenalized = replace(params, presence_penalty=0.0, frequency_penalty=0.0, logit_bias=None)
+                    assert [s.text for s in samples] != [s.text for s in local.sample([prompt], unpenalized)[0]]
+    finally:
+        remote.close()
+
+
+@pytest.mark.integration  # spawns synthtune serve processes (module fixture)
 def test_synth_over_two_endpoints_resumes_anywhere_and_never_writes_the_key(servers, key_env, tmp_path):
     out = tmp_path / "two"
     a, b = servers

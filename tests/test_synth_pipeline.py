@@ -145,6 +145,8 @@ def _snapshot(out: Path) -> dict:
     (dict(max_new_tokens=64), "max_new_tokens: 256 -> 64"),
     (dict(stop=["\n\n"]), "stop: [] -> ['\\n\\n']"),
     (dict(top_p=0.5, batch_size=2), "top_p: 0.95 -> 0.5, batch_size: 3 -> 2"),
+    (dict(presence_penalty=0.5), "presence_penalty: 0.0 -> 0.5"),
+    (dict(frequency_penalty=-1.0), "frequency_penalty: 0.0 -> -1.0"),
 ])
 def test_changed_settings_refuse_to_resume_naming_old_and_new_values(tmp_path, change, named):
     _quiet(_cfg(tmp_path, rounds=1, limit=3))
@@ -189,6 +191,26 @@ def test_fingerprints_from_before_the_new_keys(tmp_path):
     assert json.loads((out / "fingerprint.json").read_text())["k"] == 4
     with pytest.raises(ConfigError, match="k: 4 -> 5"):
         _quiet(_cfg(tmp_path, rounds=1, limit=3, k=5))
+
+
+def test_a_run_from_before_the_penalties_existed_sampled_without_them(tmp_path):
+    # a fingerprint (and config.yaml) written before presence/frequency penalties were settings: that
+    # run sampled with none, so resuming it with a penalty is a change, and without one is not
+    cfg = _cfg(tmp_path, rounds=1, limit=3)
+    _quiet(cfg)
+    out = Path(cfg.out)
+    for name in ("fingerprint.json", "config.yaml"):
+        text = (out / name).read_text()
+        assert "presence_penalty" in text and "frequency_penalty" in text
+    fp = json.loads((out / "fingerprint.json").read_text())
+    (out / "fingerprint.json").write_text(json.dumps({k: v for k, v in fp.items() if not k.endswith("_penalty")}))
+    (out / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match=r"frequency_penalty: 0\.0 -> 0\.3"):
+        _quiet(_cfg(tmp_path, rounds=1, limit=3, frequency_penalty=0.3))
+    logs = []
+    _quiet(_cfg(tmp_path, rounds=1, limit=4), log=logs.append)
+    assert not [m for m in logs if "does not record" in m], logs
+    assert json.loads((out / "fingerprint.json").read_text())["presence_penalty"] == 0.0  # completed
 
 
 def test_a_run_from_before_the_prompt_wording_changed_is_not_silently_mixed(tmp_path):
@@ -360,7 +382,7 @@ class _Recording:
     before its ``stop_at``-th call, after the earlier batches were written."""
 
     def __init__(self, inner, stop_at=None):
-        self.inner, self.stop_at, self.calls, self.seen = inner, stop_at, 0, {}
+        self.inner, self.stop_at, self.calls, self.seen, self.params = inner, stop_at, 0, {}, []
 
     def __getattr__(self, name):
         return getattr(self.inner, name)
@@ -369,6 +391,7 @@ class _Recording:
         self.calls += 1
         if self.calls == self.stop_at:
             raise KeyboardInterrupt
+        self.params.append(params)
         outs = self.inner.sample(prompts, params)
         for p, samples in zip(prompts, outs, strict=True):
             self.seen.setdefault(p.question, []).append([s.text for s in samples])
@@ -395,6 +418,25 @@ def test_a_resumed_run_draws_the_samples_an_uninterrupted_run_draws(tmp_path):
     joined = {q: first.seen.get(q, []) + rest.seen.get(q, []) for q in whole.seen}
     assert len(whole.seen) == 6 and all(len(v) == 2 for v in whole.seen.values())
     assert joined == whole.seen
+
+
+@pytest.mark.integration  # two synthesis runs on tiny-llama, ~3 s
+def test_penalties_reach_the_hf_backend(tmp_path):
+    from synthtune.synth.backends import make_backend
+
+    hf = make_backend("hf", "tiny-llama")  # the stock tiny model repeats its favourite token
+    settings = dict(model="tiny-llama", limit=2, batch_size=2, k=2, rounds=1, shots=1, max_new_tokens=10,
+                    temperature=0.0)
+    plain, penalized = _Recording(hf), _Recording(hf)
+    run_synthesis(_cfg(tmp_path, out=str(tmp_path / "plain"), **settings), backend=plain, progress=False,
+                  log=lambda m: None)
+    run_synthesis(_cfg(tmp_path, out=str(tmp_path / "pen"), presence_penalty=1.5, frequency_penalty=2.0, **settings),
+                  backend=penalized, progress=False, log=lambda m: None)
+    assert {(p.presence_penalty, p.frequency_penalty) for p in penalized.params} == {(1.5, 2.0)}
+    assert {(p.presence_penalty, p.frequency_penalty) for p in plain.params} == {(0.0, 0.0)}
+    assert plain.seen.keys() == penalized.seen.keys()
+    for q in plain.seen:
+        assert plain.seen[q] != penalized.seen[q]
 
 
 @pytest.fixture

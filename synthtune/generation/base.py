@@ -22,6 +22,12 @@ class SamplingParams:
     num_samples: int = 1
     stop: tuple[str, ...] = ()
     seed: int = 0
+    # OpenAI's penalties, over the tokens each sample has generated (not the prompt, as vLLM
+    # counts them): logits[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    # token id -> added to its logit before sampling (greedy too); -100 bans a token, +100 forces it
+    logit_bias: dict[int, float] | None = None
 
 
 @dataclass
@@ -55,6 +61,8 @@ def generate(lm, prompts: Sequence[str], params: SamplingParams | None = None, *
     """Return ``params.num_samples`` completions for each prompt, in prompt order."""
     import torch
 
+    from synthtune.generation.penalties import logits_processor
+
     params = params or SamplingParams()
     tok, model = lm.tokenizer, lm.model
     if not lm.is_seq2seq:
@@ -75,8 +83,11 @@ def generate(lm, prompts: Sequence[str], params: SamplingParams | None = None, *
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
         enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(lm.device)
+        # the new tokens start after the padded prompt (causal) or the decoder start token (seq2seq)
+        penalties = logits_processor(params, 1 if lm.is_seq2seq else enc["input_ids"].shape[1])
+        extra = {} if penalties is None else {"logits_processor": penalties}
         with torch.inference_mode():
-            out = model.generate(**enc, **gen_kwargs)
+            out = model.generate(**enc, **gen_kwargs, **extra)
         # Causal outputs repeat the (padded) prompt; seq2seq outputs are only the decoder side.
         new = out if lm.is_seq2seq else out[:, enc["input_ids"].shape[1]:]
         texts = tok.batch_decode(new, skip_special_tokens=True)

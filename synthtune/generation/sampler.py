@@ -31,9 +31,12 @@ Seq2seq models, and causal models whose attention this can't reproduce (sliding 
 soft-capping, non-"full_attention" layers), fall back to ``generate(num_return_sequences=k)``
 with the same ``Sample`` results.
 
-This module imports only torch, transformers and ``synthtune.generation.base`` (tqdm), so the GPU
-benchmark runs it from a bare checkout (repo root on ``sys.path``) where synthtune's other
-dependencies are missing.
+Presence/frequency penalties and ``logit_bias`` (``synthtune.generation.penalties``) apply on both
+paths with the same fp32 arithmetic: per-row counts here, a logits processor inside ``generate``.
+
+This module imports only torch, transformers and ``synthtune.generation.base`` (tqdm) and
+``.penalties`` (torch), so the GPU benchmark runs it from a bare checkout (repo root on
+``sys.path``) where synthtune's other dependencies are missing.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from synthtune.generation import penalties
 from synthtune.generation.base import Sample, SamplingParams, generate, truncate_at_stop  # noqa: F401 (Sample: re-export)
 
 ATTN_NAME = "synthtune_shared_prefix"
@@ -401,13 +405,20 @@ def _sample_batch_shared(lm, batch_ids: list[list[int]], params: SamplingParams,
         next_pos = torch.tensor([c + len(x) for x in rem], device=device).repeat_interleave(rows_per_prompt)
         tracks = [_Track() for _ in range(b * rows_per_prompt)]
         alive = list(range(len(tracks)))  # track index of each live row
+        # each row (sample) counts its own generated tokens; None with the defaults: no extra work
+        counts = (penalties.RowCounts(params, len(tracks), logits.shape[-1], device)
+                  if penalties.active(params) else None)
         slot = r
         while True:
             if abort is not None and abort():
                 raise Aborted("sampling aborted by its caller")
+            if counts is not None:
+                logits = counts.apply(logits)
             if finisher.ignore_eos and finisher.eos_all:
                 logits[:, finisher.eos_all] = float("-inf")
             nxt = _pick(logits, params, gen)
+            if counts is not None:
+                counts.record(nxt)
             keep = []
             for j, tok_id in enumerate(nxt.tolist()):
                 if not finisher.push(tracks[alive[j]], tok_id):
@@ -417,6 +428,8 @@ def _sample_batch_shared(lm, batch_ids: list[list[int]], params: SamplingParams,
             if len(keep) < len(alive):
                 keep_t = torch.tensor(keep, device=device)
                 store.keep_rows(keep_t)
+                if counts is not None:
+                    counts.keep(keep_t)
                 nxt, next_pos = nxt[keep_t], next_pos[keep_t]
                 alive = [alive[j] for j in keep]
             store.prepare_step(slot, 1)
@@ -449,7 +462,10 @@ def _sample_batch_generate(lm, batch_ids: list[list[int]], params: SamplingParam
         # new one; the encoder of a seq2seq model ignores the side through the mask
         ids[i, width - len(x):] = torch.tensor(x, device=device)
         mask[i, width - len(x):] = 1
-    kw = dict(max_new_tokens=params.max_new_tokens, num_return_sequences=k, pad_token_id=pad_id)
+    # greedy rows are identical: decode one per prompt and repeat it (generate also refuses
+    # num_return_sequences > 1 without sampling)
+    rows = k if params.temperature > 0 else 1
+    kw = dict(max_new_tokens=params.max_new_tokens, num_return_sequences=rows, pad_token_id=pad_id)
     if params.temperature > 0:
         kw.update(do_sample=True, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None)
     else:
@@ -460,6 +476,10 @@ def _sample_batch_generate(lm, batch_ids: list[list[int]], params: SamplingParam
         kw.update(stop_strings=list(finisher.stop), tokenizer=tok)
     if abort is not None:
         kw.update(stopping_criteria=_abort_criteria(abort))
+    # generated tokens start after the decoder start token (seq2seq) or the padded prompts
+    processor = penalties.logits_processor(params, 1 if lm.is_seq2seq else width)
+    if processor is not None:
+        kw.update(logits_processor=processor)
     torch.manual_seed(params.seed + seed_offset)
     out = model.generate(input_ids=ids, attention_mask=mask, **kw)
     if abort is not None and abort():
@@ -469,12 +489,14 @@ def _sample_batch_generate(lm, batch_ids: list[list[int]], params: SamplingParam
     results = []
     for i in range(b):
         group = []
-        for row in new[i * k:(i + 1) * k].tolist():
+        for row in new[i * rows:(i + 1) * rows].tolist():
             tr = _Track()
             for t in row:  # replay through the same rules, so reasons and counts match the fast path
                 if finisher.push(tr, t):
                     break
             group.append(finisher.sample(tr))
+        if rows < k:
+            group = [Sample(s.text, s.n_tokens, s.finish_reason, list(s.token_ids)) for s in group * k]
         results.append(group)
     return results
 
@@ -511,6 +533,9 @@ def sample_k(lm, prompts: Sequence[str] | Sequence[Sequence[int]], params: Sampl
         raise ValueError("num_samples must be >= 1")
     if params.max_new_tokens < 1:
         raise ValueError("max_new_tokens must be >= 1")
+    # bad values fail here, before any forward pass; token ids are checked against the logits' width
+    # once there are logits (the tokenizer's length can differ from the model's vocabulary)
+    penalties.check(params)
     if not prompts:
         return []
     tok, model = lm.tokenizer, lm.model

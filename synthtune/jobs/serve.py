@@ -5,7 +5,8 @@ to vLLM, which is what to run at GPU scale (see docs/scaling.md, "Synthesis agai
 
 * Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST
   /v1/chat/completions`` with the fields in ``PARAMETERS`` (any other is a 400 naming it), and ``GET
-  /health`` (200, empty; no key needed, as vLLM's). Errors use OpenAI's ``{"error": {...}}`` shape:
+  /health`` (200, empty; no key needed, as vLLM's). ``presence_penalty``, ``frequency_penalty`` and
+  ``logit_bias`` take OpenAI's ranges; the penalties count each sample's generated tokens, as vLLM's do. Errors use OpenAI's ``{"error": {...}}`` shape:
   400 for a bad parameter, 404 ``model_not_found``, 401 for a wrong key.
 * As vLLM: a completions ``prompt`` may be token ids (a list of ints, or a list of such lists);
   without ``max_tokens`` a completion gets 16 tokens and a chat reply the rest of the context
@@ -71,6 +72,10 @@ from synthtune.redact import secret_from_env
 
 MAX_N = 128
 MAX_STOP = 16
+#: OpenAI's bounds: penalties in [-2, 2], at most 300 logit_bias entries, each in [-100, 100]
+MAX_PENALTY = 2.0
+MAX_LOGIT_BIAS = 300
+MAX_BIAS = 100.0
 MAX_BODY_BYTES = 16 << 20
 #: request line plus headers; more is answered 431 (http.server allows 64 KiB per line and 100 headers)
 MAX_HEAD_BYTES = 64 << 10
@@ -96,9 +101,9 @@ _TOOL_ROLES = ("tool", "function")
 #: compares them); any other field gets a 400 naming it, so nothing a client sends is ignored unseen.
 PARAMETERS = {
     "completions": ("model", "prompt", "n", "best_of", "max_tokens", "max_completion_tokens", "temperature",
-                    "top_p", "top_k", "stop", "seed", "user"),
+                    "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "user"),
     "chat": ("model", "messages", "n", "best_of", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-             "top_k", "stop", "seed", "user"),
+             "top_k", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "user"),
 }
 #: OpenAI fields that clients send at their "off" value (false, null, 0): accepted only at that value
 _UNSUPPORTED = ("stream", "stream_options", "echo", "suffix", "logprobs", "top_logprobs", "tools", "tool_choice",
@@ -139,6 +144,9 @@ class GenRequest:
     seed: int | None
     fit_max_tokens: bool = False  # max_tokens is the route's default: Engine.prepare fits it to the context and budget
     flat_ids: bool = False  # ``prompt`` was one list of token ids (error messages name prompt[j], not prompt[i][j])
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # sorted (token id, bias) pairs: hashable for group_key
     ids: list = field(default_factory=list)  # token ids per prompt (Engine.prepare)
     cost: int = 0  # prompts x n x (prompt tokens + max_tokens), summed over the prompts
     done: threading.Event = field(default_factory=threading.Event)
@@ -150,7 +158,8 @@ class GenRequest:
     on_done: list = field(default_factory=list)  # callables run by the worker when it finishes
 
     def group_key(self) -> tuple:
-        return (self.model, self.chat, self.n, self.max_tokens, self.temperature, self.top_p, self.top_k, self.stop)
+        return (self.model, self.chat, self.n, self.max_tokens, self.temperature, self.top_p, self.top_k, self.stop,
+                self.presence_penalty, self.frequency_penalty, self.logit_bias)
 
     def finish(self) -> None:
         self.done.set()
@@ -182,6 +191,36 @@ def _number(body: dict, key: str, default: float, lo: float, hi: float, *, integ
         kind = "an integer" if integer else "a finite number"
         raise RequestError(400, f"{key} must be {kind} in {bounds}, got {_show(value)}", param=key)
     return value
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: a JSON object of token-id strings to numbers in [-100, 100], at most
+    300 entries; as sorted (id, bias) pairs. Whether the ids exist is checked against the model
+    (``Engine.prepare``)."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise RequestError(400, f'logit_bias must be a JSON object of token ids to biases, e.g. {{"29": -100}}, '
+                           f"got {_show(value)}", param="logit_bias")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise RequestError(400, f"logit_bias has {len(value)} entries; at most {MAX_LOGIT_BIAS} are allowed",
+                           param="logit_bias")
+    pairs: dict[int, float] = {}
+    for key, bias in value.items():
+        # ASCII digits only: int() would also take " 29", "+29" and other scripts' digits
+        if not (isinstance(key, str) and key.isascii() and key.isdigit() and len(key) <= 12):
+            raise RequestError(400, f"logit_bias key {_show(key)} is not a token id; keys are token ids written as "
+                               f'strings of digits, e.g. "29"', param="logit_bias")
+        tok = int(key)
+        if tok in pairs:
+            raise RequestError(400, f"logit_bias names token {tok} twice (as {_show(key)} too); give each token once",
+                               param="logit_bias")
+        if (isinstance(bias, bool) or not isinstance(bias, (int, float)) or not math.isfinite(bias)
+                or not -MAX_BIAS <= bias <= MAX_BIAS):
+            raise RequestError(400, f"logit_bias[{_show(key)}] must be a number in [-{MAX_BIAS:g}, {MAX_BIAS:g}], "
+                               f"got {_show(bias)}", param="logit_bias")
+        pairs[tok] = float(bias)
+    return tuple(sorted(pairs.items()))
 
 
 def _string(value: str, where: str, param: str) -> str:
@@ -308,6 +347,9 @@ def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
     for i, s in enumerate(stop):
         _string(s, f"stop[{i}]", "stop")
     seed = _number(body, "seed", None, 0, SEED_MAX, integer=True)
+    presence_penalty = float(_number(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY))
+    frequency_penalty = float(_number(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY))
+    logit_bias = _logit_bias(body.get("logit_bias"))
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise RequestError(400, f"user must be a string, got {_show(user)}", param="user")
@@ -318,7 +360,8 @@ def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
         prompts, flat = _prompts(body.get("prompt"))
     return GenRequest(chat=chat, model=model, prompts=prompts, n=n, max_tokens=max_tokens, temperature=temperature,
                       top_p=top_p, top_k=0 if top_k in (-1, 0) else top_k, stop=tuple(stop), seed=seed,
-                      fit_max_tokens=body.get("max_tokens") is None, flat_ids=flat)
+                      fit_max_tokens=body.get("max_tokens") is None, flat_ids=flat,
+                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias)
 
 
 def _no_constant(name: str):
@@ -374,6 +417,16 @@ def context_length(lm, override: int | None = None) -> int | None:
     return SEQ2SEQ_DEFAULT_CONTEXT if lm.is_seq2seq else None
 
 
+def vocab_size(lm) -> int | None:
+    """How many token ids the model scores: the width of its logits (``logit_bias`` ids must be below it)."""
+    head = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
+    weight = getattr(head, "weight", None)
+    if weight is not None and weight.dim() == 2:
+        return int(weight.shape[0])
+    value = getattr(lm.model.config, "vocab_size", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
 class Engine:
     """The base model with its adapters; only the worker thread calls ``run``."""
 
@@ -397,6 +450,7 @@ class Engine:
         self.adapters = dict(named)
         self.names = names
         self.context = context_length(self.lm, context)
+        self.vocab = vocab_size(self.lm)
         self._seeds = itertools.count(seed)
 
     # ---- per request, on the parsing thread: everything that can fail for one request alone
@@ -404,6 +458,7 @@ class Engine:
     def prepare(self, req: GenRequest, max_request_tokens: int) -> None:
         """Tokenize ``req``, fit a default ``max_tokens``, and check it against the context and the token
         budget (``RequestError``)."""
+        self._check_logit_bias(req)
         # every prompt is at least one token, and a default max_tokens at least one
         floor = len(req.prompts) * req.n * (1 + (1 if req.fit_max_tokens else req.max_tokens))
         if floor > max_request_tokens:  # refuse before tokenizing a huge list
@@ -480,6 +535,12 @@ class Engine:
             raise RequestError(400, f"max_tokens ({max_tokens}) plus the decoder start token exceeds the model's "
                                f"decoder context of {ctx} tokens; lower max_tokens", param="max_tokens")
 
+    def _check_logit_bias(self, req: GenRequest) -> None:
+        outside = [tok for tok, _ in req.logit_bias if self.vocab is not None and tok >= self.vocab]
+        if outside:
+            raise RequestError(400, f"logit_bias names token id {outside[0]}, outside this model's vocabulary of "
+                               f"{self.vocab} tokens (ids 0 to {self.vocab - 1})", param="logit_bias")
+
     @staticmethod
     def _over_budget(req: GenRequest, cost: int, limit: int, at_least: bool = False) -> RequestError:
         if req.fit_max_tokens:  # no max_tokens sent: the default was already cut to the least it can be
@@ -503,7 +564,9 @@ class Engine:
         ids = [x for req in group for x in req.ids]
         seed = first.seed if first.seed is not None else next(self._seeds)
         params = SamplingParams(max_new_tokens=first.max_tokens, temperature=first.temperature, top_p=first.top_p,
-                                top_k=first.top_k, num_samples=first.n, stop=first.stop, seed=seed)
+                                top_k=first.top_k, num_samples=first.n, stop=first.stop, seed=seed,
+                                presence_penalty=first.presence_penalty, frequency_penalty=first.frequency_penalty,
+                                logit_bias=dict(first.logit_bias) or None)
         with self._adapter(first.model):
             out = sample_k(self.lm, ids, params, batch_size=len(ids), abort=abort)
         results, pos = [], 0

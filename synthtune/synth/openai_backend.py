@@ -407,6 +407,14 @@ class OpenAIBackend:
                 body["stop"] = list(params.stop)
             if params.top_k > 0:  # a vLLM/TGI extension; OpenAI's own API rejects unknown fields
                 body["top_k"] = params.top_k
+            # OpenAI's own parameters, sent only when set, so servers that lack them see the same
+            # body as before; vLLM counts the penalties over each sample's output, as the hf backend does
+            if params.presence_penalty:
+                body["presence_penalty"] = params.presence_penalty
+            if params.frequency_penalty:
+                body["frequency_penalty"] = params.frequency_penalty
+            if params.logit_bias:
+                body["logit_bias"] = {str(tok): bias for tok, bias in params.logit_bias.items()}
             if chat:
                 body["messages"] = prompt.chat_messages()
             else:

@@ -57,9 +57,12 @@ STAGES = ("sampled", "finished", "parsed", "on_target", "calc_ok", "reward_ok", 
 #: the failed questions) and which questions (limit: a rerun with a larger one adds questions).
 FINGERPRINT_KEYS = ("model", "backend", "served_model", "questions", "exemplars", "exemplar_pool_size", "shots",
                     "strategy", "prompt_format", "seed", "use_gold",
-                    "k", "k_growth", "temperature", "temperature_step", "top_p", "top_k", "max_new_tokens", "stop",
-                    "batch_size", "min_agreement", "min_calc", "reward_model", "min_reward", "max_keep", "diversity",
-                    "rouge_threshold")
+                    "k", "k_growth", "temperature", "temperature_step", "top_p", "top_k", "presence_penalty",
+                    "frequency_penalty", "max_new_tokens", "stop", "batch_size", "min_agreement", "min_calc",
+                    "reward_model", "min_reward", "max_keep", "diversity", "rouge_threshold")
+#: Settings newer than some output directories, with the value every run before them sampled
+#: with: such a run is then checked as if it had recorded them, instead of going unchecked.
+ADDED_LATER = {"presence_penalty": 0.0, "frequency_penalty": 0.0}
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
@@ -289,8 +292,9 @@ def _check_resume(out_dir: Path, cfg: SynthConfig, log: Callable[[str], None]) -
     if previous is None:
         return new, {}
     old, outdated = previous
-    # A run that recorded no prompt_version predates it: its prompts were version 1.
-    old = {"prompt_version": 1, **old}
+    # A run that recorded no prompt_version predates it: its prompts were version 1; likewise the
+    # settings added later were off in it.
+    old = {"prompt_version": 1, **ADDED_LATER, **old}
     diff = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
     unknown = [k for k in FINGERPRINT_KEYS if k not in old]
     changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -480,7 +484,8 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
         k = max(1, int(round(cfg.k * cfg.k_growth ** rnd)))
         temperature = min(cfg.temperature + cfg.temperature_step * rnd, 2.0)
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p,
-                                top_k=cfg.top_k, num_samples=k, stop=stop, seed=cfg.seed + 7919 * rnd)
+                                top_k=cfg.top_k, num_samples=k, stop=stop, seed=cfg.seed + 7919 * rnd,
+                                presence_penalty=cfg.presence_penalty, frequency_penalty=cfg.frequency_penalty)
         rep = {"round": rnd + 1, "questions": len(todo), "skipped_done": skipped, "k": k,
                "temperature": round(temperature, 3), "kept_questions": 0, "kept_examples": 0}
         bar = _bar(progress, len(todo), f"round {rnd + 1}/{cfg.rounds}")
