@@ -306,7 +306,7 @@ def test_vllm_rules_pass_a_plain_adapter_and_fail_each_broken_one(machines, tmp_
 def test_check_vllm_cli_prints_the_table_and_exits_1_on_a_failure(synthtune_bin, machines, tmp_path):
     dora = _variant(machines["adapter"], tmp_path, "d", use_dora=True)
     proc = subprocess.run([synthtune_bin, "check-vllm", str(dora), "--max-lora-rank", "8"], capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env={**os.environ, "COLUMNS": "300"})  # one line per row
     assert proc.returncode == 1, proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] is False and [r["rule"] for r in report["rules"] if not r["ok"]] == ["no DoRA"]
