@@ -223,7 +223,7 @@ def test_merge_writes_what_transformers_4x_reads_the_same(machines, tmp_path):
 
 
 def test_4x_config_spells_rope_scaling_and_names_what_has_no_4x_form(tmp_path):
-    from synthtune.compat import MIN_4X, MIN_5X, config_for_4x, make_readable_by_4x
+    from synthtune.models import MIN_4X, MIN_5X, config_for_4x, make_readable_by_4x
 
     llama3 = {"rope_theta": 500000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
@@ -256,7 +256,7 @@ def _variant(adapter: Path, tmp_path: Path, name: str, **changes) -> Path:
 
 
 def _failed(adapter, **kw) -> dict[str, str]:
-    from synthtune.vllm_rules import check_adapter
+    from synthtune.jobs.check_vllm import check_adapter
 
     return {r.rule: r.fix for r in check_adapter(adapter, **kw) if not r.ok}
 
@@ -266,7 +266,7 @@ def test_vllm_rules_pass_a_plain_adapter_and_fail_each_broken_one(machines, tmp_
     from safetensors.torch import load_file, save_file
 
     from synthtune.errors import ConfigError
-    from synthtune.vllm_rules import check_adapter
+    from synthtune.jobs.check_vllm import check_adapter
 
     a = machines["adapter"]
     assert _failed(a) == {}

@@ -97,8 +97,7 @@ def _save_and_verify(merged, lm, tmp: Path, before, atol: float) -> tuple[float,
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from synthtune.compat import make_readable_by_4x
-    from synthtune.models import save_tokenizer
+    from synthtune.models import make_readable_by_4x, save_tokenizer
 
     merged.save_pretrained(tmp, safe_serialization=True)
     save_tokenizer(lm.tokenizer, tmp)
