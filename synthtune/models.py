@@ -190,7 +190,9 @@ def _convert_embedded(cache_dir: Path, target: Path) -> None:
         model.config.architectures = [type(model).__name__]
         out = work / "hf"
         model.save_pretrained(out, safe_serialization=True)
-        save_tokenizer(tok, out)
+        # as transformers writes it (is_local included): caches converted before save_tokenizer
+        # existed stay byte-equal to new ones; adapters and merges drop those keys when they save
+        tok.save_pretrained(out)
         (out / "synthtune-source.json").write_text(json.dumps(
             {"source": SMOLLM2_WHEEL_SPEC, "gguf": SMOLLM2_GGUF_NAME, "dequantized_to": "float32"}, indent=2))
         (out / _COMPLETE_MARKER).write_text("ok\n")
