@@ -16,7 +16,8 @@ FILE.yaml`` and ``key=value`` overrides (precedence: defaults < YAML < key=value
     synthtune memory --model M --method lora ... [--fit --gpu-gib 40 --gpus 4] [--json]
     synthtune infer --model M [--adapter DIR] (--prompt TEXT | --input FILE.jsonl) [--k N] [--json]
     synthtune eval --model M [--adapter DIR] [--split test] [--limit N] [--shots 0|8] [--k 1] [--compare]
-    synthtune merge --model M --adapter DIR --out DIR
+    synthtune merge [--model M] --adapter DIR --out DIR
+    synthtune check-vllm DIR --max-lora-rank 16
     synthtune score IN.jsonl --out OUT.jsonl [--json]
     synthtune data check FILE.jsonl [--lenient]
     synthtune models prepare NAME | synthtune models info NAME
@@ -202,7 +203,21 @@ def merge(cfg: C.MergeConfig) -> None:
     """Merge a LoRA adapter into its base (merge_and_unload), save safetensors, verify the logits."""
     from synthtune.jobs import merge as job
 
-    emit(json.dumps(job.run(cfg), indent=2))
+    emit(json.dumps(job.run(cfg, log=say), indent=2))
+
+
+@config_command(app, "check-vllm", C.CheckVllmConfig, json_switch=True)
+@results_on_stdout
+def check_vllm(cfg: C.CheckVllmConfig, json_only: bool) -> None:
+    """Check a LoRA adapter against vLLM's LoRA rules (rank, modules_to_save, DoRA, bias, targets); exit 1 if one fails."""
+    from synthtune.jobs import check_vllm as job
+
+    report = job.run(cfg)
+    if not json_only:
+        err_console.print(job.table(report))
+    emit(json.dumps(report, indent=None if json_only else 2))
+    if not report["ok"]:
+        raise typer.Exit(1)
 
 
 @config_command(app, "score", C.ScoreConfig, json_switch=True)

@@ -436,10 +436,25 @@ class InferConfig:
 class MergeConfig:
     """`synthtune merge`: fold a LoRA adapter into its base, save safetensors, verify the logits."""
 
-    model: str | None = opt(None, "the adapter's base model", required=True)
+    model: str | None = opt(None, "the adapter's base model (default: the base the adapter records)")
     adapter: str | None = opt(None, "LoRA adapter dir (a training run's final/)", required=True)
     out: str | None = opt(None, "new directory for the merged model", required=True)
     atol: float = opt(1e-4, "largest allowed logit difference vs the adapter model", ge=0)
+
+
+#: vLLM's allowed ``--max-lora-rank`` values (``vllm/config/lora.py``, ``MaxLoRARanks``); its default is 16.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+@dataclass
+class CheckVllmConfig:
+    """`synthtune check-vllm`: would vLLM load this LoRA adapter? Its rules, checked without vLLM; nothing is written."""
+
+    adapter: str | None = opt(None, "LoRA adapter dir (a training run's final/)", required=True, positional=True,
+                              metavar="ADAPTER")
+    max_lora_rank: int = opt(16, "the --max-lora-rank the vLLM server runs with (vLLM's default: 16)",
+                             VLLM_MAX_LORA_RANKS, ge=1, le=512)
+    model: str | None = opt(None, "the base vLLM serves (default: the base the adapter records)")
 
 
 @dataclass

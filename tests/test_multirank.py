@@ -155,6 +155,9 @@ def test_saved_adapter_equals_the_one_process_adapter(runs, name):
     assert any(t.abs().sum() > 0 for k, t in two.items() if "lora_B" in k), "lora_B left at its zero init"
     for k in one:
         torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+    # the ZeRO-3 save path writes the same self-describing files as the one-process path
+    for f in ("synthtune_adapter.json", "tokenizer_config.json"):
+        assert (r.two_ranks / "final" / f).read_text() == (r.one_process / "final" / f).read_text(), f
 
 
 @pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.method == "full"])

@@ -59,15 +59,26 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
 def generate(lm, prompts: Sequence[str], params: SamplingParams | None = None, *, batch_size: int = 8,
              add_special_tokens: bool = True, progress: bool = True, desc: str = "generating") -> list[list[str]]:
     """Return ``params.num_samples`` completions for each prompt, in prompt order."""
+    params = params or SamplingParams()
+    tok = lm.tokenizer
+    side = tok.padding_side
+    if not lm.is_seq2seq:
+        # Left padding keeps every prompt's last token adjacent to its first new token. Only for
+        # this call: the tokenizer is shared (training, saving) and its file says how it pads.
+        tok.padding_side = "left"
+    try:
+        return _generate(lm, prompts, params, batch_size, add_special_tokens, progress, desc)
+    finally:
+        tok.padding_side = side
+
+
+def _generate(lm, prompts, params: SamplingParams, batch_size: int, add_special_tokens: bool, progress: bool,
+              desc: str) -> list[list[str]]:
     import torch
 
     from synthtune.generation.penalties import logits_processor
 
-    params = params or SamplingParams()
     tok, model = lm.tokenizer, lm.model
-    if not lm.is_seq2seq:
-        # Left padding keeps every prompt's last token adjacent to its first new token.
-        tok.padding_side = "left"
     gen_kwargs = dict(max_new_tokens=params.max_new_tokens, num_return_sequences=params.num_samples,
                       pad_token_id=tok.pad_token_id)
     if params.temperature > 0:

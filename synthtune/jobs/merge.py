@@ -8,6 +8,7 @@ transformers (what vLLM and everyone else will do), against the same logits.
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -16,6 +17,9 @@ from synthtune.config import MergeConfig
 from synthtune.errors import ConfigError, MergeMismatch
 from synthtune.files import current_umask
 from synthtune.formats import plain_prompt
+
+#: Our metadata in a merged directory: its origin and the oldest transformers that reads it right.
+MERGE_METADATA = "synthtune_merge.json"
 
 # Two prompts in the training format, and a bare phrase.
 PROBES = (plain_prompt("Ann has 3 apples and buys 4 more. How many apples does she have?"),
@@ -35,19 +39,26 @@ def _logits(model, tokenizer, is_seq2seq: bool):
         return model(**enc).logits.float()
 
 
-def merge_adapter(model: str, adapter: str, out: str | Path, *, atol: float = 1e-4, dtype: str | None = None) -> dict:
-    """Merge, save as safetensors with tokenizer and generation config, and verify; returns a report."""
+def merge_adapter(model: str | None, adapter: str, out: str | Path, *, atol: float = 1e-4,
+                  dtype: str | None = None) -> dict:
+    """Merge, save as safetensors with tokenizer and generation config, and verify; returns a report.
+
+    ``model=None`` merges into the base the adapter records (:func:`synthtune.models.adapter_base`).
+    """
     from peft import PeftModel
 
-    from synthtune.models import load_model
+    from synthtune.models import adapter_base, load_model
 
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out} is not empty; merging would overwrite it. Pick a new directory.")
     if not (Path(adapter) / "adapter_config.json").exists():
         raise ConfigError(f"--adapter {adapter} holds no adapter_config.json (pass a training run's final/)")
+    seed = 0
+    if model is None:
+        model, seed = adapter_base(adapter)
     # fp32 on CPU unless asked: the check compares logits, and bf16 rounding would blur it.
-    lm = load_model(model, device="cpu", dtype=dtype or "fp32")
+    lm = load_model(model, device="cpu", dtype=dtype or "fp32", seed=seed)
     peft_model = PeftModel.from_pretrained(lm.model, adapter).eval()
     before = _logits(peft_model, lm.tokenizer, lm.is_seq2seq)
     merged = peft_model.merge_and_unload().eval()
@@ -62,7 +73,8 @@ def merge_adapter(model: str, adapter: str, out: str | Path, *, atol: float = 1e
     # mkdtemp makes it owner-only (0700); the merged model is for other accounts too (a vLLM server)
     tmp.chmod(0o777 & ~current_umask())
     try:
-        diff_reload = _save_and_verify(merged, lm, tmp, before, atol)
+        diff_reload, compat = _save_and_verify(merged, lm, tmp, before, atol)
+        _write_metadata(tmp, model, adapter, compat)
         # rename() replaces an empty directory atomically and refuses a non-empty one, so a
         # directory that filled up meanwhile is never overwritten
         try:
@@ -75,27 +87,56 @@ def merge_adapter(model: str, adapter: str, out: str | Path, *, atol: float = 1e
         raise
     return {"model": model, "adapter": adapter, "out": str(out), "max_abs_diff_merged": diff_merge,
             "max_abs_diff_reloaded": diff_reload, "atol": atol, "probes": len(PROBES),
+            "min_transformers": compat["min_transformers"], "transformers_4x_notes": compat["notes"],
             "files": sorted(p.name for p in out.iterdir())}
 
 
-def _save_and_verify(merged, lm, tmp: Path, before, atol: float) -> float:
-    """Save the merged model into ``tmp`` and return how far its reloaded logits are from ``before``."""
+def _save_and_verify(merged, lm, tmp: Path, before, atol: float) -> tuple[float, dict]:
+    """Save the merged model into ``tmp``, readable by transformers 4.x where it can be; return how far
+    its reloaded logits are from ``before``, and :func:`synthtune.compat.make_readable_by_4x`'s report."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from synthtune.models import make_readable_by_4x, save_tokenizer
 
     merged.save_pretrained(tmp, safe_serialization=True)
-    lm.tokenizer.save_pretrained(tmp)
+    save_tokenizer(lm.tokenizer, tmp)
     if getattr(merged, "generation_config", None) is not None:
         merged.generation_config.save_pretrained(tmp)
+    compat = make_readable_by_4x(tmp)
+    # what is checked is the directory as it will be served: the 4.x spellings included
     cls = AutoModelForSeq2SeqLM if lm.is_seq2seq else AutoModelForCausalLM
     reloaded = cls.from_pretrained(tmp, dtype=torch.float32).eval()
-    diff_reload = float((_logits(reloaded, lm.tokenizer, lm.is_seq2seq) - before).abs().max())
+    tokenizer = AutoTokenizer.from_pretrained(tmp)
+    ids = [tokenizer(p)["input_ids"] for p in PROBES]
+    if ids != [lm.tokenizer(p)["input_ids"] for p in PROBES]:
+        raise MergeMismatch(f"the saved tokenizer, reloaded with transformers, encodes the probes differently "
+                            f"from {lm.path}'s; nothing saved")
+    diff_reload = float((_logits(reloaded, tokenizer, lm.is_seq2seq) - before).abs().max())
     if diff_reload > atol:
         raise MergeMismatch(f"the saved merged model, reloaded with transformers, differs from the adapter by "
                             f"{diff_reload:.3g} (> {atol}); nothing saved")
-    return diff_reload
+    return diff_reload, compat
 
 
-def run(cfg: MergeConfig) -> dict:
-    """`synthtune merge`'s entry point: :func:`merge_adapter` with the command's config."""
-    return merge_adapter(cfg.model, cfg.adapter, cfg.out, atol=cfg.atol)
+def _write_metadata(directory: Path, model: str, adapter: str, compat: dict) -> None:
+    """What the merged directory came from, and the oldest transformers that reads it right."""
+    from synthtune import __version__
+    from synthtune.files import atomic_write_text
+    from synthtune.models import read_adapter_metadata
+
+    record = {"synthtune_version": __version__, "base_model": model, "adapter": str(Path(adapter).resolve()),
+              "adapter_base": read_adapter_metadata(adapter), **compat}
+    atomic_write_text(directory / MERGE_METADATA, json.dumps(record, indent=2) + "\n")
+
+
+def run(cfg: MergeConfig, log=None) -> dict:
+    """`synthtune merge`'s entry point: :func:`merge_adapter` with the command's config.
+
+    ``log`` gets one line naming the oldest transformers that reads the output right.
+    """
+    report = merge_adapter(cfg.model, cfg.adapter, cfg.out, atol=cfg.atol)
+    if log is not None:
+        why = "; ".join(report["transformers_4x_notes"])
+        log(f"{report['out']} needs transformers >= {report['min_transformers']}" + (f" ({why})" if why else ""))
+    return report

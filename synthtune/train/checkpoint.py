@@ -172,14 +172,19 @@ def save_checkpoint(acc, out_dir: Path, state: TrainState, keep: int, **save_kwa
     return final
 
 
-def save_final(acc, model, tokenizer, directory: Path, *, is_peft: bool) -> Path:
+def save_final(acc, model, tokenizer, directory: Path, *, is_peft: bool, base: dict | None = None) -> Path:
     """Save the adapter (LoRA) or the whole model as safetensors, with the tokenizer.
 
     ``accelerator.get_state_dict`` gathers ZeRO-3 partitions into a full state dict on rank 0.
     Calling ``save_pretrained`` on the wrapped module without it saves the local empty
     partitions: the 2023 code's empty adapter. The saved file is checked for that.
+    ``base`` (:func:`synthtune.models.describe_base`) makes an adapter name a portable base
+    and records the local one beside it. The tokenizer is saved as the base's
+    (:func:`synthtune.models.save_tokenizer`).
     """
     from safetensors import safe_open
+
+    from synthtune.models import save_tokenizer, write_adapter_metadata
 
     unwrapped = acc.unwrap_model(model)
     plugin = getattr(acc.state, "deepspeed_plugin", None)
@@ -198,13 +203,15 @@ def save_final(acc, model, tokenizer, directory: Path, *, is_peft: bool) -> Path
             directory.mkdir(parents=True, exist_ok=True)
             save_file(adapter, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
             unwrapped.peft_config["default"].save_pretrained(str(directory))
-            tokenizer.save_pretrained(str(directory))
+            save_tokenizer(tokenizer, directory)
     else:
         state_dict = acc.get_state_dict(model)
         if acc.is_main_process:
             directory.mkdir(parents=True, exist_ok=True)
             unwrapped.save_pretrained(str(directory), state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(str(directory))
+            save_tokenizer(tokenizer, directory)
+    if acc.is_main_process and is_peft and base is not None:
+        write_adapter_metadata(directory, base)
     if acc.is_main_process:
         weights = directory / ("adapter_model.safetensors" if is_peft else "model.safetensors")
         files = [weights] if weights.exists() else sorted(directory.glob("*.safetensors"))

@@ -30,6 +30,7 @@ from synthtune.memory.partitions import ModelStateProbe
 from synthtune.memory.shape import load_shape
 from synthtune.memory.trace import MemoryTracer
 from synthtune.models import (
+    describe_base,
     is_seq2seq_config,
     load_config,
     load_tokenizer,
@@ -449,7 +450,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     final_metrics = evaluate(acc, model, tok, eval_dl, data.eval_questions, cfg, seq2seq)
     history.append({"step": state.global_step, **final_metrics})
     acc.log(final_metrics, step=state.global_step)
-    final_dir = ckpt.save_final(acc, model, tok, out_dir / "final", is_peft=cfg.method in ("lora", "qlora"))
+    final_dir = ckpt.save_final(acc, model, tok, out_dir / "final", is_peft=cfg.method in ("lora", "qlora"),
+                                base=describe_base(cfg.model, model_path, seed=cfg.seed, random_init=cfg.random_init))
     mem = tracer.stop() if tracer is not None else {}
     if torch.cuda.is_available() and not use_cpu:
         mem["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)

@@ -81,6 +81,7 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
     unwrapped = acc.unwrap_model(model)
     was_training = unwrapped.training
     unwrapped.eval()
+    side = tokenizer.padding_side  # put back after: the final tokenizer is saved with the base's side
     if not seq2seq:
         tokenizer.padding_side = "left"
     results = []
@@ -99,7 +100,7 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
             if start + j < len(mine):
                 results.append({"correct": is_correct(text, row["answer"]),
                                 "strict": extract_strict(text) is not None})
-    tokenizer.padding_side = "right"
+    tokenizer.padding_side = side
     if was_training:
         unwrapped.train()
     everything = gather_object(results)
