@@ -43,8 +43,9 @@ def resolve_precision(cfg: TrainConfig, cuda: bool, bf16_ok: bool) -> Precision:
 
 
 # Which way of keeping packed examples apart each attention kernel honours (transformers 5.x):
-# - mask: our (B, 1, S, S) additive mask, used as given by the mask-taking kernels. flex needs a
-#   BlockMask and flash-attn takes no dense mask, so neither is offered it.
+# - mask: our (B, 1, S, S) additive mask, used as given by sdpa and eager. flex would read it
+#   only as a dense score bias over every block (none skipped), and flash-attn takes no dense
+#   mask, so neither is offered it.
 # - position_ids: no mask; transformers finds the documents from the position resets and builds a
 #   dense per-document mask (sdpa, eager) or a BlockMask that skips other documents' blocks (flex).
 #   flash-attn reads resets only from a single flattened row (batch size 1) and otherwise attends
