@@ -233,12 +233,14 @@ def test_flex_attention_block_mask_from_position_ids_forward_on_cpu(packed_data)
 # ---------------------------------------------------------------------------- training
 
 
-@pytest.mark.integration  # trains four times
+@pytest.mark.integration  # trains three times
 def test_packed_training_in_every_cpu_mode_gives_the_same_run(tmp_path):
+    # sdpa + mask (the default) trains in test_train.py's packed test; the other three here, and
+    # the equivalence tests above tie all four to the unpacked losses
     from synthtune.train.loop import train
 
     runs = {}
-    for attn, mode in CPU_TRAINABLE:
+    for attn, mode in CPU_TRAINABLE[1:]:
         cfg = load_config(TrainConfig, SMOKE, [f"output_dir={tmp_path / f'{attn}-{mode}'}", "packing=true",
                                                f"attn_implementation={attn}", f"packing_mode={mode}", "max_steps=4",
                                                "gradient_accumulation_steps=1", "logging_steps=1", "eval_data=null",
@@ -251,7 +253,7 @@ def test_packed_training_in_every_cpu_mode_gives_the_same_run(tmp_path):
         lora_b = {k: v for k, v in load_file(Path(s["final_dir"]) / "adapter_model.safetensors").items()
                   if "lora_B" in k}
         assert lora_b and all(v.abs().max() > 0 for v in lora_b.values())
-    first = runs[CPU_TRAINABLE[0]]
+    first = runs[CPU_TRAINABLE[1]]
     assert len(first) == 4 and all(x == x for x in first)
     for key, losses in runs.items():
         assert losses == pytest.approx(first, rel=1e-5), key  # the same examples, the same attention
