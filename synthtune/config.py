@@ -297,6 +297,16 @@ class TrainConfig:
     max_target_length: int | None = opt(None, "seq2seq: label length limit (default max_length)", ge=1)
     packing: bool = opt(False, "causal: pack examples into max_length rows (per-example attention); the fastest "
                         "on GPUs (1.5x bucketed batches with a Llama-1B shape on an H200)")
+    attn_implementation: str = opt("auto", "attention kernel: auto (flash_attention_2 on a CUDA GPU in bf16 when "
+                                   "flash-attn imports, else sdpa); sdpa; flex_attention (CUDA: torch has no CPU "
+                                   "backward); flash_attention_2 (CUDA, bf16, pip install flash-attn); eager (keeps "
+                                   "B x heads x S x S probabilities)",
+                                   ["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"])
+    packing_mode: str = opt("auto", "how packed rows keep examples apart: auto (mask for sdpa/eager, position_ids "
+                            "for flex_attention, varlen for flash_attention_2); mask (a B x S x S additive mask); "
+                            "position_ids (resets per example, transformers derives the mask or flex block "
+                            "mask); varlen (the batch flattened to one row with cu_seqlens, flash-attn only)",
+                            ["auto", "mask", "position_ids", "varlen"])
     group_by_length: bool = opt(True, "batch similar lengths together: less padding, same data per epoch")
     pad_to_multiple_of: int | None = opt(None, "pad each batch to a multiple of N tokens; 64 on GPUs keeps the "
                                          "number of batch shapes small (LoRA on unbucketed shapes ran 2-3x "

@@ -212,6 +212,12 @@ def test_packed_training_counts_the_same_real_tokens(tmp_path):
     (["resume_from=/no/such/ckpt"], "resume_from"),
     (["model=tiny-t5", "packing=true"], "packing"),
     (["pad_to_multiple_of=0"], "pad_to_multiple_of"),
+    # device=cpu: the same answer on a GPU machine
+    (["attn_implementation=flash_attention_2", "device=cpu"], "attn_implementation=flash_attention_2: .*install|"
+                                                              "attn_implementation=flash_attention_2 needs a CUDA"),
+    (["attn_implementation=flex_attention", "device=cpu"], "flex_attention trains on CUDA only"),
+    (["packing=true", "packing_mode=varlen", "device=cpu"], "packing_mode=varlen is not a layout attn_implementation=sdpa takes"),
+    (["model=tiny-t5", "attn_implementation=flash_attention_2"], "T5ForConditionalGeneration .* has no flash"),
 ])
 def test_bad_configs_fail_before_loading(override, match):
     with pytest.raises(ConfigError, match=match):  # out-of-range values already fail in load_config

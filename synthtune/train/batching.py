@@ -192,21 +192,34 @@ def pack_sequences(dataset, max_length: int):
     return datasets.Dataset.from_dict(out)
 
 
+PACKED_ATTENTION = ("mask", "position_ids", "varlen")
+
+
 class PackedCollator:
     """Batches packed rows so attention never crosses an example boundary.
 
-    ``attention="mask"`` (default, right for sdpa and eager on any device): ``position_ids`` plus
-    a 4D additive block-diagonal causal mask ``(B, 1, L, L)`` (0 = attend, ``finfo(mask_dtype).min``
-    = blocked). transformers uses a 4D mask as given, whatever ``use_cache`` is. Pass the model's
-    dtype as ``mask_dtype`` (sdpa wants the mask in the query's dtype). Memory is ``B*L*L`` mask
-    elements: fine at 512-2048 tokens.
+    Three layouts, one per family of attention kernels (``synthtune.train.setup`` picks one from
+    ``attn_implementation``; each carries ``position_ids`` that restart at 0 per example, for RoPE):
 
-    ``attention="position_ids"`` (flash-attention / large L): ``position_ids`` and no
-    ``attention_mask``. transformers then finds the example boundaries from the position resets
-    (varlen kernels for flash-attn, a derived block mask for sdpa/eager), but only when no KV cache
-    is passed: **call the model with** ``use_cache=False`` (or set ``model.config.use_cache =
-    False``). Measured here with transformers 5.24: with the default ``use_cache=True`` the
-    boundaries are silently ignored and examples attend to each other.
+    ``attention="mask"`` (default; sdpa and eager on any device): a 4D additive block-diagonal
+    causal mask ``(B, 1, L, L)`` (0 = attend, ``finfo(mask_dtype).min`` = blocked). transformers
+    uses a 4D mask as given, whatever ``use_cache`` is. Pass the model's dtype as ``mask_dtype``
+    (sdpa wants the mask in the query's dtype). Memory is ``B*L*L`` mask elements: fine at 512-2048 tokens.
+
+    ``attention="position_ids"`` (flex attention; sdpa/eager too): no ``attention_mask``.
+    transformers then finds the example boundaries from the position resets (a BlockMask that
+    skips other examples' blocks for flex, a dense mask it builds on the device for sdpa/eager),
+    but only when no KV cache is passed: **call the model with** ``use_cache=False``
+    (``synthtune.train.loss.model_inputs`` does). Measured here with transformers 5.24: with the
+    default ``use_cache=True`` the boundaries are silently ignored and examples attend to each other.
+    flash-attn honours the resets only in a batch of one row, hence the next layout.
+
+    ``attention="varlen"`` (flash-attn): the rows are flattened into one row of all the batch's
+    tokens, with no padding, plus ``cu_seq_lens_q``/``cu_seq_lens_k`` (int32 start offsets of the
+    examples, ending with the total) and ``max_length_q``/``max_length_k`` (the longest example,
+    a host int): the arguments of flash-attn's varlen kernel, which transformers passes through.
+    Computed here, on the host, they cost no device sync per layer. ``pad_to_multiple_of`` pads the
+    flat row with one padding example of its own.
 
     Padding (rows of unequal length) gets labels -100 and its own positions/block, so it never
     touches the real tokens. ``num_tokens`` (a 0-d tensor) counts the real tokens of the batch, for
@@ -215,12 +228,14 @@ class PackedCollator:
 
     def __init__(self, pad_token_id: int, *, attention: str = "mask", pad_to_multiple_of: int | None = None,
                  mask_dtype=None):
-        if attention not in ("mask", "position_ids"):
-            raise ValueError("attention must be 'mask' or 'position_ids'")
+        if attention not in PACKED_ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(PACKED_ATTENTION)}, not {attention!r}")
         self.pad_token_id, self.attention = pad_token_id, attention
         self.pad_to_multiple_of, self.mask_dtype = pad_to_multiple_of, mask_dtype
 
     def __call__(self, features: Sequence[dict]) -> dict:
+        if self.attention == "varlen":
+            return self._flat(features)
         import torch
 
         ids = [f["input_ids"] for f in features]
@@ -244,6 +259,27 @@ class PackedCollator:
             zero = torch.zeros((), dtype=dtype)
             batch["attention_mask"] = torch.where(same & causal, zero, blocked)[:, None]
         return batch
+
+    def _flat(self, features: Sequence[dict]) -> dict:
+        import torch
+
+        ids, labels, pos = [], [], []
+        for f in features:
+            ids += list(f["input_ids"])
+            labels += list(f["labels"])
+            pos += list(f["position_ids"])
+        n_real = len(ids)
+        pad = padded_len(n_real, self.pad_to_multiple_of) - n_real
+        ids += [self.pad_token_id] * pad
+        labels += [IGNORE_INDEX] * pad
+        pos += list(range(pad))
+        starts = [i for i, p in enumerate(pos) if p == 0]
+        cu = [*starts, len(pos)]
+        longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+        cu_t = torch.tensor(cu, dtype=torch.int32)
+        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]), "position_ids": torch.tensor([pos]),
+                "cu_seq_lens_q": cu_t, "cu_seq_lens_k": cu_t.clone(), "max_length_q": longest, "max_length_k": longest,
+                "num_tokens": torch.tensor(n_real)}
 
 
 def iter_batches(order: Iterable[int], batch_size: int) -> Iterator[list[int]]:

@@ -63,7 +63,10 @@ class TrainData:
         return lines
 
 
-def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool = False) -> TrainData:
+def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool = False,
+                     packing_mode: str = "mask") -> TrainData:
+    """``packing_mode``: the :class:`PackedCollator` layout for the model's attention kernel
+    (``synthtune.train.setup.resolve_packing_mode``); used only with ``cfg.packing``."""
     import torch
     from torch.utils.data import DataLoader
 
@@ -80,7 +83,7 @@ def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool
     elif cfg.packing:
         ds = pack_sequences(ds, cfg.max_length)
         # The block-diagonal mask must match the activations' dtype under bf16 (sdpa refuses mixing).
-        collator = PackedCollator(tokenizer.pad_token_id, pad_to_multiple_of=multiple,
+        collator = PackedCollator(tokenizer.pad_token_id, attention=packing_mode, pad_to_multiple_of=multiple,
                                   mask_dtype=torch.bfloat16 if mask_bf16 else None)
     else:
         collator = CausalCollator(tokenizer.pad_token_id, pad_to_multiple_of=multiple)
@@ -92,7 +95,8 @@ def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool
     train_loader = DataLoader(ds, batch_size=cfg.per_device_batch_size, sampler=sampler, collate_fn=collator,
                               drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
     stats = {"train": train.stats, "format": fmt, "batch_size": cfg.per_device_batch_size,
-             "train_batches": len(train_loader), "packed_rows": len(ds) if cfg.packing else None}
+             "train_batches": len(train_loader), "packed_rows": len(ds) if cfg.packing else None,
+             "packing_mode": packing_mode if cfg.packing else None}
     eval_loader, questions = None, []
     if cfg.eval_data:
         erows = [r for r in load_source(cfg.eval_data, cfg.gsm8k_dir, limit=cfg.eval_limit).rows if r.get("answer")]

@@ -47,8 +47,12 @@ from synthtune.train.setup import (
     apply_lora,
     deepspeed_cpu_process_group,
     default_output_dir,
+    model_class,
+    on_cuda,
     raise_if_any_rank_failed,
     require_deepspeed,
+    resolve_attention,
+    resolve_packing_mode,
     resolve_precision,
     resolve_tracker,
     trainable_parameters,
@@ -128,7 +132,7 @@ def persistence_threshold(plugin) -> int:
     return int(value) if isinstance(value, (int, float)) else 100_000
 
 
-def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict) -> dict | None:
+def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict, attn: str | None = None) -> dict | None:
     """The estimator's per-GPU peak for this very run, to sit beside the measured peak.
 
     The longest training example sets the largest batch shape, so it is the sequence length
@@ -145,7 +149,9 @@ def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict) -> dict | None:
                       lora_dropout=cfg.lora_dropout, precision=precision,
                       zero_stage=getattr(plugin, "zero_stage", 0) if plugin else 0, gpus=acc.num_processes,
                       batch_size=cfg.per_device_batch_size, seq_len=max(seq, 1), target_len=target,
-                      grad_ckpt=cfg.gradient_checkpointing, persistence_threshold=persistence_threshold(plugin))
+                      grad_ckpt=cfg.gradient_checkpointing, persistence_threshold=persistence_threshold(plugin),
+                      # flex and flash-attn are fused kernels that keep what flash keeps (q, k, v, out, lse)
+                      attn={"eager": "eager", "flash_attention_2": "flash", "flex_attention": "flash"}.get(attn, "sdpa"))
         est = estimate(load_shape(cfg.model, trust_remote_code=cfg.trust_remote_code), setup)
     except (ValueError, KeyError, NotImplementedError) as err:  # an architecture it does not model
         logger.warning("memory estimate unavailable: %s", err)
@@ -164,6 +170,9 @@ def load_for_training(cfg: TrainConfig, weights_dtype: str):
     cls = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
     kwargs = {"dtype": torch.bfloat16 if weights_dtype == "bf16" else torch.float32,
               "trust_remote_code": cfg.trust_remote_code}
+    attn = resolve_attention(cfg, *on_cuda(cfg), model_class(mcfg, seq2seq), seq2seq)
+    if attn is not None:  # None: transformers' default (sdpa where the model has it)
+        kwargs["attn_implementation"] = attn
     if cfg.method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -178,7 +187,8 @@ def load_for_training(cfg: TrainConfig, weights_dtype: str):
 
         device = PartialState().device
         with zero3_init(False), torch.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            model = cls.from_config(mcfg, dtype=kwargs["dtype"], trust_remote_code=cfg.trust_remote_code)
+            model = cls.from_config(mcfg, dtype=kwargs["dtype"], trust_remote_code=cfg.trust_remote_code,
+                                    **({"attn_implementation": attn} if attn else {}))
     else:
         with zero3_init(zero3_init_flag()):
             model = cls.from_pretrained(path, **kwargs)
@@ -262,14 +272,19 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     model, tok, seq2seq, model_path = load_for_training(cfg, prec.weights_dtype)
     n_train, n_total = trainable_parameters(model)
+    # what the model runs, which transformers may have chosen (auto): the packed layout follows it
+    attn = model.config._attn_implementation
+    packing_mode = resolve_packing_mode(cfg, attn)
     say(f"{cfg.model} ({'seq2seq' if seq2seq else 'causal'}), method={cfg.method}, precision={cfg.precision} "
         f"-> weights {prec.weights_dtype}, autocast {prec.mixed_precision}; trainable {n_train:,} / {n_total:,} "
-        f"({100 * n_train / n_total:.2f}%), {acc.num_processes} process(es) on {acc.device}")
+        f"({100 * n_train / n_total:.2f}%), {acc.num_processes} process(es) on {acc.device}; attention {attn}"
+        + (f", packed rows apart by {packing_mode}" if packing_mode else ""))
 
     data, problem = None, None
     with acc.main_process_first():
         try:
-            data = build_train_data(cfg, tok, seq2seq, mask_bf16="bf16" in (prec.weights_dtype, prec.mixed_precision))
+            data = build_train_data(cfg, tok, seq2seq, mask_bf16="bf16" in (prec.weights_dtype, prec.mixed_precision),
+                                    packing_mode=packing_mode or "mask")
         except (ValueError, OSError) as err:  # bad rows, unreadable files (ConfigError and DataError are ValueErrors)
             # raised alone, this rank would leave the others waiting in the next collective until the
             # process group's timeout (30 min); the barrier below and the agreement make every rank stop
@@ -455,7 +470,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     mem = tracer.stop() if tracer is not None else {}
     if torch.cuda.is_available() and not use_cpu:
         mem["cuda_max_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-    mem["estimate"] = predicted_memory(cfg, prec, acc, data.stats)
+    mem["estimate"] = predicted_memory(cfg, prec, acc, data.stats, attn)
     mem["model_states_bytes"] = model_states
     train_losses = [h["loss"] for h in history if "loss" in h]
     summary = {
@@ -464,7 +479,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         # what actually ran: accelerate can quietly fall back from the launcher config (e.g. to DDP)
         "distributed_type": acc.distributed_type.value,
         "zero_stage": getattr(plugin, "zero_stage", None) if plugin is not None else None,
-        "zero3_partitions": partitions,
+        "zero3_partitions": partitions, "attn_implementation": attn,
         "trainable_params": n_train, "total_params": n_total,
         "train_tokens_run": tokens_run, "train_seconds": round(train_s, 2),
         "tokens_per_s": round(tokens_run / max(train_s, 1e-9), 2),

@@ -29,9 +29,19 @@ def batch_tokens(batch: dict, is_seq2seq: bool) -> int:
     return n
 
 
+#: flash-attn's varlen arguments from PackedCollator(attention="varlen"): transformers passes them
+#: through the model to the attention kernel
+VARLEN_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 def model_inputs(batch: dict, is_seq2seq: bool) -> dict:
     keys = ("input_ids", "attention_mask", "position_ids", "labels") if is_seq2seq else \
-        ("input_ids", "attention_mask", "position_ids")
+        ("input_ids", "attention_mask", "position_ids", *VARLEN_KEYS)
     # seq2seq models build decoder inputs from labels (shifted right); causal models get no labels
     # so they skip their own loss: ours is summed and normalized per accumulation window.
-    return {k: batch[k] for k in keys if k in batch}
+    inputs = {k: batch[k] for k in keys if k in batch}
+    if "position_ids" in inputs and "attention_mask" not in inputs:
+        # packed rows without a mask: transformers reads the example boundaries from the position
+        # resets only when no KV cache is passed; with one, examples attend to each other silently
+        inputs["use_cache"] = False
+    return inputs

@@ -43,6 +43,122 @@ def resolve_precision(cfg: TrainConfig, cuda: bool, bf16_ok: bool) -> Precision:
             "bf16-mixed": Precision("fp32", "bf16")}[choice]
 
 
+# Which way of keeping packed examples apart each attention kernel honours (transformers 5.x):
+# - mask: our (B, 1, S, S) additive mask, used as given by sdpa and eager. flex would read it
+#   only as a dense score bias over every block (none skipped), and flash-attn takes no dense
+#   mask, so neither is offered it.
+# - position_ids: no mask; transformers finds the documents from the position resets and builds a
+#   dense per-document mask (sdpa, eager) or a BlockMask that skips other documents' blocks (flex).
+#   flash-attn reads resets only from a single flattened row (batch size 1) and otherwise attends
+#   across documents without a word, so it is refused there.
+# - varlen: the batch flattened into one row with precomputed cu_seqlens: flash-attn's varlen
+#   kernel and no padding at all. The other kernels ignore cu_seqlens and would build an
+#   (N x N) mask over the whole flattened batch, so it is theirs to refuse.
+PACKING_MODES = {"sdpa": ("mask", "position_ids"), "eager": ("mask", "position_ids"),
+                 "flex_attention": ("position_ids",), "flash_attention_2": ("varlen",)}
+# auto: the mode with the least work per kernel. sdpa/eager: the same kernel runs either way (a
+# mask with arbitrary blocks keeps sdpa off the flash kernel whoever builds it), and the 4D mask
+# spares transformers' per-forward host check of the position resets. flex: its block mask skips
+# the other documents' blocks. flash: varlen computes no padding and no cross-document pairs.
+AUTO_PACKING = {"sdpa": "mask", "eager": "mask", "flex_attention": "position_ids", "flash_attention_2": "varlen"}
+FLASH_ATTN_INSTALL = "pip install flash-attn --no-build-isolation (a CUDA build matching your torch)"
+
+
+def flash_attn_problem() -> str | None:
+    """Why flash-attn cannot be used here, or None. Imported for real: an install built against
+    another torch fails only at import (undefined symbol), which a package lookup would miss."""
+    try:
+        import flash_attn  # noqa: F401
+    except Exception as err:  # ImportError, or OSError/RuntimeError from a mismatched binary
+        return f"flash-attn does not import ({type(err).__name__}: {err})"
+    return None
+
+
+SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flex_attention": "_supports_flex_attn",
+                 "flash_attention_2": "_supports_flash_attn"}  # eager: every model
+
+
+def model_class(mcfg, seq2seq: bool):
+    """The transformers class a config loads as, or None (remote code, an unknown architecture)."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
+    )
+
+    try:
+        return (MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING if seq2seq else MODEL_FOR_CAUSAL_LM_MAPPING)[type(mcfg)]
+    except KeyError:
+        return None
+
+
+def resolve_attention(cfg: TrainConfig, cuda: bool, bf16_ok: bool, cls=None, seq2seq: bool = False) -> str | None:
+    """The ``attn_implementation`` to load the model with; None leaves transformers' default (sdpa
+    where the model has it, else eager), which is what ``auto`` means short of flash-attn.
+
+    ``cls`` is the model's class (:func:`model_class`), for the models that lack a kernel. Raises
+    ConfigError, naming the key, for a kernel this machine or model cannot train with.
+    """
+    choice = cfg.attn_implementation
+    half = resolve_precision(cfg, cuda, bf16_ok) != Precision("fp32", "no")  # flash-attn computes in bf16/fp16 only
+    if choice == "auto":
+        flash = (not seq2seq and cuda and half and cls is not None and getattr(cls, "_supports_flash_attn", False)
+                 and flash_attn_problem() is None)
+        return "flash_attention_2" if flash else None
+    flag = SUPPORT_FLAGS.get(choice)
+    if cls is not None and flag and not getattr(cls, flag, False):
+        raise ConfigError(f"attn_implementation={choice}: {cls.__name__} ({cfg.model}) has no {choice} kernel in "
+                          f"transformers; use auto or eager")
+    if choice == "flash_attention_2":
+        problem = flash_attn_problem()
+        if problem:
+            raise ConfigError(f"attn_implementation=flash_attention_2: {problem}; install it with "
+                              f"{FLASH_ATTN_INSTALL}, or use attn_implementation=sdpa")
+        if not cuda:
+            raise ConfigError("attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
+        if not half:
+            raise ConfigError(f"attn_implementation=flash_attention_2 computes in bf16/fp16, but precision="
+                              f"{cfg.precision} runs fp32 here; set precision=bf16 or bf16-mixed (a GPU with bf16), "
+                              f"or use attn_implementation=sdpa")
+    if choice == "flex_attention":
+        import torch
+        from transformers.utils import is_torch_flex_attn_available
+
+        if not is_torch_flex_attn_available():
+            raise ConfigError(f"attn_implementation=flex_attention: torch {torch.__version__} has no flex attention; "
+                              f"use sdpa")
+        if not cuda:
+            # torch's FlexAttention raises "does not support backward on CPU" at the first step
+            raise ConfigError(f"attn_implementation=flex_attention trains on CUDA only (torch {torch.__version__} "
+                              f"has no flex attention backward on CPU); use sdpa on CPU")
+    return choice
+
+
+def resolve_packing_mode(cfg: TrainConfig, attn_implementation: str | None) -> str | None:
+    """How :class:`PackedCollator` keeps packed examples apart for this kernel (None without
+    packing); ConfigError for a mode the kernel would ignore or cannot take."""
+    if not cfg.packing:
+        return None
+    attn = attn_implementation or "sdpa"  # None: transformers' default; sdpa and eager take the same modes
+    if attn not in PACKING_MODES:
+        raise ConfigError(f"packing: no packing mode is known to keep examples apart under attn_implementation="
+                          f"{attn}; use sdpa, eager, flex_attention or flash_attention_2, or packing=false")
+    if cfg.packing_mode == "auto":
+        return AUTO_PACKING[attn]
+    if cfg.packing_mode not in PACKING_MODES[attn]:
+        raise ConfigError(f"packing_mode={cfg.packing_mode} is not a layout attn_implementation={attn} takes "
+                          f"(it takes {' or '.join(PACKING_MODES[attn])}: another would attend across examples "
+                          f"or build a mask over the whole batch); use packing_mode=auto")
+    return cfg.packing_mode
+
+
+def on_cuda(cfg: TrainConfig) -> tuple[bool, bool]:
+    """(CUDA, bf16 on it) as train() decides them."""
+    import torch
+
+    cuda = cfg.device != "cpu" and torch.cuda.is_available()
+    return cuda, cuda and torch.cuda.is_bf16_supported()
+
+
 def default_output_dir(cfg: TrainConfig) -> Path:
     return paths.OUTPUTS_DIR / "train" / f"{Path(cfg.model).name}-{cfg.method}"
 
@@ -98,6 +214,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"max_length={cfg.max_length} is over {cfg.model}'s limit of {limit} positions")
     if cfg.packing and is_seq2seq_config(mcfg):
         raise ConfigError("packing=true is for causal models; seq2seq batches are already dynamic")
+    seq2seq = is_seq2seq_config(mcfg)
+    resolve_packing_mode(cfg, resolve_attention(cfg, *on_cuda(cfg), model_class(mcfg, seq2seq), seq2seq))
     if cfg.method in ("lora", "qlora"):
         targets = lora_target_modules(cfg)
         if targets != "all-linear":
