@@ -29,7 +29,9 @@ LOCK_ARGS ?=
 CUDA_RUNTIME := ^(cuda-|triton==|nvidia-(cu|nccl|nvjitlink|nvshmem|nvtx))
 EXPORT = $(POETRY) export -f constraints.txt --all-extras --without-hashes --without-urls | grep -v -E '$(CUDA_RUNTIME)'
 # The same pins with the lock's hashes, for pip's hash-checking mode; torch goes too (the CPU wheel is
-# another file than the one the lock hashes). A package's hashes sit on its continuation lines.
+# another file than the one the lock hashes). A package's hashes sit on its continuation lines. They go
+# in before torch: pip checks hashes only of what it downloads, so torch's own dependencies (sympy,
+# jinja2, filelock...) must already be there, hash-checked, when torch's install would resolve them.
 LOCKED_REQS := $(VENV)/locked-requirements.txt
 EXPORT_HASHED = $(POETRY) export -f requirements.txt --all-extras --without-urls | \
 	awk '/^[^ ]/ { skip = ($$0 ~ /$(CUDA_RUNTIME)|^torch==/) } !skip'
@@ -51,9 +53,9 @@ $(STAMP): pyproject.toml poetry.lock $(CONSTRAINTS)
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@test -n "$(TORCH_SPEC)" || { echo "$(CONSTRAINTS) pins no torch: run make lock" >&2; exit 1; }
 	@$(MAKE) --no-print-directory $(POETRY_STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) "$(TORCH_SPEC)"
 	@$(EXPORT_HASHED) > $(LOCKED_REQS)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCKED_REQS)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	$(BIN)/python -m pip check
 	@$(BIN)/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'

@@ -297,8 +297,8 @@ class TrainConfig:
     max_target_length: int | None = opt(None, "seq2seq: label length limit (default max_length)", ge=1)
     packing: bool = opt(False, "causal: pack examples into max_length rows (per-example attention); the fastest "
                         "on GPUs (1.5x bucketed batches with a Llama-1B shape on an H200)")
-    attn_implementation: str = opt("auto", "attention kernel: auto (flash_attention_2 on a CUDA GPU in bf16 when "
-                                   "flash-attn imports, else sdpa); sdpa; flex_attention (CUDA: torch has no CPU "
+    attn_implementation: str = opt("auto", "attention kernel: auto (transformers' default: sdpa where the model "
+                                   "has it; flash_attention_2 is opt-in until checked on a GPU); sdpa; flex_attention (CUDA: torch has no CPU "
                                    "backward); flash_attention_2 (CUDA, bf16, pip install flash-attn); eager (keeps "
                                    "B x heads x S x S probabilities)",
                                    ["auto", "sdpa", "flex_attention", "flash_attention_2", "eager"])

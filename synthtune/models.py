@@ -642,6 +642,12 @@ def adapter_base(adapter: str | Path) -> tuple[str, int]:
         name = meta["base_model"]
         if name in BUILTIN_MODELS:
             return name, int(meta.get("seed", 0))
+        if meta.get("random_init"):
+            # the pretrained weights the id names are not the ones trained on: a merge or a logit check
+            # built on them would pass and be wrong
+            raise ConfigError(f"adapter: {adapter} was trained on randomly initialized weights of {name} "
+                              f"(random_init in {ADAPTER_METADATA}), which exist nowhere else; pass --model "
+                              f"knowing that the base's pretrained weights are not what it was trained on")
         if meta.get("base_path") and Path(meta["base_path"]).exists():
             return meta["base_path"], 0
     cfg_path = Path(adapter) / "adapter_config.json"

@@ -312,3 +312,14 @@ def test_check_vllm_cli_prints_the_table_and_exits_1_on_a_failure(synthtune_bin,
     assert report["ok"] is False and [r["rule"] for r in report["rules"] if not r["ok"]] == ["no DoRA"]
     table = " ".join(proc.stderr.split())
     assert "FAIL use_dora=true" in table and "retrain with use_dora off" in table and "pass rank 8 <= 8" in table
+
+
+def test_an_adapter_trained_on_random_weights_of_a_hub_model_does_not_resolve_to_the_pretrained_base(tmp_path):
+    from synthtune.errors import ConfigError
+    from synthtune.models import adapter_base, describe_base, write_adapter_metadata
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"base_model_name_or_path": "/cache/org-model"}))
+    record = describe_base("org/model", str(tmp_path / "nowhere"), seed=3, random_init=True)
+    write_adapter_metadata(tmp_path, record)
+    with pytest.raises(ConfigError, match=r"randomly initialized weights of org/model.*pass --model"):
+        adapter_base(tmp_path)

@@ -172,6 +172,8 @@ def test_malformed_bodies_get_400_and_are_logged(server):
     # framing errors: no trustworthy length means the connection closes after the answer
     for head, code in [(b"Content-Length: +5\r\n", 411), (b"Content-Length: 5\r\nContent-Length: 6\r\n", 411),
                        (b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n", 400), (b"", 411),
+                       # a malformed line hides itself and every header after it from the parser
+                       (b"Transfer-Encoding : chunked\r\nContent-Length: 2\r\n", 400),
                        (f"Content-Length: {17 << 20}\r\n".encode(), 413)]:
         reply = raw_exchange(server.url, b"POST /v1/completions HTTP/1.1\r\nAuthorization: Bearer " + KEY.encode()
                              + b"\r\n" + head + b"\r\n{}")

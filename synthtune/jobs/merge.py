@@ -93,7 +93,7 @@ def merge_adapter(model: str | None, adapter: str, out: str | Path, *, atol: flo
 
 def _save_and_verify(merged, lm, tmp: Path, before, atol: float) -> tuple[float, dict]:
     """Save the merged model into ``tmp``, readable by transformers 4.x where it can be; return how far
-    its reloaded logits are from ``before``, and :func:`synthtune.compat.make_readable_by_4x`'s report."""
+    its reloaded logits are from ``before``, and :func:`synthtune.models.make_readable_by_4x`'s report."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 

@@ -9,8 +9,8 @@ to vLLM, which is what to run at GPU scale (see docs/scaling.md, "Synthesis agai
   ``logit_bias`` take OpenAI's ranges; the penalties count each sample's generated tokens, as vLLM's do. Errors use OpenAI's ``{"error": {...}}`` shape:
   400 for a bad parameter, 404 ``model_not_found``, 401 for a wrong key.
 * As vLLM: a completions ``prompt`` may be token ids (a list of ints, or a list of such lists);
-  without ``max_tokens`` a completion gets 16 tokens and a chat reply the rest of the context
-  (``CHAT_MAX_TOKENS_NO_CONTEXT`` when the model names none), cut to fit the budget; the chat role
+  without ``max_tokens`` a completion gets 16 tokens and a chat reply the rest of the context, at
+  most ``CHAT_MAX_TOKENS_NO_CONTEXT``, cut to fit the budget; the chat role
   ``developer`` is ``system``. Bodies come with a Content-Length or chunked.
 * Adapters: each ``--adapter NAME=DIR`` is a peft LoRA adapter (safetensors only) on the one base
   model, chosen per request by ``model=NAME``, as with vLLM's ``--lora-modules``.
@@ -81,8 +81,10 @@ MAX_BODY_BYTES = 16 << 20
 MAX_HEAD_BYTES = 64 << 10
 #: /v1/completions without max_tokens: OpenAI's and vLLM's default
 COMPLETIONS_MAX_TOKENS = 16
-#: /v1/chat/completions without max_tokens gets the rest of the context (as vLLM); when the model
-#: names no context, this many (the budget may still lower it)
+#: /v1/chat/completions without max_tokens gets the rest of the context (as vLLM), but at most this
+#: many, with or without a known context (the budget may lower it further): a request reserves its
+#: max_tokens of --max-inflight-tokens and of KV memory up front, and vLLM's paged KV pays only for
+#: what is generated, so the whole rest of a 128k context would starve other clients here
 CHAT_MAX_TOKENS_NO_CONTEXT = 4096
 #: seeds are int64 as in vLLM, non-negative so that torch (which takes uint64) accepts seed + offset
 SEED_MAX = (1 << 63) - 1
@@ -503,8 +505,8 @@ class Engine:
 
     def default_max_tokens(self, req: GenRequest, lengths: Sequence[int], max_request_tokens: int) -> int:
         """``max_tokens`` for a request that named none: the route's default (16 for completions; for
-        chat the rest of the context, or ``CHAT_MAX_TOKENS_NO_CONTEXT`` when the model names none), cut
-        to what the context and the budget leave. At least 1: a prompt with no room left fails on
+        chat the rest of the context, at most ``CHAT_MAX_TOKENS_NO_CONTEXT``), cut to what the context
+        and the budget leave. At least 1: a prompt with no room left fails on
         its own length, not on a parameter the client never sent."""
         limits = [req.max_tokens if req.max_tokens is not None else CHAT_MAX_TOKENS_NO_CONTEXT]
         if self.context is not None:
@@ -922,6 +924,11 @@ class _Connection:
             headers = http.client.parse_headers(io.BytesIO(rest + b"\r\n\r\n"))
         except http.client.HTTPException as err:
             raise RequestError(431, f"bad headers: {type(err).__name__}", close=True) from None
+        if headers.defects:
+            # the parser stops at a line it cannot read (e.g. "Transfer-Encoding : chunked") and drops it
+            # and every line after it, framing headers included: answering would read the body wrongly
+            raise RequestError(400, f"malformed header line ({type(headers.defects[0]).__name__}): a header is "
+                               f"'Name: value' with no space before the colon", close=True)
         return _Head(method, target, version, headers)
 
     def _content_length(self, head: _Head) -> int:

@@ -93,7 +93,7 @@ def model_class(mcfg, seq2seq: bool):
 
 def resolve_attention(cfg: TrainConfig, cuda: bool, bf16_ok: bool, cls=None, seq2seq: bool = False) -> str | None:
     """The ``attn_implementation`` to load the model with; None leaves transformers' default (sdpa
-    where the model has it, else eager), which is what ``auto`` means short of flash-attn.
+    where the model has it, else eager), which is what ``auto`` means.
 
     ``cls`` is the model's class (:func:`model_class`), for the models that lack a kernel. Raises
     ConfigError, naming the key, for a kernel this machine or model cannot train with.
@@ -101,9 +101,9 @@ def resolve_attention(cfg: TrainConfig, cuda: bool, bf16_ok: bool, cls=None, seq
     choice = cfg.attn_implementation
     half = resolve_precision(cfg, cuda, bf16_ok) != Precision("fp32", "no")  # flash-attn computes in bf16/fp16 only
     if choice == "auto":
-        flash = (not seq2seq and cuda and half and cls is not None and getattr(cls, "_supports_flash_attn", False)
-                 and flash_attn_problem() is None)
-        return "flash_attention_2" if flash else None
+        # transformers' default. flash-attn stays opt-in until its packed (varlen) layout has been
+        # checked against unpacked losses on a GPU: CPUs cannot run it, and no GPU run has yet
+        return None
     flag = SUPPORT_FLAGS.get(choice)
     if cls is not None and flag and not getattr(cls, flag, False):
         raise ConfigError(f"attn_implementation={choice}: {cls.__name__} ({cfg.model}) has no {choice} kernel in "
