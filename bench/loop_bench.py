@@ -2,6 +2,7 @@
 
 Run: PYTHONPATH=. .venv/bin/python bench/loop_bench.py   # CPU, 1 thread: tiny-llama (36 steps), smollm2-135m-instruct (18), LoRA
      # writes bench/results/loop_bench_cpu.json (on a GPU: loop_bench_<card>.json) unless --out says otherwise
+     PYTHONPATH=. .venv/bin/python bench/loop_bench.py --loss-only --out bench/results/loop_bench_cpu_lossmem.json
      PYTHONPATH=. .venv/bin/python bench/loop_bench.py --models tiny-llama --steps 12 --warmup 4 --out /tmp/lb.json
 
 Per model, runs on the same training config (``configs/train/smoke.yaml`` with the model,
@@ -28,7 +29,8 @@ Peak memory is the process's resident set (RSS, sampled every 50 ms by
 :class:`synthtune.memory.trace.MemoryTracer`) during each run, minus the RSS when the run started:
 the model, the optimizer states and the step's activations. Beside it, ``loss_peak``: one
 forward + backward of a packed batch alone (``--loss-batch`` rows of ``max_length``), each loss in
-a fresh process (sampled every 10 ms), so memory the allocator keeps from one cannot hide the other's.
+a fresh process (sampled every 10 ms, with glibc's mmap threshold fixed at 64 KiB so that freed
+tensors leave the RSS), so memory the allocator keeps from one cannot hide the other's.
 
 On a CPU the ratio ``ours / plain`` is our per-step overhead (host work and syncs cost no device
 idle time here); on a GPU it also counts the device time the host syncs cost.
@@ -39,6 +41,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -162,7 +165,11 @@ def loss_peak(model_name: str, rows: int, threads: int) -> dict:
     out: dict = {"rows": rows}
     for impl in ("standard", "chunked"):
         cmd = [sys.executable, __file__, "--probe-loss", f"{model_name}:{impl}:{rows}", "--threads", str(threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        # glibc raises its mmap threshold each time a large block is freed; blocks under it then stay
+        # in the heap after free, and RSS follows the allocator's history instead of the live tensors.
+        # A fixed threshold returns every block of 64 KiB or more to the system when it is freed.
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
         if proc.returncode:
             raise SystemExit(f"loss probe failed: {proc.stderr[-2000:]}")
         r = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -226,6 +233,7 @@ def main() -> None:
                     help="torch CPU threads (0: torch's default). One by default: OpenMP threads spin while they wait, "
                          "which on a shared CPU turns into CPU time and wall time that are not the loop's")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "loop_bench_cpu.json")
+    ap.add_argument("--loss-only", action="store_true", help="only the loss memory probe, per model")
     ap.add_argument("--probe-loss", default=None, help=argparse.SUPPRESS)  # MODEL:IMPL:ROWS, the child of loss_peak
     a = ap.parse_args()
     if a.threads:
@@ -240,7 +248,11 @@ def main() -> None:
         steps = int(steps) if steps else a.steps
         if steps <= a.warmup:
             raise SystemExit(f"{model}: steps ({steps}) must be more than --warmup ({a.warmup})")
-        rows.append(bench_model(model, steps, a.warmup, a.set, a.loss_batch, a.threads))
+        if a.loss_only:
+            rows.append({"model": model, "loss_peak": loss_peak(model, a.loss_batch, a.threads)})
+            print(f"{model}: {rows[-1]['loss_peak']}", file=sys.stderr)
+        else:
+            rows.append(bench_model(model, steps, a.warmup, a.set, a.loss_batch, a.threads))
     emit({"bench": "loop_bench", "device": "cpu", "torch_threads": torch.get_num_threads(),
           "torch": torch.__version__, "rows": rows, **machine()}, a.out)
 
