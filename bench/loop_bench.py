@@ -27,7 +27,9 @@ Both wall-clock and process CPU time are reported (``*_cpu``: tokens per CPU-sec
 process, all threads): on a CPU shared with other jobs the CPU-time ratio is the steadier one.
 Peak memory is the process's resident set (RSS, sampled every 50 ms by
 :class:`synthtune.memory.trace.MemoryTracer`) during each run, minus the RSS when the run started:
-the model, the optimizer states and the step's activations. Beside it, ``loss_peak``: one
+the model, the optimizer states and the step's activations. Only the first run of a process
+(``plain_cold``) starts from a clean heap: the later runs reuse what the allocator kept from the
+earlier ones, so their peaks are lower bounds and no basis for a comparison. Beside it, ``loss_peak``: one
 forward + backward of a packed batch alone (``--loss-batch`` rows of ``max_length``), each loss in
 a fresh process (sampled every 10 ms, with glibc's mmap threshold fixed at 64 KiB so that freed
 tensors leave the RSS), so memory the allocator keeps from one cannot hide the other's.
