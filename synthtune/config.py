@@ -326,6 +326,9 @@ class TrainConfig:
                          ["auto", "fp32", "bf16", "bf16-mixed"])
     gradient_checkpointing: bool = opt(False, "~30% slower, activations ~1/layers: recompute them in backward")
     compile: bool = opt(False, "torch.compile the model (slow first steps; pays off on long GPU runs)")
+    loss_impl: str = opt("standard", "standard: full-vocabulary logits, upcast to fp32; chunked: the same summed loss "
+                         "from the lm_head input, 1024 tokens at a time, recomputed in backward (less peak memory: "
+                         "no fp32 batch x vocab logits; one more lm_head matmul)", ["standard", "chunked"])
     seed: int = opt(0, "seed for init, data order and dropout", **SEED)
     output_dir: str | None = opt(None, "run directory; default outputs/train/<model>-<method>")
     logging_steps: int = opt(5, "log loss/LR/tokens per second every N optimizer steps", ge=1)
@@ -537,6 +540,8 @@ class MemoryConfig:
     gpus: int = opt(1, "GPUs per node", ge=1)
     nodes: int = opt(1, "nodes", ge=1)
     attn: str = opt("sdpa", "sdpa | flash | eager (eager keeps S x S probabilities)", ["sdpa", "flash", "eager"])
+    loss_impl: str = opt("standard", "standard | chunked (training's loss_impl: no batch x vocab fp32 logits)",
+                         ["standard", "chunked"])
     persistence_threshold: int = opt(100_000, "ZeRO-3: parameters of at most this many elements stay whole on every "
                                      "GPU (DeepSpeed's stage3_param_persistence_threshold)", ge=0)
     fit: bool = opt(False, "search method/ZeRO/ckpt/micro-batch for the fastest setup that fits")

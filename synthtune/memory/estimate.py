@@ -36,6 +36,10 @@ PRECISIONS = ("fp32", "bf16", "bf16-mixed")
 OPTIMIZERS = ("adamw", "adamw-8bit", "sgd")
 OFFLOADS = ("none", "optimizer", "all")
 ATTNS = ("sdpa", "flash", "eager")
+LOSS_IMPLS = ("standard", "chunked")
+#: The chunked loss's tokens per chunk: synthtune.train.loss.LOSS_CHUNK_TOKENS (a test keeps them equal;
+#: the training code sits above this package and cannot be imported from here).
+LOSS_CHUNK_TOKENS = 1024
 
 #: The one constant read off the H200 table rather than derived: what a process holds besides
 #: tensors (cuBLAS workspaces: the 0.0625 GiB that persists between configs in
@@ -62,6 +66,7 @@ class Setup:
     target_len: int | None = None  # seq2seq decoder length (default: seq_len)
     grad_ckpt: bool = False
     attn: str = "sdpa"  # sdpa | flash | eager
+    loss_impl: str = "standard"  # standard | chunked (the logits of LOSS_CHUNK_TOKENS tokens at a time)
     # ZeRO-3 keeps parameters of at most this many elements whole on every rank (besides their
     # partition; DeepSpeed's test is ds_numel <= threshold): DeepSpeed's stage3_param_persistence_threshold, default 1e5. LoRA matrices of
     # r x hidden usually fall under it; accelerate sets 10 x hidden only where a config says auto.
@@ -69,7 +74,7 @@ class Setup:
 
     def check(self) -> None:
         for name, allowed in (("method", METHODS), ("precision", PRECISIONS), ("optimizer", OPTIMIZERS),
-                              ("offload", OFFLOADS), ("attn", ATTNS)):
+                              ("offload", OFFLOADS), ("attn", ATTNS), ("loss_impl", LOSS_IMPLS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {getattr(self, name)!r}")
         if self.zero_stage not in (0, 1, 2, 3):
@@ -78,6 +83,9 @@ class Setup:
             raise ValueError("offload needs ZeRO (zero_stage >= 1; 'all' needs 3)")
         if self.offload == "all" and self.zero_stage != 3:
             raise ValueError("offload=all (parameters too) needs zero_stage 3")
+        if self.loss_impl == "chunked" and self.zero_stage == 3:
+            raise ValueError("loss_impl=chunked runs the lm_head outside the forward, which ZeRO-3 does not gather "
+                             "for: the training loop refuses it; use loss_impl=standard with zero_stage 3")
         if min(self.gpus, self.nodes, self.batch_size, self.seq_len) < 1:
             raise ValueError("gpus, nodes, batch_size and seq_len must be >= 1")
 
@@ -480,10 +488,20 @@ def estimate(shape: ModelShape, setup: Setup) -> Estimate:
     notes += act.notes
     V = shape.vocab
     lt = act.logits_tokens
-    # The loss: logits (bf16 under autocast) -> .float() -> log_softmax (its fp32 output is kept).
-    logits_saved = 4.0 * V * lt
-    fwd_logit_tmp = (6.0 if s.precision != "fp32" else 4.0) * V * lt
-    bwd_logit_tmp = 8.0 * V * lt  # d(log_softmax) and d(logits) in fp32 at the start of backward
+    upcast = 6.0 if s.precision != "fp32" else 4.0  # the logits (bf16 under autocast) + their fp32 copy
+    if s.loss_impl == "chunked":
+        # Each chunk of tokens runs lm_head + cross-entropy under checkpointing: nothing of the logits
+        # is kept after the forward; one chunk's exist at a time, in the forward and again in the
+        # backward (recomputed: log_softmax kept, then d(log_softmax) and d(logits)).
+        ct = min(lt, LOSS_CHUNK_TOKENS)
+        logits_saved = 0.0
+        fwd_logit_tmp = (upcast + 4.0) * V * ct
+        bwd_logit_tmp = (upcast + 4.0 + 8.0) * V * ct
+    else:
+        # The loss: logits (bf16 under autocast) -> .float() -> log_softmax (its fp32 output is kept).
+        logits_saved = 4.0 * V * lt
+        fwd_logit_tmp = upcast * V * lt
+        bwd_logit_tmp = 8.0 * V * lt  # d(log_softmax) and d(logits) in fp32 at the start of backward
     # The embedding's backward builds a dense V x h gradient (fp32 accumulation on CUDA even for
     # bf16 weights: +1.47 GiB at the end of Llama-3.2-3B's backward in both precisions) before it
     # is added into .grad; ZeRO-2/3 also produce it whole before reduce-scattering it.
@@ -535,7 +553,8 @@ def saved_bytes(shape: ModelShape, setup: Setup) -> float:
     copies = 0.0
     if setup.precision == "bf16-mixed" and setup.method != "qlora":
         copies = 2.0 * shape.linear_params if not setup.grad_ckpt else 2.0 * shape.vocab * shape.hidden
-    return act.saved + 4.0 * shape.vocab * act.logits_tokens + copies
+    kept_logits = 0.0 if setup.loss_impl == "chunked" else 4.0 * shape.vocab * act.logits_tokens
+    return act.saved + kept_logits + copies
 
 
 def rule_of_thumb_bytes(params: float, bytes_per_param: float = 18.0) -> float:

@@ -54,6 +54,8 @@ def launch_command(s: Setup, train_config: str, global_batch: int | None) -> tup
         "method": s.method, "per_device_batch_size": s.batch_size, "gradient_accumulation_steps": accum,
         "gradient_checkpointing": s.grad_ckpt, "precision": s.precision, "max_length": s.seq_len,
     }
+    if s.loss_impl != "standard":
+        overrides["loss_impl"] = s.loss_impl
     if s.method != "full":
         overrides = {"method": s.method, "lora_r": s.lora_r, "lora_targets": s.lora_targets,
                      **{k: v for k, v in overrides.items() if k != "method"}}

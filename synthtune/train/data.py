@@ -15,6 +15,7 @@ from synthtune.train.batching import (
     length_grouped_order,
     pack_sequences,
 )
+from synthtune.train.loss import CountingCollator
 from synthtune.train.tokenize import tokenize_rows
 
 
@@ -92,7 +93,9 @@ def build_train_data(cfg: TrainConfig, tokenizer, seq2seq: bool, mask_bf16: bool
     # A private generator: creating a DataLoader iterator draws a seed from its generator, and
     # drawing from the global RNG would shift dropout masks after a resume (which restores the
     # global RNG but re-creates the iterator at a different point).
-    train_loader = DataLoader(ds, batch_size=cfg.per_device_batch_size, sampler=sampler, collate_fn=collator,
+    # the token counts travel as host ints beside the tensors: the loop reads them without a device sync
+    train_loader = DataLoader(ds, batch_size=cfg.per_device_batch_size, sampler=sampler,
+                              collate_fn=CountingCollator(collator, seq2seq),
                               drop_last=False, generator=torch.Generator().manual_seed(cfg.seed))
     stats = {"train": train.stats, "format": fmt, "batch_size": cfg.per_device_batch_size,
              "train_batches": len(train_loader), "packed_rows": len(ds) if cfg.packing else None,

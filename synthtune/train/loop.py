@@ -40,7 +40,7 @@ from synthtune.models import (
 )
 from synthtune.train import checkpoint as ckpt
 from synthtune.train.data import build_train_data
-from synthtune.train.loss import batch_tokens, model_inputs, token_loss_sum
+from synthtune.train.loss import batch_tokens, label_tokens, step_loss_sum
 from synthtune.train.metrics import evaluate
 from synthtune.train.plots import plot_history
 from synthtune.train.setup import (
@@ -87,23 +87,23 @@ class StopRequests:
             raise KeyboardInterrupt
         self.signum = self.signum or signum
 
-    def any_rank(self, acc) -> bool:
+    @property
+    def asked(self) -> int:
+        """1 if this process was asked to stop, else 0 (summed over ranks by the loop)."""
+        return int(self.signum is not None)
+
+    def any_rank(self, sums: HostSums) -> bool:
         """Whether any process was asked to stop (a collective: every rank must call it)."""
-        import torch
+        (asked,) = sums.reduce([self.asked])
+        if asked:
+            self.agree(sums)
+        return bool(asked)
 
-        asked = torch.tensor(float(self.signum is not None), device=acc.device)
-        if acc.reduce(asked, reduction="sum").item() > 0:
-            self.agree(acc)
-            return True
-        return False
-
-    def agree(self, acc) -> None:
+    def agree(self, sums: HostSums) -> None:
         """Once some rank was asked (every rank calls this): all take the same signal, the highest
         number, so they report it and exit with the same status."""
-        import torch
-
-        mine = torch.tensor(float(self.signum or 0), device=acc.device)
-        self.signum = int(acc.reduce(mine, reduction="max").item()) or signal.SIGTERM
+        (top,) = sums.reduce([self.signum or 0], op="max")
+        self.signum = top or signal.SIGTERM
 
     def __enter__(self) -> StopRequests:
         if threading.current_thread() is threading.main_thread():
@@ -117,6 +117,37 @@ class StopRequests:
     @property
     def name(self) -> str | None:
         return signal.Signals(self.signum).name if self.signum else None
+
+
+class HostSums:
+    """Sums (or maxima) of a few host integers over all ranks, without touching the accelerator.
+
+    The loop needs some numbers from every rank at each step (the window's label tokens, which
+    normalize the loss before its backward; whether a rank was asked to stop). Reduced as device
+    tensors, each makes the CPU wait until the GPU has run everything queued so far, and the CPU
+    then queues the next kernels late. These are host numbers, so they go through a CPU (gloo)
+    process group instead: the call waits for the other ranks' CPUs, never for a GPU. Where the
+    default group is already gloo (CPU runs) it is used as is; one process needs no collective.
+    """
+
+    def __init__(self, world: int):
+        self.world, self.group = world, None
+        if world > 1:
+            import torch.distributed as dist
+
+            if dist.get_backend() != "gloo":
+                # every rank creates it, in the same order (a collective itself), once per run
+                self.group = dist.new_group(backend="gloo")
+
+    def reduce(self, values: list[int], op: str = "sum") -> list[int]:
+        if self.world == 1:
+            return [int(v) for v in values]
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.int64)  # on the CPU, where gloo works
+        dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
+        return t.tolist()
 
 
 def exit_status(result: dict) -> int:
@@ -151,7 +182,8 @@ def predicted_memory(cfg: TrainConfig, prec, acc, stats: dict, attn: str | None 
                       batch_size=cfg.per_device_batch_size, seq_len=max(seq, 1), target_len=target,
                       grad_ckpt=cfg.gradient_checkpointing, persistence_threshold=persistence_threshold(plugin),
                       # flex and flash-attn are fused kernels that keep what flash keeps (q, k, v, out, lse)
-                      attn={"eager": "eager", "flash_attention_2": "flash", "flex_attention": "flash"}.get(attn, "sdpa"))
+                      attn={"eager": "eager", "flash_attention_2": "flash", "flex_attention": "flash"}.get(attn, "sdpa"),
+                      loss_impl=cfg.loss_impl)
         est = estimate(load_shape(cfg.model, trust_remote_code=cfg.trust_remote_code), setup)
     except (ValueError, KeyError, NotImplementedError) as err:  # an architecture it does not model
         logger.warning("memory estimate unavailable: %s", err)
@@ -296,6 +328,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
 
     params = [p for p in model.parameters() if p.requires_grad]
     plugin = getattr(acc.state, "deepspeed_plugin", None)
+    if cfg.loss_impl == "chunked" and (acc.distributed_type.value == "FSDP" or getattr(plugin, "zero_stage", 0) == 3):
+        # every rank raises it, before any collective of the run
+        raise ConfigError("loss_impl: chunked applies the lm_head outside the model's forward, where FSDP and "
+                          "ZeRO-3 have released its gathered weight; use loss_impl: standard with them")
     if plugin is not None:
         # accelerate's clip_grad_norm_ is a no-op under DeepSpeed: the engine clips, from its config.
         plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
@@ -356,12 +392,41 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             f"batch {state.batch_in_epoch})")
 
     world = acc.num_processes
+    sums = HostSums(world)
     history = state.history  # a resumed run continues the stopped run's records
     bar = tqdm(total=total_steps, initial=state.global_step, desc="training", unit="step",
                disable=not (progress and main), dynamic_ncols=True)
     t_train = time.perf_counter()
     tokens_seen_run = tokens_at_log = 0
     t_log = t_train
+    # This rank's summed loss since the last flush, left on the device: reading it is a sync, so
+    # it is read (and reduced over ranks) once per logging interval, and before a checkpoint
+    # (the state carries the logging interval's sums, so a stop mid-interval resumes them).
+    log_loss = torch.zeros((), device=acc.device)
+    saved_step = -1
+
+    def flush_loss() -> None:
+        state.log_loss_sum += float(acc.reduce(log_loss.clone(), reduction="sum"))
+        log_loss.zero_()
+
+    def save() -> None:
+        nonlocal saved_step
+        flush_loss()
+        ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
+        saved_step = state.global_step
+
+    def stop(by_signal: bool) -> dict:
+        if saved_step != state.global_step:  # a checkpoint of this very step is already on disk otherwise
+            save()
+        bar.close()
+        why = f"on {stops.name}" if by_signal else "(stop_at_step)"
+        say(f"stopped at step {state.global_step} {why}, checkpoint written; resume with resume_from=latest")
+        if tracer is not None:
+            tracer.stop()
+        acc.end_training()
+        return {"stopped_at_step": state.global_step, "output_dir": str(out_dir),
+                "stopped_by": stops.name if by_signal else "stop_at_step"}
+
     model.train()
     stops = StopRequests()
     with stops:
@@ -378,17 +443,22 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                 window.append(batch)
                 if len(window) < G:
                     continue
-                n_label = sum(int((b["labels"] != -100).sum()) for b in window)
-                n_label = int(acc.reduce(torch.tensor(n_label, device=acc.device), reduction="sum").item())
-                window_loss = torch.zeros((), device=acc.device)
+                # The step's one collective, on host numbers (the collator counted the labels): the
+                # window's label tokens on all ranks, needed before its backward, and whether any
+                # rank was asked to stop. A stop asked during the previous step is acted on here, with
+                # every rank at the same step: nothing of this window has run, so the checkpoint is
+                # the previous step's, and a resume fetches this window again.
+                n_label, asked = sums.reduce([sum(label_tokens(b, seq2seq) for b in window), stops.asked])
+                if asked:
+                    stops.agree(sums)
+                    return stop(by_signal=True)
                 for mb in window:
                     with acc.accumulate(model):
-                        out = model(**model_inputs(mb, seq2seq))
-                        loss_sum = token_loss_sum(out.logits, mb["labels"], seq2seq)
+                        loss_sum = step_loss_sum(model, mb, seq2seq, cfg.loss_impl)
                         # accelerate divides by G; DDP averages over ranks: both undone here, so the
                         # step's gradient is the global token mean over the whole window.
                         acc.backward(loss_sum * G * world / max(n_label, 1))
-                        window_loss += loss_sum.detach()
+                        log_loss += loss_sum.detach().float()
                         if acc.sync_gradients and cfg.max_grad_norm > 0:
                             acc.clip_grad_norm_(params, cfg.max_grad_norm)
                         opt.step()
@@ -399,18 +469,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                 state.batch_in_epoch += G
                 state.global_step += 1
                 window = []
-                # One collective for two things: the window's loss, and whether any rank was asked to
-                # stop (all ranks must agree to stop at the same step). The logging window's sums
-                # live in the state, so a stop mid-window resumes them.
-                asked = torch.tensor(float(stops.signum is not None), device=acc.device)
-                sums = acc.reduce(torch.stack([window_loss.float(), asked]), reduction="sum")
-                state.log_loss_sum += float(sums[0].item())
-                stop_requested = bool(sums[1].item() > 0)
-                if stop_requested:
-                    stops.agree(acc)
                 state.log_label_tokens += n_label
                 bar.update(1)
                 if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
+                    flush_loss()  # the logging interval's one device->host wait
                     # the rate since the last log, so warm-up steps don't hide the steady state
                     now = time.perf_counter()
                     rate = (tokens_seen_run - tokens_at_log) * world / max(now - t_log, 1e-9)
@@ -422,33 +484,25 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
                             step=state.global_step)
                     bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
                     state.log_loss_sum, state.log_label_tokens = 0.0, 0
-                if (cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and state.global_step < total_steps
-                        and not stop_requested):  # a launcher kills ~30 s after its signal: save first
-                    metrics = evaluate(acc, model, tok, eval_dl, data.eval_questions, cfg, seq2seq)
-                    history.append({"step": state.global_step, **metrics})
-                    say(f"step {state.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
-                                                                  if isinstance(v, float)))
-                    acc.log(metrics, step=state.global_step)
-                    model.train()
-                    # a signal that came during the evaluation (minutes of generation) stops here
-                    stop_requested = stops.any_rank(acc)
-                saved_now = bool(cfg.save_steps) and state.global_step % cfg.save_steps == 0
-                if saved_now:
-                    ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
+                stop_requested = False
+                if cfg.eval_steps and state.global_step % cfg.eval_steps == 0 and state.global_step < total_steps:
+                    # a launcher kills ~30 s after its signal: save first, evaluate never
+                    stop_requested = stops.any_rank(sums)
+                    if not stop_requested:
+                        metrics = evaluate(acc, model, tok, eval_dl, data.eval_questions, cfg, seq2seq)
+                        history.append({"step": state.global_step, **metrics})
+                        say(f"step {state.global_step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()
+                                                                      if isinstance(v, float)))
+                        acc.log(metrics, step=state.global_step)
+                        model.train()
+                        # a signal that came during the evaluation (minutes of generation) stops here
+                        stop_requested = stops.any_rank(sums)
+                if cfg.save_steps and state.global_step % cfg.save_steps == 0:
+                    save()
                 if state.global_step >= total_steps:
                     break
                 if stop_requested or (cfg.stop_at_step is not None and state.global_step >= cfg.stop_at_step):
-                    if not saved_now:  # a checkpoint of this very step is already on disk otherwise
-                        ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
-                    bar.close()
-                    why = f"on {stops.name}" if stop_requested else "(stop_at_step)"
-                    say(f"stopped at step {state.global_step} {why}, checkpoint written; resume with "
-                        f"resume_from=latest")
-                    if tracer is not None:
-                        tracer.stop()
-                    acc.end_training()
-                    return {"stopped_at_step": state.global_step, "output_dir": str(out_dir),
-                            "stopped_by": stops.name if stop_requested else "stop_at_step"}
+                    return stop(by_signal=stop_requested)
                 if state.batch_in_epoch >= G * windows_per_epoch:
                     break  # what is left of the epoch is padding or cannot fill a window on every rank
             if state.global_step < total_steps:  # the epoch ran out: next epoch from its first batch
@@ -458,10 +512,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
     train_s = time.perf_counter() - t_train
     model_states = states_probe.result(acc, model)  # at rest: before evaluation gathers anything
     # every rank's own count: ranks get batches of other lengths, so rank 0's count x world is off
-    tokens_run = int(acc.reduce(torch.tensor(tokens_seen_run, device=acc.device), reduction="sum").item())
+    (tokens_run,) = sums.reduce([tokens_seen_run])
     if cfg.save_steps and state.global_step % cfg.save_steps:  # the last step's, unless the loop saved it
         # before the final evaluation's record: a run resumed from here to train longer adds its own
-        ckpt.save_checkpoint(acc, out_dir, state, cfg.save_total_limit, **save_kw)
+        save()
     final_metrics = evaluate(acc, model, tok, eval_dl, data.eval_questions, cfg, seq2seq)
     history.append({"step": state.global_step, **final_metrics})
     acc.log(final_metrics, step=state.global_step)

@@ -19,6 +19,7 @@ from synthtune.config import TrainConfig
 from synthtune.data.gsm8k import load_source
 from synthtune.errors import ConfigError, DataError, ModelError
 from synthtune.models import is_seq2seq_config, load_config, meta_model
+from synthtune.train.loss import chunked_loss_problem
 
 
 @dataclass
@@ -212,6 +213,12 @@ def validate(cfg: TrainConfig) -> None:
     limit = getattr(mcfg, "max_position_embeddings", None) or getattr(mcfg, "n_positions", None)
     if limit and not is_seq2seq_config(mcfg) and cfg.max_length > limit:
         raise ConfigError(f"max_length={cfg.max_length} is over {cfg.model}'s limit of {limit} positions")
+    if cfg.loss_impl == "chunked":
+        why = chunked_loss_problem(mcfg) or ("the compiled graph would not run the lm_head capture (compile: true)"
+                                            if cfg.compile else None)
+        if why:
+            raise ConfigError(f"loss_impl: chunked computes the loss from the lm_head's input, but {why}; use "
+                              f"loss_impl: standard")
     if cfg.packing and is_seq2seq_config(mcfg):
         raise ConfigError("packing=true is for causal models; seq2seq batches are already dynamic")
     seq2seq = is_seq2seq_config(mcfg)
