@@ -329,6 +329,10 @@ class TrainConfig:
     loss_impl: str = opt("standard", "standard: full-vocabulary logits, upcast to fp32; chunked: the same summed loss "
                          "from the lm_head input, 1024 tokens at a time, recomputed in backward (less peak memory: "
                          "no fp32 batch x vocab logits; one more lm_head matmul)", ["standard", "chunked"])
+    host_collectives: bool = opt(True, "several ranks on GPUs: reduce the per-step label count and stop flag over "
+                                 "a CPU (gloo) group, so the CPU never waits for the GPU; gloo across nodes needs "
+                                 "a routable interface (GLOO_SOCKET_IFNAME). false: over the GPU group (one "
+                                 "device sync per step)")
     seed: int = opt(0, "seed for init, data order and dropout", **SEED)
     output_dir: str | None = opt(None, "run directory; default outputs/train/<model>-<method>")
     logging_steps: int = opt(5, "log loss/LR/tokens per second every N optimizer steps", ge=1)

@@ -130,14 +130,17 @@ class HostSums:
     default group is already gloo (CPU runs) it is used as is; one process needs no collective.
     """
 
-    def __init__(self, world: int):
-        self.world, self.group = world, None
+    def __init__(self, world: int, device=None, host: bool = True):
+        self.world, self.group, self.device = world, None, None
         if world > 1:
             import torch.distributed as dist
 
             if dist.get_backend() != "gloo":
-                # every rank creates it, in the same order (a collective itself), once per run
-                self.group = dist.new_group(backend="gloo")
+                if host:
+                    # every rank creates it, in the same order (a collective itself), once per run
+                    self.group = dist.new_group(backend="gloo")
+                else:  # host_collectives=false: the default (GPU) group, at one device sync per call
+                    self.device = device
 
     def reduce(self, values: list[int], op: str = "sum") -> list[int]:
         if self.world == 1:
@@ -145,7 +148,7 @@ class HostSums:
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.int64)  # on the CPU, where gloo works
+        t = torch.tensor(values, dtype=torch.int64, device=self.device)  # device None: the CPU, for gloo
         dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=self.group)
         return t.tolist()
 
@@ -392,7 +395,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
             f"batch {state.batch_in_epoch})")
 
     world = acc.num_processes
-    sums = HostSums(world)
+    sums = HostSums(world, acc.device, cfg.host_collectives)
     history = state.history  # a resumed run continues the stopped run's records
     bar = tqdm(total=total_steps, initial=state.global_step, desc="training", unit="step",
                disable=not (progress and main), dynamic_ncols=True)
