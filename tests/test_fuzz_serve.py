@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from synthtune.jobs.serve import (
+    _OFF,
     _UNSUPPORTED,
     MAX_N,
     MAX_STOP,
@@ -78,7 +79,7 @@ def _check(raw: bytes, chat: bool) -> None:
     assert isinstance(req, GenRequest) and req.model in MODELS and req.chat is chat
     body = json.loads(raw)
     # nothing accepted is ignored unseen: every field is one serve acts on, or an off switch
-    assert all(k in PARAMETERS["chat" if chat else "completions"] or (k in _UNSUPPORTED and v in (None, False, 0))
+    assert all(k in PARAMETERS["chat" if chat else "completions"] or (k in _UNSUPPORTED and (v in (None, False, 0) or v == _OFF.get(k)))
                for k, v in body.items())
     assert 1 <= req.n <= MAX_N and isinstance(req.n, int) and not isinstance(req.n, bool)
     # no max_tokens: 16 for completions, for chat fitted once tokenized (Engine.prepare)

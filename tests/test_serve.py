@@ -796,3 +796,20 @@ def test_logit_bias_and_penalties_change_what_the_server_generates(server, tiny_
     assert "token id 1024, outside this model's vocabulary of 1024 tokens" in err["error"]["message"]
     status, err = _post(server.url, {"model": "tiny-llama", "prompt": prompt, "presence_penalty": 2.01})
     assert status == 400 and err["error"]["param"] == "presence_penalty"
+
+
+def test_openai_spellings_of_off_are_accepted_and_a_participant_name_is_refused():
+    from synthtune.jobs.serve import RequestError, parse_request
+
+    for off in ({"response_format": {"type": "text"}}, {"tool_choice": "none"}, {"stream": False}):
+        assert _parse(**off).prompts == ["x"]
+    for on, param in (({"response_format": {"type": "json_object"}}, "response_format"),
+                      ({"tool_choice": "auto"}, "tool_choice")):
+        with pytest.raises(RequestError, match=f"{param} is not supported") as err:
+            _parse(**on)
+        assert err.value.param == param
+    body = {"model": "tiny-llama", "messages": [{"role": "user", "content": "hi", "name": "ann"}]}
+    with pytest.raises(RequestError, match=r"messages\[0\]\.name is not supported"):
+        parse_request(body, chat=True, models=["tiny-llama"])
+    body["messages"][0]["name"] = ""
+    assert parse_request(body, chat=True, models=["tiny-llama"]).prompts[0][0]["content"] == "hi"

@@ -110,6 +110,8 @@ PARAMETERS = {
 #: OpenAI fields that clients send at their "off" value (false, null, 0): accepted only at that value
 _UNSUPPORTED = ("stream", "stream_options", "echo", "suffix", "logprobs", "top_logprobs", "tools", "tool_choice",
                 "functions", "function_call", "response_format")
+#: the other spellings of "off" that OpenAI's clients send for some of those fields
+_OFF = {"response_format": {"type": "text"}, "tool_choice": "none"}
 #: the largest id a token-id prompt may hold before the model's own vocabulary is checked
 _MAX_TOKEN_ID = (1 << 31) - 1
 
@@ -253,7 +255,7 @@ def _check_fields(body: dict, chat: bool) -> None:
         if key in known:
             continue
         if key in _UNSUPPORTED:
-            if value in (None, False, 0):
+            if value in (None, False, 0) or value == _OFF.get(key):
                 continue
             raise RequestError(400, f"{key} is not supported by synthtune serve; leave it out", param=key)
         raise RequestError(400, f"{_show(key)} is not a parameter synthtune serve takes on /v1/"
@@ -275,6 +277,12 @@ def _messages(messages) -> list[dict]:
                                param="messages")
         if not isinstance(role, str) or role not in _ROLES:
             raise RequestError(400, f"messages[{i}].role must be one of {', '.join(_ROLES)}", param="messages")
+        if m.get("name") not in (None, ""):
+            # the chat template has no place for a participant's name: dropping it would change whose turn
+            # the model reads without telling the client
+            raise RequestError(400, f"messages[{i}].name is not supported by synthtune serve (the chat template "
+                               f"has no participant names); leave it out or put the name in the content",
+                               param="messages")
         clean.append({"role": _ROLES[role], "content": _text(m.get("content"), f"messages[{i}]")})
     return clean
 
