@@ -206,6 +206,13 @@ def merge(cfg: C.MergeConfig) -> None:
     emit(json.dumps(job.run(cfg, log=say), indent=2))
 
 
+def _report(result: dict, table, json_only: bool) -> None:
+    """A report as a table on stderr for people (unless --json), and as JSON on stdout for machines."""
+    if not json_only:
+        err_console.print(table(result))
+    emit(json.dumps(result, indent=None if json_only else 2))
+
+
 @config_command(app, "check-vllm", C.CheckVllmConfig, json_switch=True)
 @results_on_stdout
 def check_vllm(cfg: C.CheckVllmConfig, json_only: bool) -> None:
@@ -213,9 +220,7 @@ def check_vllm(cfg: C.CheckVllmConfig, json_only: bool) -> None:
     from synthtune.jobs import check_vllm as job
 
     report = job.run(cfg)
-    if not json_only:
-        err_console.print(job.table(report))
-    emit(json.dumps(report, indent=None if json_only else 2))
+    _report(report, job.table, json_only)
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -269,10 +274,7 @@ def env(cfg: C.EnvConfig, json_only: bool) -> None:
     """Print what a bug report needs: versions, GPUs, paths, and installed packages against poetry.lock."""
     from synthtune.jobs import env as job
 
-    result = job.run(cfg)
-    if not json_only:
-        err_console.print(job.table(result))
-    emit(json.dumps(result, indent=None if json_only else 2))
+    _report(job.run(cfg), job.table, json_only)
 
 
 def main() -> None:

@@ -13,8 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -151,6 +153,21 @@ def raw_exchange(url: str, data: bytes, timeout: float = 30) -> bytes:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
         return read_until_closed(sock)
+
+
+def concurrently(fn: Callable, items: Sequence, timeout: float = 120) -> list:
+    """``fn(item)`` for every item on threads released together (a barrier), results in item order.
+
+    An exception in any call is raised here, not lost in its thread."""
+    gate = threading.Barrier(len(items))
+
+    def call(item):
+        gate.wait(timeout=30)
+        return fn(item)
+
+    with ThreadPoolExecutor(len(items)) as pool:
+        futures = [pool.submit(call, item) for item in items]
+        return [f.result(timeout=timeout) for f in futures]
 
 
 def proc_status(pid: int) -> dict[str, int]:

@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from server_helpers import (  # noqa: E402
     KEY_ENV,
     SYNTHTUNE,
+    concurrently,
     http_json,
     start_proxy,
     start_servers,
@@ -291,20 +292,8 @@ def test_concurrent_requests_are_batched_and_routed_back(servers):
     alone = [ask(p) for p in prompts]
     assert len(set(alone)) == len(prompts)
     before = len(servers[1].lines(r"batch=[2-9]"))
-    results: dict[int, str] = {}
-    gate = threading.Barrier(len(prompts))
-
-    def worker(i):
-        gate.wait(timeout=30)
-        results[i] = ask(prompts[i])
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
     # batched together, each request still gets its own answer (greedy: the same as alone)
-    assert [results[i] for i in range(len(prompts))] == alone
+    assert concurrently(ask, prompts) == alone
     assert len(servers[1].lines(r"batch=[2-9]")) > before
 
 

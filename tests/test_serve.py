@@ -23,6 +23,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from server_helpers import (  # noqa: E402
     KEY_ENV,
+    concurrently,
     connect,
     http_call,
     http_json,
@@ -121,19 +122,11 @@ def test_a_request_over_the_token_budget_is_refused_naming_the_limit(server):
 
 @pytest.mark.integration  # spawns synthtune serve processes
 def test_a_full_server_answers_503_with_retry_after(server):
-    gate = threading.Barrier(3)
-    results: list = [None] * 3
-
     def ask(i):
-        gate.wait(timeout=30)
         time.sleep(0.05 * i)  # in order: the first two fill the in-flight budget, the third finds it full
-        results[i] = http_call(f"{server.url}/completions", "POST", BIG, key=KEY)
+        return http_call(f"{server.url}/completions", "POST", BIG, key=KEY)
 
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
+    results = concurrently(ask, range(3))
     codes = sorted(r[0] for r in results)
     assert codes == [200, 200, 503], [(r[0], r[2].get("error")) for r in results]
     status, headers, err = next(r for r in results if r[0] == 503)
@@ -775,20 +768,13 @@ def test_logit_bias_and_penalties_change_what_the_server_generates(server, tiny_
     assert served(frequency_penalty=2) == tok.decode(fresh, skip_special_tokens=True)
     assert served(presence_penalty=2.0) == tok.decode(local(presence_penalty=2.0), skip_special_tokens=True)
 
-    # biased and unbiased requests arriving in one batch window each keep their own settings
+    # biased and unbiased requests arriving in one batch window each keep their own settings (the two
+    # unbiased ones run as one batch of 2, which shows the window held them all)
     bodies = [{}, {"logit_bias": {str(top): -100}}, {"frequency_penalty": 2}, {}]
     want = [served(**b) for b in bodies]
-    results: dict = {}
-
-    def send(i):
-        results[i] = served(**bodies[i])
-
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert [results[i] for i in range(len(bodies))] == want
+    before = len(server.lines(r"batch=[2-9]"))
+    assert concurrently(lambda b: served(**b), bodies) == want
+    assert wait_for(lambda: len(server.lines(r"batch=[2-9]")) > before, 10)
 
     # ids the model does not have: 400 naming logit_bias (checked against the model, not the parser)
     status, err = _post(server.url, {"model": "tiny-llama", "prompt": prompt, "logit_bias": {"1024": -100}})

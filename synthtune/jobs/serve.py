@@ -427,7 +427,7 @@ def context_length(lm, override: int | None = None) -> int | None:
     return SEQ2SEQ_DEFAULT_CONTEXT if lm.is_seq2seq else None
 
 
-def vocab_size(lm) -> int | None:
+def logit_width(lm) -> int | None:
     """How many token ids the model scores: the width of its logits (``logit_bias`` ids must be below it)."""
     head = lm.model.get_output_embeddings() if hasattr(lm.model, "get_output_embeddings") else None
     weight = getattr(head, "weight", None)
@@ -460,7 +460,10 @@ class Engine:
         self.adapters = dict(named)
         self.names = names
         self.context = context_length(self.lm, context)
-        self.vocab = vocab_size(self.lm)
+        # two limits, which differ when the embedding is padded past the tokenizer: ids a prompt may hold
+        # (the tokenizer decodes them and the model embeds them), and ids logit_bias may name (scored ones)
+        self.prompt_ids = min(len(self.lm.tokenizer), self.lm.model.get_input_embeddings().num_embeddings)
+        self.logit_width = logit_width(self.lm)
         self._seeds = itertools.count(seed)
 
     # ---- per request, on the parsing thread: everything that can fail for one request alone
@@ -497,14 +500,8 @@ class Engine:
         if req.cost > max_request_tokens:
             raise self._over_budget(req, req.cost, max_request_tokens)
 
-    @property
-    def vocab_size(self) -> int:
-        """Token ids a prompt may hold: those the tokenizer can decode and the model can embed."""
-        rows = self.lm.model.get_input_embeddings().num_embeddings
-        return min(len(self.lm.tokenizer), rows)
-
     def _check_ids(self, req: GenRequest, i: int, ids: list[int]) -> None:
-        vocab = self.vocab_size
+        vocab = self.prompt_ids
         for j, t in enumerate(ids):
             if t >= vocab:
                 where = f"prompt[{j}]" if req.flat_ids else f"prompt[{i}][{j}]"
@@ -546,10 +543,11 @@ class Engine:
                                f"decoder context of {ctx} tokens; lower max_tokens", param="max_tokens")
 
     def _check_logit_bias(self, req: GenRequest) -> None:
-        outside = [tok for tok, _ in req.logit_bias if self.vocab is not None and tok >= self.vocab]
+        width = self.logit_width
+        outside = [tok for tok, _ in req.logit_bias if width is not None and tok >= width]
         if outside:
             raise RequestError(400, f"logit_bias names token id {outside[0]}, outside this model's vocabulary of "
-                               f"{self.vocab} tokens (ids 0 to {self.vocab - 1})", param="logit_bias")
+                               f"{width} tokens (ids 0 to {width - 1})", param="logit_bias")
 
     @staticmethod
     def _over_budget(req: GenRequest, cost: int, limit: int, at_least: bool = False) -> RequestError:
