@@ -15,8 +15,10 @@ chat, ``auto`` picks chat for tiny-llama) and the synthesis sampler all see prom
 
 Training takes a few seconds on 2 CPU cores and happens once per process (:func:`wrong_calc_model`
 is cached); :func:`wrong_calc_model_dir` saves it for code that loads a model by path (the CLI,
-``synthtune serve``). The ``wrong_calc_llama`` fixture wraps the former; import it into a test module
-to use it.
+``synthtune serve``). A test module wraps either in a fixture of its own (as
+``tests/test_calc_decoding.py`` does), or takes the ``wrong_calc_llama`` fixture below with
+``pytest_plugins = ["calc_models"]`` (importing the fixture by name works too, but ruff reads each use
+as a redefinition, F811).
 """
 
 from __future__ import annotations
