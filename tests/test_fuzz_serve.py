@@ -33,7 +33,7 @@ from synthtune.jobs.serve import (
 MODELS = ("tiny-llama", "math")
 FIELDS = ("model", "prompt", "messages", "n", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
           "stop", "seed", "best_of", "stream", "echo", "logprobs", "user", "tool_choice", "repetition_penalty",
-          "presence_penalty", "frequency_penalty", "logit_bias")
+          "presence_penalty", "frequency_penalty", "logit_bias", "calculator")
 
 # every code point, lone surrogates (category Cs) and controls included
 ANY_CHAR = st.characters(exclude_categories=())
@@ -53,6 +53,7 @@ FIELD_VALUES = {
     | st.lists(st.lists(TOKEN_ID, max_size=3), max_size=3),
     "messages": st.lists(MESSAGE, max_size=4) | JSON,
     "stop": TEXT | st.lists(TEXT, max_size=MAX_STOP + 2) | JSON,
+    "calculator": st.booleans() | NUMBERS | JSON,
     # mostly well-formed keys (digit strings, some padded or signed) so the value checks get reached
     "logit_bias": st.dictionaries(st.integers(-5, 10**13).map(str) | st.sampled_from(["029", " 1", "+1", "\u0661"])
                                   | TEXT, NUMBERS | JSON, max_size=5) | JSON,
@@ -95,6 +96,7 @@ def _check(raw: bytes, chat: bool) -> None:
     ids = [tok for tok, _ in req.logit_bias]
     assert len(ids) <= 300 and ids == sorted(set(ids)) and all(isinstance(t, int) and t >= 0 for t in ids)
     assert all(isinstance(b, float) and -100 <= b <= 100 for _, b in req.logit_bias)
+    assert req.calculator is (body.get("calculator") is True)  # only JSON true turns it on; 1 or "true" is a 400
     hash(req.group_key())
     if chat:
         assert len(req.prompts) == 1

@@ -6,7 +6,10 @@ to vLLM, which is what to run at GPU scale (see docs/scaling.md, "Synthesis agai
 * Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/completions``, ``POST
   /v1/chat/completions`` with the fields in ``PARAMETERS`` (any other is a 400 naming it), and ``GET
   /health`` (200, empty; no key needed, as vLLM's). ``presence_penalty``, ``frequency_penalty`` and
-  ``logit_bias`` take OpenAI's ranges; the penalties count each sample's generated tokens, as vLLM's do. Errors use OpenAI's ``{"error": {...}}`` shape:
+  ``logit_bias`` take OpenAI's ranges; the penalties count each sample's generated tokens, as vLLM's do.
+  ``calculator: true`` is synthtune's own extension (clients send it as an extra body field):
+  when a sample writes ``<<expr=``, the exact result and ``>>`` are forced in as tokens, which
+  count as completion tokens and toward ``max_tokens``. Errors use OpenAI's ``{"error": {...}}`` shape:
   400 for a bad parameter, 404 ``model_not_found``, 401 for a wrong key.
 * As vLLM: a completions ``prompt`` may be token ids (a list of ints, or a list of such lists);
   without ``max_tokens`` a completion gets 16 tokens and a chat reply the rest of the context, at
@@ -103,9 +106,10 @@ _TOOL_ROLES = ("tool", "function")
 #: compares them); any other field gets a 400 naming it, so nothing a client sends is ignored unseen.
 PARAMETERS = {
     "completions": ("model", "prompt", "n", "best_of", "max_tokens", "max_completion_tokens", "temperature",
-                    "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "user"),
+                    "top_p", "top_k", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "user",
+                    "calculator"),
     "chat": ("model", "messages", "n", "best_of", "max_tokens", "max_completion_tokens", "temperature", "top_p",
-             "top_k", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "user"),
+             "top_k", "stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "user", "calculator"),
 }
 #: OpenAI fields that clients send at their "off" value (false, null, 0): accepted only at that value
 _UNSUPPORTED = ("stream", "stream_options", "echo", "suffix", "logprobs", "top_logprobs", "tools", "tool_choice",
@@ -151,6 +155,7 @@ class GenRequest:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()  # sorted (token id, bias) pairs: hashable for group_key
+    calculator: bool = False  # synthtune's extension: calculator-assisted decoding (SamplingParams.calculator)
     ids: list = field(default_factory=list)  # token ids per prompt (Engine.prepare)
     cost: int = 0  # prompts x n x (prompt tokens + max_tokens), summed over the prompts
     done: threading.Event = field(default_factory=threading.Event)
@@ -163,7 +168,7 @@ class GenRequest:
 
     def group_key(self) -> tuple:
         return (self.model, self.chat, self.n, self.max_tokens, self.temperature, self.top_p, self.top_k, self.stop,
-                self.presence_penalty, self.frequency_penalty, self.logit_bias)
+                self.presence_penalty, self.frequency_penalty, self.logit_bias, self.calculator)
 
     def finish(self) -> None:
         self.done.set()
@@ -360,6 +365,11 @@ def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
     presence_penalty = float(_number(body, "presence_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY))
     frequency_penalty = float(_number(body, "frequency_penalty", 0.0, -MAX_PENALTY, MAX_PENALTY))
     logit_bias = _logit_bias(body.get("logit_bias"))
+    calculator = body.get("calculator")
+    if calculator is not None and not isinstance(calculator, bool):
+        raise RequestError(400, f"calculator must be true or false (synthtune's extension: true computes each "
+                           f"<<expr=result>> annotation's result while decoding), got {_show(calculator)}",
+                           param="calculator")
     user = body.get("user")
     if user is not None and not isinstance(user, str):
         raise RequestError(400, f"user must be a string, got {_show(user)}", param="user")
@@ -371,7 +381,8 @@ def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
     return GenRequest(chat=chat, model=model, prompts=prompts, n=n, max_tokens=max_tokens, temperature=temperature,
                       top_p=top_p, top_k=0 if top_k in (-1, 0) else top_k, stop=tuple(stop), seed=seed,
                       fit_max_tokens=body.get("max_tokens") is None, flat_ids=flat,
-                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias)
+                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
+                      calculator=bool(calculator))
 
 
 def _no_constant(name: str):
@@ -574,7 +585,7 @@ class Engine:
         params = SamplingParams(max_new_tokens=first.max_tokens, temperature=first.temperature, top_p=first.top_p,
                                 top_k=first.top_k, num_samples=first.n, stop=first.stop, seed=seed,
                                 presence_penalty=first.presence_penalty, frequency_penalty=first.frequency_penalty,
-                                logit_bias=dict(first.logit_bias) or None)
+                                logit_bias=dict(first.logit_bias) or None, calculator=first.calculator)
         with self._adapter(first.model):
             out = sample_k(self.lm, ids, params, batch_size=len(ids), abort=abort)
         results, pos = [], 0
