@@ -69,18 +69,20 @@ def make_backend(name: str, model: str, *, device: str | None = None, seed: int 
 
 
 def check_calculator_backend(cfg) -> None:
-    """Refuse ``calculator: true`` with a backend that cannot run GSM8K's calculator while sampling.
+    """Refuse ``calculator: true`` where the backend cannot run GSM8K's calculator while sampling.
 
-    The one place that decides it: synthesis calls this before it reads or writes anything. Only
-    ``hf`` forces calculator results today (``synthtune.generation.calc_decoding``); a server
-    backend would need the server to do it, or the client to resume each sample after an injection.
+    The one place that decides it: synthesis calls this before it reads or writes anything. ``hf``
+    forces the results as tokens (``synthtune.generation.calc_decoding``); ``openai`` stops each
+    sample at ``=`` and continues it after the result, which a completions prompt allows and a
+    chat one does not (``openai_backend.check_calculator_format``).
     """
-    from synthtune.errors import ConfigError
+    if not cfg.calculator or cfg.backend != "openai":
+        return
+    from synthtune.formats import resolve_format
+    from synthtune.synth.openai_backend import check_calculator_format
 
-    if cfg.calculator and cfg.backend != "hf":
-        raise ConfigError(f"calculator: true needs backend: hf (backend is {cfg.backend!r}): the {cfg.backend} "
-                          f"backend cannot force calculator results into the servers' samples yet. Use "
-                          f"backend: hf, or set calculator: false")
+    # what prompt_setup resolves for a server-side backend: auto means chat there
+    check_calculator_format(resolve_format(cfg.prompt_format, None, False, server_renders=True))
 
 
 def backend_for(cfg):

@@ -29,11 +29,19 @@ tell them apart with ``stop_reason`` (the matched string; null for EOS), and TGI
 ``eos_token`` / ``stop_sequence``. Without that detail a ``stop`` counts as ``eos``. Any other
 reason (``content_filter``...) is an unfinished answer and maps to ``length``, which the
 evaluator drops.
+
+Calculator (``SamplingParams.calculator``, plain prompts only): the standard API cannot force
+tokens mid-sample, so each sample becomes a chain of single-sample ``/completions`` requests that
+also stop at ``=``. When a piece stops there, ``=`` is appended, and if the text now ends at
+``<<expr=`` inside an open annotation the exact result and ``>>`` are appended too
+(``calc_decoding.injection``, the rule the ``hf`` backend uses); the next request continues from
+the prompt plus the text so far. See ``calc_step`` for what this cannot reproduce exactly.
 """
 
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import http.client
 import itertools
 import json
@@ -42,7 +50,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass
 from datetime import timezone
 from urllib.parse import urlsplit
@@ -62,6 +70,8 @@ MAX_BACKOFF_S = 60.0
 MAX_RETRY_AFTER_S = 300.0
 #: The startup model check is a small request; a server that takes longer than this is not ready.
 MODELS_TIMEOUT_S = 30.0
+#: With the calculator on, every sample also stops here, so the client can add the result after ``<<expr=``
+CALC_STOP = "="
 
 
 class EndpointError(ModelError):
@@ -182,6 +192,96 @@ def split_tokens(total: int | None, texts: Sequence[str], reasons: Sequence[str]
     for i, c in zip(open_, floors, strict=True):
         counts[i] = c
     return counts
+
+
+def continuation_seed(seed: int, sample: int, piece: int) -> int:
+    """The seed of a calculator continuation: piece ``piece`` (>= 1) of sample ``sample``.
+
+    Derived by hashing rather than by adding, so no continuation reuses the seed of another
+    sample's first request (``seed + sample``) or of another piece: a reused seed would replay the
+    same random draws. Kept below 2**63, the range vLLM and ``synthtune serve`` take.
+
+    >>> continuation_seed(0, 0, 1) != continuation_seed(0, 1, 1) != continuation_seed(0, 0, 2)
+    True
+    """
+    digest = hashlib.blake2b(f"{seed}:{sample}:{piece}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+def stop_string(choice: dict, sent: Sequence[str]) -> str | None:
+    """The stop string that ended ``choice`` (one of ``sent``), or None when EOS or the length did.
+
+    Raises ``ValueError`` when the server does not say which: OpenAI's own API reports a plain
+    ``stop`` for both EOS and every stop string, and TGI's ``stop_sequence`` does not name one.
+    """
+    reason = choice.get("finish_reason")
+    if reason not in ("stop", "stop_sequence"):
+        return None
+    named = choice.get("stop_reason")
+    if isinstance(named, str):
+        return named
+    if reason == "stop" and "stop_reason" in choice:
+        return None  # vLLM and synthtune serve: null is EOS, an int a stop token id
+    if reason == "stop_sequence" and len(sent) == 1:
+        return sent[0]
+    raise ValueError("the server does not say which stop string ended a sample (no stop_reason)")
+
+
+def _first_stop(text: str, stops: Sequence[str], start: int) -> int | None:
+    hits = [i for i in (text.find(s, start) for s in stops) if i != -1]
+    return min(hits) if hits else None
+
+
+def calc_step(text: str, piece: str, ended_at: str | None, reason: str, stops: Sequence[str], tokens_left: int,
+              inject: Callable[[str], str | None]) -> tuple[str, str | None]:
+    """One piece of a calculator chain: the completion text after it, and its finish reason
+    (None: request a continuation).
+
+    ``text`` is the completion so far, ``piece`` the next request's text (cut before its stop
+    string), ``ended_at`` that stop string, ``reason`` the piece's finish reason, ``stops`` the
+    user's stop strings, ``tokens_left`` what ``max_new_tokens`` leaves after this piece.
+
+    A piece that stopped at ``=`` (and ``=`` is not one of the user's stops) gets it back, plus the
+    calculator's ``result>>`` when that ``=`` closes ``<<expr``. The server matches the user's stop
+    strings only inside each piece, so they are searched here across every seam (piece, ``=``,
+    injection), and the text is cut at the first one, as one uninterrupted request would.
+
+    What cannot be exact, compared with the ``hf`` backend's forced tokens: the server re-tokenizes
+    prompt + text at every seam (a token that would have merged across it is split); a token that
+    held more than the ``=`` (``=<``) loses its tail, which the continuation writes anew; the
+    penalties count only the current piece's tokens; and the injected text is prompt, not generated
+    tokens, so it counts neither in ``n_tokens`` nor toward ``max_new_tokens``.
+
+    >>> calc = lambda t: "42>>" if t.endswith("<<6*7=") else None
+    >>> calc_step("x = ", "<<6*7", "=", "stop", ["\\n"], 5, calc)
+    ('x = <<6*7=42>>', None)
+    >>> calc_step("x = <<6*7=42>>", "42 apples", "\\n", "stop", ["\\n"], 3, calc)
+    ('x = <<6*7=42>>42 apples', 'stop')
+    >>> calc_step("", "<<6*7", "=", "stop", ["7=4"], 5, calc)  # a stop string across the seam
+    ('<<6*', 'stop')
+    """
+    longest = max((len(s) for s in stops), default=1)
+    start = max(0, len(text) - longest + 1)
+    text += piece
+    if ended_at == CALC_STOP and CALC_STOP not in stops:
+        text += CALC_STOP
+        cut = _first_stop(text, stops, start)
+        if cut is not None:
+            return text[:cut], "stop"
+        if tokens_left <= 0:  # the "=" was the last token the budget allowed: nothing is forced after it
+            return text, "length"
+        add = inject(text)
+        if add:
+            start = max(0, len(text) - longest + 1)
+            text += add
+            cut = _first_stop(text, stops, start)
+            if cut is not None:
+                return text[:cut], "stop"
+        return text, None
+    cut = _first_stop(text, stops, start)
+    if cut is not None:
+        return text[:cut], "stop"
+    return text, reason
 
 
 def server_message(data: bytes, limit: int = 400) -> str:
@@ -349,6 +449,8 @@ class OpenAIBackend:
         """``params.num_samples`` samples for each prompt, in prompt order."""
         if params.num_samples < 1 or params.max_new_tokens < 1:
             raise ValueError("num_samples and max_new_tokens must be >= 1")
+        if params.calculator:
+            return self._sample_calculated(prompts, params)
         k = params.num_samples
         got: list[list[Sample]] = [[] for _ in prompts]
         seeds = [params.seed + 1] * len(prompts)  # the next seed for a single-sample top-up request
@@ -373,6 +475,32 @@ class OpenAIBackend:
             self._http.abort()
             raise
         return got
+
+    def _sample_calculated(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Sample]]:
+        """With the calculator: every sample is its own chain of requests (``calc_step``), run concurrently.
+
+        One request per sample rather than ``n=k``: each sample stops at its own ``=`` and only a
+        single-choice answer's ``usage`` is that sample's exact token count, which the next
+        piece's ``max_tokens`` needs. vLLM's prefix cache still shares the prompt's prefill.
+        """
+        for p in prompts:
+            check_calculator_format(p.format)
+        stop = threading.Event()
+        k = params.num_samples
+        got: list[list[Sample | None]] = [[None] * k for _ in prompts]
+        futures = {self._pool.submit(self._calc_sample, p, params, j, stop): (i, j)
+                   for i, p in enumerate(prompts) for j in range(k)}
+        try:
+            for fut in as_completed(futures):
+                i, j = futures[fut]
+                got[i][j] = fut.result()
+        except BaseException:
+            stop.set()
+            for fut in futures:
+                fut.cancel()
+            self._http.abort()
+            raise
+        return got  # type: ignore[return-value]  # every slot is filled once all futures are done
 
     def check_models(self) -> None:
         """Fail early, with the list of served names, when an endpoint does not serve the model."""
@@ -401,20 +529,7 @@ class OpenAIBackend:
 
         def body_for(ep: Endpoint) -> dict:
             sent["n"] = n if ep.n_ok is not False else 1
-            body = {"model": self.model_name, "max_tokens": params.max_new_tokens, "temperature": params.temperature,
-                    "top_p": params.top_p, "n": sent["n"], "seed": seed}
-            if params.stop:
-                body["stop"] = list(params.stop)
-            if params.top_k > 0:  # a vLLM/TGI extension; OpenAI's own API rejects unknown fields
-                body["top_k"] = params.top_k
-            # OpenAI's own parameters, sent only when set, so servers that lack them see the same
-            # body as before; vLLM counts the penalties over each sample's output, as the hf backend does
-            if params.presence_penalty:
-                body["presence_penalty"] = params.presence_penalty
-            if params.frequency_penalty:
-                body["frequency_penalty"] = params.frequency_penalty
-            if params.logit_bias:
-                body["logit_bias"] = {str(tok): bias for tok, bias in params.logit_bias.items()}
+            body = self._body(params, sent["n"], seed, params.max_new_tokens, params.stop)
             if chat:
                 body["messages"] = prompt.chat_messages()
             else:
@@ -422,10 +537,7 @@ class OpenAIBackend:
             return body
 
         payload, ep = self._call("POST", path, body_for, stop, return_endpoint=True)
-        choices = payload.get("choices")
-        if not isinstance(choices, list) or not choices:
-            raise EndpointError(f"endpoint {ep.url} answered POST {path} with no choices "
-                                f"({redact(json.dumps(payload))[:200]}); is it an OpenAI-compatible server?")
+        choices = self._choices(payload, ep, path)
         if sent["n"] > 1:
             ep.n_ok = len(choices) >= sent["n"]
             if not ep.n_ok:
@@ -438,6 +550,70 @@ class OpenAIBackend:
         counts = split_tokens(usage.get("completion_tokens"), texts, reasons, params.max_new_tokens)
         return [Sample(text=truncate_at_stop(t, params.stop).strip(), n_tokens=c, finish_reason=r)
                 for t, r, c in zip(texts, reasons, counts, strict=True)]
+
+    def _body(self, params: SamplingParams, n: int, seed: int, max_tokens: int, stop: Sequence[str]) -> dict:
+        """A request body without its prompt or messages."""
+        body = {"model": self.model_name, "max_tokens": max_tokens, "temperature": params.temperature,
+                "top_p": params.top_p, "n": n, "seed": seed}
+        if stop:
+            body["stop"] = list(stop)
+        if params.top_k > 0:  # a vLLM/TGI extension; OpenAI's own API rejects unknown fields
+            body["top_k"] = params.top_k
+        # OpenAI's own parameters, sent only when set, so servers that lack them see the same
+        # body as before; vLLM counts the penalties over each sample's output, as the hf backend does
+        if params.presence_penalty:
+            body["presence_penalty"] = params.presence_penalty
+        if params.frequency_penalty:
+            body["frequency_penalty"] = params.frequency_penalty
+        if params.logit_bias:
+            body["logit_bias"] = {str(tok): bias for tok, bias in params.logit_bias.items()}
+        return body
+
+    @staticmethod
+    def _choices(payload: dict, ep: Endpoint, path: str) -> list:
+        choices = payload.get("choices")
+        if not isinstance(choices, list) or not choices:
+            raise EndpointError(f"endpoint {ep.url} answered POST {path} with no choices "
+                                f"({redact(json.dumps(payload))[:200]}); is it an OpenAI-compatible server?")
+        return choices
+
+    def _calc_sample(self, prompt: Prompt, params: SamplingParams, j: int, stop: threading.Event) -> Sample:
+        """Sample ``j`` of ``prompt`` with the calculator: single-sample requests chained by ``calc_step``.
+
+        Seeds: the first request takes ``seed + j``, as a single-sample top-up does; each
+        continuation gets ``continuation_seed``. Every piece that asks for more has used at least
+        one token (its ``=``), so a chain makes at most ``max_new_tokens + 1`` requests.
+        """
+        from synthtune.generation.calc_decoding import injection
+
+        user = tuple(params.stop)
+        sent = [*user, CALC_STOP] if CALC_STOP not in user else list(user)
+        text, used, n_tokens, piece = "", 0, 0, 0
+        while True:
+            seed = params.seed + j if piece == 0 else continuation_seed(params.seed, j, piece)
+            body = self._body(params, 1, seed, params.max_new_tokens - used, sent)
+            body["prompt"] = prompt.text + text
+            payload, ep = self._call("POST", "/completions", lambda _ep, b=body: b, stop, return_endpoint=True)
+            choice = sorted(self._choices(payload, ep, "/completions"), key=lambda c: c.get("index", 0))[0]
+            tokens = (payload.get("usage") or {}).get("completion_tokens")
+            if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 0:
+                raise EndpointError(f"endpoint {ep.url} reports no usage.completion_tokens; calculator: true needs "
+                                    f"it to keep each sample within max_new_tokens over its continuation requests. "
+                                    f"Use a server that reports usage (vLLM, synthtune serve) or set calculator: "
+                                    f"false")
+            try:
+                ended_at = stop_string(choice, sent)
+            except ValueError as err:
+                raise EndpointError(f"endpoint {ep.url}: {err}; calculator: true needs it to tell its own stop at "
+                                    f"{CALC_STOP!r} from EOS and your stop strings. Use a server that reports "
+                                    f"stop_reason (vLLM, synthtune serve) or set calculator: false") from None
+            n_tokens += tokens
+            used += max(1, tokens)  # a piece that ended on a stop generated at least that token
+            text, reason = calc_step(text, choice.get("text") or "", ended_at, finish_reason(choice), user,
+                                     params.max_new_tokens - used, injection)
+            if reason is not None:
+                return Sample(text=text.strip(), n_tokens=n_tokens, finish_reason=reason)
+            piece += 1
 
     # -- the retry loop ------------------------------------------------------------------------
 
@@ -511,6 +687,19 @@ class OpenAIBackend:
             hint = "; the served model has no chat template: set prompt_format=plain"
         return EndpointError(f"{where} refused {method} {path} (HTTP {status}: {msg}){hint}. Fix the setting "
                              f"the message names and rerun: finished batches are kept", status)
+
+
+def check_calculator_format(fmt: str) -> None:
+    """The calculator works on plain prompts only: a ``ConfigError`` for ``chat``.
+
+    It continues a partly written completion after each result; a chat endpoint applies the
+    template itself, and the standard API has no way to continue an unfinished assistant message.
+    """
+    if fmt == "chat":
+        raise ConfigError("calculator: true with backend: openai needs plain prompts (/v1/completions), but this "
+                          "run's prompts are chat ones (prompt_format: auto means chat on a server): a chat "
+                          "endpoint cannot continue a partly written assistant message, which the calculator "
+                          "does after each result. Set prompt_format: plain, or calculator: false")
 
 
 def _describe(err: BaseException) -> str:
