@@ -23,6 +23,7 @@ from synthtune.config import SynthConfig
 from synthtune.errors import ConfigError
 from synthtune.formats import chat_messages
 from synthtune.generation.base import SamplingParams, truncate_at_stop
+from synthtune.models import load_tokenizer
 from synthtune.synth.openai_backend import CALC_STOP, OpenAIBackend, calc_step, continuation_seed, stop_string
 from synthtune.synth.pipeline import KEPT, run_synthesis
 from synthtune.synth.prompts import build_prompt
@@ -158,15 +159,15 @@ def _results(text: str) -> dict[str, str]:
     return dict(re.findall(r"<<([^<>=]+)=([^<>]*)>>", text))
 
 
-def _calculated(text: str) -> bool:
-    """Whether every annotation of ``text`` the calculator can compute holds its result (one it refuses,
-    such as ``<<3*14It 8=``, is the model's to finish), and at least one could be computed."""
+def _computed(text: str) -> list[tuple[str, str]]:
+    """(written, calculator's) results of each annotation of ``text`` the calculator can compute; one it
+    refuses (``<<3*14It 8=``, the model's to finish) is left out."""
     import re
 
     from synthtune.generation.calc_decoding import injection
 
-    computed = [(m.group(2) + ">>", injection(text[:m.start(2)])) for m in re.finditer(r"<<([^<>=]*)=([^<>]*)>>", text)]
-    return any(want for _, want in computed) and all(want in (None, got) for got, want in computed)
+    pairs = [(m.group(2) + ">>", injection(text[:m.start(2)])) for m in re.finditer(r"<<([^<>=]*)=([^<>]*)>>", text)]
+    return [(got, want) for got, want in pairs if want is not None]
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +195,9 @@ def test_serve_calculator_field_with_the_openai_client(client, calc_server):
                                    extra_body={"calculator": True})
     assert off.choices[0].text == WRONG_COMPLETION and _results(off.choices[0].text) == WRONG_RESULTS
     assert _results(on.choices[0].text) == RIGHT_RESULTS and on.choices[0].finish_reason == "stop"
-    # the forced results are completion tokens: "42>>" and "28>>" were not what the model wrote
-    assert on.usage.completion_tokens > 0 and on.choices[0].text.endswith("#### 76")
+    # the forced results are completion tokens: "42>>" and "28>>" stand where the model wrote "40>>" and
+    # "36>>", as many tokens, so the count is the same
+    assert on.usage.completion_tokens == off.usage.completion_tokens and on.choices[0].text.endswith("#### 76")
     # chat: the same field on /v1/chat/completions, the conversation the model was trained on
     messages = chat_messages(SHORT_QUESTION)
     chat = {c: client.chat.completions.create(model=NAME, messages=messages, max_tokens=48, temperature=0,
@@ -243,32 +245,38 @@ def test_openai_backend_calculator_against_a_server_without_one(calc_server, cli
         greedy = SamplingParams(max_new_tokens=48, temperature=0.0, num_samples=2, seed=5, stop=("\n\n",))
         off = backend.sample(prompts, greedy)
         on = backend.sample(prompts, replace(greedy, calculator=True))
-        server_side = client.completions.create(model=NAME, prompt=prompts[0].text, max_tokens=48, temperature=0,
-                                                extra_body={"calculator": True}).choices[0].text
+        reply = client.completions.create(model=NAME, prompt=prompts[0].text, max_tokens=48, temperature=0,
+                                          extra_body={"calculator": True})
+        server_side = reply.choices[0].text
+        # what the server forced in; the client appends it to the next prompt instead: not generated tokens
+        tok = load_tokenizer(str(wrong_calc_model_dir()))
+        forced = sum(len(tok(r + ">>", add_special_tokens=False)["input_ids"]) for r in RIGHT_RESULTS.values())
         for samples in off:
             assert [_results(s.text) for s in samples] == [WRONG_RESULTS] * 2
         for samples in on:
             assert [_results(s.text) for s in samples] == [RIGHT_RESULTS] * 2
             assert {(s.text, s.finish_reason) for s in samples} == {(server_side.strip(), "eos")}
-            # the injected results are not generated tokens: fewer than the server-side count
-            assert all(0 < s.n_tokens < 48 for s in samples)
+            assert [s.n_tokens for s in samples] == [reply.usage.completion_tokens - forced] * 2
         # every sample stopped at its four "=" and was continued after each: five requests a sample,
         # not one request for the pair (n=2) as without the calculator
         grew = len(calc_server.lines(r'"POST /v1/completions" 200')) - posts
         assert grew == len(prompts) + 2 * len(prompts) * 5 + 1
         # sampled: every annotation the calculator can compute holds its result. One request at a
         # time, so serve runs each alone: then the same seeds give the same samples
-        sampled = replace(greedy, temperature=1.0, num_samples=3, calculator=True)
+        sampled = replace(greedy, temperature=1.2, num_samples=4, calculator=True)
         alone = OpenAIBackend([calc_server.url], NAME, concurrency=1, request_timeout=120, max_retries=0)
         try:
-            first, again = alone.sample(prompts, sampled), alone.sample(prompts, sampled)
+            first, again = alone.sample(prompts[:1], sampled), alone.sample(prompts[:1], sampled)
         finally:
             alone.close()
         assert [[s.text for s in g] for g in first] == [[s.text for s in g] for g in again]
         texts = [s.text for g in first for s in g]
-        assert all(_calculated(t) for t in texts) and len(set(texts)) > 1
-        assert not all(_calculated(s.text) for g in backend.sample(prompts, replace(sampled, calculator=False))
-                       for s in g)
+        computed = [pair for t in texts for pair in _computed(t)]
+        assert len(set(texts)) > 1 and len(computed) >= len(texts)  # real samples, most with annotations
+        assert all(got == want for got, want in computed)
+        unaided = [pair for g in backend.sample(prompts[:1], replace(sampled, calculator=False)) for s in g
+                   for pair in _computed(s.text)]
+        assert any(got != want for got, want in unaided)
         # the budget holds across the chain: a sample cut by max_new_tokens ends on "length"
         short = backend.sample(prompts[:1], replace(greedy, max_new_tokens=9, calculator=True))[0]
         assert [(s.finish_reason, s.n_tokens) for s in short] == [("length", 9)] * 2
