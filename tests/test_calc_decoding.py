@@ -23,6 +23,18 @@ from synthtune.generation.calc_decoding import TAIL_CHARS, format_result, inject
 from synthtune.generation.sampler import complete, sample_k
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Tiny models' steps are microseconds of math: with two threads on a shared 2-core machine,
+    # OpenMP's hand-offs made this module's generation tests ~100x slower than one thread.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def wrong_calc_llama():
     """tiny-llama overfit to wrong annotations (trained once per process, ~10 s)."""
@@ -263,6 +275,7 @@ def path(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.integration  # trains the wrong-arithmetic model (~10 s, once per process)
 def test_the_model_gets_its_arithmetic_wrong_without_the_calculator(wrong_calc_llama):
     # the guard for every test below: off, the annotations are wrong
     out = generate(wrong_calc_llama, _PROMPTS, _params(), progress=False)
@@ -270,7 +283,7 @@ def test_the_model_gets_its_arithmetic_wrong_without_the_calculator(wrong_calc_l
     assert all(not _all_right(c[0]) for c in out)
 
 
-@pytest.mark.integration  # ~10 s of tiny-model training (shared by this module's tests)
+@pytest.mark.integration
 def test_sampler_greedy_writes_right_results(wrong_calc_llama, path):
     off = sample_k(wrong_calc_llama, _PROMPTS, _params(num_samples=2), batch_size=2)
     on = sample_k(wrong_calc_llama, _PROMPTS, _params(num_samples=2, calculator=True), batch_size=2)
