@@ -4,6 +4,7 @@ on a tiny model that writes wrong arithmetic (``calc_models``)."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 from contextlib import contextmanager
@@ -11,7 +12,7 @@ from dataclasses import replace
 from fractions import Fraction
 
 import pytest
-from calc_models import RIGHT_RESULTS, WRONG_COMPLETION, plain_prompts, wrong_calc_model
+from calc_models import RIGHT_RESULTS, WRONG_COMPLETION, plain_prompts, wrong_calc_model, wrong_calc_model_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,6 +21,18 @@ from synthtune.data.gsm8k import load_split
 from synthtune.generation.base import SamplingParams, generate
 from synthtune.generation.calc_decoding import TAIL_CHARS, format_result, injection, injection_ids
 from synthtune.generation.sampler import complete, sample_k
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    # Tiny models' steps are microseconds of math: with two threads on a shared 2-core machine,
+    # OpenMP's hand-offs made this module's generation tests ~100x slower than one thread.
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +275,7 @@ def path(request, monkeypatch):
     return request.param
 
 
+@pytest.mark.integration  # trains the wrong-arithmetic model (~10 s, once per process)
 def test_the_model_gets_its_arithmetic_wrong_without_the_calculator(wrong_calc_llama):
     # the guard for every test below: off, the annotations are wrong
     out = generate(wrong_calc_llama, _PROMPTS, _params(), progress=False)
@@ -269,7 +283,7 @@ def test_the_model_gets_its_arithmetic_wrong_without_the_calculator(wrong_calc_l
     assert all(not _all_right(c[0]) for c in out)
 
 
-@pytest.mark.integration  # ~10 s of tiny-model training (shared by this module's tests)
+@pytest.mark.integration
 def test_sampler_greedy_writes_right_results(wrong_calc_llama, path):
     off = sample_k(wrong_calc_llama, _PROMPTS, _params(num_samples=2), batch_size=2)
     on = sample_k(wrong_calc_llama, _PROMPTS, _params(num_samples=2, calculator=True), batch_size=2)
@@ -368,3 +382,95 @@ def test_in_training_accuracy_with_the_calculator(wrong_calc_llama):
     on = eval_accuracy(acc, wrong_calc_llama.model, tok, questions, replace(cfg, eval_calculator=True), False)
     assert (off["eval/accuracy"], on["eval/accuracy"]) == (0.0, 1.0)
     assert on["eval/n_questions"] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# infer, synthesis and the command line
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_infer_with_the_calculator(tmp_path, wrong_calc_llama):
+    from synthtune.config import InferConfig
+    from synthtune.jobs.infer import run
+
+    model_dir = str(wrong_calc_model_dir())
+    cfg = InferConfig(model=model_dir, prompt=["q"], max_new_tokens=48, prompt_format="plain",
+                      out=str(tmp_path / "out.jsonl"), device="cpu")
+    off, on = run(cfg, progress=False), run(replace(cfg, calculator=True), progress=False)
+    assert not _all_right(off[0]["completions"][0])
+    assert _all_right(on[0]["completions"][0]) and _RIGHT_FIRST in on[0]["completions"][0]
+
+
+def test_the_command_line_takes_the_calculator_switches():
+    from typer.main import get_command
+
+    from synthtune.cli import app
+    from synthtune.cli_options import parse_argv
+
+    group = get_command(app)
+    for argv, field in [(["eval"], "calculator"), (["infer", "--model", "M", "--prompt", "q"], "calculator"),
+                        (["synth"], "calculator"), (["train"], "eval_calculator")]:
+        flag = "--" + field.replace("_", "-")
+        assert getattr(parse_argv(group, argv)[0], field) is False
+        assert getattr(parse_argv(group, [*argv, flag])[0], field) is True
+        assert getattr(parse_argv(group, [*argv, f"{field}=true"])[0], field) is True
+
+
+def _synth_cfg(tmp_path, **kw):
+    from synthtune.config import SynthConfig
+
+    base = dict(model="tiny-llama-wrong-calc", questions="bundled:test", limit=2, shots=0, prompt_format="plain",
+                k=2, rounds=1, temperature=0.0, max_new_tokens=48, batch_size=2, use_gold=False,
+                min_calc=1.0, out=str(tmp_path / "run"))
+    base.update(kw)
+    return SynthConfig(**base)
+
+
+@pytest.mark.integration  # two synthesis runs on the tiny model
+def test_synthesis_keeps_rationales_once_the_calculator_writes_the_results(tmp_path, wrong_calc_llama):
+    """min_calc=1 drops every sample of the wrong-arithmetic model; with the calculator they pass
+    (self-consistency, no gold: the model's final answer is its own)."""
+    from synthtune.synth.backends import HFBackend
+    from synthtune.synth.pipeline import KEPT, run_synthesis
+
+    backend = HFBackend(wrong_calc_llama, batch_size=2)
+    off = run_synthesis(_synth_cfg(tmp_path, out=str(tmp_path / "off")), backend, progress=False, log=lambda m: None)
+    on = run_synthesis(_synth_cfg(tmp_path, out=str(tmp_path / "on"), calculator=True), backend, progress=False,
+                       log=lambda m: None)
+    assert off["kept_examples"] == 0 and on["kept_examples"] >= 2, (off, on)
+    kept = [json.loads(line) for line in (tmp_path / "on" / KEPT).read_text().splitlines()]
+    assert all(_all_right(r["answer"]) for r in kept)
+    fp = json.loads((tmp_path / "on" / "fingerprint.json").read_text())
+    assert fp["calculator"] is True
+
+
+def test_synthesis_resume_counts_the_calculator_as_a_setting(tmp_path):
+    """A run from before the setting sampled without a calculator: resuming it with one is a change."""
+    from synth_helpers import ScriptedBackend
+
+    from synthtune.errors import ConfigError
+    from synthtune.synth.pipeline import run_synthesis
+
+    cfg = _synth_cfg(tmp_path, model="scripted", questions="bundled:train", limit=2, k=2, exemplar_pool_size=12)
+    run_synthesis(cfg, ScriptedBackend(), progress=False, log=lambda m: None)
+    out = tmp_path / "run"
+    fp = json.loads((out / "fingerprint.json").read_text())
+    assert fp["calculator"] is False
+    (out / "fingerprint.json").write_text(json.dumps({k: v for k, v in fp.items() if k != "calculator"}))
+    (out / "config.yaml").unlink()
+    with pytest.raises(ConfigError, match="calculator: False -> True"):
+        run_synthesis(replace(cfg, calculator=True), ScriptedBackend(), progress=False, log=lambda m: None)
+    logs = []
+    run_synthesis(cfg, ScriptedBackend(), progress=False, log=logs.append)
+    assert not [m for m in logs if "does not record" in m], logs
+
+
+def test_synthesis_with_a_server_backend_refuses_the_calculator_before_writing(tmp_path):
+    from synthtune.errors import ConfigError
+    from synthtune.synth.pipeline import run_synthesis
+
+    cfg = _synth_cfg(tmp_path, backend="openai", endpoints=["http://127.0.0.1:9/v1"], calculator=True)
+    with pytest.raises(ConfigError, match="calculator: true needs backend: hf"):
+        run_synthesis(cfg, progress=False, log=lambda m: None)
+    assert not (tmp_path / "run").exists()

@@ -168,7 +168,8 @@ class Injector:
         self._ends_eq: dict[int, bool] = {}  # token id -> its text ends in "=" (memo)
         self.n_injections = 0
 
-    def _ends_with_eq(self, token: int) -> bool:
+    def may_trigger(self, token: int) -> bool:
+        """Whether ``token``'s text ends in ``=``: only then can a row have just opened ``<<expr=``."""
         hit = self._ends_eq.get(token)
         if hit is None:
             hit = self.tok.decode([token], skip_special_tokens=True).endswith(EQ)
@@ -177,7 +178,7 @@ class Injector:
 
     def after(self, row: int, tokens) -> None:
         """Queue the result's ids for ``row`` when ``tokens`` (its generated ids) end in ``<<expr=``."""
-        if not len(tokens) or self.queues.get(row) or not self._ends_with_eq(int(tokens[-1])):
+        if not len(tokens) or self.queues.get(row) or not self.may_trigger(int(tokens[-1])):
             return
         text = self.tok.decode([int(t) for t in tokens[-TAIL_TOKENS:]], skip_special_tokens=True)
         inject = injection(text)
@@ -224,7 +225,7 @@ def calculator_processor(tokenizer, start: int):
                 last = new[:, -1].tolist()
                 for row, token in enumerate(last):
                     # a row whose newest token ends in "=" may have opened <<expr=: read its tail
-                    if row not in self.injector.queues and self.injector._ends_with_eq(token):
+                    if row not in self.injector.queues and self.injector.may_trigger(token):
                         self.injector.after(row, new[row, -TAIL_TOKENS:].tolist())
             for row in list(self.injector.queues):
                 token = self.injector.pop(row)
