@@ -248,7 +248,8 @@ class SynthConfig:
     calculator: bool = opt(False, "GSM8K's calculator writes each annotation's result: once a sample has written "
                            "<<expr=, the exact value of expr and >> are forced in (they count toward "
                            "max_new_tokens); expressions the calculator cannot read are left to the model. "
-                           "backend: hf only for now")
+                           "backend openai: plain prompts only (prompt_format=plain); each sample stops at '=' "
+                           "and is continued after the result, one request per piece")
     stop: list[str] = opt([], "extra stop strings (the plain format always stops at a new 'Question:' or "
                               "'Problem:' line)")
     batch_size: int = opt(4, "questions per batch; results are flushed after every batch", ge=1)
