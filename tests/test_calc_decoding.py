@@ -470,7 +470,9 @@ def test_synthesis_with_a_server_backend_refuses_the_calculator_before_writing(t
     from synthtune.errors import ConfigError
     from synthtune.synth.pipeline import run_synthesis
 
-    cfg = _synth_cfg(tmp_path, backend="openai", endpoints=["http://127.0.0.1:9/v1"], calculator=True)
-    with pytest.raises(ConfigError, match="calculator: true needs backend: hf"):
+    # with plain prompts the openai backend runs it (tests/test_calc_openai.py); chat ones it cannot continue
+    cfg = _synth_cfg(tmp_path, backend="openai", endpoints=["http://127.0.0.1:9/v1"], calculator=True,
+                     prompt_format="chat")
+    with pytest.raises(ConfigError, match="calculator: true with backend: openai needs plain prompts"):
         run_synthesis(cfg, progress=False, log=lambda m: None)
     assert not (tmp_path / "run").exists()
