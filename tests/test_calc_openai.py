@@ -142,6 +142,25 @@ def test_continuation_seeds_are_distinct_and_in_range():
     assert continuation_seed(7, 3, 2) == continuation_seed(7, 3, 2)  # a rerun asks for the same samples
 
 
+def test_serve_parses_the_calculator_field_and_batches_by_it():
+    from synthtune.jobs.serve import RequestError, parse_request
+
+    for chat, body in ((False, {"model": "m", "prompt": "x"}),
+                       (True, {"model": "m", "messages": [{"role": "user", "content": "x"}]})):
+        def parse(body=body, chat=chat, **extra):
+            return parse_request({**body, **extra}, chat=chat, models=["m"])
+
+        plain, on = parse(), parse(calculator=True)
+        assert (plain.calculator, on.calculator) == (False, True)
+        assert parse(calculator=False).group_key() == parse(calculator=None).group_key() == plain.group_key()
+        assert on.group_key() != plain.group_key()  # one sample_k call takes one setting
+        for bad in ("true", 1, 0, [True], {}):
+            with pytest.raises(RequestError) as info:
+                parse(calculator=bad)
+            assert (info.value.status, info.value.param) == (400, "calculator")
+            assert "calculator must be true or false" in info.value.message
+
+
 # --------------------------------------------------------------------------------------------
 # against a real `synthtune serve` of the wrong-arithmetic model
 # --------------------------------------------------------------------------------------------
