@@ -259,6 +259,10 @@ class SynthConfig:
     diversity: str = opt("greedy", "greedy: no two kept paths with ROUGE-L F >= threshold; workshop: the 2023 "
                          "rule (mean self-ROUGE-L recall below the group mean); none", ["greedy", "workshop", "none"])
     rouge_threshold: float = opt(0.7, "ROUGE-L F at or above which two paths count as the same (Self-Instruct)", ge=0, le=1)
+    rationalize: bool = opt(False, "STaR rationalization: a question no sample solved in a round is asked again "
+                            "with its gold answer as a hint; rationales that pass the same evaluator are kept "
+                            "without the hint (provenance.rationalized). Needs gold answers (use_gold)")
+    rationalize_k: int | None = opt(None, "rationales sampled per unsolved question; default: the round's k", ge=1)
     seed: int = opt(0, "seed for exemplars and sampling", **SEED)
     device: str | None = opt(None, "cpu, cuda...; default cuda when available")
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")

@@ -48,6 +48,13 @@ DEFAULT_META_PROMPT = (
     "Solve the grade-school math problem step by step. Show each calculation, "
     "then give the final answer on its own line as '#### <number>'."
 )
+#: STaR rationalization (Zelikman et al. 2022): a question the model could not solve is asked again
+#: with its gold final answer as this hint, appended to the question (the last block or user turn,
+#: where a small instruct model reads it last). A rationale from such a prompt is stored without
+#: the hint; one that mentions it is dropped (see synthtune.synth.prompts.leaks_hint).
+RATIONALIZATION_HINT = "Hint: the answer is {answer}. Show the steps that lead to it."
+#: Bump when RATIONALIZATION_HINT's text changes: resuming a rationalizing run refuses to mix both.
+HINT_VERSION = 1
 # Where a plain-format completion has finished its answer and begun inventing the next problem:
 # the format's own next block, and "Problem:", the other heading base models ramble into on
 # GSM8K-style text (and the one synthtune's few-shot prompts used before they took this format's words).
@@ -151,6 +158,24 @@ def chat_messages(question: str, exemplars: Sequence[Mapping[str, str]] = (),
                   {"role": "assistant", "content": ex["answer"].strip()}]
     turns.append({"role": "user", "content": question.strip()})
     return turns
+
+
+def rationalization_hint(answer: str) -> str:
+    """The hint line for a gold final answer (``answer`` as extracted: ``72``, not ``#### 72``).
+
+    >>> rationalization_hint("72")
+    'Hint: the answer is 72. Show the steps that lead to it.'
+    """
+    return RATIONALIZATION_HINT.format(answer=str(answer).strip())
+
+
+def hinted_question(question: str, hint: str) -> str:
+    """``question`` with ``hint`` on a line of its own after it: what a rationalization prompt asks.
+
+    >>> hinted_question("What is 2 + 2? ", rationalization_hint("4"))
+    'What is 2 + 2?\\nHint: the answer is 4. Show the steps that lead to it.'
+    """
+    return f"{question.strip()}\n{hint.strip()}"
 
 
 def zero_shot_prompt(question: str, tokenizer, *, fmt: str, is_seq2seq: bool) -> str:
