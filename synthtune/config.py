@@ -173,6 +173,8 @@ class DemoConfig:
     rounds: int = opt(1, "synthesis rounds (unsolved questions are retried with fresh exemplars)", ge=1)
     temperature: float = opt(0.7, "synthesis sampling temperature", ge=0)
     synth_max_new_tokens: int = opt(200, "per sample; GSM8K rationales average ~120 tokens", ge=1)
+    rationalize: bool = opt(True, "STaR rationalization: questions no sample solved are asked again with the gold "
+                            "answer as a hint; checked rationales join the SFT set without the hint")
     # 2. SFT set, 3. preprocessing
     gold_rationales: bool = opt(True, "add the train split's gold rationales to the kept ones (a 135M model keeps "
                                 "few of its own)")
@@ -189,6 +191,8 @@ class DemoConfig:
                                      "the full GSM8K 1,319: hours on a CPU); null = the whole split", ge=1)
     eval_max_new_tokens: int = opt(200, "generation budget per answer", ge=1)
     eval_batch_size: int = opt(7, "questions per generate() call", ge=1)
+    eval_calculator: bool = opt(True, "evaluate the tuned model once more with calculator-assisted decoding (the "
+                                "report's 'tuned + calculator' column): its arithmetic errors apart from its reasoning")
     train_format: str = opt("plain", "prompt format for training and evaluation (plain: 'Question: ...\\nAnswer:')",
                             ["plain", "chat", "auto"])
     seed: int = opt(0, "seed for exemplars, sampling, init and data order", **SEED)

@@ -151,7 +151,19 @@ def test_demo_cli_runs_every_stage_on_tiny_model(synthtune_bin, tmp_path):
     for label in ("base", "adapter"):
         rows = (out / "eval" / f"{label}_outputs.jsonl").read_text().splitlines()
         assert len(rows) == 3
+    # rationalization is on in the demo: a random model solves nothing, so both questions were asked
+    # again with their answer as a hint, k each; the funnel reports both routes
+    assert all(r["rationalization"]["stages"]["sampled"] == 2 for r in status)
+    assert set(summary["synth"]["kept_by_route"]) == {"direct", "rationalized"}
     report = (out / "report.md").read_text()
+    assert "| stage | direct samples | rationales (answer as hint) | meaning |" in report
+    from synthtune.jobs.demo import calculator_decoding_available
+
+    calc = calculator_decoding_available()
+    assert ("| metric | base | tuned | tuned + calculator |" in report) == calc
+    assert ("adapter_calculator" in summary["eval"]) == calc
+    if calc:
+        assert len((out / "eval_calculator" / "adapter_outputs.jsonl").read_text().splitlines()) == 3
     for heading in ("## 5. Base vs tuned", "## 1. Synthesize", "## 3. Preprocess", "## 4. Fine-tune", "## Repeat it"):
         assert heading in report
     for image in ("prep/length_hist.png", "train/memory_trace.png", "train/loss.png", "eval/base_vs_tuned.png"):
