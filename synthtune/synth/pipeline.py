@@ -17,6 +17,14 @@ samples are the ones an uninterrupted run would have sampled, seeds included. (U
 status lines were torn part-way: that batch is redone with only its unrecorded questions.)
 Files that disagree in any other way are damage, not a crash: the run stops before writing
 anything (see :func:`load_state`).
+
+Rationalization (``rationalize``, STaR: Zelikman et al. 2022): in each batch, the questions no
+direct sample solved are asked again with the gold answer as a hint
+(:func:`synthtune.formats.rationalization_hint`), and those rationales go through the same
+evaluator plus a ``hint_free`` stage. It happens before the batch is written, so its kept rows
+(``provenance.rationalized: true``, the hint-free question and prompt sha) and the status
+record's ``rationalization`` block (that route's stage counts and reason, the hinted prompt's sha)
+are journaled, resumed and redone with the batch, under a seed of their own.
 """
 
 from __future__ import annotations
