@@ -249,6 +249,10 @@ class SynthConfig:
                                    "generated it (OpenAI/vLLM semantics): > 0 curbs loops of the same words; "
                                    "-2 to 2, 0 = off", ge=-2, le=2)
     max_new_tokens: int = opt(256, "per sample; GSM8K rationales average ~120 tokens", ge=1)
+    calculator: bool = opt(False, "GSM8K's calculator writes each annotation's result: once a sample has written "
+                           "<<expr=, the exact value of expr and >> are forced in (they count toward "
+                           "max_new_tokens); expressions the calculator cannot read are left to the model. "
+                           "backend: hf only for now")
     stop: list[str] = opt([], "extra stop strings (the plain format always stops at a new 'Question:' or "
                               "'Problem:' line)")
     batch_size: int = opt(4, "questions per batch; results are flushed after every batch", ge=1)
@@ -348,6 +352,8 @@ class TrainConfig:
     eval_accuracy_samples: int = opt(16, "questions answered by greedy generation for accuracy at each eval "
                                      "(0 = loss only)", ge=0)
     eval_max_new_tokens: int = opt(192, "generation budget per eval answer", ge=1)
+    eval_calculator: bool = opt(False, "in-training accuracy with GSM8K's calculator: once an answer has written "
+                                "<<expr=, the exact value of expr and >> are forced in (as eval's calculator)")
     save_steps: int = opt(0, "checkpoint every N optimizer steps (0 = only the final model)", ge=0)
     save_total_limit: int = opt(2, "keep the last N checkpoints", ge=1)
     stop_at_step: int | None = opt(None, "save a checkpoint and stop at this step, as a preempted job would; "
@@ -378,6 +384,9 @@ class EvalConfig:
     temperature: float = opt(0.7, "sampling temperature when k > 1", ge=0)
     max_new_tokens: int = opt(256, "generation budget per answer", ge=1)
     batch_size: int = opt(8, "questions per generate() call (k=1)", ge=1)
+    calculator: bool = opt(False, "GSM8K's calculator writes each annotation's result: once an answer has written "
+                           "<<expr=, the exact value of expr and >> are forced in (they count toward "
+                           "max_new_tokens); expressions the calculator cannot read are left to the model")
     prompt_format: str = opt("plain", "plain or chat (the tokenizer's template); match what training used",
                              ["plain", "chat", "auto"], flag="--format")
     compare: bool = opt(False, "evaluate the base model and the adapter in one run, side by side")
@@ -453,6 +462,9 @@ class InferConfig:
     prompt_format: str = opt("plain", "plain or chat: what training used (auto: chat when the tokenizer has a "
                              "template)", ["plain", "chat", "auto"], flag="--format")
     batch_size: int = opt(8, "questions per generate() call", ge=1)
+    calculator: bool = opt(False, "GSM8K's calculator writes each annotation's result: once an answer has written "
+                           "<<expr=, the exact value of expr and >> are forced in (they count toward "
+                           "max_new_tokens); expressions the calculator cannot read are left to the model")
     seed: int = opt(0, "seed for built-in tiny models and sampling", **SEED)
     device: str | None = opt(None, "cpu, cuda...; default cuda when available")
 

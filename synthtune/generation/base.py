@@ -28,6 +28,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     # token id -> added to its logit before sampling (greedy too); -100 bans a token, +100 forces it
     logit_bias: dict[int, float] | None = None
+    # GSM8K's calculator (synthtune.generation.calc_decoding): once a sample has written "<<expr=",
+    # the exact result and ">>" are forced in; the forced tokens count toward max_new_tokens
+    calculator: bool = False
 
 
 @dataclass
@@ -56,6 +59,28 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+def logits_processors(params: SamplingParams, tokenizer, start: int):
+    """The ``logits_processor`` argument ``generate`` needs for ``params`` (a ``LogitsProcessorList``),
+    or None when nothing is asked for (``generate`` then runs exactly as without one).
+
+    ``start`` is where the generated tokens begin in the ids a processor sees: the padded prompt
+    width (causal) or 1 (seq2seq). Penalties and bias come first; the calculator comes last, so a
+    token it forces is not moved by them.
+    """
+    from synthtune.generation import penalties
+    from synthtune.generation.calc_decoding import calculator_processor
+
+    found = penalties.logits_processor(params, start)
+    if not params.calculator:
+        return found
+    if found is None:
+        from transformers import LogitsProcessorList
+
+        found = LogitsProcessorList()
+    found.append(calculator_processor(tokenizer, start))
+    return found
+
+
 def generate(lm, prompts: Sequence[str], params: SamplingParams | None = None, *, batch_size: int = 8,
              add_special_tokens: bool = True, progress: bool = True, desc: str = "generating") -> list[list[str]]:
     """Return ``params.num_samples`` completions for each prompt, in prompt order."""
@@ -76,8 +101,6 @@ def _generate(lm, prompts, params: SamplingParams, batch_size: int, add_special_
               desc: str) -> list[list[str]]:
     import torch
 
-    from synthtune.generation.penalties import logits_processor
-
     tok, model = lm.tokenizer, lm.model
     gen_kwargs = dict(max_new_tokens=params.max_new_tokens, num_return_sequences=params.num_samples,
                       pad_token_id=tok.pad_token_id)
@@ -95,8 +118,8 @@ def _generate(lm, prompts, params: SamplingParams, batch_size: int, add_special_
         chunk = list(prompts[start:start + batch_size])
         enc = tok(chunk, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens).to(lm.device)
         # the new tokens start after the padded prompt (causal) or the decoder start token (seq2seq)
-        penalties = logits_processor(params, 1 if lm.is_seq2seq else enc["input_ids"].shape[1])
-        extra = {} if penalties is None else {"logits_processor": penalties}
+        processors = logits_processors(params, tok, 1 if lm.is_seq2seq else enc["input_ids"].shape[1])
+        extra = {} if processors is None else {"logits_processor": processors}
         with torch.inference_mode():
             out = model.generate(**enc, **gen_kwargs, **extra)
         # Causal outputs repeat the (padded) prompt; seq2seq outputs are only the decoder side.

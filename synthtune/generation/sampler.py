@@ -34,9 +34,15 @@ with the same ``Sample`` results.
 Presence/frequency penalties and ``logit_bias`` (``synthtune.generation.penalties``) apply on both
 paths with the same fp32 arithmetic: per-row counts here, a logits processor inside ``generate``.
 
-This module imports only torch, transformers and ``synthtune.generation.base`` (tqdm) and
-``.penalties`` (torch), so the GPU benchmark runs it from a bare checkout (repo root on
-``sys.path``) where synthtune's other dependencies are missing.
+With ``SamplingParams.calculator``, GSM8K's calculator writes each annotation's result
+(``synthtune.generation.calc_decoding``): here per-row queues of forced ids, taken instead of the
+picked token at the next steps (no re-prefill, other rows' draws unchanged); a logits processor in
+``generate``.
+
+This module imports only torch, transformers and ``synthtune.generation.base`` (tqdm),
+``.penalties`` (torch) and ``.calc_decoding`` (stdlib and ``synthtune.data.calculator``, itself
+stdlib only), so the GPU benchmark runs it from a bare checkout (repo root on ``sys.path``) where
+synthtune's other dependencies are missing.
 """
 
 from __future__ import annotations
@@ -47,7 +53,14 @@ from collections.abc import Callable, Sequence
 import torch
 
 from synthtune.generation import penalties
-from synthtune.generation.base import Sample, SamplingParams, generate, truncate_at_stop  # noqa: F401 (Sample: re-export)
+from synthtune.generation.base import (  # noqa: F401 (Sample: re-export)
+    Sample,
+    SamplingParams,
+    generate,
+    logits_processors,
+    truncate_at_stop,
+)
+from synthtune.generation.calc_decoding import Injector
 
 ATTN_NAME = "synthtune_shared_prefix"
 # Prompt remainders longer than this are prefilled in chunks, bounding the [rows, heads, chunk,
@@ -408,6 +421,8 @@ def _sample_batch_shared(lm, batch_ids: list[list[int]], params: SamplingParams,
         # each row (sample) counts its own generated tokens; None with the defaults: no extra work
         counts = (penalties.RowCounts(params, len(tracks), logits.shape[-1], device)
                   if penalties.active(params) else None)
+        # the calculator's forced ids, queued per track; None when off: no per-step decoding
+        injector = Injector(lm.tokenizer) if params.calculator else None
         slot = r
         while True:
             if abort is not None and abort():
@@ -416,13 +431,20 @@ def _sample_batch_shared(lm, batch_ids: list[list[int]], params: SamplingParams,
                 logits = counts.apply(logits)
             if finisher.ignore_eos and finisher.eos_all:
                 logits[:, finisher.eos_all] = float("-inf")
-            nxt = _pick(logits, params, gen)
+            nxt = _pick(logits, params, gen)  # drawn for every row: forcing one leaves the others' draws
+            if injector is not None and injector.queues:
+                _force(nxt, alive, injector)
             if counts is not None:
                 counts.record(nxt)
             keep = []
             for j, tok_id in enumerate(nxt.tolist()):
-                if not finisher.push(tracks[alive[j]], tok_id):
+                track = tracks[alive[j]]
+                if not finisher.push(track, tok_id):
                     keep.append(j)
+                    if injector is not None:
+                        injector.after(alive[j], track.tokens)
+                elif injector is not None:
+                    injector.drop(alive[j])
             if not keep:
                 break
             if len(keep) < len(alive):
@@ -442,6 +464,14 @@ def _sample_batch_shared(lm, batch_ids: list[list[int]], params: SamplingParams,
     if rows_per_prompt == 1 and k > 1:
         return [[Sample(s.text, s.n_tokens, s.finish_reason, list(s.token_ids)) for _ in range(k)] for s in samples]
     return [samples[i * k:(i + 1) * k] for i in range(b)]
+
+
+def _force(nxt: torch.Tensor, alive: list[int], injector: Injector) -> None:
+    """Replace, in place, the picked token of each row with a queued calculator id (logits ignored)."""
+    for j, track in enumerate(alive):
+        forced = injector.pop(track)
+        if forced is not None:
+            nxt[j] = forced
 
 
 # --------------------------------------------------------------------------------------------
@@ -477,7 +507,7 @@ def _sample_batch_generate(lm, batch_ids: list[list[int]], params: SamplingParam
     if abort is not None:
         kw.update(stopping_criteria=_abort_criteria(abort))
     # generated tokens start after the decoder start token (seq2seq) or the padded prompts
-    processor = penalties.logits_processor(params, 1 if lm.is_seq2seq else width)
+    processor = logits_processors(params, tok, 1 if lm.is_seq2seq else width)
     if processor is not None:
         kw.update(logits_processor=processor)
     torch.manual_seed(params.seed + seed_offset)

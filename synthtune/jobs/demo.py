@@ -152,19 +152,6 @@ def kept_by_route(synth_summary: dict) -> dict[str, int]:
     return {route: r["stages"]["kept"] for route, r in synth_summary["routes"].items()}
 
 
-def calculator_decoding_available() -> bool:
-    """Whether ``synthtune eval`` here has calculator-assisted decoding (``EvalConfig.calculator``).
-
-    It lands with the calculator decoding work; until then the demo skips its "tuned + calculator"
-    column instead of failing at the last stage.
-    """
-    from dataclasses import fields
-
-    from synthtune.config import EvalConfig
-
-    return "calculator" in {f.name for f in fields(EvalConfig)}
-
-
 def build_sft_set(kept_path: Path, gold_rows: list[dict], out_path: Path) -> dict:
     """Kept rationales plus gold ones as one question/answer JSONL; exact repeats are dropped."""
     from synthtune.data.jsonl import read_jsonl, write_jsonl
@@ -260,10 +247,7 @@ def _evaluate(run: DemoRun, say) -> str:
                      "tuned": t["completions"][0], "base_correct": b["correct"][0], "tuned_correct": t["correct"][0]}
                     for b, t in zip(base, tuned, strict=True)]
     calc = ""
-    if c.eval_calculator and not calculator_decoding_available():
-        say("      eval_calculator: this synthtune has no calculator-assisted decoding (EvalConfig.calculator); "
-            "skipped")
-    elif c.eval_calculator:
+    if c.eval_calculator:
         # The tuned model again, a calculator writing each <<expr=>> result: what is left wrong is
         # the reasoning, not the arithmetic. Its own folder and command, as `synthtune eval` runs it.
         ccfg = replace(ecfg, compare=False, calculator=True, out=str(run.out / "eval_calculator"))

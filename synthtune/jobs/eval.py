@@ -42,14 +42,15 @@ def evaluate_model(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict], prog
 
     texts, add_special, stop = eval_inputs(cfg, lm, rows, pool)
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature if cfg.k > 1 else 0.0,
-                            num_samples=cfg.k, stop=stop, seed=cfg.seed)
+                            num_samples=cfg.k, stop=stop, seed=cfg.seed, calculator=cfg.calculator)
     t0 = time.perf_counter()
     comps = complete(lm, texts, params, batch_size=cfg.batch_size, add_special_tokens=add_special,
                      progress=progress, desc=f"eval {lm.name}")
     seconds = time.perf_counter() - t0
     scored, summary = score_rows([{"question": r["question"], "answer": r["answer"], "completions": c}
                                   for r, c in zip(rows, comps, strict=True)])
-    summary = {"model": lm.name, "shots": cfg.shots, "k": cfg.k, "seconds": round(seconds, 2), **summary}
+    summary = {"model": lm.name, "shots": cfg.shots, "k": cfg.k, "calculator": cfg.calculator,
+               "seconds": round(seconds, 2), **summary}
     return scored, summary
 
 

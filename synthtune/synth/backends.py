@@ -68,6 +68,21 @@ def make_backend(name: str, model: str, *, device: str | None = None, seed: int 
     return HFBackend(lm, batch_size=batch_size)
 
 
+def check_calculator_backend(cfg) -> None:
+    """Refuse ``calculator: true`` with a backend that cannot run GSM8K's calculator while sampling.
+
+    The one place that decides it: synthesis calls this before it reads or writes anything. Only
+    ``hf`` forces calculator results today (``synthtune.generation.calc_decoding``); a server
+    backend would need the server to do it, or the client to resume each sample after an injection.
+    """
+    from synthtune.errors import ConfigError
+
+    if cfg.calculator and cfg.backend != "hf":
+        raise ConfigError(f"calculator: true needs backend: hf (backend is {cfg.backend!r}): the {cfg.backend} "
+                          f"backend cannot force calculator results into the servers' samples yet. Use "
+                          f"backend: hf, or set calculator: false")
+
+
 def backend_for(cfg):
     """The backend a ``SynthConfig`` asks for."""
     from synthtune.errors import ConfigError

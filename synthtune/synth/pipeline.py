@@ -74,12 +74,13 @@ RATIONALE_SEED_OFFSET = 1_000_003
 FINGERPRINT_KEYS = ("model", "backend", "served_model", "questions", "exemplars", "exemplar_pool_size", "shots",
                     "strategy", "prompt_format", "seed", "use_gold",
                     "k", "k_growth", "temperature", "temperature_step", "top_p", "top_k", "presence_penalty",
-                    "frequency_penalty", "max_new_tokens", "stop", "batch_size", "min_agreement", "min_calc",
-                    "reward_model", "min_reward", "max_keep", "diversity", "rouge_threshold",
+                    "frequency_penalty", "max_new_tokens", "calculator", "stop", "batch_size", "min_agreement",
+                    "min_calc", "reward_model", "min_reward", "max_keep", "diversity", "rouge_threshold",
                     "rationalize", "rationalize_k")
 #: Settings newer than some output directories, with the value every run before them sampled
 #: with: such a run is then checked as if it had recorded them, instead of going unchecked.
-ADDED_LATER = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "rationalize": False, "rationalize_k": None}
+ADDED_LATER = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "calculator": False, "rationalize": False,
+               "rationalize_k": None}
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
@@ -459,6 +460,9 @@ def default_out_dir(cfg: SynthConfig) -> Path:
 def run_synthesis(cfg: SynthConfig, backend=None, *, progress: bool = True, log: Callable[[str], None] = print,
                   reward_fn: Callable | None = None) -> dict:
     """Run (or resume) synthesis; returns the summary also written to ``summary.json``."""
+    from synthtune.synth.backends import check_calculator_backend
+
+    check_calculator_backend(cfg)  # before anything is read or written
     out_dir = Path(cfg.out) if cfg.out else default_out_dir(cfg)
     cfg = replace(cfg, out=str(out_dir))
     if cfg.backend == "openai" and not cfg.served_model:
@@ -540,7 +544,8 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
         temperature = min(cfg.temperature + cfg.temperature_step * rnd, 2.0)
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=temperature, top_p=cfg.top_p,
                                 top_k=cfg.top_k, num_samples=k, stop=stop, seed=cfg.seed + 7919 * rnd,
-                                presence_penalty=cfg.presence_penalty, frequency_penalty=cfg.frequency_penalty)
+                                presence_penalty=cfg.presence_penalty, frequency_penalty=cfg.frequency_penalty,
+                                calculator=cfg.calculator)
         rep = {"round": rnd + 1, "questions": len(todo), "skipped_done": skipped, "k": k,
                "temperature": round(temperature, 3), "kept_questions": 0, "kept_examples": 0,
                "rationalized_questions": 0, "rationalized_examples": 0}

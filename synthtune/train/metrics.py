@@ -64,7 +64,7 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
     from accelerate.utils import gather_object
 
     from synthtune.data.answers import extract_strict, is_correct
-    from synthtune.generation.base import truncate_at_stop
+    from synthtune.generation.base import SamplingParams, logits_processors, truncate_at_stop
 
     if not questions:
         return {}
@@ -90,10 +90,14 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
         chunk = padded[start:start + bs]
         enc = tokenizer(prompts[start:start + bs], return_tensors="pt", padding=True,
                         add_special_tokens=add_special).to(acc.device)
+        # eval_calculator: GSM8K's calculator writes each annotation's result, as `synthtune eval` does
+        processors = logits_processors(SamplingParams(calculator=cfg.eval_calculator), tokenizer,
+                                       1 if seq2seq else enc["input_ids"].shape[1])
+        extra = {} if processors is None else {"logits_processor": processors}
         with torch.no_grad(), acc.autocast():
             out = unwrapped.generate(**enc, max_new_tokens=cfg.eval_max_new_tokens, do_sample=False,
                                      pad_token_id=tokenizer.pad_token_id, synced_gpus=_sharded(acc),
-                                     use_cache=True, **stop_kwargs)
+                                     use_cache=True, **stop_kwargs, **extra)
         new = out if seq2seq else out[:, enc["input_ids"].shape[1]:]
         texts = [truncate_at_stop(t, stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         for j, (row, text) in enumerate(zip(chunk, texts, strict=True)):

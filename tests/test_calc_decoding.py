@@ -1,0 +1,370 @@
+"""Calculator-assisted decoding: the trigger and result format, token ids on real tokenizers, and every
+decoding path (shared-prefill sampler, generate fallback, generate/complete, eval, in-training accuracy)
+on a tiny model that writes wrong arithmetic (``calc_models``)."""
+
+from __future__ import annotations
+
+import re
+import signal
+from contextlib import contextmanager
+from dataclasses import replace
+from fractions import Fraction
+
+import pytest
+from calc_models import RIGHT_RESULTS, WRONG_COMPLETION, plain_prompts, wrong_calc_model
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from synthtune.data.calculator import check_calculations, exact_value
+from synthtune.data.gsm8k import load_split
+from synthtune.generation.base import SamplingParams, generate
+from synthtune.generation.calc_decoding import TAIL_CHARS, format_result, injection, injection_ids
+from synthtune.generation.sampler import complete, sample_k
+
+
+@pytest.fixture(scope="module")
+def wrong_calc_llama():
+    """tiny-llama overfit to wrong annotations (trained once per process, ~10 s)."""
+    return wrong_calc_model()
+
+# --------------------------------------------------------------------------------------------
+# injection(): the trigger and the result
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("She has 3*14 = <<3*14=", "42>>"),
+    ("<<48/2=", "24>>"),
+    ("<<5-8=", "-3>>"),
+    ("<<5/2=", "2.5>>"),
+    ("<<1/8=", "0.125>>"),
+    ("<<1/16=", "0.0625>>"),
+    ("<<1/32=", "0.03>>"),  # five decimals: rounded to two
+    ("<<10/3=", "3.33>>"),
+    ("<<2/3=", "0.67>>"),
+    ("<<-2/3=", "-0.67>>"),
+    ("<<1/200=", "0.005>>"),
+    ("<<1/300=", "0.0>>"),  # rounded to zero: still says it was rounded
+    ("<<(1/2)*14 + 2**3=", "15>>"),
+    ("<< 3 * 14 =", "42>>"),
+    ("<<1.5*4=", "6>>"),
+    ("<<7%3=", "1>>"),  # Python's modulo, as GSM8K's annotations use it
+    ("<<12=", "12>>"),
+    ("first <<1+1=2>>2, then <<2+3=", "5>>"),  # earlier annotations are closed
+    ("a = b and then <<4*4=", "16>>"),  # '=' before the annotation is prose
+])
+def test_injection_writes_the_exact_result(text, expected):
+    assert injection(text) == expected
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "3*14 =",  # no annotation
+    "<<3*14=42>>",  # closed
+    "<<3*14=42>> so 5 + 5 =",  # '=' after a closed annotation
+    "<<3*14",  # no '=' yet
+    "<<3*14=4",  # the model is writing the result itself
+    "<<=",  # empty expression
+    "<< =",
+    "<<4=3=",  # the first '=' after '<<' is the one that triggers: this is past it
+    "<<5 apples=",  # a unit: the calculator refuses it, the model goes on
+    "<<x*3=",
+    "<<20%=",  # in an annotation % is modulo: a missing operand
+    "<<3/0=",
+    "<<(10**64)**64=",  # too large
+    "<<3*<4=",
+    "<<3>2=",
+    "<<" + "(" * 60 + "1" + ")" * 60 + "=",  # too deep for the calculator
+    "<<" + "1+" * 120 + "1=",  # the '<<' is further back than the tail read
+])
+def test_injection_leaves_the_rest_to_the_model(text):
+    assert injection(text) is None
+
+
+def test_nested_annotation_opens_at_the_last_open():
+    assert injection("<<2+<<3*4=") == "12>>"
+    assert injection("<<3*4=12>> and <<5*5=") == "25>>"
+
+
+def test_format_result_follows_gsm8k():
+    assert [format_result(Fraction(v)) for v in ("42", "-3", "0", "2.5", "0.125", "-0.0625", "1000000")] == \
+        ["42", "-3", "0", "2.5", "0.125", "-0.0625", "1000000"]
+    # rounded half up (away from zero) to two decimals, trailing zeros dropped down to one
+    assert [format_result(Fraction(n, d)) for n, d in [(1, 3), (5, 6), (-5, 6), (1, 40000), (10005, 100000),
+                                                       (2, 7), (299999, 100000)]] == \
+        ["0.33", "0.83", "-0.83", "0.0", "0.1", "0.29", "3.0"]
+    assert format_result(Fraction(100049, 100000)) == "1.0"  # 1.00049: would be "1", an exactness claim
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.recursive(
+    st.one_of(st.integers(0, 10**6).map(str), st.decimals(0, 1000, places=2, allow_nan=False).map(str)),
+    lambda inner: st.one_of(
+        st.tuples(inner, st.sampled_from(["+", "-", "*", "/", " * ", " / "]), inner).map("".join),
+        inner.map(lambda e: f"({e})")),
+    max_leaves=6))
+def test_every_injected_result_passes_the_check(expr):
+    """Whatever the calculator writes, check_calculations agrees with it (and, where the value is
+    exact in 4 decimals, it is the value itself)."""
+    got = injection(f"Total: <<{expr}=")
+    try:
+        value = exact_value(expr)
+    except Exception:  # noqa: BLE001 - CalcError: then nothing may be injected
+        assert got is None
+        return
+    assert got is not None and got.endswith(">>")
+    report = check_calculations(f"Total: <<{expr}={got}")
+    assert report.n_checked == 1 and report.errors == [], report.errors
+    if (value * 10**4).denominator == 1:
+        assert Fraction(got[:-2]) == value
+
+
+# --------------------------------------------------------------------------------------------
+# bounded time on hostile text (the style of tests/test_fuzz_text.py)
+# --------------------------------------------------------------------------------------------
+
+
+class TookTooLong(Exception):
+    pass
+
+
+@contextmanager
+def budget(seconds: float = 10.0):
+    """A no-hang guard, not a speed claim: a call takes microseconds, the budget is seconds."""
+    def _raise(signum, frame):
+        raise TookTooLong(f"over {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, _raise)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("<<" * 200_000 + "1=", "1>>"),
+    ("<<" + "1+" * 500_000 + "1=", None),
+    ("(" * 1_000_000 + "<<1+1=", "2>>"),
+    ("=" * 1_000_000, None),
+    ("<<" + "9" * 1_000_000 + "=", None),
+    ("<<1+1=2>>" * 100_000 + "<<3*4=", "12>>"),
+    ("<<1+1=" * 100_000, "2>>"),  # the last '<<' is open
+])
+def test_hostile_text_is_read_in_bounded_time(text, expected):
+    with budget():
+        for _ in range(100):
+            assert injection(text) == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet="<>=0123456789+-*/(). x", max_size=400), st.text(alphabet="<>=0123456789+-*/(). x",
+                                                                         min_size=TAIL_CHARS, max_size=TAIL_CHARS + 50))
+def test_only_the_tail_decides(prefix, tail):
+    assert injection(prefix + tail) == injection(tail)
+
+
+# --------------------------------------------------------------------------------------------
+# injection_ids(): real tokenizers
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    from synthtune.models import load_tokenizer, resolve_model
+
+    return load_tokenizer(resolve_model("smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="module")
+def metaspace_tokenizer():
+    """A sentencepiece-style (Unigram, ``▁`` for spaces, prepended to every text) tokenizer trained on
+    the bundled sample: what T5/UL2 vocabularies do at a text's start. (tiny-t5 shares tiny-llama's
+    byte-level BPE, so it shows nothing new here.)"""
+    from tokenizers import SentencePieceUnigramTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    from synthtune.data.gsm8k import bundled_texts
+
+    sp = SentencePieceUnigramTokenizer()
+    sp.train_from_iterator(bundled_texts(), vocab_size=600, special_tokens=["<pad>", "</s>", "<unk>"],
+                           unk_token="<unk>", show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=sp._tokenizer, pad_token="<pad>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
+_CONTEXTS = ["She bought 3*14 = <<3*14=", "Half of it: 48/2 = <<48/2=", "<<10/3=", "x\n<<1/8=",
+             "It costs $1.50 * 4 = $<<1.50*4=", "Then <<(12+4)*3/2="]
+
+
+@pytest.mark.parametrize("context", _CONTEXTS)
+def test_injection_ids_on_smollm2(smollm2_tokenizer, context):
+    tok = smollm2_tokenizer
+    inject = injection(context)
+    ids = injection_ids(tok, context, inject)
+    assert ids, f"{context!r}: no ids"
+    assert tok.decode(ids) == inject
+    # appended to the context's own tokens, they read as context + inject
+    context_ids = tok(context, add_special_tokens=False)["input_ids"]
+    assert tok.decode(context_ids + ids) == context + inject
+    # and are the tokens the tokenizer itself uses for that text
+    assert tok(context + inject, add_special_tokens=False)["input_ids"][-len(ids):] == ids
+
+
+def test_injection_ids_skip_a_merge_at_the_boundary(smollm2_tokenizer):
+    """SmolLM2 has '=-' as one token: '<<5-8=' + '-3>>' is not the context's tokens plus more, so the
+    model writes that result itself (None) rather than read a split it never saw."""
+    tok = smollm2_tokenizer
+    assert injection("<<5-8=") == "-3>>"
+    assert "=-" in tok.convert_ids_to_tokens(tok("<<5-8=-3>>", add_special_tokens=False)["input_ids"])
+    assert injection_ids(tok, "<<5-8=", "-3>>") is None
+
+
+def test_injection_ids_sentencepiece_leading_space(metaspace_tokenizer):
+    tok = metaspace_tokenizer
+    context = "So each one is <<1/8="
+    # tokenized alone, the local context gets the leading '▁' every text gets; the ids after it do not
+    assert tok.convert_ids_to_tokens(tok("<<1/8=", add_special_tokens=False)["input_ids"])[0].startswith("▁")
+    ids = injection_ids(tok, context, "0.125>>")
+    assert ids and tok.decode(ids) == "0.125>>"
+    assert not any(t.startswith("▁") for t in tok.convert_ids_to_tokens(ids))
+    context_ids = tok(context, add_special_tokens=False)["input_ids"]
+    assert tok.decode(context_ids + ids) == context + "0.125>>"
+    # this vocabulary merges '=' with the digit after it ('=4'): skipped, not split unnaturally
+    assert injection_ids(tok, "<<3*14=", "42>>") is None
+
+
+# --------------------------------------------------------------------------------------------
+# decoding paths, on the wrong-arithmetic model
+# --------------------------------------------------------------------------------------------
+
+_RIGHT_FIRST = "<<3*14=42>>"
+_PROMPTS = plain_prompts()[:3]
+
+
+def _all_right(text: str) -> bool:
+    report = check_calculations(text)
+    annotations = re.findall(r"<<[^<>]*>>", text)
+    return bool(annotations) and report.errors == [] and report.n_checked >= len(annotations)
+
+
+def _params(**kw) -> SamplingParams:
+    return SamplingParams(**{"max_new_tokens": 48, **kw})
+
+
+@pytest.fixture(params=["shared", "fallback"])
+def path(request, monkeypatch):
+    import synthtune.generation.sampler as sampler
+
+    if request.param == "fallback":
+        monkeypatch.setattr(sampler, "_supports_shared_prefix", lambda model, total: False)
+    return request.param
+
+
+def test_the_model_gets_its_arithmetic_wrong_without_the_calculator(wrong_calc_llama):
+    # the guard for every test below: off, the annotations are wrong
+    out = generate(wrong_calc_llama, _PROMPTS, _params(), progress=False)
+    assert all(c == [WRONG_COMPLETION.strip()] for c in out)
+    assert all(not _all_right(c[0]) for c in out)
+
+
+@pytest.mark.integration  # ~10 s of tiny-model training (shared by this module's tests)
+def test_sampler_greedy_writes_right_results(wrong_calc_llama, path):
+    off = sample_k(wrong_calc_llama, _PROMPTS, _params(num_samples=2), batch_size=2)
+    on = sample_k(wrong_calc_llama, _PROMPTS, _params(num_samples=2, calculator=True), batch_size=2)
+    for group_off, group_on in zip(off, on, strict=True):
+        assert all(not _all_right(s.text) for s in group_off)
+        for s in group_on:
+            assert _all_right(s.text), s.text
+            assert _RIGHT_FIRST in s.text and f"<<2*14={RIGHT_RESULTS['2*14']}>>" in s.text
+            assert s.n_tokens == len(s.token_ids)  # forced tokens are counted
+    # batched and one prompt at a time: the same text
+    single = sample_k(wrong_calc_llama, _PROMPTS, _params(num_samples=2, calculator=True), batch_size=1)
+    assert [[s.text for s in g] for g in single] == [[s.text for s in g] for g in on]
+
+
+@pytest.mark.integration
+def test_sampler_sampled_writes_right_results_and_is_reproducible(wrong_calc_llama, path):
+    params = _params(num_samples=3, temperature=1.0, seed=5, calculator=True)
+    first = sample_k(wrong_calc_llama, _PROMPTS, params, batch_size=2)
+    again = sample_k(wrong_calc_llama, _PROMPTS, params, batch_size=2)
+    assert [[s.token_ids for s in g] for g in first] == [[s.token_ids for s in g] for g in again]
+    texts = [s.text for g in first for s in g]
+    with_annotations = [t for t in texts if "<<" in t]
+    assert len(with_annotations) >= len(texts) - 1
+    for t in with_annotations:
+        assert check_calculations(t).errors == [], t
+    off = sample_k(wrong_calc_llama, _PROMPTS, replace(params, calculator=False), batch_size=2)
+    assert any(check_calculations(s.text).errors for g in off for s in g)
+
+
+@pytest.mark.integration
+def test_generate_and_complete_write_right_results(wrong_calc_llama):
+    params = _params(calculator=True)
+    batched = generate(wrong_calc_llama, _PROMPTS, params, batch_size=4, progress=False)
+    single = generate(wrong_calc_llama, _PROMPTS, params, batch_size=1, progress=False)
+    assert batched == single
+    assert all(_all_right(c[0]) and _RIGHT_FIRST in c[0] for c in batched)
+    # complete(): generate for one sample, the shared-prefill sampler for several
+    assert complete(wrong_calc_llama, _PROMPTS, params, batch_size=4, progress=False) == batched
+    several = complete(wrong_calc_llama, _PROMPTS, replace(params, num_samples=2), progress=False)
+    assert several == [[c[0], c[0]] for c in batched]
+
+
+def test_seq2seq_generate_takes_the_processor(tiny_t5):
+    """tiny-t5 writes no annotations: the calculator path runs (processor at position 1) and changes nothing."""
+    for fn in (lambda p: generate(tiny_t5, _PROMPTS[:2], p, progress=False),
+               lambda p: [[s.text for s in g] for g in sample_k(tiny_t5, _PROMPTS[:2], replace(p, num_samples=2,
+                                                                                              temperature=1.0))]):
+        assert fn(_params(max_new_tokens=12, calculator=True)) == fn(_params(max_new_tokens=12))
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_model_that_writes_no_annotations_is_unchanged(tiny_llama, path, temperature):
+    params = _params(max_new_tokens=16, num_samples=2, temperature=temperature, seed=3)
+    off = sample_k(tiny_llama, _PROMPTS, params, batch_size=2)
+    on = sample_k(tiny_llama, _PROMPTS, replace(params, calculator=True), batch_size=2)
+    assert [[s.token_ids for s in g] for g in on] == [[s.token_ids for s in g] for g in off]
+    assert generate(tiny_llama, _PROMPTS, replace(params, num_samples=1, temperature=0.0, calculator=True),
+                    progress=False) == generate(tiny_llama, _PROMPTS, replace(params, num_samples=1, temperature=0.0),
+                                                progress=False)
+
+
+@pytest.mark.integration
+def test_eval_with_the_calculator(wrong_calc_llama):
+    from synthtune.config import EvalConfig
+    from synthtune.jobs.eval import evaluate_model
+
+    rows = load_split("test", "bundled").rows[:2]
+    cfg = EvalConfig(model="unused", limit=2, max_new_tokens=48, batch_size=2, prompt_format="plain")
+    for calculator in (False, True):
+        scored, summary = evaluate_model(replace(cfg, calculator=calculator), wrong_calc_llama, rows, [],
+                                         progress=False)
+        assert summary["calculator"] is calculator
+        completions = [c for r in scored for c in r["completions"]]
+        assert len(completions) == 2
+        assert all(_all_right(c) is calculator for c in completions), completions
+
+
+@pytest.mark.integration
+def test_in_training_accuracy_with_the_calculator(wrong_calc_llama):
+    """eval_accuracy's greedy generate takes the calculator: cut right after the second annotation, the
+    answer read is that annotation's result (28 with the calculator, the model's 36 without)."""
+    from accelerate import Accelerator
+
+    from synthtune.config import TrainConfig
+    from synthtune.train.metrics import eval_accuracy
+
+    tok = wrong_calc_llama.tokenizer
+    wrong_part = WRONG_COMPLETION[:WRONG_COMPLETION.index("36>>") + 4]
+    right_part = wrong_part.replace("=40>>", "=42>>").replace("=36>>", "=28>>")
+    n = len(tok(wrong_part, add_special_tokens=False)["input_ids"])
+    assert n == len(tok(right_part, add_special_tokens=False)["input_ids"])
+    questions = [{"question": r["question"], "answer": "#### 28"} for r in load_split("test", "bundled").rows[:2]]
+    cfg = TrainConfig(prompt_format="plain", eval_max_new_tokens=n, per_device_batch_size=2)
+    acc = Accelerator(cpu=True)
+    off = eval_accuracy(acc, wrong_calc_llama.model, tok, questions, cfg, False)
+    on = eval_accuracy(acc, wrong_calc_llama.model, tok, questions, replace(cfg, eval_calculator=True), False)
+    assert (off["eval/accuracy"], on["eval/accuracy"]) == (0.0, 1.0)
+    assert on["eval/n_questions"] == 2
