@@ -175,6 +175,8 @@ class DemoConfig:
     synth_max_new_tokens: int = opt(200, "per sample; GSM8K rationales average ~120 tokens", ge=1)
     rationalize: bool = opt(True, "STaR rationalization: questions no sample solved are asked again with the gold "
                             "answer as a hint; checked rationales join the SFT set without the hint")
+    synth_calculator: bool = opt(True, "synthesis samples with GSM8K's calculator writing each <<expr=>> result, so "
+                                 "a 135M model's arithmetic slips do not fail the calculator check")
     # 2. SFT set, 3. preprocessing
     gold_rationales: bool = opt(True, "add the train split's gold rationales to the kept ones (a 135M model keeps "
                                 "few of its own)")

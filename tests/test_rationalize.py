@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from synth_helpers import ScriptedBackend  # noqa: E402
 
 #: words of the hint that no stored file may hold (its answer is in every correct rationale anyway)
-HINT_WORDS = rationalization_hint("0").split("0", 1)[1].strip()  # ". Show the steps that lead to it."
+HINT_WORDS = rationalization_hint("0").split("0", 1)[1].split("0")[0].strip()  # ". Write ... ending with ####"
 
 
 class HintReader(ScriptedBackend):
@@ -102,11 +102,11 @@ def test_rationales_are_kept_by_the_evaluator_and_stored_without_the_hint(tmp_pa
     for row in kept:
         rec = by_id[row["id"]]
         assert row["provenance"]["prompt_sha"] == rec["prompt_sha"] != rec["rationalization"]["prompt_sha"]
-        assert row["question"] == rec["question"] and "\n" + "Hint" not in row["question"]
+        assert row["question"] == rec["question"] and "The correct answer" not in row["question"]
     for path in out.iterdir():
         if path.is_file() and path.suffix in (".jsonl", ".json", ".yaml"):
             text = path.read_text()
-            assert HINT_WORDS not in text and "Hint:" not in text and "the hint" not in text, path.name
+            assert HINT_WORDS not in text and "the hint" not in text, path.name
     # the funnel per route: direct samples all wrong; rationales: 5 drawn, 2 mention the hint, 1 wrong, 1 a repeat
     rec = status[0]
     assert rec["status"] == "done" and rec["stages"]["kept"] == 0
@@ -230,14 +230,13 @@ def test_summaries_of_runs_before_rationalization_still_resume(tmp_path):
     assert json.loads((Path(cfg.out) / SUMMARY).read_text())["routes"]["rationalized"]["questions"] == 0
 
 
-@pytest.mark.parametrize("text", ["the hint: 12", "HINTS aside, #### 3", "The answer is 72. Show the steps that lead "
-                                  "to it.\n#### 72"])
+@pytest.mark.parametrize("text", ["the hint: 12", "HINTS aside, #### 3", "So. " + rationalization_hint("72")])
 def test_leaks(text):
     assert leaks_hint(text, rationalization_hint("72"))
 
 
-@pytest.mark.parametrize("text", ["So the answer is 72.\n#### 72", "He hinted nothing. #### 72", "#### 72",
-                                  "Show the steps: 70 + 2 = 72"])
+@pytest.mark.parametrize("text", ["So the correct answer is 72.\n#### 72", "He hinted nothing. #### 72", "#### 72",
+                                  "Write a step-by-step solution: 70 + 2 = 72"])
 def test_no_leaks(text):
     assert not leaks_hint(text, rationalization_hint("72"))
 

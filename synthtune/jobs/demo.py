@@ -136,7 +136,7 @@ def _synthesize(run: DemoRun, say) -> str:
     scfg = SynthConfig(model=c.model, questions=_data_spec(c, "train"), gsm8k_dir=c.gsm8k_dir,
                        limit=c.synth_questions, shots=c.shots, k=c.k, rounds=c.rounds, temperature=c.temperature,
                        max_new_tokens=c.synth_max_new_tokens, seed=c.seed, device=c.device,
-                       rationalize=c.rationalize, out=str(run.out / "synth"))
+                       rationalize=c.rationalize, calculator=c.synth_calculator, out=str(run.out / "synth"))
     run.synth_cmd = _command("synthtune synth", cli_overrides(scfg))
     s = run_synthesis(scfg, log=lambda m: say(f"      {m}"))
     run.synth = s

@@ -120,12 +120,12 @@ def leaks_hint(text: str, hint: str) -> bool:
     the hint's words whole (whitespace and case aside). Stating the answer is no leak: every
     correct rationale ends with it. Linear time: one regex without backtracking and a substring search.
 
-    >>> hint = "Hint: the answer is 72. Show the steps that lead to it."
+    >>> hint = "The correct answer is 72. Write a step-by-step solution that reaches it, ending with #### 72"
     >>> leaks_hint("48 / 2 = <<48/2=24>>24, 48 + 24 = <<48+24=72>>72\\n#### 72", hint)
     False
-    >>> leaks_hint("The HINT says 72, so #### 72", hint), leaks_hint("the answer is 72.  show the steps", hint)
+    >>> leaks_hint("The HINT says 72, so #### 72", hint), leaks_hint("The correct answer is 72.\\n#### 72", hint)
     (True, False)
-    >>> leaks_hint("I know: The answer is 72. Show the  steps that lead to it.", hint)
+    >>> leaks_hint("the correct answer is 72. write a step-by-step  solution that reaches it, ending with #### 72", hint)
     True
     """
     if _HINT_WORD.search(text):
