@@ -230,12 +230,14 @@ def test_summaries_of_runs_before_rationalization_still_resume(tmp_path):
     assert json.loads((Path(cfg.out) / SUMMARY).read_text())["routes"]["rationalized"]["questions"] == 0
 
 
-@pytest.mark.parametrize("text", ["the hint: 12", "HINTS aside, #### 3", "So. " + rationalization_hint("72")])
+@pytest.mark.parametrize("text", ["the hint: 12", "HINTS aside, #### 3", "So. " + rationalization_hint("72"),
+                                  "3 * 24 = <<3*24=72>>72\nThe correct answer is 72.\n#### 72",
+                                  "write a step-by-step solution that reaches it, ending with\n#### 72"])
 def test_leaks(text):
     assert leaks_hint(text, rationalization_hint("72"))
 
 
-@pytest.mark.parametrize("text", ["So the correct answer is 72.\n#### 72", "He hinted nothing. #### 72", "#### 72",
+@pytest.mark.parametrize("text", ["So the answer is 72.\n#### 72", "He hinted nothing. #### 72", "#### 72",
                                   "Write a step-by-step solution: 70 + 2 = 72"])
 def test_no_leaks(text):
     assert not leaks_hint(text, rationalization_hint("72"))

@@ -116,24 +116,25 @@ _HINT_WORD = re.compile(r"\bhints?\b", re.IGNORECASE)
 def leaks_hint(text: str, hint: str) -> bool:
     """Whether a rationale sampled with ``hint`` gives away that it was given the answer.
 
-    It leaks when it says "hint" (any case: "as the hint says", a copied "Hint: ...") or copies
-    the hint's words whole (whitespace and case aside). Stating the answer is no leak: every
-    correct rationale ends with it. Linear time: one regex without backtracking and a substring search.
+    It leaks when it says "hint" (any case: "as the hint says") or copies any sentence of the hint
+    (whitespace, case and end punctuation aside): "The correct answer is 72" is the hint talking,
+    and a 135M model copies it in place of a derivation. Stating the answer otherwise is no leak:
+    every correct rationale ends with it. Linear time: one regex without backtracking and a
+    substring search per hint sentence.
 
     >>> hint = "The correct answer is 72. Write a step-by-step solution that reaches it, ending with #### 72"
     >>> leaks_hint("48 / 2 = <<48/2=24>>24, 48 + 24 = <<48+24=72>>72\\n#### 72", hint)
     False
-    >>> leaks_hint("The HINT says 72, so #### 72", hint), leaks_hint("The correct answer is 72.\\n#### 72", hint)
-    (True, False)
-    >>> leaks_hint("the correct answer is 72. write a step-by-step  solution that reaches it, ending with #### 72", hint)
-    True
+    >>> leaks_hint("The HINT says 72, so #### 72", hint), leaks_hint("So the correct  answer is 72!\\n#### 72", hint)
+    (True, True)
+    >>> leaks_hint("So the answer is 72.\\n#### 72", hint)
+    False
     """
     if _HINT_WORD.search(text):
         return True
-    words = " ".join(hint.split()).lower()
-    # The hint minus its own label, so a copy without "Hint:" is caught too.
-    body = words.split(":", 1)[1].strip() if ":" in words else words
-    return body in " ".join(text.split()).lower()
+    said = " ".join(text.split()).lower()
+    sentences = (" ".join(part.split()).lower().rstrip(".!?: ") for part in re.split(r"(?<=[.!?])\s", hint))
+    return any(s and s in said for s in sentences)
 
 
 def default_format(tokenizer, is_seq2seq: bool) -> str:
