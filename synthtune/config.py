@@ -173,6 +173,10 @@ class DemoConfig:
     rounds: int = opt(1, "synthesis rounds (unsolved questions are retried with fresh exemplars)", ge=1)
     temperature: float = opt(0.7, "synthesis sampling temperature", ge=0)
     synth_max_new_tokens: int = opt(200, "per sample; GSM8K rationales average ~120 tokens", ge=1)
+    rationalize: bool = opt(True, "STaR rationalization: questions no sample solved are asked again with the gold "
+                            "answer as a hint; checked rationales join the SFT set without the hint")
+    synth_calculator: bool = opt(True, "synthesis samples with GSM8K's calculator writing each <<expr=>> result, so "
+                                 "a 135M model's arithmetic slips do not fail the calculator check")
     # 2. SFT set, 3. preprocessing
     gold_rationales: bool = opt(True, "add the train split's gold rationales to the kept ones (a 135M model keeps "
                                 "few of its own)")
@@ -189,6 +193,8 @@ class DemoConfig:
                                      "the full GSM8K 1,319: hours on a CPU); null = the whole split", ge=1)
     eval_max_new_tokens: int = opt(200, "generation budget per answer", ge=1)
     eval_batch_size: int = opt(7, "questions per generate() call", ge=1)
+    eval_calculator: bool = opt(True, "evaluate the tuned model once more with calculator-assisted decoding (the "
+                                "report's 'tuned + calculator' column): its arithmetic errors apart from its reasoning")
     train_format: str = opt("plain", "prompt format for training and evaluation (plain: 'Question: ...\\nAnswer:')",
                             ["plain", "chat", "auto"])
     seed: int = opt(0, "seed for exemplars, sampling, init and data order", **SEED)
@@ -264,6 +270,10 @@ class SynthConfig:
     diversity: str = opt("greedy", "greedy: no two kept paths with ROUGE-L F >= threshold; workshop: the 2023 "
                          "rule (mean self-ROUGE-L recall below the group mean); none", ["greedy", "workshop", "none"])
     rouge_threshold: float = opt(0.7, "ROUGE-L F at or above which two paths count as the same (Self-Instruct)", ge=0, le=1)
+    rationalize: bool = opt(False, "STaR rationalization: a question no sample solved in a round is asked again "
+                            "with its gold answer as a hint; rationales that pass the same evaluator are kept "
+                            "without the hint (provenance.rationalized). Needs gold answers (use_gold)")
+    rationalize_k: int | None = opt(None, "rationales sampled per unsolved question; default: the round's k", ge=1)
     seed: int = opt(0, "seed for exemplars and sampling", **SEED)
     device: str | None = opt(None, "cpu, cuda...; default cuda when available")
     trust_remote_code: bool = opt(False, "allow the model repo's own Python code to run")

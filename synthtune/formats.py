@@ -48,6 +48,15 @@ DEFAULT_META_PROMPT = (
     "Solve the grade-school math problem step by step. Show each calculation, "
     "then give the final answer on its own line as '#### <number>'."
 )
+#: STaR rationalization (Zelikman et al. 2022): a question the model could not solve is asked again
+#: with its gold final answer as this hint, appended to the question (the last block or user turn,
+#: where a small instruct model reads it last). A rationale from such a prompt is stored without
+#: the hint; one that mentions it is dropped (see synthtune.synth.prompts.leaks_hint).
+#: The answer is said as an instruction that ends on the format's own answer line: SmolLM2-135M
+#: followed version 1 ("Hint: the answer is N. Show the steps that lead to it.") in 1 of 15 samples.
+RATIONALIZATION_HINT = "The correct answer is {answer}. Write a step-by-step solution that reaches it, ending with #### {answer}"
+#: Bump when RATIONALIZATION_HINT's text changes: resuming a rationalizing run refuses to mix both.
+HINT_VERSION = 2
 # Where a plain-format completion has finished its answer and begun inventing the next problem:
 # the format's own next block, and "Problem:", the other heading base models ramble into on
 # GSM8K-style text (and the one synthtune's few-shot prompts used before they took this format's words).
@@ -151,6 +160,24 @@ def chat_messages(question: str, exemplars: Sequence[Mapping[str, str]] = (),
                   {"role": "assistant", "content": ex["answer"].strip()}]
     turns.append({"role": "user", "content": question.strip()})
     return turns
+
+
+def rationalization_hint(answer: str) -> str:
+    """The hint line for a gold final answer (``answer`` as extracted: ``72``, not ``#### 72``).
+
+    >>> rationalization_hint("72")
+    'The correct answer is 72. Write a step-by-step solution that reaches it, ending with #### 72'
+    """
+    return RATIONALIZATION_HINT.format(answer=str(answer).strip())
+
+
+def hinted_question(question: str, hint: str) -> str:
+    """``question`` with ``hint`` on a line of its own after it: what a rationalization prompt asks.
+
+    >>> hinted_question("What is 2 + 2? ", rationalization_hint("4"))
+    'What is 2 + 2?\\nThe correct answer is 4. Write a step-by-step solution that reaches it, ending with #### 4'
+    """
+    return f"{question.strip()}\n{hint.strip()}"
 
 
 def zero_shot_prompt(question: str, tokenizer, *, fmt: str, is_seq2seq: bool) -> str:

@@ -151,7 +151,16 @@ def test_demo_cli_runs_every_stage_on_tiny_model(synthtune_bin, tmp_path):
     for label in ("base", "adapter"):
         rows = (out / "eval" / f"{label}_outputs.jsonl").read_text().splitlines()
         assert len(rows) == 3
+    # rationalization is on in the demo: a random model solves nothing, so both questions were asked
+    # again with their answer as a hint, k each; the funnel reports both routes
+    assert all(r["rationalization"]["stages"]["sampled"] == 2 for r in status)
+    assert set(summary["synth"]["kept_by_route"]) == {"direct", "rationalized"}
     report = (out / "report.md").read_text()
+    assert "| stage | direct samples | rationales (answer as hint) | meaning |" in report
+    # and the tuned model once more with calculator-assisted decoding, as `synthtune eval calculator=true`
+    assert "| metric | base | tuned | tuned + calculator |" in report and "adapter_calculator" in summary["eval"]
+    assert len((out / "eval_calculator" / "adapter_outputs.jsonl").read_text().splitlines()) == 3
+    assert json.loads((out / "eval_calculator" / "eval_summary.json").read_text())["adapter"]["calculator"] is True
     for heading in ("## 5. Base vs tuned", "## 1. Synthesize", "## 3. Preprocess", "## 4. Fine-tune", "## Repeat it"):
         assert heading in report
     for image in ("prep/length_hist.png", "train/memory_trace.png", "train/loss.png", "eval/base_vs_tuned.png"):

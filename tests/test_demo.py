@@ -97,3 +97,57 @@ def test_latest_run_is_found_under_train_and_under_demo_runs(tmp_path):
     demo = finished(tmp_path / "demo" / "20261128-064000" / "train", 2_000)
     assert find_latest_run(tmp_path / "train", tmp_path / "demo") == demo
     assert find_latest_run(tmp_path / "train") == tmp_path / "train" / "smoke"
+
+
+def _synth_summary(direct_kept=0, rationalized_kept=2):
+    from synthtune.synth.pipeline import RATIONALE_STAGES, STAGES
+
+    direct = dict(zip(STAGES, (32, 30, 25, 4, 3, 3, direct_kept), strict=True))
+    rat = dict(zip(RATIONALE_STAGES, (28, 27, 26, 26, 9, 5, 5, rationalized_kept), strict=True))
+    return {"questions": 8, "solved": 3, "kept_examples": direct_kept + rationalized_kept, "samples": 60,
+            "new_tokens": 9000, "tokens_per_s": 40.0, "out_dir": "/nowhere", "stages": direct,
+            "routes": {"direct": {"questions": 8, "stages": direct}, "rationalized": {"questions": 7, "stages": rat}}}
+
+
+def test_the_funnel_has_a_column_per_route_and_says_what_each_kept():
+    from synthtune.jobs.demo import FUNNEL, funnel_rows, kept_by_route, largest_drop
+
+    s = _synth_summary(direct_kept=1)
+    rows = funnel_rows(s)
+    assert rows[0].startswith("| sampled | 32 | 28 |")
+    assert rows[2].startswith("| hint_free | - | 26 |")  # a stage of the rationale route only
+    assert [r.split(" | ")[0].lstrip("| ") for r in rows] == list(FUNNEL)
+    assert rows[-1].startswith("| kept | 1 | 2 |")
+    assert kept_by_route(s) == {"direct": 1, "rationalized": 2}
+    assert largest_drop(s["routes"]["direct"]["stages"]) == ("parsed", "on_target", 21)
+    assert largest_drop({"sampled": 2, "kept": 2}) is None
+
+
+def _demo_run(tmp_path, calc: bool):
+    from synthtune.jobs.demo import DemoRun
+
+    rates = {"format_rate": 0.5, "parse_rate": 1.0, "strict_accuracy": 2 / 14, "flexible_accuracy": 3 / 14}
+    run = DemoRun(DemoConfig(), tmp_path)
+    run.synth = _synth_summary(rationalized_kept=0)
+    run.eval = {"n_questions": 14, "out_dir": str(tmp_path / "eval"), "base": {**rates, "format_rate": 0.0},
+                "adapter": rates}
+    if calc:
+        run.eval_calc = {"n_questions": 14, "out_dir": str(tmp_path / "eval_calculator"),
+                         "adapter": {**rates, "flexible_accuracy": 5 / 14}}
+    return run
+
+
+def test_the_report_shows_tuned_with_the_calculator_beside_tuned(tmp_path):
+    from synthtune.jobs.demo import write_report
+
+    text = write_report(_demo_run(tmp_path, calc=True)).read_text()
+    assert "| metric | base | tuned | tuned + calculator |" in text
+    assert "| flexible accuracy (last number is right) | 3/14 (21%) | 3/14 (21%) | 5/14 (36%) |" in text
+    assert "eval_calculator/adapter_outputs.jsonl" in text
+    # the funnel: both routes, what each kept, and with nothing kept, where each lost the most
+    assert "| stage | direct samples | rationales (answer as hint) | meaning |" in text
+    assert "0 direct samples, 0 rationales (answer as hint)" in text
+    assert "Rationales (answer as hint): the largest loss is between `on_target` and `calc_ok`" not in text
+    assert "Rationales (answer as hint): the largest loss is between `parsed` and `on_target`, 17 of 28." in text
+    plain = write_report(_demo_run(tmp_path, calc=False)).read_text()
+    assert "| metric | base | tuned |\n" in plain and "calculator" not in plain.split("## 1.")[0]

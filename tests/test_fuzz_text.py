@@ -40,8 +40,10 @@ from synthtune.data.answers import (
 )
 from synthtune.data.calculator import MAX_DIGITS, CalcError, CalcLimit, check_calculations, exact_value
 from synthtune.data.validate import check_file
+from synthtune.formats import rationalization_hint
 from synthtune.generation.sampler import Sample
 from synthtune.synth.pipeline import STATUS, evaluate_question, load_items, run_synthesis
+from synthtune.synth.prompts import leaks_hint
 from synthtune.synth.scorers import calculator_score, gold_correctness, guarded, vote_share
 from synthtune.synth.scoring import score_rows
 
@@ -103,6 +105,8 @@ def test_quadratic_shapes_of_100kb(text):
         for extract in EXTRACTORS:
             extract(text)
         check_calculations(text)
+        leaks_hint(text, rationalization_hint("5"))  # synthesis reads every rationale for the hint
+        leaks_hint("hint" * 25_000, text)  # and a hostile gold answer makes a hostile hint
 
 
 def test_a_cut_off_repetition_of_long_digit_groups():

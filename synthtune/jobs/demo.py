@@ -1,10 +1,13 @@
 """`synthtune demo` (`make demo`): the README's whole pipeline on one small model, in one run.
 
 1. synthesize rationales for train questions (k samples, vote, evaluator), as ``synthtune synth``;
+   with ``rationalize`` (STaR), questions no sample solved are asked again with the gold answer as
+   a hint, and the checked rationales are kept without it;
 2. build the SFT set: the kept rationales plus the train split's gold rationales;
 3. preprocess it, as ``synthtune prep``: label masks, length statistics, histogram;
 4. LoRA fine-tune for a short run with the memory trace, as ``synthtune train``;
-5. evaluate base against tuned on the held-out test split, as ``synthtune eval --compare``.
+5. evaluate base against tuned on the held-out test split, as ``synthtune eval --compare``, and the
+   tuned model once more with calculator-assisted decoding (``eval_calculator``).
 
 Each stage calls the same library function as its command and writes into its own folder under
 ``outputs/demo/<timestamp>/``. ``report.md`` there is rewritten after every stage, so a run that
@@ -29,10 +32,13 @@ from synthtune.files import atomic_write_text
 STAGES = ("synthesize", "sft set", "preprocess", "fine-tune", "evaluate")
 #: the training recipe the demo starts from; its own keys are overridden by the demo's
 TRAIN_RECIPE = "configs/train/smollm2_lora_cpu.yaml"
-#: what each synthesis funnel stage counts (synth.pipeline.STAGES)
-FUNNEL = {"sampled": "drawn", "finished": "ended before the token budget", "parsed": "a final answer could be read",
+#: what each synthesis funnel stage counts (synth.pipeline.STAGES, RATIONALE_STAGES)
+FUNNEL = {"sampled": "drawn", "finished": "ended before the token budget",
+          "hint_free": "rationales only: it never mentions the hint", "parsed": "a final answer could be read",
           "on_target": "that answer is the gold one", "calc_ok": "and every calculation in it is right",
           "reward_ok": "and the reward model (when set) accepts it", "kept": "and it differs from the paths kept"}
+#: the synthesis routes, as the report's funnel columns name them (synth.pipeline.ROUTES)
+ROUTES = {"direct": "direct samples", "rationalized": "rationales (answer as hint)"}
 #: base vs tuned rows of the report, in this order
 REPORT_METRICS = (("format_rate", "`#### n` format followed"), ("parse_rate", "an answer could be extracted"),
                   ("strict_accuracy", "strict accuracy (`#### n` is right)"),
@@ -56,6 +62,8 @@ class DemoRun:
     train_cmd: str | None = None
     eval: dict | None = None
     eval_cmd: str | None = None
+    eval_calc: dict | None = None  # the tuned model with calculator-assisted decoding
+    eval_calc_cmd: str | None = None
     examples: list[dict] = field(default_factory=list)
 
     def rel(self, path: str | Path | None) -> str:
@@ -128,13 +136,20 @@ def _synthesize(run: DemoRun, say) -> str:
     scfg = SynthConfig(model=c.model, questions=_data_spec(c, "train"), gsm8k_dir=c.gsm8k_dir,
                        limit=c.synth_questions, shots=c.shots, k=c.k, rounds=c.rounds, temperature=c.temperature,
                        max_new_tokens=c.synth_max_new_tokens, seed=c.seed, device=c.device,
-                       out=str(run.out / "synth"))
+                       rationalize=c.rationalize, calculator=c.synth_calculator, out=str(run.out / "synth"))
     run.synth_cmd = _command("synthtune synth", cli_overrides(scfg))
     s = run_synthesis(scfg, log=lambda m: say(f"      {m}"))
     run.synth = s
     speed = (f"{s['samples']} samples at {s['tokens_per_s']} tok/s" if s["samples"]
              else "resumed: every question was already done")
-    return f"{s['solved']} of {s['questions']} questions solved, {s['kept_examples']} rationales kept ({speed})"
+    by_route = ", ".join(f"{n} {route}" for route, n in kept_by_route(s).items())
+    return (f"{s['solved']} of {s['questions']} questions solved, {s['kept_examples']} rationales kept ({by_route}; "
+            f"{speed})")
+
+
+def kept_by_route(synth_summary: dict) -> dict[str, int]:
+    """Kept rationales per synthesis route, from the summary's per-route funnel."""
+    return {route: r["stages"]["kept"] for route, r in synth_summary["routes"].items()}
 
 
 def build_sft_set(kept_path: Path, gold_rows: list[dict], out_path: Path) -> dict:
@@ -231,10 +246,18 @@ def _evaluate(run: DemoRun, say) -> str:
     run.examples = [{"question": b["question"], "gold": b["answer"], "base": b["completions"][0],
                      "tuned": t["completions"][0], "base_correct": b["correct"][0], "tuned_correct": t["correct"][0]}
                     for b, t in zip(base, tuned, strict=True)]
-    plot_comparison(e, run.out / "eval" / "base_vs_tuned.png")
+    calc = ""
+    if c.eval_calculator:
+        # The tuned model again, a calculator writing each <<expr=>> result: what is left wrong is
+        # the reasoning, not the arithmetic. Its own folder and command, as `synthtune eval` runs it.
+        ccfg = replace(ecfg, compare=False, calculator=True, out=str(run.out / "eval_calculator"))
+        run.eval_calc_cmd = _command("synthtune eval", cli_overrides(ccfg))
+        run.eval_calc = run_eval(ccfg)
+        calc = f" ({run.eval_calc['adapter']['flexible_accuracy']:.0%} with the calculator)"
+    plot_comparison(e, run.out / "eval" / "base_vs_tuned.png", run.eval_calc)
     b, t = e["base"], e["adapter"]
     return (f"format {b['format_rate']:.0%} -> {t['format_rate']:.0%}, parse {b['parse_rate']:.0%} -> "
-            f"{t['parse_rate']:.0%}, accuracy {b['flexible_accuracy']:.0%} -> {t['flexible_accuracy']:.0%} "
+            f"{t['parse_rate']:.0%}, accuracy {b['flexible_accuracy']:.0%} -> {t['flexible_accuracy']:.0%}{calc} "
             f"on {e['n_questions']} test questions")
 
 
@@ -249,16 +272,21 @@ def learned(eval_report: dict) -> list[str]:
     return [name for name, _ in REPORT_METRICS if (tuned.get(name) or 0) > (base.get(name) or 0)]
 
 
-def plot_comparison(eval_report: dict, path: Path) -> Path:
+def plot_comparison(eval_report: dict, path: Path, calc_report: dict | None = None) -> Path:
+    """Base vs tuned bars per metric, and tuned + calculator beside them when ``calc_report`` is given."""
     from synthtune.plotting import png
 
     names = [n for n, _ in REPORT_METRICS]
-    base = [eval_report["base"].get(n) or 0 for n in names]
-    tuned = [eval_report["adapter"].get(n) or 0 for n in names]
+    bars = [("base", eval_report["base"], "#8c8c8c"), ("tuned (LoRA)", eval_report["adapter"], "#4c72b0")]
+    if calc_report is not None:
+        bars.append(("tuned + calculator", calc_report["adapter"], "#55a868"))
+    width = 0.8 / len(bars)
     with png(path, (6.5, 3.4)) as (_, ax):
         x = range(len(names))
-        ax.bar([i - 0.2 for i in x], base, width=0.4, color="#8c8c8c", label="base")
-        ax.bar([i + 0.2 for i in x], tuned, width=0.4, color="#4c72b0", label="tuned (LoRA)")
+        for j, (label, rates, color) in enumerate(bars):
+            offset = (j - (len(bars) - 1) / 2) * width
+            ax.bar([i + offset for i in x], [rates.get(n) or 0 for n in names], width=width, color=color,
+                   label=label)
         ax.set_xticks(list(x), [n.replace("_", " ") for n in names], fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(f"share of {eval_report['n_questions']} test answers")
@@ -279,25 +307,54 @@ def _excerpt(text: str, n: int = 260) -> str:
     return (text[:n] + " …") if len(text) > n else text
 
 
+def funnel_rows(synth_summary: dict) -> list[str]:
+    """The funnel as table rows, one column per route (``-``: a stage the route does not have)."""
+    routes = synth_summary["routes"]
+    order = list(dict.fromkeys(k for r in routes.values() for k in r["stages"]))
+    order.sort(key=lambda k: list(FUNNEL).index(k) if k in FUNNEL else len(FUNNEL))
+    return [f"| {k} | " + " | ".join(str(r["stages"].get(k, "-")) for r in routes.values()) + f" | {FUNNEL.get(k, '')} |"
+            for k in order]
+
+
+def largest_drop(stages: dict[str, int]) -> tuple[str, str, int] | None:
+    """The funnel step that lost the most: (from stage, to stage, how many), or None when none lost any."""
+    items = list(stages.items())
+    drops = [(a[0], b[0], a[1] - b[1]) for a, b in zip(items, items[1:], strict=False) if a[1] > b[1]]
+    return max(drops, key=lambda d: d[2]) if drops else None
+
+
 def _section_synth(run: DemoRun) -> list[str]:
     s = run.synth
-    st = s["stages"]
+    routes = s["routes"]
+    rationalizing = run.cfg.rationalize
     lines = ["## 1. Synthesize", "",
              f"{s['questions']} train questions, {run.cfg.shots}-shot prompts, k={run.cfg.k}, {run.cfg.rounds} "
              f"round(s)" + (f": {s['samples']} samples, {s['new_tokens']} new tokens at {s['tokens_per_s']} tok/s."
-                             if s["samples"] else " (resumed from an earlier run in this folder)."), "",
-             "| stage | samples | meaning |", "|---|---|---|"]
-    lines += [f"| {k} | {v} | {FUNNEL.get(k, '')} |" for k, v in st.items()]
-    lines += ["", f"**{s['solved']} of {s['questions']} questions solved, {s['kept_examples']} rationales kept.** "
+                             if s["samples"] else " (resumed from an earlier run in this folder)."), ""]
+    if rationalizing:
+        lines += [f"STaR rationalization is on: the {routes['rationalized']['questions']} questions no direct "
+                  "sample solved were asked again with the gold answer as a hint. Their rationales pass the same "
+                  "checks, plus one: a rationale that mentions the hint is dropped; kept ones are stored without "
+                  "it.", ""]
+    lines += ["| stage | " + " | ".join(ROUTES[r] for r in routes) + " | meaning |",
+              "|---|" + "---|" * len(routes) + "---|", *funnel_rows(s)]
+    kept = kept_by_route(s)
+    lines += ["", f"**{s['solved']} of {s['questions']} questions solved, {s['kept_examples']} rationales kept: "
+              + ", ".join(f"{n} {ROUTES[r]}" for r, n in kept.items()) + ".** "
               "A rationale is kept when it reaches the gold answer, its arithmetic checks out and it differs from "
               "the other kept ones (ROUGE-L).", ""]
-    stages = list(st.items())
-    drops = [(a[0], b[0], a[1] - b[1]) for a, b in zip(stages, stages[1:], strict=False) if a[1] > b[1]]
-    if drops:
-        src, dst, n = max(drops, key=lambda d: d[2])
-        lines += [f"The largest loss is between `{src}` and `{dst}`: {n} samples. "
-                  + ("With no kept rationale the SFT set is gold rationales only; a larger model, more samples "
-                     "(k) or more rounds keep more." if not s["kept_examples"] else ""), ""]
+    for route, r in routes.items():
+        if route == "rationalized" and not rationalizing:
+            continue
+        drop = largest_drop(r["stages"])
+        if drop:
+            src, dst, n = drop
+            lines += [f"{ROUTES[route].capitalize()}: the largest loss is between `{src}` and `{dst}`, {n} of "
+                      f"{r['stages']['sampled']}."]
+    if not s["kept_examples"]:
+        lines += ["With no kept rationale the SFT set is gold rationales only; a larger model, more samples (k) or "
+                  "more rounds keep more."]
+    lines += [""]
     hist = Path(s["out_dir"]) / "agreement_hist.png"
     if hist.exists():
         lines += [f"![agreement]({run.rel(hist)})", ""]
@@ -348,9 +405,12 @@ def _section_eval(run: DemoRun) -> list[str]:
     gained = learned(e)
     lines = ["## 5. Base vs tuned", "",
              f"{e['n_questions']} held-out test questions, greedy, the training prompt format.", "",
-             "| metric | base | tuned |", "|---|---|---|"]
+             "| metric | base | tuned |" + (" tuned + calculator |" if run.eval_calc else ""),
+             "|---|---|---|" + ("---|" if run.eval_calc else "")]
     n = e["n_questions"]
-    lines += [f"| {label} | {_count(base.get(m), n)} | {_count(tuned.get(m), n)} |" for m, label in REPORT_METRICS]
+    calc = run.eval_calc["adapter"] if run.eval_calc else None
+    lines += [f"| {label} | {_count(base.get(m), n)} | {_count(tuned.get(m), n)} |"
+              + (f" {_count(calc.get(m), n)} |" if calc else "") for m, label in REPORT_METRICS]
     if gained:
         names = [f"{m.replace('_', ' ')} {_count(base.get(m), n, pct=False)} -> {_count(tuned.get(m), n, pct=False)}"
                  for m in gained]
@@ -361,13 +421,19 @@ def _section_eval(run: DemoRun) -> list[str]:
     else:
         verdict = ("**No held-out metric rose.** Lower loss alone does not show learning: try more train_steps, "
                    "a higher learning_rate, or more data (source=auto with the full GSM8K).")
+    if calc:
+        lines += ["", "*tuned + calculator*: the same tuned model, with a calculator writing the result of every "
+                  "`<<a*b=` it opens (GSM8K's own decoding, Cobbe et al. 2021), so its arithmetic slips no longer "
+                  "count against its reasoning."]
     lines += ["", verdict, "", f"![base vs tuned]({run.rel(Path(e['out_dir']) / 'base_vs_tuned.png')})", ""]
     for ex in run.examples[:3]:
         lines += [f"> **Q:** {_excerpt(ex['question'], 400)}", ">",
                   f"> **base** ({'right' if ex['base_correct'] else 'wrong'}): {_excerpt(ex['base'])}", ">",
                   f"> **tuned** ({'right' if ex['tuned_correct'] else 'wrong'}): {_excerpt(ex['tuned'])}", ""]
     lines += [f"Every answer: `{run.rel(Path(e['out_dir']) / 'base_outputs.jsonl')}`, "
-              f"`{run.rel(Path(e['out_dir']) / 'adapter_outputs.jsonl')}`.", ""]
+              f"`{run.rel(Path(e['out_dir']) / 'adapter_outputs.jsonl')}`"
+              + (f", `{run.rel(Path(run.eval_calc['out_dir']) / 'adapter_outputs.jsonl')}`" if calc else "")
+              + ".", ""]
     return lines
 
 
@@ -414,7 +480,8 @@ def write_report(run: DemoRun) -> Path:
     cmds = [("the whole demo", _command("synthtune demo", cli_overrides(c, skip=("output_dir",)))), ("1. synthesize", run.synth_cmd),
             ("3. preprocess", run.prep_cmd), ("4. fine-tune (or: accelerate launch --config_file "
                                               "configs/accelerate/cpu.yaml fine_tune/train.py --config ...)",
-                                              run.train_cmd), ("5. evaluate", run.eval_cmd)]
+                                              run.train_cmd), ("5. evaluate", run.eval_cmd),
+            ("5. the tuned model with the calculator", run.eval_calc_cmd)]
     tail = ["## Repeat it", "", "Each stage by hand, exactly as run here (stage 2 is `sft.jsonl`: kept + gold rows):",
             "", "```bash"]
     for label, cmd in cmds:
@@ -441,13 +508,16 @@ def _summary(run: DemoRun) -> dict:
     return {
         "model": run.cfg.model, "output_dir": str(run.out), "report": str(run.out / "report.md"),
         "seconds": run.seconds, "total_s": round(time.perf_counter() - run.started, 1),
-        "synth": {k: run.synth[k] for k in ("questions", "solved", "kept_examples", "samples", "tokens_per_s")},
+        "synth": {k: run.synth[k] for k in ("questions", "solved", "kept_examples", "samples", "tokens_per_s")}
+        | {"kept_by_route": kept_by_route(run.synth)},
         "sft": run.sft,
         "prep": {k: run.prep[k] for k in ("n", "n_kept", "mean", "p99", "max", "recommended_max_length")},
         "train": {k: run.train.get(k) for k in ("steps", "first_train_loss", "final_train_loss", "final_eval_loss",
                                                 "tokens_per_s", "final_dir")}
         | {"peak_rss_gib": run.train["memory"].get("peak_rss_gib")},
-        "eval": {label: {n: e[label].get(n) for n, _ in REPORT_METRICS} for label in ("base", "adapter")},
+        "eval": {label: {n: e[label].get(n) for n, _ in REPORT_METRICS} for label in ("base", "adapter")}
+        | ({"adapter_calculator": {n: run.eval_calc["adapter"].get(n) for n, _ in REPORT_METRICS}}
+           if run.eval_calc else {}),
         "learned": learned(e),
     }
 

@@ -17,6 +17,14 @@ samples are the ones an uninterrupted run would have sampled, seeds included. (U
 status lines were torn part-way: that batch is redone with only its unrecorded questions.)
 Files that disagree in any other way are damage, not a crash: the run stops before writing
 anything (see :func:`load_state`).
+
+Rationalization (``rationalize``, STaR: Zelikman et al. 2022): in each batch, the questions no
+direct sample solved are asked again with the gold answer as a hint
+(:func:`synthtune.formats.rationalization_hint`), and those rationales go through the same
+evaluator plus a ``hint_free`` stage. It happens before the batch is written, so its kept rows
+(``provenance.rationalized: true``, the hint-free question and prompt sha) and the status
+record's ``rationalization`` block (that route's stage counts and reason, the hinted prompt's sha)
+are journaled, resumed and redone with the batch, under a seed of their own.
 """
 
 from __future__ import annotations
@@ -39,10 +47,10 @@ from synthtune.data.gsm8k import is_test_source, load_source
 from synthtune.data.jsonl import append_jsonl, read_appended, write_jsonl
 from synthtune.errors import ConfigError, DataError
 from synthtune.files import atomic_write_bytes, atomic_write_text, lock_dir
-from synthtune.formats import PROMPT_VERSION, resolve_format, stop_strings
+from synthtune.formats import HINT_VERSION, PROMPT_VERSION, rationalization_hint, resolve_format, stop_strings
 from synthtune.generation.base import SamplingParams
 from synthtune.synth.diversity import below_mean_recall, select_diverse
-from synthtune.synth.prompts import build_prompt
+from synthtune.synth.prompts import build_prompt, leaks_hint
 from synthtune.synth.scorers import calculator_score, gold_correctness, guarded, vote_share
 from synthtune.synth.vote import majority_vote
 
@@ -50,6 +58,14 @@ KEPT, STATUS, SUMMARY, HIST = "kept.jsonl", "status.jsonl", "summary.json", "agr
 FINGERPRINT = "fingerprint.json"
 #: The evaluator's stages, in order; each status record counts the samples that got past each.
 STAGES = ("sampled", "finished", "parsed", "on_target", "calc_ok", "reward_ok", "kept")
+#: The same evaluator for rationales sampled with the gold answer as a hint (``rationalize``), with
+#: one stage more: ``hint_free``, the rationale never mentions the hint (synth.prompts.leaks_hint).
+RATIONALE_STAGES = ("sampled", "finished", "hint_free", "parsed", "on_target", "calc_ok", "reward_ok", "kept")
+#: Where a kept rationale came from: the question alone, or the question with its answer as a hint.
+ROUTES = ("direct", "rationalized")
+#: Rationales of a batch are drawn with their own seed, away from every direct batch's (which step by
+#: 7919 a round and by the batch's start within one), so both routes stay reproducible on resume.
+RATIONALE_SEED_OFFSET = 1_000_003
 #: Settings that change what a question's samples are, or which of them are kept; a rerun must
 #: match them to resume (or pass allow_changed_settings). batch_size is one: a batch's seed is
 #: derived from its position. Left out on purpose: where and how fast samples are drawn
@@ -59,10 +75,12 @@ FINGERPRINT_KEYS = ("model", "backend", "served_model", "questions", "exemplars"
                     "strategy", "prompt_format", "seed", "use_gold",
                     "k", "k_growth", "temperature", "temperature_step", "top_p", "top_k", "presence_penalty",
                     "frequency_penalty", "max_new_tokens", "calculator", "stop", "batch_size", "min_agreement",
-                    "min_calc", "reward_model", "min_reward", "max_keep", "diversity", "rouge_threshold")
+                    "min_calc", "reward_model", "min_reward", "max_keep", "diversity", "rouge_threshold",
+                    "rationalize", "rationalize_k")
 #: Settings newer than some output directories, with the value every run before them sampled
 #: with: such a run is then checked as if it had recorded them, instead of going unchecked.
-ADDED_LATER = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "calculator": False}
+ADDED_LATER = {"presence_penalty": 0.0, "frequency_penalty": 0.0, "calculator": False, "rationalize": False,
+               "rationalize_k": None}
 _SURROGATES = re.compile("[\ud800-\udfff]")
 
 
@@ -178,9 +196,9 @@ def load_state(out_dir: Path, batch_size: int) -> RunState:
                         _MISMATCH_HINT)
     vouched: dict[tuple[str, int], tuple[int, int]] = {}  # (id, round) -> (kept rows recorded, status line)
     for r, line in zip(status.rows, status.lines, strict=True):
-        n = r["stages"].get("kept") if isinstance(r["stages"], dict) else None
+        n = _kept_in_record(r)
         if not isinstance(n, int) or not isinstance(r["round"], int):
-            raise DataError(status_path, line, "has no integer 'round' or 'stages.kept'",
+            raise DataError(status_path, line, "has no integer 'round', 'stages.kept' or 'rationalization.stages.kept'",
                             "status records are written by synthtune; " + _MISMATCH_HINT)
         vouched[(r["id"], r["round"])] = (n, line)
         state.rounds_done[r["id"]] = max(state.rounds_done.get(r["id"], 0), r["round"] + 1)
@@ -217,6 +235,21 @@ def load_state(out_dir: Path, batch_size: int) -> RunState:
     return state
 
 
+def _route_kept(stages) -> int | None:
+    n = stages.get("kept") if isinstance(stages, dict) else None
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
+
+
+def _kept_in_record(record: dict) -> int | None:
+    """Kept rows a status record vouches for: its direct samples' plus its rationales' (None: malformed)."""
+    n = _route_kept(record["stages"])
+    rat = record.get("rationalization")
+    if rat is None or n is None:
+        return n
+    m = _route_kept(rat.get("stages") if isinstance(rat, dict) else None)
+    return None if m is None else n + m
+
+
 def _read_for_resume(path: Path, required: tuple[str, ...]):
     try:
         return read_appended(path, required=required)
@@ -243,8 +276,13 @@ def repair_state(out_dir: Path, state: RunState) -> None:
 
 
 def _fingerprint(cfg: SynthConfig) -> dict:
-    # prompt_version is no setting: it names the prompt text this synthtune renders for the same settings
-    return {**{k: getattr(cfg, k) for k in FINGERPRINT_KEYS}, "prompt_version": PROMPT_VERSION}
+    # prompt_version is no setting: it names the prompt text this synthtune renders for the same settings.
+    # hint_version names the rationalization hint's text, recorded only by runs that use it (a run
+    # without rationalization is the same whatever the hint says).
+    fp = {**{k: getattr(cfg, k) for k in FINGERPRINT_KEYS}, "prompt_version": PROMPT_VERSION}
+    if cfg.rationalize:
+        fp["hint_version"] = HINT_VERSION
+    return fp
 
 
 def _previous_settings(out_dir: Path) -> tuple[dict, bool] | None:
@@ -325,8 +363,13 @@ def _check_resume(out_dir: Path, cfg: SynthConfig, log: Callable[[str], None]) -
 
 
 def evaluate_question(item: Item, samples, cfg: SynthConfig, kept_before: Sequence[str],
-                      reward_fn: Callable | None = None) -> tuple[list[int], dict, dict[str, list]]:
-    """Decide which samples to keep. Returns (kept indices, status fields, per-sample scores)."""
+                      reward_fn: Callable | None = None, hint: str | None = None) -> tuple[list[int], dict, dict[str, list]]:
+    """Decide which samples to keep. Returns (kept indices, status fields, per-sample scores).
+
+    ``hint``: the samples are rationales drawn with this hint in the prompt (``rationalize``). They
+    go through the same stages, plus ``hint_free`` (:data:`RATIONALE_STAGES`): one that mentions the
+    hint is dropped, since it would teach the model to cite an answer it is never given.
+    """
     texts = [s.text for s in samples]
     answers = [extract_answer(t) for t in texts]
     vote = majority_vote(answers)
@@ -341,6 +384,10 @@ def evaluate_question(item: Item, samples, cfg: SynthConfig, kept_before: Sequen
         if s.finish_reason == "length":  # never finished its answer: not a usable rationale
             continue
         counts["finished"] += 1
+        if hint is not None:
+            if leaks_hint(s.text, hint):
+                continue
+            counts["hint_free"] += 1
         if answers[i] is None:
             continue
         counts["parsed"] += 1
@@ -376,7 +423,8 @@ def evaluate_question(item: Item, samples, cfg: SynthConfig, kept_before: Sequen
     else:
         reason = "no_passing_path" if len(kept_before) < cfg.max_keep else "no_new_distinct_path"
     status = {"majority": vote.answer, "vote_share": round(vote.share, 4), "consensus": consensus,
-              "gold": gold, "reason": reason, "stages": {k: counts.get(k, 0) for k in STAGES}}
+              "gold": gold, "reason": reason,
+              "stages": {k: counts.get(k, 0) for k in (STAGES if hint is None else RATIONALE_STAGES)}}
     if failures:
         status["scorer_failures"] = failures
     return kept, status, scores
@@ -420,6 +468,9 @@ def run_synthesis(cfg: SynthConfig, backend=None, *, progress: bool = True, log:
     if cfg.backend == "openai" and not cfg.served_model:
         # recorded by name, so config.yaml and the resume fingerprint say what the servers ran
         cfg = replace(cfg, served_model=cfg.model)
+    if cfg.rationalize and not cfg.use_gold:
+        raise ConfigError("rationalize=true needs use_gold=true: its hint is the gold answer, and without gold "
+                          "nothing checks that a rationale reached it. Turn one of them off.")
     items, pool, ex_spec = load_items(cfg)
     with lock_dir(out_dir, "synthesis run"):
         # Everything is read and checked before the first write, so a refused resume (other
@@ -468,6 +519,11 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
     via = f", {backend.name} backend ({backend.model_name}{f' on {len(endpoints)} endpoints' if endpoints else ''})"
     log(f"synth: {len(items)} questions from {cfg.questions}, {len(pool)} exemplars from {ex_spec}, "
         f"{cfg.shots}-shot {fmt} prompts, k={cfg.k}, up to {cfg.rounds} rounds{via} -> {out_dir}")
+    if cfg.rationalize:
+        no_gold = sum(1 for it in items if it.gold is None or extract_gold(it.gold) is None)
+        log(f"rationalize: unsolved questions are asked again with the gold answer as a hint (k="
+            f"{cfg.rationalize_k or 'the round’s k'})" + (f"; {no_gold} questions have no gold answer and are not"
+                                                           f" rationalized" if no_gold else ""))
     done = {qid for qid, texts in state.kept_texts.items() if texts}
     solved_in: dict[str, int] = {}  # question id -> the round that solved it
     for r in state.records:
@@ -491,7 +547,8 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
                                 presence_penalty=cfg.presence_penalty, frequency_penalty=cfg.frequency_penalty,
                                 calculator=cfg.calculator)
         rep = {"round": rnd + 1, "questions": len(todo), "skipped_done": skipped, "k": k,
-               "temperature": round(temperature, 3), "kept_questions": 0, "kept_examples": 0}
+               "temperature": round(temperature, 3), "kept_questions": 0, "kept_examples": 0,
+               "rationalized_questions": 0, "rationalized_examples": 0}
         bar = _bar(progress, len(todo), f"round {rnd + 1}/{cfg.rounds}")
         t_round = time.perf_counter()
         for start in range(0, len(entered), cfg.batch_size):
@@ -514,15 +571,32 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
                     kept_rows.append(_kept_row(it, samples[i], i, scores, prompt, backend, cfg, rnd, temperature,
                                                params.seed + start))
                     state.kept_texts.setdefault(it.id, []).append(samples[i].text)
-                final = bool(kept) or rnd + 1 >= cfg.rounds
-                status_rows.append({"id": it.id, "round": rnd, "status": "done" if kept else
-                                    ("failed" if final else "retry"), "question": it.question, "k": k,
-                                    "temperature": round(temperature, 3), "prompt_sha": prompt.sha, **status})
-                if kept:
+                status_rows.append({"id": it.id, "round": rnd, "status": "done" if kept else "retry",
+                                    "question": it.question, "k": k, "temperature": round(temperature, 3),
+                                    "prompt_sha": prompt.sha, **status})
+                rep["kept_examples"] += len(kept)
+            if cfg.rationalize:
+                # Within the batch, before anything is written: its rationales are journaled with its
+                # direct samples (kept rows, then the status records that vouch for both), so a crash
+                # redoes the two together and a resumed run draws the same rationales.
+                got = _rationalize(batch, prompts, status_rows, pool, fmt, backend, cfg, state, reward_fn,
+                                   replace(params, num_samples=cfg.rationalize_k or k,
+                                           seed=params.seed + start + RATIONALE_SEED_OFFSET),
+                                   rnd, temperature, chat_on_server)
+                kept_rows += got["rows"]
+                n_samples += got["samples"]
+                n_tokens += got["tokens"]
+                rep["rationalized_questions"] += got["questions"]
+                rep["rationalized_examples"] += len(got["rows"])
+                rep["kept_examples"] += len(got["rows"])
+            for it, r in zip(batch, status_rows, strict=True):
+                if state.kept_texts.get(it.id):
+                    r["status"] = "done"
                     done.add(it.id)
                     solved_in[it.id] = rnd
                     rep["kept_questions"] += 1
-                    rep["kept_examples"] += len(kept)
+                elif rnd + 1 >= cfg.rounds:
+                    r["status"] = "failed"
             # kept rows first, then the status that vouches for them (see the module docstring)
             append_jsonl(out_dir / KEPT, kept_rows)
             append_jsonl(out_dir / STATUS, status_rows)
@@ -535,14 +609,53 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
         bar.close()
         rep["seconds"] = round(time.perf_counter() - t_round, 2)
         round_reports.append(rep)
+        rationalized = (f" ({rep['rationalized_examples']} of them rationalized with the answer as a hint, for "
+                        f"{rep['rationalized_questions']} questions)" if cfg.rationalize else "")
         log(f"round {rnd + 1}: {rep['questions']} questions (k={k}, T={rep['temperature']}), "
-            f"{rep['kept_questions']} solved, {rep['kept_examples']} rationales kept, {rep['seconds']} s")
+            f"{rep['kept_questions']} solved, {rep['kept_examples']} rationales "
+            f"kept{rationalized}, {rep['seconds']} s")
     elapsed = time.perf_counter() - t_run
     summary = build_summary(out_dir, items, state, cfg, round_reports,
                             {"elapsed_s": round(elapsed, 2), "samples": n_samples, "new_tokens": n_tokens,
                              "samples_per_s": round(n_samples / elapsed, 3) if elapsed and n_samples else None,
                              "tokens_per_s": round(n_tokens / elapsed, 2) if elapsed and n_tokens else None})
     return summary
+
+
+def _rationalize(batch: list[Item], prompts: list, status_rows: list[dict], pool: list[dict], fmt: str, backend,
+                 cfg: SynthConfig, state: RunState, reward_fn: Callable | None, params: SamplingParams, rnd: int,
+                 temperature: float, chat_on_server: bool) -> dict:
+    """STaR rationalization for the questions of ``batch`` that no direct sample solved.
+
+    Each is asked again with its gold answer as a hint (the same exemplars as its direct prompt),
+    and its rationales go through the same evaluator (plus the ``hint_free`` stage). Kept ones are
+    stored like direct ones: the question without the hint, the hint-free prompt's sha, and
+    ``provenance.rationalized: true``; the status record gets a ``rationalization`` block with the
+    route's stage counts and the hinted prompt's sha.
+    """
+    todo = [(it, prompt, status) for it, prompt, status in zip(batch, prompts, status_rows, strict=True)
+            if not state.kept_texts.get(it.id) and it.gold is not None and extract_gold(it.gold) is not None]
+    got = {"rows": [], "samples": 0, "tokens": 0, "questions": 0}
+    if not todo:
+        return got
+    hints = [rationalization_hint(extract_gold(it.gold)) for it, _, _ in todo]
+    hinted = [build_prompt(it.question, pool, k=cfg.shots, fmt=fmt, tokenizer=backend.tokenizer, strategy=cfg.strategy,
+                           seed=cfg.seed + 7919 * rnd, render_chat=not chat_on_server, hint=hint)
+              for (it, _, _), hint in zip(todo, hints, strict=True)]
+    outs = [[_storable(s) for s in samples] for samples in backend.sample(hinted, params)]
+    for (it, prompt, status), hint, hprompt, samples in zip(todo, hints, hinted, outs, strict=True):
+        got["samples"] += len(samples)
+        got["tokens"] += sum(s.n_tokens for s in samples)
+        kept, rat, scores = evaluate_question(it, samples, cfg, state.kept_texts.get(it.id, []), reward_fn, hint=hint)
+        for i in kept:
+            # the hint-free prompt: the stored record must not point at the hint it was drawn with
+            got["rows"].append(_kept_row(it, samples[i], i, scores, prompt, backend, cfg, rnd, temperature,
+                                         params.seed, rationalized=True))
+            state.kept_texts.setdefault(it.id, []).append(samples[i].text)
+        got["questions"] += bool(kept)
+        status["rationalization"] = {"k": params.num_samples, "prompt_sha": hprompt.sha,
+                                     "hint_version": HINT_VERSION, **rat}
+    return got
 
 
 def _storable(sample):
@@ -558,7 +671,7 @@ def _storable(sample):
 
 
 def _kept_row(it: Item, sample, index: int, scores: dict, prompt, backend, cfg: SynthConfig, rnd: int,
-              temperature: float, seed: int) -> dict:
+              temperature: float, seed: int, rationalized: bool = False) -> dict:
     answer = extract_answer(sample.text)
     rationale = sample.text.strip()
     # `answer` is a GSM8K-format target (reasoning, then "#### n") so any loader that reads
@@ -571,7 +684,8 @@ def _kept_row(it: Item, sample, index: int, scores: dict, prompt, backend, cfg: 
                    "gold": scores["gold"][index], "reward": scores["reward"][index]},
         "provenance": {"model": backend.model_name, "backend": backend.name, "prompt_sha": prompt.sha, "round": rnd,
                        "seed": seed, "sample_index": index, "temperature": round(temperature, 3),
-                       "exemplar_ids": list(prompt.exemplar_ids), "n_tokens": sample.n_tokens},
+                       "exemplar_ids": list(prompt.exemplar_ids), "n_tokens": sample.n_tokens,
+                       "rationalized": rationalized},
     }
 
 
@@ -586,9 +700,13 @@ def build_summary(out_dir: Path, items: list[Item], state: RunState, cfg: SynthC
     """Counts at each stage over every round of every run in this directory, plus this run's speed."""
     ids = {it.id for it in items}
     records = [r for r in state.records if r["id"] in ids]
-    stages = Counter()
+    stages, rat_stages = Counter(), Counter()
+    rat_questions = set()
     for r in records:
         stages.update(r["stages"])
+        if "rationalization" in r:
+            rat_stages.update(r["rationalization"]["stages"])
+            rat_questions.add(r["id"])
     last = {}
     for r in records:
         last[r["id"]] = r
@@ -600,7 +718,13 @@ def build_summary(out_dir: Path, items: list[Item], state: RunState, cfg: SynthC
     summary = {
         "questions": len(items), "solved": n_done, "failed": sum(failed.values()), "failed_reasons": dict(failed),
         "pending": len(items) - n_done - sum(failed.values()), "kept_examples": n_kept,
-        "stages": {k: stages.get(k, 0) for k in STAGES}, "rounds": rounds, **speed,
+        "stages": {k: stages.get(k, 0) for k in STAGES},
+        # the funnel per route: "stages" above is the direct route's, kept here again beside the other
+        "routes": {"direct": {"questions": len({r["id"] for r in records}),
+                              "stages": {k: stages.get(k, 0) for k in STAGES}},
+                   "rationalized": {"questions": len(rat_questions),
+                                    "stages": {k: rat_stages.get(k, 0) for k in RATIONALE_STAGES}}},
+        "rounds": rounds, **speed,
         "config": {k: v for k, v in to_dict(cfg).items() if k in ("model", "backend", "served_model", "questions", "k",
                                                                     "rounds", "shots")},
         "dataset": str(out_dir / KEPT), "out_dir": str(out_dir),

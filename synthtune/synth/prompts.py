@@ -82,26 +82,59 @@ def select_exemplars(pool: Sequence[dict], k: int, *, question: str, strategy: s
 
 def build_prompt(question: str, pool: Sequence[dict], *, k: int = 8, fmt: str = "plain",
                  tokenizer=None, strategy: str = "random", seed: int = 0,
-                 meta_prompt: str = DEFAULT_META_PROMPT, render_chat: bool = True) -> Prompt:
+                 meta_prompt: str = DEFAULT_META_PROMPT, render_chat: bool = True, hint: str | None = None) -> Prompt:
     """One few-shot prompt (:func:`synthtune.formats.few_shot_prompt`) with exemplars drawn from
     ``pool``. ``tokenizer`` is needed for ``chat`` (its template).
 
     ``render_chat=False`` is for backends whose server applies the chat template: no tokenizer is
     needed, and ``text`` is the conversation as canonical JSON, so ``sha`` still pins the exact
     content sent.
+
+    ``hint`` (a rationalization hint, :func:`synthtune.formats.rationalization_hint`) is appended to
+    the question in the text the model reads; the exemplars are the ones the unhinted prompt draws,
+    and ``question`` stays the unhinted one, so the hint is the only difference.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}; use one of {', '.join(FORMATS)}")
     ids = select_exemplars(pool, k, question=question, strategy=strategy, seed=seed) if k else []
     shots = [pool[i] for i in ids]
+    asked = formats.hinted_question(question, hint) if hint else question
     messages: tuple[tuple[str, str], ...] = ()
     if fmt == "chat":
-        messages = tuple((m["role"], m["content"]) for m in formats.chat_messages(question, shots, meta_prompt))
+        messages = tuple((m["role"], m["content"]) for m in formats.chat_messages(asked, shots, meta_prompt))
     if fmt == "chat" and not render_chat:
         text = json.dumps([{"role": r, "content": c} for r, c in messages], ensure_ascii=False, separators=(",", ":"))
     else:
-        text = formats.few_shot_prompt(question, shots, fmt=fmt, tokenizer=tokenizer, meta_prompt=meta_prompt)
+        text = formats.few_shot_prompt(asked, shots, fmt=fmt, tokenizer=tokenizer, meta_prompt=meta_prompt)
     return Prompt(text=text, question=question, exemplar_ids=tuple(ids), format=fmt, messages=messages)
+
+
+#: A rationale that says this word talks about the prompt it was given, not the problem.
+_HINT_WORD = re.compile(r"\bhints?\b", re.IGNORECASE)
+
+
+def leaks_hint(text: str, hint: str) -> bool:
+    """Whether a rationale sampled with ``hint`` gives away that it was given the answer.
+
+    It leaks when it says "hint" (any case: "as the hint says") or copies any sentence of the hint
+    (whitespace, case and end punctuation aside): "The correct answer is 72" is the hint talking,
+    and a 135M model copies it in place of a derivation. Stating the answer otherwise is no leak:
+    every correct rationale ends with it. Linear time: one regex without backtracking and a
+    substring search per hint sentence.
+
+    >>> hint = "The correct answer is 72. Write a step-by-step solution that reaches it, ending with #### 72"
+    >>> leaks_hint("48 / 2 = <<48/2=24>>24, 48 + 24 = <<48+24=72>>72\\n#### 72", hint)
+    False
+    >>> leaks_hint("The HINT says 72, so #### 72", hint), leaks_hint("So the correct  answer is 72!\\n#### 72", hint)
+    (True, True)
+    >>> leaks_hint("So the answer is 72.\\n#### 72", hint)
+    False
+    """
+    if _HINT_WORD.search(text):
+        return True
+    said = " ".join(text.split()).lower()
+    sentences = (" ".join(part.split()).lower().rstrip(".!?: ") for part in re.split(r"(?<=[.!?])\s", hint))
+    return any(s and s in said for s in sentences)
 
 
 def default_format(tokenizer, is_seq2seq: bool) -> str:
