@@ -35,8 +35,10 @@ FUNNEL = {"sampled": "drawn", "finished": "ended before the token budget", "pars
           "reward_ok": "and the reward model (when set) accepts it", "kept": "and it differs from the paths kept"}
 #: base vs tuned rows of the report, in this order
 REPORT_METRICS = (("format_rate", "`#### n` format followed"), ("parse_rate", "an answer could be extracted"),
-                  ("strict_accuracy", "strict accuracy (`#### n` is right)"),
-                  ("flexible_accuracy", "flexible accuracy (last number is right)"))
+                  ("strict_accuracy", "strict accuracy (`#### n` is right, by value)"),
+                  ("flexible_accuracy", "flexible accuracy (last number is right, by value)"),
+                  ("lm_eval_strict_match", "lm-eval's gsm8k strict-match (its string match)"),
+                  ("lm_eval_flexible_extract", "lm-eval's gsm8k flexible-extract (its string match)"))
 
 
 @dataclass
