@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import platform
 import shlex
+import textwrap
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -261,7 +262,8 @@ def plot_comparison(eval_report: dict, path: Path) -> Path:
         x = range(len(names))
         ax.bar([i - 0.2 for i in x], base, width=0.4, color="#8c8c8c", label="base")
         ax.bar([i + 0.2 for i in x], tuned, width=0.4, color="#4c72b0", label="tuned (LoRA)")
-        ax.set_xticks(list(x), [n.replace("_", " ") for n in names], fontsize=8)
+        # wrapped: six names side by side overlap on one line each
+        ax.set_xticks(list(x), [textwrap.fill(n.replace("_", " "), 13) for n in names], fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(f"share of {eval_report['n_questions']} test answers")
         ax.set_title("Held-out GSM8K: base vs tuned")
