@@ -188,6 +188,26 @@ def test_generated_text_scores_as_lm_eval_scores_it(completion, gold, gold_from_
         _lm_eval_reference(completion, gold)
 
 
+def _last_of_findall(text: str) -> str:
+    """flexible-extract the way lm-eval computes it: every match of its pattern, then the last."""
+    found = FLEXIBLE_RE.findall(text)
+    return next((g for g in found[-1] if g), INVALID) if found else INVALID
+
+
+LONG = ["b" * 700, "1" * 700, "1," * 350, " " * 1000, "$ " * 600, "-" * 800, "$" * 900, "-1" * 400, "$-" * 400, "1-" * 400,
+        "-$$" * 300]
+
+
+@FUZZ
+@given(st.lists(st.sampled_from(PIECES + LONG), max_size=10).map("".join))
+@example("12 " + "b" * 5000)  # the last number lies far before the tail scanned first
+@example("x" + "1," * 3000)  # one run longer than the tail
+@example("5 " + "$ " * 4000)  # thousands of runs that are no match
+def test_the_last_match_found_from_the_end_is_the_last_one_of_the_whole_scan(text):
+    text = cut_at_stop(text)
+    assert flexible_extract(text) == _last_of_findall(text)
+
+
 # --- linear time on hostile text (see tests/test_fuzz_text.py) -------------------------------------
 
 @contextmanager
