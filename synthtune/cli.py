@@ -188,7 +188,7 @@ def infer(cfg: C.InferConfig, json_only: bool) -> None:
 @config_command(app, "eval", C.EvalConfig, json_switch=True)
 @results_on_stdout
 def eval_cmd(cfg: C.EvalConfig, json_only: bool) -> None:
-    """GSM8K accuracy by generation: strict and flexible accuracy, parse rate, maj@k; --compare."""
+    """GSM8K accuracy by generation: ours by value, lm-eval's gsm8k figures beside them, maj@k; --compare."""
     from synthtune.jobs import eval as job
 
     report = job.run(cfg, progress=not json_only)
@@ -228,7 +228,7 @@ def check_vllm(cfg: C.CheckVllmConfig, json_only: bool) -> None:
 @config_command(app, "score", C.ScoreConfig, json_switch=True)
 @results_on_stdout
 def score(cfg: C.ScoreConfig, json_only: bool) -> None:
-    """Score any model's GSM8K outputs: extraction, correctness, majority vote, maj@k and pass@k."""
+    """Score any model's GSM8K outputs: extraction, correctness, majority vote, maj@k, pass@k, lm-eval's gsm8k figures."""
     from synthtune.jobs import score as job
 
     summary = job.run(cfg)

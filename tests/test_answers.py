@@ -325,16 +325,16 @@ def test_extract_answer_table(completion, gold, expected, correct):
     assert is_correct(completion, gold) is correct
 
 
-# --- strict and flexible, as lm-eval reports them ---------------------------------------------------
+# --- strict and flexible: our own, by value (lm-eval's string-match figures: test_lmeval_gsm8k.py) ---
 
 @pytest.mark.parametrize(
     ("completion", "strict", "flexible"),
     [
         (NATALIA, "72", "72"),
         ("The answer is 72.", None, "72"),
-        ("#### 5\n#### 6", "5", "6"),  # lm-eval's strict filter takes the first match
+        ("#### 5\n#### 6", "5", "6"),  # the first "####" counts (as in lm-eval's strict-match)
         (NATALIA + NEXT_Q, "72", "72"),  # the hallucinated question's "2" does not count
-        ("#### $1,234", "1234", "1234"),
+        ("#### $1,234", "1234", "1234"),  # by value: lm-eval's strict-match finds nothing here
         ("The answer is 18.\n\nStep 3:", None, "3"),  # flexible skips nothing
         ("No numbers here.", None, None),
         ("\\boxed{18}", None, "18"),

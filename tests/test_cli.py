@@ -166,6 +166,9 @@ def test_demo_cli_runs_every_stage_on_tiny_model(synthtune_bin, tmp_path):
     for image in ("prep/length_hist.png", "train/memory_trace.png", "train/loss.png", "eval/base_vs_tuned.png"):
         assert f"]({image})" in report and (out / image).exists()
     assert "synthtune train --config configs/train/smollm2_lora_cpu.yaml model=tiny-llama" in report
+    # ours and lm-eval's figures side by side, each under its own name
+    assert "| lm-eval's gsm8k strict-match (its string match) |" in report
+    assert {"strict_accuracy", "lm_eval_strict_match", "lm_eval_flexible_extract"} <= set(summary["eval"]["adapter"])
     bad = run(synthtune_bin, "demo", "train_stepz=2", check=False)
     assert bad.returncode == 2 and "Did you mean 'train_steps'" in bad.stderr
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from synthtune.config import TrainConfig, load_config
+from synthtune.data.lmeval_gsm8k import lm_eval_score
 from synthtune.errors import MergeMismatch
 from synthtune.jobs.merge import merge_adapter
 from synthtune.train.loop import train
@@ -36,8 +37,28 @@ def test_eval_compare_through_cli(synthtune_bin, adapter, tmp_path):
         assert s["n_questions"] == 3 and 0 <= s["strict_accuracy"] <= s["flexible_accuracy"] + 1e-9
         rows = [json.loads(line) for line in (out / f"{label}_outputs.jsonl").read_text().splitlines()]
         assert len(rows) == 3 and all({"extracted", "correct", "majority_correct"} <= set(r) for r in rows)
+        # lm-eval's figures on the same completions, beside ours, and the per-answer filter results
+        lm = [lm_eval_score(c, r["answer"]) for r in rows for c in r["completions"]]
+        assert [x for r in rows for x in r["lm_eval_filtered"]["strict-match"]] == [x.strict for x in lm]
+        assert s["lm_eval_strict_match"] == sum(x.strict_correct for x in lm) / len(lm)
+        assert s["lm_eval_flexible_extract"] == sum(x.flexible_correct for x in lm) / len(lm)
     assert report["adapter"]["model"].endswith("+final")
     assert json.loads((out / "eval_summary.json").read_text())["n_questions"] == 3
+
+
+def test_comparison_table_names_ours_and_lm_evals_figures():
+    from rich.console import Console
+
+    from synthtune.jobs.eval import comparison_table
+
+    side = {"model": "m", "strict_accuracy": 0.75, "flexible_accuracy": 1.0, "lm_eval_strict_match": 0.25,
+            "lm_eval_flexible_extract": 0.5}
+    console = Console(record=True, width=200)
+    console.print(comparison_table({"split": "test", "n_questions": 4, "base": side}))
+    lines = console.export_text().splitlines()
+    for name, value in [("strict_accuracy", "0.750"), ("lm_eval_strict_match", "0.250"),
+                        ("lm_eval_flexible_extract", "0.500")]:
+        assert any(name in line and value in line for line in lines), (name, lines)
 
 
 @pytest.mark.integration  # trains an adapter (module fixture)

@@ -39,6 +39,7 @@ from synthtune.data.answers import (
     trim_completion,
 )
 from synthtune.data.calculator import MAX_DIGITS, CalcError, CalcLimit, check_calculations, exact_value
+from synthtune.data.lmeval_gsm8k import INVALID, exact_match, flexible_extract, lm_eval_score, strict_match
 from synthtune.data.validate import check_file
 from synthtune.formats import rationalization_hint
 from synthtune.generation.sampler import Sample
@@ -77,7 +78,8 @@ def budget(seconds: float = BUDGET_S):
         signal.signal(signal.SIGALRM, previous)
 
 
-EXTRACTORS = (extract_answer, extract_strict, extract_flexible, extract_gold, normalize_number, trim_completion)
+EXTRACTORS = (extract_answer, extract_strict, extract_flexible, extract_gold, normalize_number, trim_completion,
+              strict_match, flexible_extract)
 
 
 # --- the reproductions ---------------------------------------------------------------------
@@ -272,6 +274,18 @@ def test_extraction_never_raises_and_its_results_agree(text):
         assert "####" in text
     if answer is not None and len(answer) <= MAX_NUMBER_CHARS:
         assert is_correct(text, answer)
+
+
+@FUZZ
+@given(hostile_text(), hostile_text(max_parts=3))
+def test_lm_eval_figures_on_hostile_text(text, gold):
+    # lm-eval's own gold normalization ("(?s).*#### ") is quadratic; ours must stay linear on both sides
+    with budget():
+        result = lm_eval_score(text, gold)
+        assert result.strict_correct == exact_match(result.strict, gold)
+        assert result.flexible_correct == exact_match(result.flexible, gold)
+    assert result.strict == INVALID or f"#### {result.strict}" in text
+    assert result.flexible == INVALID or result.flexible in text
 
 
 @FUZZ

@@ -59,7 +59,14 @@ def test_score_rows_adds_fields_and_summarizes():
         "strict_accuracy": 1 / 12,
         "flexible_accuracy": 3 / 12,
         "format_rate": 2 / 12,  # the two '#### n' completions, one right and one wrong
+        # lm-eval's string match: "#### 18" (strict); "18." twice and "72." (flexible: a final "." goes)
+        "lm_eval_strict_match": 1 / 12,
+        "lm_eval_flexible_extract": 3 / 12,
     }
+    assert out[0]["lm_eval_filtered"] == {"strict-match": ["[invalid]", "18", "[invalid]", "[invalid]"],
+                                          "flexible-extract": ["18.", "18", "20.", "[invalid]"]}
+    assert out[0]["lm_eval_correct"] == {"strict-match": [False, True, False, False],
+                                         "flexible-extract": [True, True, False, False]}
     assert "extracted" not in ROWS[0]  # the input rows are not modified
 
 

@@ -27,6 +27,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from server_helpers import KEY_ENV, start_servers  # noqa: E402
 
+from synthtune.synth.scoring import score_rows  # noqa: E402
+
 # find_spec, not importorskip: importing lm-eval here would cost seconds the subprocess pays anyway
 pytestmark = [pytest.mark.integration,  # spawns a server and an lm-eval process
               pytest.mark.skipif(find_spec("lm_eval") is None, reason="lm-eval is not installed")]
@@ -61,6 +63,26 @@ def test_lm_eval_api_models_run_against_serve(tmp_path):
             value = run["metrics"][key]
             assert isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= 1.0, (name, key, value)
         assert len(run["responses"]) == LIMIT and all(isinstance(r, str) for r in run["responses"])
+    # lm-eval's own figures are ours, re-derived, on the same completions: per answer (what each filter
+    # kept, whether exact_match took it) and summed up as `synthtune score` and `eval` report them. The
+    # tiny model's answers hold no numbers; the canned model's 14 answer forms (lm_eval_runner.FORMS) do.
+    canned = results["canned"]["scored"]
+    assert len(canned) == 14
+    for filt in ("strict-match", "flexible-extract"):  # both filters find right and wrong answers there
+        assert {d[filt]["exact_match"] for d in canned} == {0.0, 1.0}, filt
+    for name in ("local-completions", "local-chat-completions", "canned"):
+        run = results[name]
+        rows = [{"question": "q", "answer": d["target"], "completion": d["response"]} for d in run["scored"]]
+        out_rows, summary = score_rows(rows)
+        for row, doc in zip(out_rows, run["scored"], strict=True):
+            for filt in ("strict-match", "flexible-extract"):
+                assert row["lm_eval_filtered"][filt] == [doc[filt]["filtered"]], (name, filt, doc)
+                assert row["lm_eval_correct"][filt] == [doc[filt]["exact_match"] == 1.0], (name, filt, doc)
+        assert summary["lm_eval_strict_match"] == pytest.approx(run["metrics"]["exact_match,strict-match"], abs=1e-12)
+        assert summary["lm_eval_flexible_extract"] == pytest.approx(run["metrics"]["exact_match,flexible-extract"],
+                                                                    abs=1e-12)
+    # and on those forms our by-value reading and lm-eval's string match differ, as documented
+    assert summary["accuracy"] > summary["lm_eval_flexible_extract"] > summary["lm_eval_strict_match"] > 0
     # every request lm-eval sent was answered, and nothing was refused
     lines = server.lines(r'"POST /v1/')
     assert len([x for x in lines if '"POST /v1/completions" 200' in x]) == LIMIT, lines

@@ -109,6 +109,10 @@ def test_seq2seq_tiny_t5_trains(tmp_path):
     s = train(cfg, progress=False)
     assert s["kind"] == "seq2seq" and s["final_train_loss"] < s["first_train_loss"]
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+    # in-training accuracy also reports lm-eval's gsm8k figures on the same greedy answers
+    (last,) = [h for h in s["history"] if "eval/accuracy" in h][-1:]
+    assert last["eval/n_questions"] == 2
+    assert all(0.0 <= last[f"eval/lm_eval_{m}"] <= 1.0 for m in ("strict_match", "flexible_extract"))
 
 
 @pytest.mark.integration  # trains

@@ -7,8 +7,12 @@ Three extractors, because evaluation reports more than one number:
   line), and of several markers the *last* one counts, since models often restate or correct
   themselves.  Without a marker it falls back to the last number that is not a date, a step label,
   a list number or an ordinal.
-* :func:`extract_strict` -- only ``#### n``, as lm-evaluation-harness' gsm8k ``strict-match``.
-* :func:`extract_flexible` -- the last number in the text, as lm-eval's ``flexible-extract``.
+* :func:`extract_strict` -- only a ``#### n`` line (the first), read by value.
+* :func:`extract_flexible` -- the last number in the text, read by value.
+
+The last two look where lm-evaluation-harness's gsm8k ``strict-match`` and ``flexible-extract`` look,
+but they are not its figures: it compares the text it extracts (``#### 42.00`` is not ``42``,
+``#### $42`` and ``####42`` are no answer).  :mod:`synthtune.data.lmeval_gsm8k` computes lm-eval's.
 
 All three first cut the completion where a model stops answering and starts a new few-shot block
 ("Question:", "Q:", "Problem:", chat end-of-turn tokens): base models in few-shot mode do this
@@ -720,10 +724,12 @@ def _fallback_answer(text: str, cut_off: bool = False) -> str | None:
 
 
 def extract_strict(completion: str) -> str | None:
-    """Only the GSM8K ``#### n`` form, like lm-eval's gsm8k ``strict-match``.
+    """Only the GSM8K ``#### n`` form, read by value.
 
-    As there, the *first* ``####`` counts (lm-eval's filter takes match 0); the completion is trimmed
-    at a new few-shot block first, which lm-eval does with its ``until`` stop sequences.
+    The *first* ``####`` counts, as in lm-eval's ``strict-match``, but any spacing, ``$``, markdown
+    and thousands separators are read, and the value is normalized (``#### $42.00`` is ``42``; lm-eval
+    finds no answer there: :func:`synthtune.data.lmeval_gsm8k.strict_match`). The completion is
+    trimmed at a new few-shot block first.
 
     >>> extract_strict("48 + 24 = 72\\n#### 72"), extract_strict("The answer is 72.")
     ('72', None)
@@ -735,9 +741,11 @@ def extract_strict(completion: str) -> str | None:
 
 
 def extract_flexible(completion: str) -> str | None:
-    """The last number in the (trimmed) completion, like lm-eval's gsm8k ``flexible-extract``.
+    """The last number in the (trimmed) completion, read by value.
 
-    Unlike lm-eval the value is normalized (``18.0`` == ``18``) and no numbers are skipped.
+    Unlike lm-eval's ``flexible-extract`` (:func:`synthtune.data.lmeval_gsm8k.flexible_extract`)
+    the value is normalized (``18.0`` == ``18``, ``3/4`` == ``0.75``) and a run of ``$``, ``.`` and
+    ``,`` without a digit is no number.
 
     >>> extract_flexible("Step 1: 16 - 3 - 4 = 9. Step 2: 9 * 2 = 18.")
     '18'

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import platform
 import shlex
+import textwrap
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -41,8 +42,10 @@ FUNNEL = {"sampled": "drawn", "finished": "ended before the token budget",
 ROUTES = {"direct": "direct samples", "rationalized": "rationales (answer as hint)"}
 #: base vs tuned rows of the report, in this order
 REPORT_METRICS = (("format_rate", "`#### n` format followed"), ("parse_rate", "an answer could be extracted"),
-                  ("strict_accuracy", "strict accuracy (`#### n` is right)"),
-                  ("flexible_accuracy", "flexible accuracy (last number is right)"))
+                  ("strict_accuracy", "strict accuracy (`#### n` is right, by value)"),
+                  ("flexible_accuracy", "flexible accuracy (last number is right, by value)"),
+                  ("lm_eval_strict_match", "lm-eval's gsm8k strict-match (its string match)"),
+                  ("lm_eval_flexible_extract", "lm-eval's gsm8k flexible-extract (its string match)"))
 
 
 @dataclass
@@ -287,7 +290,8 @@ def plot_comparison(eval_report: dict, path: Path, calc_report: dict | None = No
             offset = (j - (len(bars) - 1) / 2) * width
             ax.bar([i + offset for i in x], [rates.get(n) or 0 for n in names], width=width, color=color,
                    label=label)
-        ax.set_xticks(list(x), [n.replace("_", " ") for n in names], fontsize=8)
+        # wrapped: six names side by side overlap on one line each
+        ax.set_xticks(list(x), [textwrap.fill(n.replace("_", " "), 13) for n in names], fontsize=8)
         ax.set_ylim(0, 1.05)
         ax.set_ylabel(f"share of {eval_report['n_questions']} test answers")
         ax.set_title("Held-out GSM8K: base vs tuned")

@@ -1,9 +1,12 @@
 """`synthtune eval`: GSM8K accuracy by generation, for a base model, an adapter, or both side by side.
 
-It reports the three numbers lm-evaluation-harness users compare against: strict accuracy (the
-`#### n` form, like its gsm8k strict-match), flexible accuracy (the last number, like
-flexible-extract) and parse rate; with k > 1 samples, maj@k and pass@k. Few-shot exemplars only
-ever come from the train split.
+It reports our own numbers, which read answers by value (``42.00`` == ``42``): accuracy (the final
+answer as a grader reads it), strict accuracy (the first ``#### n`` line), flexible accuracy (the last
+number), parse rate and format rate; with k > 1 samples, maj@k and pass@k. Beside them, under their
+own names, it reports lm-evaluation-harness's gsm8k figures on the same completions
+(``lm_eval_strict_match``, ``lm_eval_flexible_extract``: its filters, stop sequences and string
+match, see :mod:`synthtune.data.lmeval_gsm8k`), the numbers to put beside a leaderboard's. Few-shot
+exemplars only ever come from the train split.
 """
 
 from __future__ import annotations
@@ -85,7 +88,8 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
     return report
 
 
-METRICS = ("strict_accuracy", "flexible_accuracy", "accuracy", "parse_rate", "format_rate", "maj_at_k", "pass_at_k")
+METRICS = ("strict_accuracy", "flexible_accuracy", "accuracy", "parse_rate", "format_rate", "maj_at_k", "pass_at_k",
+           "lm_eval_strict_match", "lm_eval_flexible_extract")
 
 
 def comparison_table(report: dict):

@@ -3,7 +3,15 @@
 Input rows hold ``question``, ``answer`` (GSM8K gold text such as ``"... #### 72"``, or a number)
 and ``completions`` (a list of strings; a single ``completion`` string is accepted too).  Output rows
 are the input plus ``extracted``, ``correct``, ``majority`` and ``majority_correct``, so a scored
-file can be inspected line by line next to its source.
+file can be inspected line by line next to its source, and ``lm_eval_filtered`` and
+``lm_eval_correct``: per completion, what lm-evaluation-harness's gsm8k filters (``strict-match``,
+``flexible-extract``) extract and whether its ``exact_match`` accepts it
+(:mod:`synthtune.data.lmeval_gsm8k`).
+
+Our own numbers compare values (``42.00`` == ``42``, ``$1,234.50`` == ``1234.5``); lm-eval's compare
+strings. Both are reported, each under its own name: ``strict_accuracy`` and ``flexible_accuracy``
+are ours, ``lm_eval_strict_match`` and ``lm_eval_flexible_extract`` are lm-eval's figures on the same
+completions.
 
 Scoring one completion never stops a run: answer extraction is linear-time and bounded (see
 :mod:`synthtune.data.answers`), and should it still raise, that completion counts as unparsed and
@@ -17,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from synthtune.data.answers import extract_answer, extract_flexible, extract_gold, extract_strict
+from synthtune.data.lmeval_gsm8k import LmEvalResult, lm_eval_score
 from synthtune.errors import DataError
 from synthtune.synth.scorers import failure_reason
 from synthtune.synth.vote import majority_vote
@@ -75,12 +84,17 @@ def _gold(row: dict[str, Any], source: str, line: int) -> str:
     return gold
 
 
-def _extract(completion: str) -> tuple[str | None, str | None, str | None, str | None]:
-    """(answer, strict, flexible, None), or (None, None, None, why) if extraction raised."""
+Extracted = tuple[str | None, str | None, str | None, LmEvalResult | None, str | None]
+
+
+def _extract(completion: str, answer: str | int | float) -> Extracted:
+    """(answer, strict, flexible, lm-eval's result, None), or (None, None, None, None, why) if
+    extraction raised."""
     try:
-        return extract_answer(completion), extract_strict(completion), extract_flexible(completion), None
+        return (extract_answer(completion), extract_strict(completion), extract_flexible(completion),
+                lm_eval_score(completion, answer), None)
     except Exception as exc:  # noqa: BLE001 - a bug must cost this completion, not a 100k-completion run
-        return None, None, None, failure_reason(exc)
+        return None, None, None, None, failure_reason(exc)
 
 
 def _ratio(num: int, den: int) -> float | None:
@@ -104,9 +118,13 @@ def score_rows(
     Summary keys: ``n_questions``, ``n_completions``, ``parse_rate`` (completions with an extracted
     answer), ``accuracy`` (over completions), ``maj_at_k`` (questions whose majority answer is right),
     ``pass_at_k`` (questions with at least one right completion), ``k`` (completions per question, or
-    None if it varies), ``strict_accuracy`` and ``flexible_accuracy`` (lm-eval's two extractors, over
-    completions), ``format_rate`` (completions that end in GSM8K's ``#### n`` form, right or wrong).
-    Rates are None when there is nothing to divide by.
+    None if it varies), ``strict_accuracy`` (the first ``#### n`` line is right, by value) and
+    ``flexible_accuracy`` (the last number is right, by value), ``format_rate`` (completions with a
+    ``#### n`` line, right or wrong), and ``lm_eval_strict_match`` and ``lm_eval_flexible_extract``:
+    lm-evaluation-harness's gsm8k figures on the same completions, by its rules (string match, its
+    stop sequences), all over completions. With one completion per question these are the numbers
+    lm-eval would print for these completions; with k, their mean over the k samples (lm-eval's gsm8k
+    scores one). Rates are None when there is nothing to divide by.
     """
     skipped: list[tuple[int, str]] = []
     out_rows, summary = score_lines(rows, source, lines, lenient, skipped)
@@ -131,6 +149,7 @@ def score_lines(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     out_rows: list[dict[str, Any]] = []
     n_completions = n_parsed = n_correct = n_strict = n_flexible = n_maj = n_pass = n_format = 0
+    n_lm_strict = n_lm_flexible = 0
     failed: list[dict[str, Any]] = []
     sizes: set[int] = set()
     for index, row in enumerate(rows):
@@ -148,7 +167,7 @@ def score_lines(
                 raise
             skipped.append((line, exc.reason))
             continue
-        results = [_extract(c) for c in completions]
+        results = [_extract(c, row["answer"]) for c in completions]
         extracted = [r[0] for r in results]
         correct = [answer == gold for answer in extracted]
         vote = majority_vote(extracted)
@@ -159,7 +178,15 @@ def score_lines(
             "majority": vote.answer,
             "majority_correct": vote.answer == gold,
         }
-        errors = [r[3] for r in results]
+        # None where extraction failed: that completion counts as wrong for lm-eval's figures too
+        lm_eval = [r[3] for r in results]
+        out_row["lm_eval_filtered"] = {
+            "strict-match": [None if x is None else x.strict for x in lm_eval],
+            "flexible-extract": [None if x is None else x.flexible for x in lm_eval]}
+        out_row["lm_eval_correct"] = {
+            "strict-match": [x is not None and x.strict_correct for x in lm_eval],
+            "flexible-extract": [x is not None and x.flexible_correct for x in lm_eval]}
+        errors = [r[4] for r in results]
         if any(errors):
             out_row["score_errors"] = errors
             failed += [{"line": line, "completion": i, "reason": e} for i, e in enumerate(errors) if e]
@@ -172,6 +199,8 @@ def score_lines(
         n_format += sum(answer is not None for answer in strict)
         n_strict += sum(answer == gold for answer in strict)
         n_flexible += sum(r[2] == gold for r in results)
+        n_lm_strict += sum(out_row["lm_eval_correct"]["strict-match"])
+        n_lm_flexible += sum(out_row["lm_eval_correct"]["flexible-extract"])
         n_maj += vote.answer == gold
         n_pass += any(correct)
     n_questions = len(out_rows)
@@ -186,6 +215,8 @@ def score_lines(
         "strict_accuracy": _ratio(n_strict, n_completions),
         "flexible_accuracy": _ratio(n_flexible, n_completions),
         "format_rate": _ratio(n_format, n_completions),
+        "lm_eval_strict_match": _ratio(n_lm_strict, n_completions),
+        "lm_eval_flexible_extract": _ratio(n_lm_flexible, n_completions),
     }
     if failed:
         summary["n_failed"] = len(failed)

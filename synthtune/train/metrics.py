@@ -59,11 +59,13 @@ def accuracy_inputs(rows: list[dict], tokenizer, fmt: str, seq2seq: bool) -> tup
 
 
 def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig, seq2seq: bool) -> dict:
-    """Greedy answers to ``questions``, split over ranks, gathered; strict and flexible accuracy."""
+    """Greedy answers to ``questions``, split over ranks, gathered: accuracy and format rate (ours, by
+    value), and lm-evaluation-harness's gsm8k strict-match and flexible-extract on the same answers."""
     import torch
     from accelerate.utils import gather_object
 
     from synthtune.data.answers import extract_strict, is_correct
+    from synthtune.data.lmeval_gsm8k import lm_eval_score
     from synthtune.generation.base import SamplingParams, logits_processors, truncate_at_stop
 
     if not questions:
@@ -102,8 +104,10 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
         texts = [truncate_at_stop(t, stop) for t in tokenizer.batch_decode(new, skip_special_tokens=True)]
         for j, (row, text) in enumerate(zip(chunk, texts, strict=True)):
             if start + j < len(mine):
+                lm = lm_eval_score(text, row["answer"])
                 results.append({"correct": is_correct(text, row["answer"]),
-                                "strict": extract_strict(text) is not None})
+                                "strict": extract_strict(text) is not None,
+                                "lm_strict": lm.strict_correct, "lm_flexible": lm.flexible_correct})
     tokenizer.padding_side = side
     if was_training:
         unwrapped.train()
@@ -111,6 +115,8 @@ def eval_accuracy(acc, model, tokenizer, questions: list[dict], cfg: TrainConfig
     n = len(everything)
     return {"eval/accuracy": sum(r["correct"] for r in everything) / n if n else 0.0,
             "eval/format_rate": sum(r["strict"] for r in everything) / n if n else 0.0,
+            "eval/lm_eval_strict_match": sum(r["lm_strict"] for r in everything) / n if n else 0.0,
+            "eval/lm_eval_flexible_extract": sum(r["lm_flexible"] for r in everything) / n if n else 0.0,
             "eval/n_questions": n}
 
 
