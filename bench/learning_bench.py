@@ -186,7 +186,9 @@ def rft_set(args, out: Path, sft_adapter: str) -> Path:
             import shutil
 
             shutil.rmtree(merged)
-        merge_adapter(MODEL, sft_adapter, merged)
+        report = merge_adapter(MODEL, sft_adapter, merged)
+        log(f"merged: logits within {report['max_abs_diff_merged']:.3g} of the adapter's "
+            f"(tolerance {report['tolerance']:.3g})")
     scfg = SynthConfig(model=str(merged), questions=str(out / "rft_questions.jsonl"), exemplars=str(out / "heldout.jsonl"),
                        shots=0, prompt_format="plain", k=args.rft_k, rounds=1, temperature=0.7, top_p=0.95,
                        max_new_tokens=args.max_new_tokens, batch_size=4, seed=args.seed, out=str(out / "synth"))
