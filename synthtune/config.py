@@ -479,7 +479,8 @@ class MergeConfig:
     model: str | None = opt(None, "the adapter's base model (default: the base the adapter records)")
     adapter: str | None = opt(None, "LoRA adapter dir (a training run's final/)", required=True)
     out: str | None = opt(None, "new directory for the merged model", required=True)
-    atol: float = opt(1e-4, "largest allowed logit difference vs the adapter model", ge=0)
+    atol: float = opt(1e-4, "allowed logit difference vs the adapter model: atol + rtol x max|logit|", ge=0)
+    rtol: float = opt(1e-5, "relative part of the allowed logit difference (fp32 rounding grows with scale)", ge=0)
 
 
 #: vLLM's allowed ``--max-lora-rank`` values (``vllm/config/lora.py``, ``MaxLoRARanks``); its default is 16.

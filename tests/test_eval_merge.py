@@ -130,7 +130,7 @@ def test_merge_fails_loudly_and_saves_nothing(adapter, tmp_path):
     from synthtune.errors import ConfigError
 
     with pytest.raises(MergeMismatch, match="nothing saved"):
-        merge_adapter("tiny-llama", str(adapter), tmp_path / "strict", atol=0.0)
+        merge_adapter("tiny-llama", str(adapter), tmp_path / "strict", atol=0.0, rtol=0.0)
     assert not (tmp_path / "strict").exists() and not (tmp_path / "strict.tmp").exists()
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("x")
