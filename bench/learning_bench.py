@@ -26,7 +26,8 @@ loss each run records. Every arm writes ``arms/<arm>/outputs.jsonl`` (question, 
 ``summary.json``; a rerun skips an arm whose summary exists, and training resumes from its last checkpoint.
 
 The report: strict accuracy (our ``#### n`` value), flexible accuracy (our last-number value), format rate
-(``#### n`` written) and parse rate (any answer read), each with a 95% Wilson interval; for each neighbouring pair
+(``#### n`` written), parse rate (any answer read), and lm-eval's gsm8k strict-match and flexible-extract on the
+same completions (``synthtune.data.lmeval_gsm8k``), each with a 95% Wilson interval; for each neighbouring pair
 of arms, and for base vs sft+calc, the exact two-sided binomial test on the discordant pairs (McNemar's exact test)
 for strict and flexible correctness. Writes ``report.json`` and ``report.md`` in ``--out`` and, with
 ``--record``, ``bench/results/learning_bench_cpu.json``.
@@ -50,6 +51,8 @@ ARMS = ("base", "base+calc", "sft", "sft+calc", "rft", "rft+calc")
 #: the pairs the report tests: each neighbour, plus the comparison the issue hopes for
 PAIRS = tuple(zip(ARMS, ARMS[1:], strict=False)) + (("base", "sft+calc"),)
 MODEL = "smollm2-135m-instruct"
+#: per-question columns: ours (by value), then lm-eval's gsm8k figures on the same completions
+METRICS = ("strict", "flexible", "format", "parse", "lm_eval_strict_match", "lm_eval_flexible_extract")
 RECIPE = "configs/train/smollm2_lora_cpu.yaml"
 
 
@@ -264,8 +267,9 @@ def per_question(arm_dir: Path) -> dict[str, list[bool]]:
     """Each question's strict/flexible correctness, format and parse, recomputed from the stored completions."""
     from synthtune.data.answers import extract_answer, extract_flexible, extract_gold, extract_strict
     from synthtune.data.jsonl import read_jsonl
+    from synthtune.data.lmeval_gsm8k import lm_eval_score
 
-    cols: dict[str, list[bool]] = {"strict": [], "flexible": [], "format": [], "parse": []}
+    cols: dict[str, list[bool]] = {m: [] for m in METRICS}
     for r in read_jsonl(arm_dir / "outputs.jsonl").rows:
         gold, text = extract_gold(r["answer"]), r["completion"]
         strict = extract_strict(text)
@@ -273,6 +277,9 @@ def per_question(arm_dir: Path) -> dict[str, list[bool]]:
         cols["flexible"].append(extract_flexible(text) == gold)
         cols["format"].append(strict is not None)
         cols["parse"].append(extract_answer(text) is not None)
+        lm = lm_eval_score(text, r["answer"])  # lm-eval's gsm8k rules, string match (docs/evaluation.md)
+        cols["lm_eval_strict_match"].append(lm.strict_correct)
+        cols["lm_eval_flexible_extract"].append(lm.flexible_correct)
     return cols
 
 
@@ -309,10 +316,10 @@ def _cell(m: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| arm | strict | flexible | format | parse |", "|---|---|---|---|---|"]
+    lines = ["| arm | strict | flexible | format | parse | lm-eval strict-match | lm-eval flexible-extract |",
+             "|---|---|---|---|---|---|---|"]
     for a, t in result["arms"].items():
-        lines.append(f"| {a} (n={t['n']}) | " + " | ".join(_cell(t[m]) for m in ("strict", "flexible", "format",
-                                                                                 "parse")) + " |")
+        lines.append(f"| {a} (n={t['n']}) | " + " | ".join(_cell(t[m]) for m in METRICS) + " |")
     lines += ["", "| pair | strict: only first / only second, p | flexible: only first / only second, p |",
               "|---|---|---|"]
     for t in result["paired_tests"]:

@@ -142,7 +142,7 @@ def test_the_report_shows_tuned_with_the_calculator_beside_tuned(tmp_path):
 
     text = write_report(_demo_run(tmp_path, calc=True)).read_text()
     assert "| metric | base | tuned | tuned + calculator |" in text
-    assert "| flexible accuracy (last number is right) | 3/14 (21%) | 3/14 (21%) | 5/14 (36%) |" in text
+    assert "| flexible accuracy (last number is right, by value) | 3/14 (21%) | 3/14 (21%) | 5/14 (36%) |" in text
     assert "eval_calculator/adapter_outputs.jsonl" in text
     # the funnel: both routes, what each kept, and with nothing kept, where each lost the most
     assert "| stage | direct samples | rationales (answer as hint) | meaning |" in text
