@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
-from contextlib import contextmanager
 from dataclasses import replace
 from fractions import Fraction
 
@@ -15,6 +13,7 @@ import pytest
 from calc_models import RIGHT_RESULTS, WRONG_COMPLETION, plain_prompts, wrong_calc_model, wrong_calc_model_dir
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from no_hang import budget
 
 from synthtune.data.calculator import check_calculations, exact_value
 from synthtune.data.gsm8k import load_split
@@ -137,23 +136,6 @@ def test_every_injected_result_passes_the_check(expr):
 # --------------------------------------------------------------------------------------------
 
 
-class TookTooLong(Exception):
-    pass
-
-
-@contextmanager
-def budget(seconds: float = 10.0):
-    """A no-hang guard, not a speed claim: a call takes microseconds, the budget is seconds."""
-    def _raise(signum, frame):
-        raise TookTooLong(f"over {seconds} s")
-
-    old = signal.signal(signal.SIGALRM, _raise)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
 
 
 @pytest.mark.parametrize(("text", "expected"), [

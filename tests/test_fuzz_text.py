@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
-from contextlib import contextmanager
 from fractions import Fraction
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from no_hang import budget
 
 from synthtune.config import SynthConfig
 from synthtune.data.answers import (
@@ -48,34 +47,7 @@ from synthtune.synth.prompts import leaks_hint
 from synthtune.synth.scorers import calculator_score, gold_correctness, guarded, vote_share
 from synthtune.synth.scoring import score_rows
 
-# Seconds one call may take before the guard fails the test.  Calls on 100 KB take milliseconds; the
-# code before the fix took minutes to hours on the same inputs.  Generous because the test machine
-# may be shared.
-BUDGET_S = 10.0
-
-
-class TookTooLong(Exception):
-    pass
-
-
-@contextmanager
-def budget(seconds: float = BUDGET_S):
-    """Fail with TookTooLong when the body runs past ``seconds`` of wall-clock time.
-
-    SIGALRM interrupts Python code and the regex engine (which checks for signals as it backtracks),
-    so a catastrophic pattern fails the test instead of hanging it.
-    """
-
-    def expire(signum, frame):
-        raise TookTooLong(f"over the {seconds} s budget")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+# Calls on 100 KB take milliseconds; the code before the fix took minutes to hours on the same inputs.
 
 
 EXTRACTORS = (extract_answer, extract_strict, extract_flexible, extract_gold, normalize_number, trim_completion,

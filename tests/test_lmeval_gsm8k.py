@@ -13,14 +13,13 @@ read from the installed package), which must agree with ours on every input.
 from __future__ import annotations
 
 import os
-import signal
-from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
+from no_hang import budget
 
 from synthtune.data.answers import is_correct
 from synthtune.data.lmeval_gsm8k import (
@@ -210,20 +209,6 @@ def test_the_last_match_found_from_the_end_is_the_last_one_of_the_whole_scan(tex
 
 # --- linear time on hostile text (see tests/test_fuzz_text.py) -------------------------------------
 
-@contextmanager
-def budget(seconds: float = 10.0):
-    """Fail when the body runs past ``seconds`` (SIGALRM also interrupts the regex engine)."""
-
-    def expire(signum, frame):
-        raise TimeoutError(f"over the {seconds} s budget")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 MB = 1_000_000

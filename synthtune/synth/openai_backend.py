@@ -469,12 +469,17 @@ class OpenAIBackend:
                         pending[self._pool.submit(self._complete, prompts[i], params, 1, seeds[i], stop)] = (i, 1)
                         seeds[i] += 1
         except BaseException:
-            stop.set()
-            for fut in pending:
-                fut.cancel()
-            self._http.abort()
+            self._abandon(stop, pending)
             raise
         return got
+
+    def _abandon(self, stop: threading.Event, futures) -> None:
+        """On an error or Ctrl-C: queued requests never start, running ones stop at their next check,
+        and open connections are closed, so nothing keeps a server busy for an answer no one reads."""
+        stop.set()
+        for fut in futures:
+            fut.cancel()
+        self._http.abort()
 
     def _sample_calculated(self, prompts: Sequence[Prompt], params: SamplingParams) -> list[list[Sample]]:
         """With the calculator: every sample is its own chain of requests (``calc_step``), run concurrently.
@@ -495,10 +500,7 @@ class OpenAIBackend:
                 i, j = futures[fut]
                 got[i][j] = fut.result()
         except BaseException:
-            stop.set()
-            for fut in futures:
-                fut.cancel()
-            self._http.abort()
+            self._abandon(stop, futures)
             raise
         return got  # type: ignore[return-value]  # every slot is filled once all futures are done
 
