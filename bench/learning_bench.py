@@ -65,25 +65,38 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------------------------
 
 
-def wilson(k: int, n: int) -> tuple[float, float]:
-    """95% Wilson score interval for k successes in n (scipy's implementation)."""
-    from scipy.stats import binomtest
+#: the standard normal quantile for a two-sided 95% interval
+Z95 = 1.959963984540054
 
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson score interval for k successes in n (Wilson 1927; Newcombe 1998, method 3).
+
+    >>> [round(x, 4) for x in wilson(6, 300)]  # scipy.stats.binomtest(6, 300).proportion_ci(method="wilson")
+    [0.0092, 0.0429]
+    """
     if n == 0:
         return (0.0, 1.0)
-    ci = binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-    return (ci.low, ci.high)
+    p, z2 = k / n, Z95 * Z95
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = Z95 * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return (max(0.0, centre - half), min(1.0, centre + half))
 
 
 def mcnemar_exact(a: list[bool], b: list[bool]) -> dict:
-    """Exact McNemar test: two-sided binomial test of the discordant pairs against p = 1/2."""
-    from scipy.stats import binomtest
+    """Exact McNemar test: two-sided binomial test of the discordant pairs against p = 1/2.
 
+    At p = 1/2 the binomial is symmetric, so the two-sided p-value is twice the smaller tail (capped
+    at 1), as scipy.stats.binomtest(only_second, n, 0.5).pvalue gives.
+
+    >>> mcnemar_exact([True] * 9 + [False] * 3, [False] * 9 + [True] * 3)["p_value"]  # 9 vs 3 discordant
+    0.145996
+    """
     only_a = sum(x and not y for x, y in zip(a, b, strict=True))
     only_b = sum(y and not x for x, y in zip(a, b, strict=True))
     n = only_a + only_b
-    p = binomtest(only_b, n, 0.5).pvalue if n else 1.0
-    return {"only_first": only_a, "only_second": only_b, "p_value": p}
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n if n else 0.5
+    return {"only_first": only_a, "only_second": only_b, "p_value": round(min(1.0, 2 * tail), 6)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,11 +114,26 @@ def gsm8k_dir(arg: str | None) -> Path:
     return found
 
 
+#: the flags that decide what every arm answers and is trained on: a rerun must repeat them
+SETTINGS = ("questions", "heldout", "sft_examples", "rft_questions", "rft_k", "batch_size", "learning_rate",
+            "max_new_tokens", "seed")
+
+
 def plan(args, out: Path) -> dict:
-    """The fixed, seeded question sets, written once and reused by every rerun."""
+    """The fixed, seeded question sets, written once and reused by every rerun (with the same settings)."""
     path = out / "plan.json"
+    settings = {k: getattr(args, k) for k in SETTINGS}
     if path.exists():
-        return json.loads(path.read_text())
+        p = json.loads(path.read_text())
+        changed = [f"--{k.replace('_', '-')} {p['settings'][k]} -> {v}" for k, v in settings.items()
+                   if k in p.get("settings", {}) and p["settings"][k] != v]
+        if changed:
+            sys.exit(f"{out} was run with other settings ({'; '.join(changed)}): its finished arms would be "
+                     f"mixed with new ones. Repeat the old flags, or pass a new --out.")
+        if "settings" not in p:  # written before plan.json recorded them: the run it holds used the defaults
+            p["settings"] = settings
+            path.write_text(json.dumps(p) + "\n")
+        return p
     from synthtune.data.gsm8k import load_split
 
     src = str(gsm8k_dir(args.gsm8k_dir))
@@ -117,7 +145,7 @@ def plan(args, out: Path) -> dict:
     rng.shuffle(order)
     heldout = order[:args.heldout]
     sft = order[args.heldout:args.heldout + args.sft_examples]
-    p = {"gsm8k_dir": src, "seed": args.seed, "test": test_idx, "heldout_train": heldout, "sft_train": sft,
+    p = {"gsm8k_dir": src, "settings": settings, "seed": args.seed, "test": test_idx, "heldout_train": heldout, "sft_train": sft,
          "rft_questions": sft[:args.rft_questions]}
     out.mkdir(parents=True, exist_ok=True)
     _write_jsonl(out / "sft_gold.jsonl", [train[i] for i in sft])
@@ -133,7 +161,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     write_jsonl(path, [{"question": r["question"], "answer": r["answer"]} for r in rows])
 
 
-def test_rows(p: dict) -> list[dict]:
+def subset_rows(p: dict) -> list[dict]:
     from synthtune.data.gsm8k import load_split
 
     rows = load_split("test", "dir", p["gsm8k_dir"]).rows
@@ -241,10 +269,9 @@ def run_arm(arm: str, args, out: Path, rows: list[dict], loaded: dict) -> dict:
         loaded.clear()
         loaded.update(adapter=adapter, lm=load_with_adapter(MODEL, adapter, device="cpu", seed=args.seed))
     calc = arm.endswith("+calc")
-    # only named when on, so the calculator-free arms also run on code without the option
     cfg = EvalConfig(model=MODEL, adapter=adapter, split="test", source="dir", shots=0, k=1,
                      max_new_tokens=args.max_new_tokens, batch_size=args.eval_batch_size, prompt_format="plain",
-                     seed=args.seed, **({"calculator": True} if calc else {}))
+                     seed=args.seed, calculator=calc)
     log(f"arm {arm}: {len(rows)} questions")
     scored, summary = evaluate_model(cfg, loaded["lm"], rows, [], progress=False)
     arm_dir = done.parent
@@ -352,7 +379,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     if not args.report_only:
         p = plan(args, out)
-        rows = test_rows(p)
+        rows = subset_rows(p)
         loaded: dict = {}
         for arm in args.arms:
             run_arm(arm, args, out, rows, loaded)

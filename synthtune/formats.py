@@ -55,8 +55,10 @@ DEFAULT_META_PROMPT = (
 #: The answer is said as an instruction that ends on the format's own answer line: SmolLM2-135M
 #: followed version 1 ("Hint: the answer is N. Show the steps that lead to it.") in 1 of 15 samples.
 RATIONALIZATION_HINT = "The correct answer is {answer}. Write a step-by-step solution that reaches it, ending with #### {answer}"
-#: Bump when RATIONALIZATION_HINT's text changes: resuming a rationalizing run refuses to mix both.
-HINT_VERSION = 2
+#: Bump when RATIONALIZATION_HINT's text, or the rules of the rationale route (synth.pipeline:
+#: leaks_hint, RATIONALE_STAGES, the round it runs in), change: resuming a rationalizing run refuses
+#: to mix both. 3: the ``derived`` stage, and rationalization after the last direct round only.
+HINT_VERSION = 3
 # Where a plain-format completion has finished its answer and begun inventing the next problem:
 # the format's own next block, and "Problem:", the other heading base models ramble into on
 # GSM8K-style text (and the one synthtune's few-shot prompts used before they took this format's words).

@@ -103,7 +103,7 @@ def _synth_summary(direct_kept=0, rationalized_kept=2):
     from synthtune.synth.pipeline import RATIONALE_STAGES, STAGES
 
     direct = dict(zip(STAGES, (32, 30, 25, 4, 3, 3, direct_kept), strict=True))
-    rat = dict(zip(RATIONALE_STAGES, (28, 27, 26, 26, 9, 5, 5, rationalized_kept), strict=True))
+    rat = dict(zip(RATIONALE_STAGES, (28, 27, 26, 26, 9, 7, 5, 5, rationalized_kept), strict=True))
     return {"questions": 8, "solved": 3, "kept_examples": direct_kept + rationalized_kept, "samples": 60,
             "new_tokens": 9000, "tokens_per_s": 40.0, "out_dir": "/nowhere", "stages": direct,
             "routes": {"direct": {"questions": 8, "stages": direct}, "rationalized": {"questions": 7, "stages": rat}}}
@@ -116,6 +116,7 @@ def test_the_funnel_has_a_column_per_route_and_says_what_each_kept():
     rows = funnel_rows(s)
     assert rows[0].startswith("| sampled | 32 | 28 |")
     assert rows[2].startswith("| hint_free | - | 26 |")  # a stage of the rationale route only
+    assert rows[5].startswith("| derived | - | 7 |")
     assert [r.split(" | ")[0].lstrip("| ") for r in rows] == list(FUNNEL)
     assert rows[-1].startswith("| kept | 1 | 2 |")
     assert kept_by_route(s) == {"direct": 1, "rationalized": 2}

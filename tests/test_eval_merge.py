@@ -140,6 +140,15 @@ def test_merge_fails_loudly_and_saves_nothing(adapter, tmp_path):
         merge_adapter("tiny-llama", str(tmp_path), tmp_path / "x")
 
 
+@pytest.mark.integration  # trains an adapter (module fixture)
+def test_the_default_tolerance_still_refuses_a_real_mismatch(adapter, tmp_path):
+    # fp32 rounding passes (the test above); a bf16 merge, whose saved weights reload 1e-3 to 1e-2 off
+    # (relative), does not: the relative part of the tolerance is 1e-5
+    with pytest.raises(MergeMismatch, match="nothing saved"):
+        merge_adapter("tiny-llama", str(adapter), tmp_path / "bf16", dtype="bf16")
+    assert not (tmp_path / "bf16").exists()
+
+
 @pytest.mark.integration  # trains an adapter (module fixture), runs the CLI
 def test_infer_cli_jsonl_in_and_out(synthtune_bin, adapter, tmp_path):
     src = tmp_path / "q.jsonl"

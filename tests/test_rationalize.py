@@ -43,7 +43,7 @@ class HintReader(ScriptedBackend):
         variants = [f"{rationale}\n#### {answer}",  # a real path: kept
                     f"As the hint says, it is {answer}.\n#### {answer}",  # names the hint: dropped
                     f"{hint}\n{rationale}\n#### {answer}",  # copies the hint: dropped
-                    f"{rationale}\n#### {answer}",  # the same path again: dropped by ROUGE-L
+                    f"So it is {answer}.\n#### {answer}",  # the answer with no working: dropped (derived)
                     f"Then {rationale.splitlines()[-1]} so we get\n#### {int(answer) + 1}"]  # wrong: dropped
         return [Sample(variants[i % len(variants)], 20 + i, "eos") for i in range(k)]
 
@@ -102,22 +102,25 @@ def test_rationales_are_kept_by_the_evaluator_and_stored_without_the_hint(tmp_pa
     for row in kept:
         rec = by_id[row["id"]]
         assert row["provenance"]["prompt_sha"] == rec["prompt_sha"] != rec["rationalization"]["prompt_sha"]
+        assert row["provenance"]["hinted_prompt_sha"] == rec["rationalization"]["prompt_sha"]
         assert row["question"] == rec["question"] and "The correct answer" not in row["question"]
     for path in out.iterdir():
         if path.is_file() and path.suffix in (".jsonl", ".json", ".yaml"):
             text = path.read_text()
             assert HINT_WORDS not in text and "the hint" not in text, path.name
-    # the funnel per route: direct samples all wrong; rationales: 5 drawn, 2 mention the hint, 1 wrong, 1 a repeat
+    # the funnel per route: direct samples all wrong; rationales: 5 drawn, 2 mention the hint, 1 wrong,
+    # 1 the answer alone
     rec = status[0]
     assert rec["status"] == "done" and rec["stages"]["kept"] == 0
     assert rec["rationalization"]["stages"] == {"sampled": 5, "finished": 5, "hint_free": 3, "parsed": 3,
-                                                "on_target": 2, "calc_ok": 2, "reward_ok": 2, "kept": 1}
+                                                "on_target": 2, "derived": 1, "calc_ok": 1, "reward_ok": 1,
+                                                "kept": 1}
     assert rec["rationalization"]["hint_version"] == HINT_VERSION and rec["rationalization"]["k"] == 5
     routes = summary["routes"]
     assert routes["direct"]["stages"] == {**{k: 6 * 5 for k in STAGES[:3]}, **{k: 0 for k in STAGES[3:]}}
     assert routes["rationalized"] == {"questions": 6, "stages": {"sampled": 30, "finished": 30, "hint_free": 18,
-                                                                 "parsed": 18, "on_target": 12, "calc_ok": 12,
-                                                                 "reward_ok": 12, "kept": 6}}
+                                                                 "parsed": 18, "on_target": 12, "derived": 6,
+                                                                 "calc_ok": 6, "reward_ok": 6, "kept": 6}}
     assert summary["rounds"][0]["rationalized_examples"] == summary["rounds"][0]["kept_examples"] == 6
     assert list(routes["rationalized"]["stages"]) == list(RATIONALE_STAGES)
 
@@ -151,6 +154,17 @@ def test_only_unsolved_questions_are_rationalized_and_the_direct_route_is_unchan
         "failed"}
 
 
+def test_rationalization_waits_for_the_last_direct_round(tmp_path):
+    backend = HintReader(fails=_half)
+    _run(_cfg(tmp_path, rounds=3, k=2), backend)
+    status = _rows(tmp_path / "run" / STATUS)
+    # the unsolved questions get both direct retries first; only the last round asks with the hint
+    assert {r["round"] for r in status if "rationalization" in r} == {2}
+    failing = {q for q, _, _ in backend.plain if _half(q)}
+    assert [sum(q == f for q, _, _ in backend.plain) for f in sorted(failing)] == [3] * len(failing)
+    assert sorted(q for q, _, _ in backend.hinted) == sorted(failing)
+
+
 def test_rationalize_needs_gold(tmp_path):
     with pytest.raises(ConfigError, match="rationalize=true needs use_gold=true"):
         _run(_cfg(tmp_path, use_gold=False), HintReader())
@@ -160,12 +174,13 @@ def test_rationalize_needs_gold(tmp_path):
 def test_a_resumed_rationalizing_run_ends_as_an_uninterrupted_one(tmp_path):
     whole = _cfg(tmp_path, "whole", rounds=2, k=3)
     _run(whole, HintReader())
-    # every question fails directly: each batch is a direct call, then a hinted one
-    # interrupted at the hinted call of the second batch: the first batch is on disk, the second is redone
+    # every question fails directly: round 1 is three direct calls, round 2 a direct call then a
+    # hinted one per batch. Interrupted at round 2's second hinted call: round 1 and round 2's first
+    # batch are on disk, its second batch is redone
     cut = replace(whole, out=str(tmp_path / "cut"))
     with pytest.raises(KeyboardInterrupt):
-        _run(cut, HintReader(stop_at=4))
-    assert len(_rows(tmp_path / "cut" / STATUS)) == 2
+        _run(cut, HintReader(stop_at=7))
+    assert len(_rows(tmp_path / "cut" / STATUS)) == 6 + 2
     rest = HintReader()
     _run(cut, rest)
     for name in (KEPT, STATUS):
@@ -176,7 +191,7 @@ def test_a_resumed_rationalizing_run_ends_as_an_uninterrupted_one(tmp_path):
     shutil.copytree(tmp_path / "whole", dead)
     lines = (dead / STATUS).read_bytes().splitlines(keepends=True)
     last = [json.loads(line) for line in lines[-2:]]  # the last batch (batch_size=2)
-    assert all(r["round"] == 0 and r["rationalization"]["stages"]["kept"] == 1 for r in last)
+    assert all(r["round"] == 1 and r["rationalization"]["stages"]["kept"] == 1 for r in last)
     (dead / STATUS).write_bytes(b"".join(lines[:-2]))
     logs = []
     run_synthesis(replace(whole, out=str(dead)), backend=HintReader(), progress=False, log=logs.append)

@@ -121,8 +121,10 @@ def _save_and_verify(merged, lm, tmp: Path, before, tol: float) -> tuple[float, 
                             f"from {lm.path}'s; nothing saved")
     diff_reload = float((_logits(reloaded, tokenizer, lm.is_seq2seq) - before).abs().max())
     if diff_reload > tol:
-        raise MergeMismatch(f"the saved merged model, reloaded with transformers, differs from the adapter by "
-                            f"{diff_reload:.3g} (> {tol:.3g}); nothing saved")
+        raise MergeMismatch(f"the saved merged model, reloaded with transformers in fp32, differs from the adapter by "
+                            f"{diff_reload:.3g} (> {tol:.3g}, from --atol and --rtol); nothing saved. A low-precision "
+                            f"--dtype rounds the saved weights (merge in fp32), or this transformers reads the "
+                            f"saved config differently (see `synthtune env`).")
     return diff_reload, compat
 
 

@@ -59,8 +59,12 @@ FINGERPRINT = "fingerprint.json"
 #: The evaluator's stages, in order; each status record counts the samples that got past each.
 STAGES = ("sampled", "finished", "parsed", "on_target", "calc_ok", "reward_ok", "kept")
 #: The same evaluator for rationales sampled with the gold answer as a hint (``rationalize``), with
-#: one stage more: ``hint_free``, the rationale never mentions the hint (synth.prompts.leaks_hint).
-RATIONALE_STAGES = ("sampled", "finished", "hint_free", "parsed", "on_target", "calc_ok", "reward_ok", "kept")
+#: two stages more: ``hint_free``, the rationale never mentions the hint (synth.prompts.leaks_hint),
+#: and ``derived``, it shows at least one calculation the calculator checked. A hinted sample can
+#: reach the gold answer by copying it ("#### 72"); trained on under the unhinted question, that
+#: would teach the model to state answers without working them out.
+RATIONALE_STAGES = ("sampled", "finished", "hint_free", "parsed", "on_target", "derived", "calc_ok", "reward_ok",
+                    "kept")
 #: Where a kept rationale came from: the question alone, or the question with its answer as a hint.
 ROUTES = ("direct", "rationalized")
 #: Rationales of a batch are drawn with their own seed, away from every direct batch's (which step by
@@ -368,7 +372,8 @@ def evaluate_question(item: Item, samples, cfg: SynthConfig, kept_before: Sequen
 
     ``hint``: the samples are rationales drawn with this hint in the prompt (``rationalize``). They
     go through the same stages, plus ``hint_free`` (:data:`RATIONALE_STAGES`): one that mentions the
-    hint is dropped, since it would teach the model to cite an answer it is never given.
+    hint is dropped, since it would teach the model to cite an answer it is never given, and so is
+    one that shows no calculation (``derived``): it reached the answer by copying it.
     """
     texts = [s.text for s in samples]
     answers = [extract_answer(t) for t in texts]
@@ -395,6 +400,10 @@ def evaluate_question(item: Item, samples, cfg: SynthConfig, kept_before: Sequen
             continue
         counts["on_target"] += 1
         calc = scores["calc"][i]
+        if hint is not None:
+            if calc is None:  # no arithmetic to check: the answer was copied, not derived
+                continue
+            counts["derived"] += 1
         if calc is not None and calc < cfg.min_calc:
             continue
         counts["calc_ok"] += 1
@@ -575,8 +584,10 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
                                     "question": it.question, "k": k, "temperature": round(temperature, 3),
                                     "prompt_sha": prompt.sha, **status})
                 rep["kept_examples"] += len(kept)
-            if cfg.rationalize:
-                # Within the batch, before anything is written: its rationales are journaled with its
+            if cfg.rationalize and rnd + 1 >= cfg.rounds:
+                # After the direct rounds only: an unsolved question gets every direct retry first
+                # (fresh exemplars, a higher temperature), since its own rationale is better data
+                # than a hinted one. Within the batch, before anything is written: its rationales are journaled with its
                 # direct samples (kept rows, then the status records that vouch for both), so a crash
                 # redoes the two together and a resumed run draws the same rationales.
                 got = _rationalize(batch, prompts, status_rows, pool, fmt, backend, cfg, state, reward_fn,
@@ -650,7 +661,7 @@ def _rationalize(batch: list[Item], prompts: list, status_rows: list[dict], pool
         for i in kept:
             # the hint-free prompt: the stored record must not point at the hint it was drawn with
             got["rows"].append(_kept_row(it, samples[i], i, scores, prompt, backend, cfg, rnd, temperature,
-                                         params.seed, rationalized=True))
+                                         params.seed, hinted=hprompt))
             state.kept_texts.setdefault(it.id, []).append(samples[i].text)
         got["questions"] += bool(kept)
         status["rationalization"] = {"k": params.num_samples, "prompt_sha": hprompt.sha,
@@ -671,7 +682,10 @@ def _storable(sample):
 
 
 def _kept_row(it: Item, sample, index: int, scores: dict, prompt, backend, cfg: SynthConfig, rnd: int,
-              temperature: float, seed: int, rationalized: bool = False) -> dict:
+              temperature: float, seed: int, hinted=None) -> dict:
+    """A kept sample as a dataset row. ``hinted``: the prompt with the answer as a hint that drew it
+    (rationalization); the row's question and ``prompt_sha`` stay the hint-free ones, and
+    ``hinted_prompt_sha`` names the prompt that, with ``seed``, reproduces the sample."""
     answer = extract_answer(sample.text)
     rationale = sample.text.strip()
     # `answer` is a GSM8K-format target (reasoning, then "#### n") so any loader that reads
@@ -685,7 +699,8 @@ def _kept_row(it: Item, sample, index: int, scores: dict, prompt, backend, cfg: 
         "provenance": {"model": backend.model_name, "backend": backend.name, "prompt_sha": prompt.sha, "round": rnd,
                        "seed": seed, "sample_index": index, "temperature": round(temperature, 3),
                        "exemplar_ids": list(prompt.exemplar_ids), "n_tokens": sample.n_tokens,
-                       "rationalized": rationalized},
+                       "rationalized": hinted is not None,
+                       **({"hinted_prompt_sha": hinted.sha} if hinted is not None else {})},
     }
 
 
@@ -720,10 +735,10 @@ def build_summary(out_dir: Path, items: list[Item], state: RunState, cfg: SynthC
         "pending": len(items) - n_done - sum(failed.values()), "kept_examples": n_kept,
         "stages": {k: stages.get(k, 0) for k in STAGES},
         # the funnel per route: "stages" above is the direct route's, kept here again beside the other
-        "routes": {"direct": {"questions": len({r["id"] for r in records}),
-                              "stages": {k: stages.get(k, 0) for k in STAGES}},
-                   "rationalized": {"questions": len(rat_questions),
-                                    "stages": {k: rat_stages.get(k, 0) for k in RATIONALE_STAGES}}},
+        "routes": dict(zip(ROUTES, ({"questions": len({r["id"] for r in records}),
+                                     "stages": {k: stages.get(k, 0) for k in STAGES}},
+                                    {"questions": len(rat_questions),
+                                     "stages": {k: rat_stages.get(k, 0) for k in RATIONALE_STAGES}}), strict=True)),
         "rounds": rounds, **speed,
         "config": {k: v for k, v in to_dict(cfg).items() if k in ("model", "backend", "served_model", "questions", "k",
                                                                     "rounds", "shots")},
