@@ -252,10 +252,11 @@ class SynthConfig:
                                    "-2 to 2, 0 = off", ge=-2, le=2)
     max_new_tokens: int = opt(256, "per sample; GSM8K rationales average ~120 tokens", ge=1)
     calculator: bool = opt(False, "GSM8K's calculator writes each annotation's result: once a sample has written "
-                           "<<expr=, the exact value of expr and >> are forced in (they count toward "
+                           "<<expr=, the exact value of expr and >> are forced in (hf: they count toward "
                            "max_new_tokens); expressions the calculator cannot read are left to the model. "
                            "backend openai: plain prompts only (prompt_format=plain); each sample stops at '=' "
-                           "and is continued after the result, one request per piece")
+                           "and is continued after the result, one request per piece (the result is sent as "
+                           "prompt: it counts neither in n_tokens nor toward max_new_tokens)")
     stop: list[str] = opt([], "extra stop strings (the plain format always stops at a new 'Question:' or "
                               "'Problem:' line)")
     batch_size: int = opt(4, "questions per batch; results are flushed after every batch", ge=1)

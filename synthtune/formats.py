@@ -57,7 +57,8 @@ DEFAULT_META_PROMPT = (
 RATIONALIZATION_HINT = "The correct answer is {answer}. Write a step-by-step solution that reaches it, ending with #### {answer}"
 #: Bump when RATIONALIZATION_HINT's text, or the rules of the rationale route (synth.pipeline:
 #: leaks_hint, RATIONALE_STAGES, the round it runs in), change: resuming a rationalizing run refuses
-#: to mix both. 3: the ``derived`` stage, and rationalization after the last direct round only.
+#: to mix both. 3: the ``derived`` stage (the working computes the answer), and rationalization after the last
+#: direct round only.
 HINT_VERSION = 3
 # Where a plain-format completion has finished its answer and begun inventing the next problem:
 # the format's own next block, and "Problem:", the other heading base models ramble into on

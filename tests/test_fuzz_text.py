@@ -33,6 +33,7 @@ from synthtune.data.answers import (
     extract_flexible,
     extract_gold,
     extract_strict,
+    is_computed,
     is_correct,
     normalize_number,
     trim_completion,
@@ -81,6 +82,8 @@ def test_quadratic_shapes_of_100kb(text):
         check_calculations(text)
         leaks_hint(text, rationalization_hint("5"))  # synthesis reads every rationale for the hint
         leaks_hint("hint" * 25_000, text)  # and a hostile gold answer makes a hostile hint
+        is_computed(text, "5")  # and for a calculation that computes the answer
+        is_computed("= " * 50_000 + "=" + "1," * 20_000, "5")
 
 
 def test_a_cut_off_repetition_of_long_digit_groups():

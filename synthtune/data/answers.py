@@ -66,6 +66,7 @@ __all__ = [
     "extract_flexible",
     "extract_gold",
     "extract_strict",
+    "is_computed",
     "is_correct",
     "normalize_number",
     "trim_completion",
@@ -306,6 +307,30 @@ def _first_number_at(text: str, pos: int) -> tuple[re.Match[str], Fraction] | No
         return None
     value = _match_value(match)
     return None if value is None else (match, value)
+
+
+_RESULT_EQUALS_RE = re.compile(r"=[ \t]*+")
+
+
+def is_computed(text: str, answer: str) -> bool:
+    """Whether the working before ``text``'s ``####`` line reaches ``answer`` (canonical, as
+    :func:`extract_answer` gives it) as the result of an ``=``: ``<<48+24=72>>`` or ``48 + 24 = 72``.
+
+    A rationale written with the answer in front of it (STaR's rationalization) can state the answer
+    without working it out; this tells the two apart. Linear time: one number is read after each ``=``.
+
+    >>> is_computed("48 + 24 = <<48+24=72>>72 clips.\\n#### 72", "72"), is_computed("So it is 72.\\n#### 72", "72")
+    (True, False)
+    >>> is_computed("340*1 = <<340*1=340>>340 texts.\\n#### 70", "70"), is_computed("3 * $4 = $12.00\\n#### 12", "12")
+    (False, True)
+    """
+    body = text.split("####", 1)[0]
+    for eq in _RESULT_EQUALS_RE.finditer(body):
+        match = NUMBER_RE.match(body, eq.end())
+        value = _match_value(match) if match is not None else None
+        if value is not None and _canonical(value) == answer:
+            return True
+    return False
 
 
 def normalize_number(s: str | int | float) -> str | None:

@@ -37,7 +37,7 @@ TRAIN_RECIPE = "configs/train/smollm2_lora_cpu.yaml"
 FUNNEL = {"sampled": "drawn", "finished": "ended before the token budget",
           "hint_free": "rationales only: it never mentions the hint", "parsed": "a final answer could be read",
           "on_target": "that answer is the gold one",
-          "derived": "rationales only: it shows a checked calculation, not just the answer", "calc_ok": "and every calculation in it is right",
+          "derived": "rationales only: a checked calculation computes the answer", "calc_ok": "and every calculation in it is right",
           "reward_ok": "and the reward model (when set) accepts it", "kept": "and it differs from the paths kept"}
 #: the synthesis routes, as the report's funnel columns name them (synth.pipeline.ROUTES)
 ROUTES = {"direct": "direct samples", "rationalized": "rationales (answer as hint)"}

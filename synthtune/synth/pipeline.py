@@ -42,7 +42,7 @@ import yaml
 
 from synthtune import paths
 from synthtune.config import SynthConfig, save_config, to_dict
-from synthtune.data.answers import extract_answer, extract_gold
+from synthtune.data.answers import extract_answer, extract_gold, is_computed
 from synthtune.data.gsm8k import is_test_source, load_source
 from synthtune.data.jsonl import append_jsonl, read_appended, write_jsonl
 from synthtune.errors import ConfigError, DataError
@@ -60,9 +60,10 @@ FINGERPRINT = "fingerprint.json"
 STAGES = ("sampled", "finished", "parsed", "on_target", "calc_ok", "reward_ok", "kept")
 #: The same evaluator for rationales sampled with the gold answer as a hint (``rationalize``), with
 #: two stages more: ``hint_free``, the rationale never mentions the hint (synth.prompts.leaks_hint),
-#: and ``derived``, it shows at least one calculation the calculator checked. A hinted sample can
-#: reach the gold answer by copying it ("#### 72"); trained on under the unhinted question, that
-#: would teach the model to state answers without working them out.
+#: and ``derived``, its working computes the answer: a checked calculation's ``= N`` gives it
+#: (data.answers.is_computed). A hinted sample can reach the gold answer by copying it ("#### 72",
+#: or "340*1 = 340 ... #### 70"); trained on under the unhinted question, that would teach the
+#: model to state answers without working them out.
 RATIONALE_STAGES = ("sampled", "finished", "hint_free", "parsed", "on_target", "derived", "calc_ok", "reward_ok",
                     "kept")
 #: Where a kept rationale came from: the question alone, or the question with its answer as a hint.
@@ -373,7 +374,7 @@ def evaluate_question(item: Item, samples, cfg: SynthConfig, kept_before: Sequen
     ``hint``: the samples are rationales drawn with this hint in the prompt (``rationalize``). They
     go through the same stages, plus ``hint_free`` (:data:`RATIONALE_STAGES`): one that mentions the
     hint is dropped, since it would teach the model to cite an answer it is never given, and so is
-    one that shows no calculation (``derived``): it reached the answer by copying it.
+    one whose checked calculations never compute the answer (``derived``): it copied it.
     """
     texts = [s.text for s in samples]
     answers = [extract_answer(t) for t in texts]
@@ -401,7 +402,8 @@ def evaluate_question(item: Item, samples, cfg: SynthConfig, kept_before: Sequen
         counts["on_target"] += 1
         calc = scores["calc"][i]
         if hint is not None:
-            if calc is None:  # no arithmetic to check: the answer was copied, not derived
+            # the answer must come out of the working: copied, it is no rationale at all
+            if calc is None or not is_computed(s.text, target):
                 continue
             counts["derived"] += 1
         if calc is not None and calc < cfg.min_calc:
