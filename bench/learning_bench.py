@@ -310,6 +310,19 @@ def per_question(arm_dir: Path) -> dict[str, list[bool]]:
     return cols
 
 
+def calculations(arm_dir: Path) -> dict:
+    """How the arm's arithmetic fared: every ``<<a*b=c>>`` and ``a op b = c`` in its completions,
+    checked by the calculator (``synthtune.data.calculator.check_calculations``)."""
+    from synthtune.data.calculator import check_calculations
+    from synthtune.data.jsonl import read_jsonl
+
+    checked = correct = 0
+    for r in read_jsonl(arm_dir / "outputs.jsonl").rows:
+        got = check_calculations(r["completion"])
+        checked, correct = checked + got.n_checked, correct + got.n_correct
+    return {"checked": checked, "correct": correct, "rate": correct / checked if checked else None}
+
+
 def report(out: Path) -> dict:
     arms = [a for a in ARMS if (out / "arms" / a / "summary.json").exists()]
     cols = {a: per_question(out / "arms" / a) for a in arms}
@@ -317,7 +330,8 @@ def report(out: Path) -> dict:
     for a in arms:
         n = len(cols[a]["strict"])
         table[a] = {"n": n, **{m: {"k": sum(v), "rate": sum(v) / n, "wilson95": wilson(sum(v), n)}
-                               for m, v in cols[a].items()}}
+                               for m, v in cols[a].items()},
+                    "calculations": calculations(out / "arms" / a)}
     tests = [{"first": x, "second": y, **{m: mcnemar_exact(cols[x][m], cols[y][m]) for m in ("strict", "flexible")}}
              for x, y in PAIRS if x in cols and y in cols]
     extra = {}
@@ -343,10 +357,12 @@ def _cell(m: dict) -> str:
 
 
 def markdown(result: dict) -> str:
-    lines = ["| arm | strict | flexible | format | parse | lm-eval strict-match | lm-eval flexible-extract |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| arm | strict | flexible | format | parse | lm-eval strict-match | lm-eval flexible-extract | "
+             "calculations right |", "|---|---|---|---|---|---|---|---|"]
     for a, t in result["arms"].items():
-        lines.append(f"| {a} (n={t['n']}) | " + " | ".join(_cell(t[m]) for m in METRICS) + " |")
+        c = t["calculations"]
+        calc = f"{c['correct']}/{c['checked']} ({100 * c['rate']:.1f}%)" if c["checked"] else "none"
+        lines.append(f"| {a} (n={t['n']}) | " + " | ".join(_cell(t[m]) for m in METRICS) + f" | {calc} |")
     lines += ["", "| pair | strict: only first / only second, p | flexible: only first / only second, p |",
               "|---|---|---|"]
     for t in result["paired_tests"]:
