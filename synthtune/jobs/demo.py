@@ -339,8 +339,9 @@ def _section_synth(run: DemoRun) -> list[str]:
     if rationalizing:
         lines += [f"STaR rationalization is on: the {routes['rationalized']['questions']} questions no direct "
                   "sample solved were asked again with the gold answer as a hint. Their rationales pass the same "
-                  "checks, plus one: a rationale that mentions the hint is dropped; kept ones are stored without "
-                  "it.", ""]
+                  "checks, plus two: one that mentions the hint is dropped (`hint_free`), and so is one whose "
+                  "checked calculations never compute the answer, which it was handed (`derived`); kept ones are "
+                  "stored without the hint.", ""]
     lines += ["| stage | " + " | ".join(ROUTES[r] for r in routes) + " | meaning |",
               "|---|" + "---|" * len(routes) + "---|", *funnel_rows(s)]
     kept = kept_by_route(s)
