@@ -170,6 +170,64 @@ def wrong_calc_model_dir() -> Path:
     return out
 
 
+@functools.cache
+def wrong_calc_t5():
+    """tiny-t5 overfit to :data:`WRONG_COMPLETION` (a ``LoadedModel``, eval mode, CPU): the seq2seq
+    counterpart of :func:`wrong_calc_model`, for the ``generate()`` paths that force results from the
+    decoder's position 1 (after the decoder start token).
+
+    Trained on the plain prompts of :func:`calc_questions` (the only format a seq2seq model takes),
+    encoded with special tokens as ``generate``/``sample_k`` encode them. Cached per process.
+    """
+    import torch
+
+    from synthtune.models import load_model
+
+    lm = load_model("tiny-t5", device="cpu", seed=_SEED)
+    tok, model = lm.tokenizer, lm.model
+    prompts = [tok(p)["input_ids"] for p in plain_prompts()]
+    target = tok(WRONG_COMPLETION, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    width = max(len(p) for p in prompts)
+    pad = tok.pad_token_id
+    ids = torch.tensor([p + [pad] * (width - len(p)) for p in prompts])
+    mask = torch.tensor([[1] * len(p) + [0] * (width - len(p)) for p in prompts])
+    labels = torch.tensor([target] * len(prompts))  # one target, no padding: every position is learned
+
+    def reproduces() -> bool:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=len(target) + 2,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
+        return all(row[1:len(target) + 1] == target for row in out.tolist())  # after the decoder start
+
+    torch.manual_seed(_SEED)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # see wrong_calc_model
+    try:
+        opt = torch.optim.AdamW(model.parameters(), lr=_LR, weight_decay=0.0)
+        model.train()
+        for step in range(1, _MAX_STEPS + 1):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 25 == 0 and loss.item() < 0.01:
+                model.eval()
+                if reproduces():
+                    break
+                model.train()
+        else:
+            model.eval()
+            if not reproduces():
+                raise AssertionError(f"tiny-t5 did not memorize the wrong-arithmetic completion in {_MAX_STEPS} steps")
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lm.name = "tiny-t5-wrong-calc"
+    return lm
+
+
 @pytest.fixture(scope="session")
 def wrong_calc_llama():
     """The wrong-arithmetic tiny-llama (see :func:`wrong_calc_model`)."""

@@ -10,7 +10,14 @@ from dataclasses import replace
 from fractions import Fraction
 
 import pytest
-from calc_models import RIGHT_RESULTS, WRONG_COMPLETION, plain_prompts, wrong_calc_model, wrong_calc_model_dir
+from calc_models import (
+    RIGHT_RESULTS,
+    WRONG_COMPLETION,
+    plain_prompts,
+    wrong_calc_model,
+    wrong_calc_model_dir,
+    wrong_calc_t5,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from no_hang import budget
@@ -38,6 +45,12 @@ def one_torch_thread():
 def wrong_calc_llama():
     """tiny-llama overfit to wrong annotations (trained once per process, ~10 s)."""
     return wrong_calc_model()
+
+
+@pytest.fixture(scope="module")
+def wrong_calc_seq2seq():
+    """tiny-t5 overfit to the same wrong annotations (trained once per process, ~10 s)."""
+    return wrong_calc_t5()
 
 # --------------------------------------------------------------------------------------------
 # injection(): the trigger and the result
@@ -308,8 +321,30 @@ def test_generate_and_complete_write_right_results(wrong_calc_llama):
     assert several == [[c[0], c[0]] for c in batched]
 
 
+@pytest.mark.integration  # trains the seq2seq wrong-arithmetic model (~10 s, once per process)
+def test_seq2seq_writes_right_results(wrong_calc_seq2seq):
+    """The seq2seq paths (``generate()``; ``sample_k``, which always falls back to it for seq2seq) force
+    the results from the decoder's position 1: off, the model's wrong annotations; on, every one right.
+    A processor reading from the prompt's width (as for a causal model) would miss the first annotation,
+    which the decoder writes before that width (the prompts are 12 to 67 tokens wide)."""
+    lm = wrong_calc_seq2seq
+    for calculator in (False, True):
+        params = _params(calculator=calculator)
+        generated = generate(lm, _PROMPTS, params, batch_size=3, progress=False)
+        sampled = sample_k(lm, _PROMPTS, replace(params, num_samples=2, temperature=1.0, seed=2), batch_size=2)
+        texts = [c for g in generated for c in g] + [s.text for g in sampled for s in g]
+        assert len(texts) == 9
+        for text in texts:
+            if calculator:
+                assert _all_right(text), text
+                assert _RIGHT_FIRST in text and f"<<2*14={RIGHT_RESULTS['2*14']}>>" in text
+            else:
+                assert text == WRONG_COMPLETION.strip() and not _all_right(text)
+
+
 def test_seq2seq_generate_takes_the_processor(tiny_t5):
-    """tiny-t5 writes no annotations: the calculator path runs (processor at position 1) and changes nothing."""
+    """tiny-t5 writes no annotations: the calculator path runs (processor at position 1) and changes nothing
+    (that it writes results is :func:`test_seq2seq_writes_right_results`)."""
     for fn in (lambda p: generate(tiny_t5, _PROMPTS[:2], p, progress=False),
                lambda p: [[s.text for s in g] for g in sample_k(tiny_t5, _PROMPTS[:2], replace(p, num_samples=2,
                                                                                               temperature=1.0))]):
