@@ -293,6 +293,46 @@ def test_sampler_greedy_writes_right_results(wrong_calc_llama, path):
     assert [[s.text for s in g] for g in single] == [[s.text for s in g] for g in on]
 
 
+# Prompts whose rows reach an annotation's "=" at different steps: the first two already hold part of
+# the completion, so they reach "<<2*14=" at steps 8 and 12 (after " 2" and after "...40"), while
+# the plain prompt reaches "<<3*14=" at step 9 and "<<2*14=" at step 24. Forced queues are then
+# pending in some rows and not others, and start and end at different steps.
+_STAGGERED = [_PROMPTS[0] + " 3*14 = <<3*14=40>>40 apples. 2", _PROMPTS[1] + " 3*14 = <<3*14=40>>40", _PROMPTS[2]]
+
+
+def _trigger_steps(tokenizer, ids: list[int]) -> list[int]:
+    """The steps (1-based) after which a row's generated ``ids`` end an annotation's ``<<expr=``."""
+    return [i for i in range(1, len(ids) + 1) if injection(tokenizer.decode(ids[:i])) is not None]
+
+
+@pytest.mark.integration
+def test_sampler_greedy_rows_triggering_at_different_steps(wrong_calc_llama, path):
+    tok = wrong_calc_llama.tokenizer
+    params = _params(num_samples=2)
+    off = sample_k(wrong_calc_llama, _STAGGERED, params, batch_size=3)
+    # the guard: each row opens its annotations at steps of its own
+    steps = [_trigger_steps(tok, g[0].token_ids) for g in off]
+    assert steps == [[8], [12], [9, 24]], steps
+    assert all(s.text.count("<<") == n and not _all_right(s.text) for g, n in zip(off, (1, 1, 2), strict=True)
+               for s in g)
+    on = sample_k(wrong_calc_llama, _STAGGERED, replace(params, calculator=True), batch_size=3)
+    right_second = f"<<2*14={RIGHT_RESULTS['2*14']}>>"
+    for i, group in enumerate(on):
+        for s in group:
+            assert _all_right(s.text), (i, s.text)
+            assert right_second in s.text and (i < 2) is (_RIGHT_FIRST not in s.text), (i, s.text)
+            assert s.n_tokens == len(s.token_ids)
+    # batched and one prompt at a time: the same tokens
+    single = sample_k(wrong_calc_llama, _STAGGERED, replace(params, calculator=True), batch_size=1)
+    assert [[s.token_ids for s in g] for g in single] == [[s.token_ids for s in g] for g in on]
+    # generate() (the processor) agrees, batched or not
+    generated = generate(wrong_calc_llama, _STAGGERED, replace(params, calculator=True, num_samples=1), batch_size=3,
+                         progress=False)
+    assert generated == [[g[0].text] for g in on]
+    assert generate(wrong_calc_llama, _STAGGERED, replace(params, calculator=True, num_samples=1), batch_size=1,
+                    progress=False) == generated
+
+
 @pytest.mark.integration
 def test_sampler_sampled_writes_right_results_and_is_reproducible(wrong_calc_llama, path):
     params = _params(num_samples=3, temperature=1.0, seed=5, calculator=True)
