@@ -112,7 +112,61 @@ def test_seq2seq_tiny_t5_trains(tmp_path):
     # in-training accuracy also reports lm-eval's gsm8k figures on the same greedy answers
     (last,) = [h for h in s["history"] if "eval/accuracy" in h][-1:]
     assert last["eval/n_questions"] == 2
-    assert all(0.0 <= last[f"eval/lm_eval_{m}"] <= 1.0 for m in ("strict_match", "flexible_extract"))
+    # ... the figures `synthtune eval` (its own scoring code) gives the final adapter's greedy answers to the
+    # same questions (the tiny model's figures are near 0 here: test_in_training_accuracy_figures_are_known
+    # checks them on a model whose answers are known)
+    from synthtune.config import EvalConfig
+    from synthtune.data.gsm8k import load_split
+    from synthtune.jobs.eval import evaluate_model
+    from synthtune.models import load_with_adapter
+
+    lm = load_with_adapter("tiny-t5", str(tmp_path / "run" / "final"), device="cpu")
+    rows = load_split("test", "bundled").rows[:2]
+    ecfg = EvalConfig(model="tiny-t5", limit=2, max_new_tokens=cfg.eval_max_new_tokens, batch_size=2,
+                      prompt_format=cfg.prompt_format, device="cpu")
+    _, ours = evaluate_model(ecfg, lm, rows, [], progress=False)
+    assert {m: last[f"eval/{m}"] for m in ("accuracy", "format_rate", "lm_eval_strict_match",
+                                          "lm_eval_flexible_extract")} == \
+        {m: ours[m] for m in ("accuracy", "format_rate", "lm_eval_strict_match", "lm_eval_flexible_extract")}
+
+
+@pytest.mark.integration  # trains the wrong-arithmetic models (calc_models: ~10 s each, once per process)
+@pytest.mark.parametrize("kind", ["causal", "seq2seq"])
+def test_in_training_accuracy_figures_are_known(kind):
+    """eval_accuracy on a model whose greedy answer is known (calc_models.WRONG_COMPLETION, ending
+    ``#### 76``), against golds chosen so that every figure differs: ours reads by value (76 == 76.0),
+    lm-eval compares strings, strict-match reads ``#### n`` and flexible-extract the last number."""
+    from accelerate import Accelerator
+    from calc_models import WRONG_COMPLETION, wrong_calc_model, wrong_calc_t5
+
+    from synthtune.data.gsm8k import load_split
+    from synthtune.train.metrics import eval_accuracy
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: a second thread only waits (see calc_models)
+    try:
+        lm = wrong_calc_model() if kind == "causal" else wrong_calc_t5()
+        tok = lm.tokenizer
+        questions = [r["question"] for r in load_split("test", "bundled").rows[:3]]
+        full = len(tok(WRONG_COMPLETION, add_special_tokens=False)["input_ids"])
+        cut = len(tok(WRONG_COMPLETION[:WRONG_COMPLETION.index(". ####")], add_special_tokens=False)["input_ids"])
+        acc = Accelerator(cpu=True)
+        cases = [  # (tokens generated, golds, expected figures)
+            # the whole answer: "... 2*14 = <<2*14=36>>36. #### 76"
+            (full, ["#### 76", "#### 76.0", "#### 36"],
+             {"accuracy": 2 / 3, "format_rate": 1.0, "lm_eval_strict_match": 1 / 3, "lm_eval_flexible_extract": 1 / 3}),
+            # cut before "####": "... <<2*14=36>>36": no strict answer; the last number is 36
+            (cut, ["#### 36", "#### 36.0", "#### 76"],
+             {"accuracy": 2 / 3, "format_rate": 0.0, "lm_eval_strict_match": 0.0, "lm_eval_flexible_extract": 1 / 3}),
+        ]
+        for n, golds, expected in cases:
+            cfg = replace(TrainConfig(prompt_format="plain", per_device_batch_size=2), eval_max_new_tokens=n)
+            rows = [{"question": q, "answer": a} for q, a in zip(questions, golds, strict=True)]
+            got = eval_accuracy(acc, lm.model, tok, rows, cfg, kind == "seq2seq")
+            assert got == {**{f"eval/{k}": pytest.approx(v) for k, v in expected.items()}, "eval/n_questions": 3}, \
+                (n, got)
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.integration  # trains
