@@ -416,6 +416,12 @@ def test_eval_with_the_calculator(wrong_calc_llama):
         completions = [c for r in scored for c in r["completions"]]
         assert len(completions) == 2
         assert all(_all_right(c) is calculator for c in completions), completions
+        # the summary says how the arithmetic fared: two annotations per completion, all wrong off, all
+        # right on (the totals are check_calculations' over the completions)
+        reports = [check_calculations(c) for c in completions]
+        assert summary["calc_checked"] == sum(r.n_checked for r in reports) >= 4
+        assert summary["calc_correct"] == sum(r.n_correct for r in reports)
+        assert summary["calc_accuracy"] == (1.0 if calculator else 0.0), summary
 
 
 @pytest.mark.integration

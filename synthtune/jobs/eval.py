@@ -7,6 +7,11 @@ own names, it reports lm-evaluation-harness's gsm8k figures on the same completi
 (``lm_eval_strict_match``, ``lm_eval_flexible_extract``: its filters, stop sequences and string
 match, see :mod:`synthtune.data.lmeval_gsm8k`), the numbers to put beside a leaderboard's. Few-shot
 exemplars only ever come from the train split.
+
+It also reports how the completions' arithmetic fared (:func:`calc_summary`): ``calc_checked`` and
+``calc_correct``, the calculations ``check_calculations`` read and found right over all completions,
+and ``calc_accuracy`` (None when there was nothing to check). With ``--calculator`` on and no change in
+accuracy, they say whether the model wrote annotations at all and whether they came out right.
 """
 
 from __future__ import annotations
@@ -38,6 +43,26 @@ def eval_inputs(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict]) -> tupl
     return texts, add_special_tokens(fmt), stop_strings(fmt)
 
 
+def calc_summary(completions) -> dict:
+    """``calc_checked``/``calc_correct``: totals of ``check_calculations`` (annotations and plain
+    equations) over ``completions``; ``calc_accuracy``: correct / checked, None when nothing was checked.
+
+    >>> calc_summary(["<<3*14=40>>40 and <<2*14=28>>28", "no arithmetic", "5+5 = 10 and 2*3 = 6"])
+    {'calc_checked': 4, 'calc_correct': 3, 'calc_accuracy': 0.75}
+    >>> calc_summary(["no arithmetic"])["calc_accuracy"] is None
+    True
+    """
+    from synthtune.data.calculator import check_calculations
+
+    checked = correct = 0
+    for text in completions:
+        report = check_calculations(text)
+        checked += report.n_checked
+        correct += report.n_correct
+    return {"calc_checked": checked, "calc_correct": correct,
+            "calc_accuracy": correct / checked if checked else None}
+
+
 def evaluate_model(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict], progress: bool = True) -> tuple[list, dict]:
     from synthtune.generation.base import SamplingParams
     from synthtune.generation.sampler import complete
@@ -53,7 +78,8 @@ def evaluate_model(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict], prog
     scored, summary = score_rows([{"question": r["question"], "answer": r["answer"], "completions": c}
                                   for r, c in zip(rows, comps, strict=True)])
     summary = {"model": lm.name, "shots": cfg.shots, "k": cfg.k, "calculator": cfg.calculator,
-               "seconds": round(seconds, 2), **summary}
+               "seconds": round(seconds, 2), **summary,
+               **calc_summary(c for r in comps for c in r)}
     return scored, summary
 
 
@@ -89,7 +115,7 @@ def run_eval(cfg: EvalConfig, progress: bool = True) -> dict:
 
 
 METRICS = ("strict_accuracy", "flexible_accuracy", "accuracy", "parse_rate", "format_rate", "maj_at_k", "pass_at_k",
-           "lm_eval_strict_match", "lm_eval_flexible_extract")
+           "lm_eval_strict_match", "lm_eval_flexible_extract", "calc_checked", "calc_accuracy")
 
 
 def comparison_table(report: dict):
