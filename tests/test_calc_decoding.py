@@ -25,7 +25,7 @@ from no_hang import budget
 from synthtune.data.calculator import check_calculations, exact_value
 from synthtune.data.gsm8k import load_split
 from synthtune.generation.base import SamplingParams, generate
-from synthtune.generation.calc_decoding import TAIL_CHARS, format_result, injection, injection_ids
+from synthtune.generation.calc_decoding import TAIL_CHARS, Injector, format_result, injection, injection_ids
 from synthtune.generation.sampler import complete, sample_k
 
 
@@ -221,12 +221,32 @@ def test_injection_ids_on_smollm2(smollm2_tokenizer, context):
 
 
 def test_injection_ids_skip_a_merge_at_the_boundary(smollm2_tokenizer):
-    """SmolLM2 has '=-' as one token: '<<5-8=' + '-3>>' is not the context's tokens plus more, so the
-    model writes that result itself (None) rather than read a split it never saw."""
+    """SmolLM2 has '=-' as one token: '<<5-8=' + '-3>>' is not the context's tokens plus more. From the
+    text alone (the '=' might still merge with what follows) nothing is forced."""
     tok = smollm2_tokenizer
     assert injection("<<5-8=") == "-3>>"
     assert "=-" in tok.convert_ids_to_tokens(tok("<<5-8=-3>>", add_special_tokens=False)["input_ids"])
     assert injection_ids(tok, "<<5-8=", "-3>>") is None
+
+
+def test_a_negative_result_after_a_generated_equals_token_is_forced(smollm2_tokenizer):
+    """Once the model has generated '=' as a token of its own, '=-' is out of reach (generated tokens
+    never merge): the result is forced as its own tokens, '-', '3', '>>'."""
+    tok = smollm2_tokenizer
+    context = tok("She has <<5-8=", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(context[-1:]) == ["="]
+    ids = injection_ids(tok, "She has <<5-8=", "-3>>", at_token_boundary=True)
+    assert ids and tok.convert_ids_to_tokens(ids) == ["-", "3", ">>"]
+    assert tok.decode(context + ids) == "She has <<5-8=-3>>"
+    # the sampler's path: the Injector, fed the row's generated tokens, queues exactly those ids
+    injector = Injector(tok)
+    injector.after(0, context)
+    queued = []
+    while (token := injector.pop(0)) is not None:
+        queued.append(token)
+    assert queued == ids and tok.decode(context + queued).endswith("<<5-8=-3>>")
+    # a result that does not merge is forced the same way with or without the boundary
+    assert injection_ids(tok, "<<48/2=", "24>>", at_token_boundary=True) == injection_ids(tok, "<<48/2=", "24>>")
 
 
 def test_injection_ids_sentencepiece_leading_space(metaspace_tokenizer):
@@ -241,6 +261,9 @@ def test_injection_ids_sentencepiece_leading_space(metaspace_tokenizer):
     assert tok.decode(context_ids + ids) == context + "0.125>>"
     # this vocabulary merges '=' with the digit after it ('=4'): skipped, not split unnaturally
     assert injection_ids(tok, "<<3*14=", "42>>") is None
+    # even after a generated '=': "42>>" alone is spelled '▁4' '2>>', which reads "= 42>>" in context
+    assert tok.decode(tok("42>>", add_special_tokens=False)["input_ids"]) == "42>>"
+    assert injection_ids(tok, "<<3*14=", "42>>", at_token_boundary=True) is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -128,25 +128,40 @@ def injection(text: str) -> str | None:
     return format_result(value) + CLOSE
 
 
-def injection_ids(tokenizer, context: str, inject: str) -> list[int] | None:
+def injection_ids(tokenizer, context: str, inject: str, *, at_token_boundary: bool = False) -> list[int] | None:
     """Token ids that extend ``context`` (the completion so far) by exactly ``inject``, as the
     tokenizer would split ``context + inject``; None when no such split exists.
 
     The local context (from the last ``<<`` of the tail, where the annotation opened) is tokenized
     with and without ``inject`` (no special tokens). When the first is a token-prefix of the second,
     the rest are the ids to force. When ``inject`` merges with the context's last characters into a
-    token (e.g. a tokenizer with ``=-`` as a token before a negative result), no split of ``inject``
-    alone is how the model would see that text: None, and the model writes the result itself. None
-    too when the ids do not decode back to ``inject`` (a tokenizer that cannot spell it).
+    token (e.g. SmolLM2 has ``=-`` as a token, before a negative result), no split of ``inject`` is
+    how the tokenizer would write that text: then, unless ``at_token_boundary``, None, and the model
+    writes the result itself. None too when the ids do not decode back to ``inject`` (a tokenizer
+    that cannot spell it).
+
+    ``at_token_boundary``: ``context`` ends where one of the model's own generated tokens ends (the
+    sampler's case: a trigger is a generated token whose text ends in ``=``). Generated tokens are
+    never re-merged, so the merged form (``=-``) is already out of reach: whatever the model writes
+    next starts a token of its own, and the model's own ``-`` after ``=`` is the same split the
+    calculator would force. So when the merge check fails, ``inject``'s own tokens are forced,
+    provided the context's tokens followed by them decode to ``context + inject`` exactly (a
+    vocabulary that marks a word start, such as SentencePiece's ``▁``, spells ``inject`` alone with a
+    leading space: that is refused, and the model writes the result itself).
     """
     tail = context[-TAIL_CHARS:]
     start = tail.rfind(OPEN)
     local = tail[start:] if start >= 0 else tail
     before = tokenizer(local, add_special_tokens=False)["input_ids"]
     after = tokenizer(local + inject, add_special_tokens=False)["input_ids"]
-    if len(after) <= len(before) or after[:len(before)] != before:
+    if len(after) > len(before) and after[:len(before)] == before:
+        ids = [int(i) for i in after[len(before):]]
+    elif at_token_boundary:
+        ids = [int(i) for i in tokenizer(inject, add_special_tokens=False)["input_ids"]]
+        if not ids or tokenizer.decode([*before, *ids], skip_special_tokens=False) != local + inject:
+            return None
+    else:
         return None
-    ids = [int(i) for i in after[len(before):]]
     if tokenizer.decode(ids, skip_special_tokens=False) != inject:
         return None
     return ids
@@ -157,7 +172,8 @@ class Injector:
 
     ``after(row, tokens)`` is called once a row's newest token is known (``tokens``: the ids the
     row has generated so far); when they end an annotation's ``<<expr=``, the ids of the result are
-    queued. ``pop(row)`` then gives the next forced id (None when the model chooses). A trigger is
+    queued (:func:`injection_ids` with ``at_token_boundary``: the ``=`` ends a generated token, so a
+    result that would merge with it, ``=-3``, is forced as its own tokens, ``-3``). ``pop(row)`` then gives the next forced id (None when the model chooses). A trigger is
     only looked for when the newest token's text ends in ``=``: one single-token decode per row and
     step, and a :data:`TAIL_TOKENS`-token decode only then.
     """
@@ -184,7 +200,8 @@ class Injector:
         inject = injection(text)
         if inject is None:
             return
-        ids = injection_ids(self.tok, text, inject)
+        # the newest token ends in "=" (may_trigger): the result starts a token of its own
+        ids = injection_ids(self.tok, text, inject, at_token_boundary=True)
         if ids:
             self.queues[row] = deque(ids)
             self.n_injections += 1
