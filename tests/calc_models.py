@@ -120,41 +120,45 @@ def wrong_calc_model():
     for i, (seq, n) in enumerate(examples):
         labels[i, :n] = -100  # learn only the completion: the prompts vary, the answer does not
         labels[i, len(seq):] = -100
+    return _overfit(lm, "tiny-llama-wrong-calc", ids, mask, labels,
+                    lambda: _greedy_reproduces(model, tok, examples, target_len))
+
+
+def _overfit(lm, name: str, ids, mask, labels, reproduces):
+    """Train ``lm`` on one batch until ``reproduces()`` (greedy decoding gives the wrong completion);
+    then eval mode, frozen, renamed ``name``. Raises when it has not memorized it in _MAX_STEPS."""
+    import torch
+
+    model = lm.model
     torch.manual_seed(_SEED)
     # One thread: on a shared 2-core machine under load, the default two threads made each step of this
     # 64-wide model take ~3.5 s instead of ~0.07 s (they wait on each other for tiny matmuls).
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        _overfit(model, tok, examples, target_len, ids, mask, labels)
+        opt = torch.optim.AdamW(model.parameters(), lr=_LR, weight_decay=0.0)
+        model.train()
+        for step in range(1, _MAX_STEPS + 1):
+            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if step % 25 == 0 and loss.item() < 0.01:
+                model.eval()
+                if reproduces():
+                    break
+                model.train()
+        else:
+            model.eval()
+            if not reproduces():
+                raise AssertionError(f"{lm.name} did not memorize the wrong-arithmetic completion in {_MAX_STEPS} steps")
     finally:
         torch.set_num_threads(threads)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    lm.name = "tiny-llama-wrong-calc"
+    lm.name = name
     return lm
-
-
-def _overfit(model, tok, examples, target_len: int, ids, mask, labels) -> None:
-    import torch
-
-    opt = torch.optim.AdamW(model.parameters(), lr=_LR, weight_decay=0.0)
-    model.train()
-    for step in range(1, _MAX_STEPS + 1):
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % 25 == 0 and loss.item() < 0.01:
-            model.eval()
-            if _greedy_reproduces(model, tok, examples, target_len):
-                break
-            model.train()
-    else:
-        model.eval()
-        if not _greedy_reproduces(model, tok, examples, target_len):
-            raise AssertionError(f"tiny-llama did not memorize the wrong-arithmetic completion in {_MAX_STEPS} steps")
 
 
 @functools.cache
@@ -199,33 +203,7 @@ def wrong_calc_t5():
                                  do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad)
         return all(row[1:len(target) + 1] == target for row in out.tolist())  # after the decoder start
 
-    torch.manual_seed(_SEED)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # see wrong_calc_model
-    try:
-        opt = torch.optim.AdamW(model.parameters(), lr=_LR, weight_decay=0.0)
-        model.train()
-        for step in range(1, _MAX_STEPS + 1):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if step % 25 == 0 and loss.item() < 0.01:
-                model.eval()
-                if reproduces():
-                    break
-                model.train()
-        else:
-            model.eval()
-            if not reproduces():
-                raise AssertionError(f"tiny-t5 did not memorize the wrong-arithmetic completion in {_MAX_STEPS} steps")
-    finally:
-        torch.set_num_threads(threads)
-    model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    lm.name = "tiny-t5-wrong-calc"
-    return lm
+    return _overfit(lm, "tiny-t5-wrong-calc", ids, mask, labels, reproduces)
 
 
 @pytest.fixture(scope="session")
