@@ -312,15 +312,12 @@ def per_question(arm_dir: Path) -> dict[str, list[bool]]:
 
 def calculations(arm_dir: Path) -> dict:
     """How the arm's arithmetic fared: every ``<<a*b=c>>`` and ``a op b = c`` in its completions,
-    checked by the calculator (``synthtune.data.calculator.check_calculations``)."""
-    from synthtune.data.calculator import check_calculations
+    checked by the calculator (``synthtune eval``'s own ``calc_*`` figures)."""
     from synthtune.data.jsonl import read_jsonl
+    from synthtune.jobs.eval import calc_summary
 
-    checked = correct = 0
-    for r in read_jsonl(arm_dir / "outputs.jsonl").rows:
-        got = check_calculations(r["completion"])
-        checked, correct = checked + got.n_checked, correct + got.n_correct
-    return {"checked": checked, "correct": correct, "rate": correct / checked if checked else None}
+    got = calc_summary(r["completion"] for r in read_jsonl(arm_dir / "outputs.jsonl").rows)
+    return {"checked": got["calc_checked"], "correct": got["calc_correct"], "rate": got["calc_accuracy"]}
 
 
 def report(out: Path) -> dict:

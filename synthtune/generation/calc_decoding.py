@@ -173,7 +173,8 @@ class Injector:
     ``after(row, tokens)`` is called once a row's newest token is known (``tokens``: the ids the
     row has generated so far); when they end an annotation's ``<<expr=``, the ids of the result are
     queued (:func:`injection_ids` with ``at_token_boundary``: the ``=`` ends a generated token, so a
-    result that would merge with it, ``=-3``, is forced as its own tokens, ``-3``). ``pop(row)`` then gives the next forced id (None when the model chooses). A trigger is
+    result that would merge with it, ``=-3``, is forced as its own tokens, ``-3``). ``pop(row)``
+    then gives the next forced id (None when the model chooses). A trigger is
     only looked for when the newest token's text ends in ``=``: one single-token decode per row and
     step, and a :data:`TAIL_TOKENS`-token decode only then.
     """
@@ -182,7 +183,6 @@ class Injector:
         self.tok = tokenizer
         self.queues: dict[int, deque[int]] = {}
         self._ends_eq: dict[int, bool] = {}  # token id -> its text ends in "=" (memo)
-        self.n_injections = 0
 
     def may_trigger(self, token: int) -> bool:
         """Whether ``token``'s text ends in ``=``: only then can a row have just opened ``<<expr=``."""
@@ -204,7 +204,6 @@ class Injector:
         ids = injection_ids(self.tok, text, inject, at_token_boundary=True)
         if ids:
             self.queues[row] = deque(ids)
-            self.n_injections += 1
 
     def pop(self, row: int) -> int | None:
         """The next forced id of ``row``, or None when nothing is queued."""
