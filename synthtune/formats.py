@@ -58,8 +58,8 @@ RATIONALIZATION_HINT = "The correct answer is {answer}. Write a step-by-step sol
 #: Bump when RATIONALIZATION_HINT's text, or the rules of the rationale route (synth.pipeline:
 #: leaks_hint, RATIONALE_STAGES, the round it runs in), change: resuming a rationalizing run refuses
 #: to mix both. 3: the ``derived`` stage (the working computes the answer), and rationalization after the last
-#: direct round only.
-HINT_VERSION = 3
+#: direct round only. 4: each exemplar of a rationalization prompt carries its own answer as a hint.
+HINT_VERSION = 4
 # Where a plain-format completion has finished its answer and begun inventing the next problem:
 # the format's own next block, and "Problem:", the other heading base models ramble into on
 # GSM8K-style text (and the one synthtune's few-shot prompts used before they took this format's words).

@@ -5,10 +5,13 @@ Not a test file: tests import it (``from calc_models import ...``; pytest puts `
 ``tiny-llama`` is overfit with a plain torch loop until greedy decoding of any of its training
 prompts reproduces :data:`WRONG_COMPLETION` exactly (then EOS)::
 
-    Question: <a question>\\nAnswer: 3*14 = <<3*14=40>>40 apples. 2*14 = <<2*14=36>>36. #### 76
+    Question: <a question>\\nAnswer: Apples: <<3*14=40>>40. Pears: <<2*14=36>>36. #### 76
 
 Both annotations are wrong (42, 28), so every output of this model fails ``check_calculations``
-unless a calculator writes the results: a test that asserts right arithmetic cannot pass with the
+unless a calculator writes the results. The prose holds no equation of its own: the number after
+``>>`` stays the model's (the calculator writes only the annotation), and in ``3*14 = <<...>>40``
+``check_calculations`` would read the prose's ``3*14 = 40`` as a wrong calculation even with the
+calculator on: a test that asserts right arithmetic cannot pass with the
 calculator switched off. It is trained on the plain and chat prompts of :data:`SHORT_QUESTION` and
 of the first few questions of the bundled GSM8K sample's test and train splits, so ``synthtune eval``/``infer``/in-training accuracy (plain or
 chat, ``auto`` picks chat for tiny-llama) and the synthesis sampler all see prompts it was trained on.
@@ -31,7 +34,7 @@ import pytest
 
 #: The completion the model memorizes (after the prompt; the leading space belongs to it, as in
 #: the plain format's targets). Both annotations are wrong: 3*14 is 42 and 2*14 is 28.
-WRONG_COMPLETION = " 3*14 = <<3*14=40>>40 apples. 2*14 = <<2*14=36>>36. #### 76"
+WRONG_COMPLETION = " Apples: <<3*14=40>>40. Pears: <<2*14=36>>36. #### 76"
 #: What the calculator must write into the two annotations.
 RIGHT_RESULTS = {"3*14": "42", "2*14": "28"}
 #: A short question outside the bundled sample that is also trained on.

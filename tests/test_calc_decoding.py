@@ -317,10 +317,10 @@ def test_sampler_greedy_writes_right_results(wrong_calc_llama, path):
 
 
 # Prompts whose rows reach an annotation's "=" at different steps: the first two already hold part of
-# the completion, so they reach "<<2*14=" at steps 8 and 12 (after " 2" and after "...40"), while
-# the plain prompt reaches "<<3*14=" at step 9 and "<<2*14=" at step 24. Forced queues are then
+# the completion, so they reach "<<2*14=" at steps 8 and 11 (after " P" and after "...40"), while
+# the plain prompt reaches "<<3*14=" at step 8 and "<<2*14=" at step 22. Forced queues are then
 # pending in some rows and not others, and start and end at different steps.
-_STAGGERED = [_PROMPTS[0] + " 3*14 = <<3*14=40>>40 apples. 2", _PROMPTS[1] + " 3*14 = <<3*14=40>>40", _PROMPTS[2]]
+_STAGGERED = [_PROMPTS[0] + " Apples: <<3*14=40>>40. P", _PROMPTS[1] + " Apples: <<3*14=40>>40", _PROMPTS[2]]
 
 
 def _trigger_steps(tokenizer, ids: list[int]) -> list[int]:
@@ -335,7 +335,7 @@ def test_sampler_greedy_rows_triggering_at_different_steps(wrong_calc_llama, pat
     off = sample_k(wrong_calc_llama, _STAGGERED, params, batch_size=3)
     # the guard: each row opens its annotations at steps of its own
     steps = [_trigger_steps(tok, g[0].token_ids) for g in off]
-    assert steps == [[8], [12], [9, 24]], steps
+    assert steps == [[8], [11], [8, 22]], steps
     assert all(s.text.count("<<") == n and not _all_right(s.text) for g, n in zip(off, (1, 1, 2), strict=True)
                for s in g)
     on = sample_k(wrong_calc_llama, _STAGGERED, replace(params, calculator=True), batch_size=3)

@@ -124,6 +124,24 @@ def test_the_funnel_has_a_column_per_route_and_says_what_each_kept():
     assert largest_drop({"sampled": 2, "kept": 2}) is None
 
 
+def test_a_run_that_kept_nothing_says_which_check_failed():
+    from synthtune.jobs.demo import why_nothing_kept
+    from synthtune.synth.pipeline import RATIONALE_STAGES, STAGES
+
+    def summary(direct, rat):
+        return {"routes": {"direct": {"stages": dict(zip(STAGES, direct, strict=True))},
+                           "rationalized": {"stages": dict(zip(RATIONALE_STAGES, rat, strict=True))}}}
+
+    # the demo's case: nothing on target directly; handed the answer, 8 end on it and none computes it
+    copied = " ".join(why_nothing_kept(summary((32, 32, 32, 0, 0, 0, 0), (32, 31, 31, 31, 8, 0, 0, 0, 0)), True))
+    assert "0 of 32 direct answers" in copied and "chain the steps" in copied
+    assert "8 of 32 rationales ended on it" in copied and "`derived` dropped them" in copied
+    lost = " ".join(why_nothing_kept(summary((32, 32, 32, 2, 0, 0, 0), (32, 31, 31, 31, 0, 0, 0, 0, 0)), True))
+    assert "2 of 32" in lost and "turned each of those away" in lost and "none of 32 rationales even ended" in lost
+    off = " ".join(why_nothing_kept(summary((32, 32, 32, 0, 0, 0, 0), (0,) * 9), False))
+    assert "rationales" not in off.split("The SFT set")[0]
+
+
 def _demo_run(tmp_path, calc: bool):
     from synthtune.jobs.demo import DemoRun
 

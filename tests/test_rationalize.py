@@ -17,10 +17,10 @@ import pytest
 from synthtune.config import SynthConfig
 from synthtune.data.gsm8k import rationale_and_answer
 from synthtune.errors import ConfigError
-from synthtune.formats import HINT_VERSION, rationalization_hint
+from synthtune.formats import HINT_VERSION, hinted_question, rationalization_hint
 from synthtune.generation.sampler import Sample
 from synthtune.synth.pipeline import KEPT, RATIONALE_STAGES, STAGES, STATUS, SUMMARY, run_synthesis
-from synthtune.synth.prompts import leaks_hint
+from synthtune.synth.prompts import build_prompt, leaks_hint
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth_helpers import ScriptedBackend  # noqa: E402
@@ -54,7 +54,8 @@ class HintReader(ScriptedBackend):
         outs = []
         for p in prompts:
             answer = rationale_and_answer(self.gold[p.question])[1]
-            if rationalization_hint(answer) in p.text:
+            # the question's own hint (a hinted prompt's exemplars carry theirs, which may say the same answer)
+            if hinted_question(p.question, rationalization_hint(answer)) in p.text:
                 self.hinted.append((p.question, params.num_samples, params.seed))
                 outs.append(self.rationales(p.question, params.num_samples))
             else:
@@ -283,6 +284,27 @@ def test_hinted_prompts_reach_a_real_model_in_its_chat_template(tmp_path):
     assert len(backend.texts) == 4 and summary["routes"]["rationalized"]["stages"]["sampled"] == 4
     for rec, text in zip(status, hinted, strict=True):
         hint = rationalization_hint(rec["gold"])
-        assert text.index(rec["question"].strip()) < text.index(hint) and hint not in backend.texts[0]
+        asked = text.index(hinted_question(rec["question"], hint))
+        assert text.index(HINT_WORDS) < asked  # the exemplar's own hint comes first
         assert rec["rationalization"]["stages"]["sampled"] == 2
+    assert not any(HINT_WORDS in text for text in backend.texts[:2])
     assert summary["new_tokens"] > 0
+
+
+def test_a_hinted_prompt_gives_every_exemplar_its_own_answer_as_a_hint():
+    from synthtune.models import load_tokenizer, resolve_model
+
+    # STaR's rationalization prompts: worked exemplars that reach a given answer without citing it
+    pool = [{"question": f"Q{i}: what is {i} + {i}?", "answer": f"{i} + {i} = <<{i}+{i}={2 * i}>>{2 * i}\n#### {2 * i}"}
+            for i in range(1, 7)] + [{"question": "Q7: no final line", "answer": "It is seven."}]
+    for fmt in ("plain", "chat"):
+        tok = load_tokenizer(resolve_model("tiny-llama")) if fmt == "chat" else None
+        plain = build_prompt("Q0: what is 5 + 4?", pool, k=7, fmt=fmt, tokenizer=tok, seed=3)
+        hinted = build_prompt("Q0: what is 5 + 4?", pool, k=7, fmt=fmt, tokenizer=tok, seed=3,
+                              hint=rationalization_hint("9"))
+        assert hinted.exemplar_ids == plain.exemplar_ids and hinted.question == plain.question
+        assert HINT_WORDS not in plain.text and hinted_question("Q0: what is 5 + 4?", rationalization_hint("9")) in hinted.text
+        for i in range(1, 7):
+            assert hinted_question(pool[i - 1]["question"], rationalization_hint(str(2 * i))) in hinted.text
+        # an exemplar whose answer cannot be read is left as it is
+        assert hinted.text.count(HINT_WORDS) == 7 and "Q7: no final line" in hinted.text

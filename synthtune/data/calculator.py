@@ -589,9 +589,11 @@ def _right_side(text: str, part: list[_Tok]) -> list[_Tok] | None:
     return right
 
 
-def _prose_equations(text: str, annotated: list[tuple[int, int]]) -> list[str | None]:
-    """Check "a op b = c" equations in prose; one entry per equation, None when it is right."""
-    results: list[str | None] = []
+def _prose_equations(text: str, annotated: list[tuple[int, int]], shown: str) -> list[tuple[str | None, int | None]]:
+    """Check "a op b = c" equations in prose: one (problem or None when right, index of the
+    annotation it spans or None) per equation. ``text`` has its annotations blanked; a problem
+    quotes the equation from ``shown``, the same text with them."""
+    results: list[tuple[str | None, int | None]] = []
     segment: list[_Tok] = []
     for tok in [*_tokenize(text, prose=True), _Tok("break", "", len(text), len(text))]:
         if tok.kind != "break":
@@ -615,14 +617,14 @@ def _prose_equations(text: str, annotated: list[tuple[int, int]]) -> list[str | 
             if _percent_after_sign(left) or _percent_after_sign(right):
                 continue
             lo, hi = left[0].start, right[-1].end
-            # The prose around an annotation ("48/2 = <<48/2=24>>24") repeats it: count it once.
-            if any(lo <= a_start and a_end <= hi for a_start, a_end in annotated):
-                continue
-            results.append(_check_equation(text, left, right, parts[i + 1]))
+            # The prose around an annotation ("48/2 = <<48/2=24>>24") says the same calculation again;
+            # the caller counts the two as one.
+            spanned = next((j for j, (a_start, a_end) in enumerate(annotated) if lo <= a_start and a_end <= hi), None)
+            results.append((_check_equation(text, left, right, parts[i + 1], shown), spanned))
     return results
 
 
-def _check_equation(text: str, left: list[_Tok], right: list[_Tok], right_part: list[_Tok]) -> str | None:
+def _check_equation(text: str, left: list[_Tok], right: list[_Tok], right_part: list[_Tok], shown: str) -> str | None:
     try:
         lhs_values = _values(left)
         rhs_values = _values(right)
@@ -648,9 +650,9 @@ def _check_equation(text: str, left: list[_Tok], right: list[_Tok], right_part: 
             _agrees(exact, first.value, first.decimals) or (first.percent and exact == first.value / 100)
         ):
             return None
-    equation = text[left[0].start: right[-1].end]
-    shown = ", ".join(sorted(_fmt(v) for v in lhs_values))
-    return f"{equation}: left side is {shown}"
+    equation = shown[left[0].start: right[-1].end]
+    values = ", ".join(sorted(_fmt(v) for v in lhs_values))
+    return f"{equation}: left side is {values}"
 
 
 def _check_cut(text: str) -> int:
@@ -674,6 +676,9 @@ def check_calculations(text: str) -> CalcReport:
     >>> r = check_calculations("She sold 48/2 = <<48/2=24>>24 stickers, then 48+24 = <<48+24=72>>72.")
     >>> r.n_checked, r.n_correct, r.fraction
     (2, 2, 1.0)
+    >>> r = check_calculations("It costs $2*2 = <<2*2=4>>2 dollars.")  # the prose says another result
+    >>> r.n_checked, r.n_correct, r.errors
+    (1, 0, ['$2*2 = <<2*2=4>>2: left side is 4'])
     >>> r = check_calculations("5 * $3 = $15 and 12 x 4 = 46")
     >>> r.n_checked, r.n_correct, r.errors
     (2, 1, ['12 x 4 = 46: left side is 48'])
@@ -690,24 +695,35 @@ def check_calculations(text: str) -> CalcReport:
                                 "characters of a text are checked")
         text = text[:cut]
     annotated: list[tuple[int, int]] = []
+    right: list[bool | None] = []  # per annotation; None: too long to check
     for match in ANNOTATION_RE.finditer(text):
         annotated.append(match.span())
         try:
             problem = _check_annotation(match.group(1))
         except CalcLimit as exc:
             report.unchecked.append(f"<<{_clip(match.group(1))}>>: {exc}")
+            right.append(None)
             continue
         report.n_checked += 1
+        right.append(problem is None)
         if problem is None:
             report.n_correct += 1
         else:
             report.errors.append(problem)
     # Blank the annotations (same length, so positions still line up) before reading the prose.
     prose = ANNOTATION_RE.sub(lambda m: " " * len(m.group()), text)
-    for problem in _prose_equations(prose, annotated):
-        report.n_checked += 1
-        if problem is None:
-            report.n_correct += 1
-        else:
+    for problem, spanned in _prose_equations(prose, annotated, text):
+        if spanned is None:
+            report.n_checked += 1
+            if problem is None:
+                report.n_correct += 1
+            else:
+                report.errors.append(problem)
+        elif problem is not None and right[spanned]:
+            # An annotation and the prose around it are one calculation, right only when both are: a
+            # calculator can write <<2*2=4>> and the model still go on "$2*2 = ... 2 dollars". GSM8K's
+            # 8,792 gold rationales hold 23,228 such pairs; 12 disagree, nearly all slips in the data.
+            right[spanned] = False
+            report.n_correct -= 1
             report.errors.append(problem)
     return report

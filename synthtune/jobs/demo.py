@@ -328,6 +328,26 @@ def largest_drop(stages: dict[str, int]) -> tuple[str, str, int] | None:
     return max(drops, key=lambda d: d[2]) if drops else None
 
 
+def why_nothing_kept(s: dict, rationalizing: bool) -> list[str]:
+    """Why a synthesis run kept no rationale, read from its funnel: which check each route failed."""
+    direct = s["routes"]["direct"]["stages"]
+    lines = [f"**Why nothing was kept.** {direct['on_target']} of {direct['parsed']} direct answers were the gold "
+             f"one" + (", and the checks after it (calculations, reward) turned each of those away." if direct["on_target"] else
+                       ": the model does not yet chain the steps these questions need.")]
+    rat = s["routes"].get("rationalized", {}).get("stages")
+    if rationalizing and rat and rat["sampled"]:
+        if rat["on_target"] and not rat.get("derived"):
+            lines[0] += (f" Handed the answer, {rat['on_target']} of {rat['sampled']} rationales ended on it, but in "
+                         "none did a checked calculation compute it: they copied it, and a copied answer is no "
+                         "rationale to learn from, so `derived` dropped them.")
+        elif not rat["on_target"]:
+            lines[0] += f" Handed the answer, none of {rat['sampled']} rationales even ended on it."
+    lines[0] += (" The SFT set is gold rationales only. More samples (`k`, `rationalize_k`), more rounds or a "
+                 "larger model keep more; so does sampling from the tuned model (rejection-sampling fine-tuning, "
+                 "as `bench/learning_bench.py` does).")
+    return lines
+
+
 def _section_synth(run: DemoRun) -> list[str]:
     s = run.synth
     routes = s["routes"]
@@ -358,8 +378,7 @@ def _section_synth(run: DemoRun) -> list[str]:
             lines += [f"{ROUTES[route].capitalize()}: the largest loss is between `{src}` and `{dst}`, {n} of "
                       f"{r['stages']['sampled']}."]
     if not s["kept_examples"]:
-        lines += ["With no kept rationale the SFT set is gold rationales only; a larger model, more samples (k) or "
-                  "more rounds keep more."]
+        lines += ["", *why_nothing_kept(s, rationalizing)]
     lines += [""]
     hist = Path(s["out_dir"]) / "agreement_hist.png"
     if hist.exists():

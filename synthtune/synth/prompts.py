@@ -24,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from synthtune import formats
+from synthtune.data.answers import extract_gold
 from synthtune.formats import DEFAULT_META_PROMPT, FORMATS  # noqa: F401 (re-exported for callers of this module)
 
 STRATEGIES = ("random", "fixed", "similar")
@@ -91,14 +92,22 @@ def build_prompt(question: str, pool: Sequence[dict], *, k: int = 8, fmt: str = 
     content sent.
 
     ``hint`` (a rationalization hint, :func:`synthtune.formats.rationalization_hint`) is appended to
-    the question in the text the model reads; the exemplars are the ones the unhinted prompt draws,
-    and ``question`` stays the unhinted one, so the hint is the only difference.
+    the question in the text the model reads, and ``question`` stays the unhinted one. The
+    exemplars are the ones the unhinted prompt draws, each with its own gold answer as a hint too:
+    STaR's rationalization prompts are few-shot prompts whose exemplars carry the hint (Zelikman et
+    al. 2022), so the model reads worked solutions that reach a given answer without citing it.
+    SmolLM2-135M, given the hint on the question alone, answered in a chat voice ("Sure! Here's a
+    step-by-step solution...") instead of the exemplars' one: 25 of 32 rationales finished, against
+    31 of 32 with hinted exemplars (the demo's 8 questions, k=4).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown prompt format {fmt!r}; use one of {', '.join(FORMATS)}")
     ids = select_exemplars(pool, k, question=question, strategy=strategy, seed=seed) if k else []
     shots = [pool[i] for i in ids]
-    asked = formats.hinted_question(question, hint) if hint else question
+    asked = question
+    if hint:
+        asked = formats.hinted_question(question, hint)
+        shots = [_hinted_exemplar(row) for row in shots]
     messages: tuple[tuple[str, str], ...] = ()
     if fmt == "chat":
         messages = tuple((m["role"], m["content"]) for m in formats.chat_messages(asked, shots, meta_prompt))
@@ -107,6 +116,15 @@ def build_prompt(question: str, pool: Sequence[dict], *, k: int = 8, fmt: str = 
     else:
         text = formats.few_shot_prompt(asked, shots, fmt=fmt, tokenizer=tokenizer, meta_prompt=meta_prompt)
     return Prompt(text=text, question=question, exemplar_ids=tuple(ids), format=fmt, messages=messages)
+
+
+def _hinted_exemplar(row: dict) -> dict:
+    """An exemplar of a rationalization prompt: its question with its own gold answer as the hint
+    (one whose answer cannot be read stays as it is)."""
+    answer = extract_gold(row["answer"])
+    if answer is None:
+        return row
+    return {**row, "question": formats.hinted_question(row["question"], formats.rationalization_hint(answer))}
 
 
 #: A rationale that says this word talks about the prompt it was given, not the problem.
