@@ -70,7 +70,7 @@ def test_annotation_error_messages_say_what_is_wrong():
 
 
 def test_gsm8k_solution_counts_each_calculation_once():
-    # The prose "48/2 = 24" around an annotation repeats it and must not be counted twice.
+    # The prose "48/2 = 24" around an annotation repeats it: the two are one calculation, counted once.
     text = (
         "Lena sold 48/2 = <<48/2=24>>24 stickers in June.\n"
         "Lena sold 48+24 = <<48+24=72>>72 stickers altogether in May and June.\n#### 72"
@@ -221,9 +221,40 @@ def test_gsm8k_reference_solutions_check_out(split):
         n_checked += report.n_checked
         n_correct += report.n_correct
         annotation_errors += [e for e in report.errors if e.startswith("<<")]
-    # Measured: train 24,780 of 24,801 right (0.99915; 23,716 annotations, 1,085 prose equations), test
-    # 4,486 of 4,487.  Every annotation is right; the 22 flagged prose equations are mostly real slips in
-    # GSM8K ("6/3=.5", "2*8 = 24", "14*20=140") plus a few unit switches ("100 * 0.75 = $0.75").
+    # Measured: train 24,769 of 24,801 right (0.99871; 23,716 annotations, 1,085 prose equations), test
+    # 4,485 of 4,487. Every annotation is right by itself; 21 prose equations are flagged, mostly real
+    # slips in GSM8K ("6/3=.5", "2*8 = 24", "14*20=140") plus a few unit switches ("100 * 0.75 = $0.75"),
+    # and 12 annotations disagree with the prose around them (6 slips, "8*3 = <<80*3=240>>240"; 6 prose
+    # read otherwise, "14, 400 / 80 = <<14400/80=180>>180"), which makes the pair wrong.
     assert n_correct / n_checked >= 0.99
     assert annotation_errors == []
     assert n_checked > 3 * len(rows)
+
+
+@pytest.mark.parametrize(("text", "checked", "right", "error"), [
+    ("3*14 = <<3*14=42>>42 apples", 1, 1, None),
+    # the calculator wrote the annotation, the model another number after it: one wrong calculation
+    ("3*14 = <<3*14=42>>40 apples", 1, 0, "3*14 = <<3*14=42>>40: left side is 42"),
+    ("It costs $3*14 = $<<3*14=42>>40.", 1, 0, "$3*14 = $<<3*14=42>>40: left side is 42"),
+    # both wrong: still one calculation, one error
+    ("3*14 = <<3*14=40>>41 apples", 1, 0, "<<3*14=40>>: 3*14 is 42, not 40"),
+    # a chain: each "=" restates the annotation after it
+    ("2*3 = <<2*3=6>>6 * 4 = <<6*4=24>>24 eggs", 2, 2, None),
+    ("2*3 = <<2*3=6>>6 * 4 = <<6*4=24>>25 eggs", 2, 1, "6 * 4 = <<6*4=24>>25: left side is 24"),
+    # an annotation among the operands: the equation is a calculation of its own
+    ("5 + <<2*3=6>>6 = 11 eggs", 2, 2, None),
+    ("5 + <<2*3=6>>6 = 12 eggs", 2, 1, "5 + <<2*3=6>>6 = 12: left side is 11"),
+    # two annotations: the prose restates the one after its "="
+    ("12 + <<3*4=12>>12 = <<12+12=24>>25 eggs", 2, 1, "12 + <<3*4=12>>12 = <<12+12=24>>25: left side is 24"),
+])
+def test_an_annotation_and_the_prose_around_it_are_one_calculation(text, checked, right, error):
+    report = check_calculations(text)
+    assert (report.n_checked, report.n_correct) == (checked, right), report
+    assert report.errors == ([error] if error else [])
+
+
+def test_the_prose_around_an_annotation_too_long_to_check_is_checked_alone():
+    long_sum = "+".join(["1"] * 400)
+    report = check_calculations(f"So 3 + 4 = <<{long_sum}=400>>8 apples.")
+    assert report.unchecked and (report.n_checked, report.n_correct) == (1, 0)
+    assert report.errors == [f"3 + 4 = <<{long_sum}=400>>8: left side is 7"]

@@ -128,18 +128,27 @@ def test_a_run_that_kept_nothing_says_which_check_failed():
     from synthtune.jobs.demo import why_nothing_kept
     from synthtune.synth.pipeline import RATIONALE_STAGES, STAGES
 
-    def summary(direct, rat):
-        return {"routes": {"direct": {"stages": dict(zip(STAGES, direct, strict=True))},
-                           "rationalized": {"stages": dict(zip(RATIONALE_STAGES, rat, strict=True))}}}
+    def why(direct, rat, rationalizing=True):
+        s = {"routes": {"direct": {"stages": dict(zip(STAGES, direct, strict=True))},
+                        "rationalized": {"stages": dict(zip(RATIONALE_STAGES, rat, strict=True))}}}
+        return " ".join(why_nothing_kept(s, rationalizing))
 
     # the demo's case: nothing on target directly; handed the answer, 8 end on it and none computes it
-    copied = " ".join(why_nothing_kept(summary((32, 32, 32, 0, 0, 0, 0), (32, 31, 31, 31, 8, 0, 0, 0, 0)), True))
-    assert "0 of 32 direct answers" in copied and "chain the steps" in copied
-    assert "8 of 32 rationales ended on it" in copied and "`derived` dropped them" in copied
-    lost = " ".join(why_nothing_kept(summary((32, 32, 32, 2, 0, 0, 0), (32, 31, 31, 31, 0, 0, 0, 0, 0)), True))
-    assert "2 of 32" in lost and "turned each of those away" in lost and "none of 32 rationales even ended" in lost
-    off = " ".join(why_nothing_kept(summary((32, 32, 32, 0, 0, 0, 0), (0,) * 9), False))
-    assert "rationales" not in off.split("The SFT set")[0]
+    copied = why((32, 32, 32, 0, 0, 0, 0), (32, 31, 31, 31, 8, 0, 0, 0, 0))
+    assert "Direct samples: of 32 drawn, 32 passed `parsed`, and none was the gold answer" in copied
+    assert "chain the steps" in copied
+    assert "of 32 drawn, 8 passed `on_target`, and in none did a checked calculation compute it" in copied
+    # nothing could be read; every rationale named the hint; computed but with a wrong calculation
+    unread = why((32, 30, 0, 0, 0, 0, 0), (32, 0, 0, 0, 0, 0, 0, 0, 0))
+    assert "30 passed `finished`, and no final answer could be read" in unread and "chain the steps" not in unread
+    assert "Rationales (answer as hint): of 32 drawn, none ended before the token budget" in unread
+    named = why((32, 32, 32, 2, 0, 0, 0), (32, 31, 0, 0, 0, 0, 0, 0, 0))
+    assert "2 passed `on_target`, and each had a wrong calculation" in named
+    assert "31 passed `finished`, and every one mentioned the hint" in named
+    wrong = why((32, 32, 32, 0, 0, 0, 0), (32, 31, 31, 31, 8, 3, 0, 0, 0))
+    assert "3 passed `derived`, and each had a wrong calculation (`calc_ok`)" in wrong
+    off = why((32, 32, 32, 0, 0, 0, 0), (0,) * 9, rationalizing=False)
+    assert "Rationales" not in off and "Direct samples" in off
 
 
 def _demo_run(tmp_path, calc: bool):

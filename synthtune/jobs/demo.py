@@ -328,24 +328,41 @@ def largest_drop(stages: dict[str, int]) -> tuple[str, str, int] | None:
     return max(drops, key=lambda d: d[2]) if drops else None
 
 
+#: what the first funnel stage with nothing left says of a route's samples (why_nothing_kept)
+NONE_PASSED = {"finished": "none ended before the token budget (`finished`: raise the max new tokens)",
+               "hint_free": "every one mentioned the hint (`hint_free`)",
+               "parsed": "no final answer could be read in any (`parsed`)",
+               "on_target": "none was the gold answer (`on_target`)",
+               "derived": "in none did a checked calculation compute it: they copied it, and a copied answer "
+                          "is no rationale to learn from (`derived`)",
+               "calc_ok": "each had a wrong calculation (`calc_ok`)",
+               "reward_ok": "the reward model turned each away (`reward_ok`)",
+               "kept": "each repeated a path already kept (`kept`)"}
+
+
 def why_nothing_kept(s: dict, rationalizing: bool) -> list[str]:
-    """Why a synthesis run kept no rationale, read from its funnel: which check each route failed."""
-    direct = s["routes"]["direct"]["stages"]
-    lines = [f"**Why nothing was kept.** {direct['on_target']} of {direct['parsed']} direct answers were the gold "
-             f"one" + (", and the checks after it (calculations, reward) turned each of those away." if direct["on_target"] else
-                       ": the model does not yet chain the steps these questions need.")]
-    rat = s["routes"].get("rationalized", {}).get("stages")
-    if rationalizing and rat and rat["sampled"]:
-        if rat["on_target"] and not rat.get("derived"):
-            lines[0] += (f" Handed the answer, {rat['on_target']} of {rat['sampled']} rationales ended on it, but in "
-                         "none did a checked calculation compute it: they copied it, and a copied answer is no "
-                         "rationale to learn from, so `derived` dropped them.")
-        elif not rat["on_target"]:
-            lines[0] += f" Handed the answer, none of {rat['sampled']} rationales even ended on it."
-    lines[0] += (" The SFT set is gold rationales only. More samples (`k`, `rationalize_k`), more rounds or a "
-                 "larger model keep more; so does sampling from the tuned model (rejection-sampling fine-tuning, "
-                 "as `bench/learning_bench.py` does).")
-    return lines
+    """Why a synthesis run kept no rationale, read from its funnel: the check that turned away the
+    last samples of each route."""
+    parts = []
+    for route, r in s["routes"].items():
+        if route == "rationalized" and not rationalizing:
+            continue
+        stages = list(r["stages"].items())
+        if not stages or not stages[0][1]:
+            continue
+        zero = next((i for i, (_, n) in enumerate(stages) if n == 0), None)
+        if zero is None:
+            continue
+        before, n = stages[zero - 1]
+        said = f"{ROUTES[route].capitalize()}: of {stages[0][1]} drawn"
+        said += ", " if before == "sampled" else f", {n} passed `{before}`, and "
+        said += NONE_PASSED.get(stages[zero][0], f"none passed `{stages[zero][0]}`")
+        if route == "direct" and stages[zero][0] == "on_target":
+            said += ": the model does not yet chain the steps these questions need"
+        parts.append(said + ".")
+    return ["**Why nothing was kept.** " + " ".join(parts) + " The SFT set is gold rationales only. More samples "
+            "(`k`, `rationalize_k`), more rounds or a larger model keep more; so does sampling from the tuned "
+            "model (rejection-sampling fine-tuning, as `bench/learning_bench.py` does)."]
 
 
 def _section_synth(run: DemoRun) -> list[str]:
@@ -358,7 +375,8 @@ def _section_synth(run: DemoRun) -> list[str]:
                              if s["samples"] else " (resumed from an earlier run in this folder)."), ""]
     if rationalizing:
         lines += [f"STaR rationalization is on: the {routes['rationalized']['questions']} questions no direct "
-                  "sample solved were asked again with the gold answer as a hint. Their rationales pass the same "
+                  "sample solved were asked again with the gold answer as a hint (each exemplar with its own, as "
+                  "in STaR's prompts). Their rationales pass the same "
                   "checks, plus two: one that mentions the hint is dropped (`hint_free`), and so is one whose "
                   "checked calculations never compute the answer, which it was handed (`derived`); kept ones are "
                   "stored without the hint.", ""]
