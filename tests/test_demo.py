@@ -137,7 +137,7 @@ def test_a_run_that_kept_nothing_says_which_check_failed():
     copied = why((32, 32, 32, 0, 0, 0, 0), (32, 31, 31, 31, 8, 0, 0, 0, 0))
     assert "Direct samples: of 32 drawn, 32 passed `parsed`, and none was the gold answer" in copied
     assert "chain the steps" in copied
-    assert "of 32 drawn, 8 passed `on_target`, and in none did a checked calculation compute it" in copied
+    assert "of 32 drawn, 8 passed `on_target`, and in none did a checked calculation compute the answer" in copied
     # nothing could be read; every rationale named the hint; computed but with a wrong calculation
     unread = why((32, 30, 0, 0, 0, 0, 0), (32, 0, 0, 0, 0, 0, 0, 0, 0))
     assert "30 passed `finished`, and no final answer could be read" in unread and "chain the steps" not in unread

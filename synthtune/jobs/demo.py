@@ -333,8 +333,8 @@ NONE_PASSED = {"finished": "none ended before the token budget (`finished`: rais
                "hint_free": "every one mentioned the hint (`hint_free`)",
                "parsed": "no final answer could be read in any (`parsed`)",
                "on_target": "none was the gold answer (`on_target`)",
-               "derived": "in none did a checked calculation compute it: they copied it, and a copied answer "
-                          "is no rationale to learn from (`derived`)",
+               "derived": "in none did a checked calculation compute the answer: they copied it, and a copied "
+                          "answer is no rationale to learn from (`derived`)",
                "calc_ok": "each had a wrong calculation (`calc_ok`)",
                "reward_ok": "the reward model turned each away (`reward_ok`)",
                "kept": "each repeated a path already kept (`kept`)"}
