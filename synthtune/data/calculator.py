@@ -22,6 +22,7 @@ and no pattern in this module backtracks more than a bounded amount, so its time
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from decimal import Decimal, localcontext
 from fractions import Fraction
@@ -598,6 +599,7 @@ def _prose_equations(text: str, annotated: list[tuple[int, int]], shown: str) ->
     ``48/2 = <<48/2=24>>24``. One whose annotations stand among its operands (``5 + <<2*3=6>>6 = 11``)
     is a calculation of its own."""
     results: list[tuple[str | None, int | None]] = []
+    starts = [a_start for a_start, _ in annotated]
     segment: list[_Tok] = []
     for tok in [*_tokenize(text, prose=True), _Tok("break", "", len(text), len(text))]:
         if tok.kind != "break":
@@ -623,8 +625,8 @@ def _prose_equations(text: str, annotated: list[tuple[int, int]], shown: str) ->
             # The prose around an annotation says the same calculation again; the caller counts the two as
             # one. It is the annotation after the left side and within the right one ("$<<...>>24" reads
             # as one number token, "$" to "24").
-            restated = next((j for j, (a_start, a_end) in enumerate(annotated)
-                             if left[-1].end <= a_start and a_end <= right[-1].end), None)
+            j = bisect_left(starts, left[-1].end)  # the first annotation after the left side (in order)
+            restated = j if j < len(annotated) and annotated[j][1] <= right[-1].end else None
             results.append((_check_equation(text, left, right, parts[i + 1], shown), restated))
     return results
 
