@@ -8,11 +8,10 @@ prompts reproduces :data:`WRONG_COMPLETION` exactly (then EOS)::
     Question: <a question>\\nAnswer: Apples: <<3*14=40>>40. Pears: <<2*14=36>>36. #### 76
 
 Both annotations are wrong (42, 28), so every output of this model fails ``check_calculations``
-unless a calculator writes the results. The prose holds no equation of its own: the number after
-``>>`` stays the model's (the calculator writes only the annotation), and in ``3*14 = <<...>>40``
-``check_calculations`` would read the prose's ``3*14 = 40`` as a wrong calculation even with the
-calculator on: a test that asserts right arithmetic cannot pass with the
-calculator switched off. It is trained on the plain and chat prompts of :data:`SHORT_QUESTION` and
+unless a calculator writes the results: a test that asserts right arithmetic cannot pass with the
+calculator switched off. The prose holds no equation of its own: the number after ``>>`` stays the
+model's (the calculator writes only the annotation), so in ``3*14 = <<...>>40``
+``check_calculations`` would read the prose's ``3*14 = 40`` as wrong even with the calculator on. It is trained on the plain and chat prompts of :data:`SHORT_QUESTION` and
 of the first few questions of the bundled GSM8K sample's test and train splits, so ``synthtune eval``/``infer``/in-training accuracy (plain or
 chat, ``auto`` picks chat for tiny-llama) and the synthesis sampler all see prompts it was trained on.
 
