@@ -132,7 +132,8 @@ def run_variant(name, lm, ids, args, sampler):
             return (out.shape[1] - x.shape[1]) * out.shape[0]
     params = sampler.SamplingParams(max_new_tokens=new, temperature=args.temperature, top_p=args.top_p,
                                     top_k=args.top_k, num_samples=k, seed=args.seed)
-    res = sampler.sample_k(lm, [ids], params, ignore_eos=True)
+    # forced: on a GPU sample_k's auto would take HF's generate, which variant (2) already measures
+    res = sampler.sample_k(lm, [ids], params, ignore_eos=True, sampler="shared_prefix")
     return sum(s.n_tokens for s in res[0])
 
 

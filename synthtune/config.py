@@ -92,6 +92,12 @@ def _num(x: float) -> str:
 
 #: numpy (which transformers' set_seed also seeds) takes seeds in [0, 2**32 - 1].
 SEED = {"ge": 0, "le": 2 ** 32 - 1}
+#: One option for every command that draws k samples with a local model (the choices are
+#: synthtune.generation.sampler.SAMPLERS; this module stays free of torch).
+SAMPLER = dict(help="how a local model draws k samples: auto = the shared-prefill sampler on CPU, HF's batched "
+               "generate(num_return_sequences=k) on a GPU (each measured the faster there: bench/RESULTS.md); "
+               "shared_prefix or generate forces one. Greedy output is the same on both; sampled draws differ",
+               choices=["auto", "shared_prefix", "generate"])
 
 
 def opt(default: Any, help: str, choices: Iterable[Any] | None = None, *, ge: float | None = None,
@@ -260,6 +266,7 @@ class SynthConfig:
     stop: list[str] = opt([], "extra stop strings (the plain format always stops at a new 'Question:' or "
                               "'Problem:' line)")
     batch_size: int = opt(4, "questions per batch; results are flushed after every batch", ge=1)
+    sampler: str = opt("auto", **SAMPLER)
     min_agreement: float = opt(0.5, "without gold: below this majority share a question has no consensus", ge=0, le=1)
     use_gold: bool = opt(True, "keep only rationales that reach the gold answer when one exists (rejection "
                          "sampling); false = self-consistency only")
@@ -388,6 +395,7 @@ class EvalConfig:
     temperature: float = opt(0.7, "sampling temperature when k > 1", ge=0)
     max_new_tokens: int = opt(256, "generation budget per answer", ge=1)
     batch_size: int = opt(8, "questions per generate() call (k=1)", ge=1)
+    sampler: str = opt("auto", **SAMPLER)
     calculator: bool = opt(False, "GSM8K's calculator writes each annotation's result: once an answer has written "
                            "<<expr=, the exact value of expr and >> are forced in (they count toward "
                            "max_new_tokens); expressions the calculator cannot read are left to the model")
@@ -416,6 +424,7 @@ class ServeConfig:
     served_model_name: str | None = opt(None, "name clients use for the base model (default: model)")
     api_key_env: str | None = opt(None, "require the key held in this environment variable (Authorization: Bearer)")
     max_batch: int = opt(32, "most prompts generated together in one batch", ge=1)
+    sampler: str = opt("auto", **SAMPLER)
     batch_window_ms: float = opt(5.0, "how long the first request waits for others to batch with (latency vs "
                                  "batch size)", ge=0)
     threads: int | None = opt(None, "torch CPU threads (one per core; fewer when sharing the machine); unset or 0: "
@@ -466,6 +475,7 @@ class InferConfig:
     prompt_format: str = opt("plain", "plain or chat: what training used (auto: chat when the tokenizer has a "
                              "template)", ["plain", "chat", "auto"], flag="--format")
     batch_size: int = opt(8, "questions per generate() call", ge=1)
+    sampler: str = opt("auto", **SAMPLER)
     calculator: bool = opt(False, "GSM8K's calculator writes each annotation's result: once an answer has written "
                            "<<expr=, the exact value of expr and >> are forced in (they count toward "
                            "max_new_tokens); expressions the calculator cannot read are left to the model")

@@ -92,6 +92,26 @@ def test_eval_few_shot_and_sampling(tmp_path):
     assert s["k"] == 3 and s["n_completions"] == 6 and "maj_at_k" in s and "pass_at_k" in s
 
 
+def test_eval_and_infer_take_the_sampler_option(tmp_path):
+    # greedy k=2: HF's batched generate (auto's pick on a GPU) answers what the shared-prefill sampler does
+    from synthtune.config import EvalConfig
+    from synthtune.jobs.eval import run_eval
+    from synthtune.jobs.infer import infer
+
+    evals, infers = [], []
+    for sampler in ("shared_prefix", "generate"):
+        run_eval(EvalConfig(model="tiny-llama", limit=2, k=2, temperature=0.0, max_new_tokens=6, sampler=sampler,
+                            out=str(tmp_path / sampler)), progress=False)
+        rows = [json.loads(line) for line in (tmp_path / sampler / "base_outputs.jsonl").read_text().splitlines()]
+        evals.append([r["completions"] for r in rows])
+        infers.append([r["completions"] for r in infer("tiny-llama", prompts=["2+2?", "3+3?"], k=2, temperature=0.0,
+                                                       max_new_tokens=6, sampler=sampler, progress=False)])
+    for outs in (evals, infers):
+        assert outs[0] == outs[1] and len(outs[0]) == 2 and all(len(c) == 2 for c in outs[0])
+    with pytest.raises(ValueError, match="sampler must be one of"):
+        infer("tiny-llama", prompts=["2+2?"], sampler="fastest", progress=False)
+
+
 def test_eval_compare_needs_adapter():
     from synthtune.config import EvalConfig
     from synthtune.errors import ConfigError

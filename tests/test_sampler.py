@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -358,6 +359,53 @@ def test_the_two_paths_agree_token_for_token(lively_llama, monkeypatch):
     monkeypatch.setattr(sampler, "_supports_shared_prefix", lambda model, total: False)
     fallback = sample_k(lively_llama, _SHORT, params, batch_size=2)
     assert [[s.token_ids for s in g] for g in shared] == [[s.token_ids for s in g] for g in fallback]
+
+
+def test_the_sampler_option_picks_the_path(lively_llama, monkeypatch):
+    """``sampler=generate`` runs HF's batched generate (the shared-prefill path never runs) and, greedy,
+    returns what ``shared_prefix`` returns; ``auto`` on CPU is the shared-prefill path."""
+    import synthtune.generation.sampler as sampler
+
+    params = _params(presence_penalty=0.3, num_samples=2)
+    shared = sample_k(lively_llama, _SHORT, params, batch_size=2, sampler="shared_prefix")
+    assert sample_k(lively_llama, _SHORT, params, batch_size=2) == shared  # auto, on CPU
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the shared-prefill path ran")
+
+    monkeypatch.setattr(sampler, "_sample_batch_shared", refuse)
+    generated = sample_k(lively_llama, _SHORT, params, batch_size=2, sampler="generate")
+    assert [[s.token_ids for s in g] for g in generated] == [[s.token_ids for s in g] for g in shared]
+    with pytest.raises(AssertionError, match="shared-prefill path ran"):
+        sample_k(lively_llama, _SHORT, params, batch_size=2, sampler="auto")
+
+
+def test_auto_takes_generate_on_an_accelerator_and_bad_choices_are_refused(lively_llama, tiny_t5, tmp_path):
+    from synthtune.config import SAMPLER
+    from synthtune.generation.sampler import SAMPLERS, complete, pick_sampler, resolve_sampler
+
+    assert tuple(SAMPLER["choices"]) == SAMPLERS  # the commands' option offers exactly these
+    assert [pick_sampler("auto", d) for d in ("cpu", "cuda", "cuda:3", "mps")] == \
+        ["shared_prefix", "generate", "generate", "generate"]
+    assert [pick_sampler(c, "cuda") for c in SAMPLERS[1:]] == ["shared_prefix", "generate"]
+    # what runs: a seq2seq model has no shared-prefill path, whatever is asked for
+    assert resolve_sampler(lively_llama) == "shared_prefix"
+    assert resolve_sampler(tiny_t5, "shared_prefix") == "generate"
+    # synthesis's hf backend takes the config's choice, and its run log says what runs
+    from synthtune.config import SynthConfig
+    from synthtune.synth.backends import backend_for
+    from synthtune.synth.pipeline import run_synthesis
+
+    logs: list[str] = []
+    cfg = SynthConfig(model="tiny-llama", device="cpu", sampler="generate", questions="bundled:test", limit=1, k=2,
+                      rounds=1, shots=1, max_new_tokens=4, out=str(tmp_path / "synth"))
+    assert backend_for(replace(cfg, sampler="auto")).sampler == "shared_prefix"
+    run_synthesis(cfg, progress=False, log=logs.append)
+    assert any("hf backend (tiny-llama, sampler generate)" in line for line in logs), logs
+    for call in (lambda: sample_k(lively_llama, [], _params(), sampler="fast"),
+                 lambda: complete(lively_llama, _SHORT, _params(), sampler="fast", progress=False)):
+        with pytest.raises(ValueError, match="sampler must be one of auto, shared_prefix, generate; got 'fast'"):
+            call()
 
 
 def test_bad_penalty_values_are_refused_by_name(lively_llama):

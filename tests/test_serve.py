@@ -578,6 +578,23 @@ def test_a_batch_that_fails_is_rerun_request_by_request(engine):
     assert any("a batch of 4 requests failed" in line and "one by one" in line for line in logs), logs
 
 
+@pytest.mark.integration  # loads a second serving engine, ~2 s
+def test_the_sampler_option_reaches_the_engine(engine):
+    """--sampler generate (what auto picks on a GPU) serves n samples through HF's batched generate:
+    greedy, the same text the shared-prefill sampler gives."""
+    from synthtune.jobs.serve import Engine, parse_request
+
+    other = Engine("tiny-llama", device="cpu", sampler="generate")
+    assert (engine.sampler, other.sampler) == ("shared_prefix", "generate")
+    texts = []
+    for e in (engine, other):
+        req = parse_request({**_good(3), "n": 2}, chat=False, models=e.names)
+        e.prepare(req, BUDGET)
+        e.run([req])
+        texts.append([raw for raw, _, _ in req.samples[0]])
+    assert texts[0] == texts[1] and len(texts[0]) == 2 and texts[0][0]
+
+
 @pytest.mark.integration  # loads a serving engine, ~2 s
 def test_default_max_tokens_are_fitted_to_the_context_and_the_budget(engine):
     """A request without max_tokens is costed at its fitted default, never refused for it."""

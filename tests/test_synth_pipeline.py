@@ -175,8 +175,9 @@ def test_fingerprints_from_before_the_new_keys(tmp_path):
     # An older synthtune fingerprinted fewer settings. Those it lacks are read from the config.yaml
     # that run saved (so a changed k is still caught); with no config.yaml either, the run goes on
     # and says what it could not check, and the fingerprint is completed.
+    # (the versions are kept: a fingerprint without them is another test's case)
     old_keys = ("model", "backend", "served_model", "questions", "exemplars", "exemplar_pool_size", "shots",
-                "strategy", "prompt_format", "seed", "use_gold", "prompt_version")
+                "strategy", "prompt_format", "seed", "use_gold", "prompt_version", "check_version")
     cfg = _cfg(tmp_path, rounds=1, limit=3)
     _quiet(cfg)
     out = Path(cfg.out)
@@ -229,6 +230,31 @@ def test_a_run_from_before_the_prompt_wording_changed_is_not_silently_mixed(tmp_
     _quiet(_cfg(tmp_path, rounds=1, limit=3, allow_changed_settings=True), log=logs.append)
     assert any("prompt_version: 1 -> 2" in m for m in logs)
     assert json.loads((out / "fingerprint.json").read_text())["prompt_version"] == 2
+
+
+def test_a_run_kept_under_older_calculation_rules_is_not_silently_mixed(tmp_path):
+    # The calculator check got stricter (CHECK_VERSION 2: "2*2 = <<2*2=4>>2" now fails). A run that
+    # filtered on it before recorded no check_version; resuming it would mix rows kept under both rules.
+    from synthtune.data.calculator import CHECK_VERSION
+
+    cfg = _cfg(tmp_path, rounds=1, limit=3)
+    _quiet(cfg)
+    out = Path(cfg.out)
+    fp = json.loads((out / "fingerprint.json").read_text())
+    assert fp["check_version"] == CHECK_VERSION == 2 and fp["min_calc"] == 1.0
+    del fp["check_version"]
+    (out / "fingerprint.json").write_text(json.dumps(fp))
+    with pytest.raises(ConfigError, match="check_version: 1 -> 2"):
+        _quiet(cfg)
+    logs = []
+    _quiet(replace(cfg, allow_changed_settings=True), log=logs.append)
+    assert any("check_version: 1 -> 2" in m for m in logs)
+    # a run that never filters on the check neither records nor compares its rules
+    unchecked = _cfg(tmp_path, out=str(tmp_path / "unchecked"), rounds=1, limit=3, min_calc=0.0)
+    _quiet(unchecked)
+    fp_path = tmp_path / "unchecked" / "fingerprint.json"
+    assert "check_version" not in json.loads(fp_path.read_text())
+    _quiet(replace(unchecked, limit=4))
 
 
 def _damage_missing_status(out):
@@ -343,11 +369,14 @@ def test_torn_last_lines_are_repaired_so_later_resumes_still_work(tmp_path):
 
 @pytest.mark.integration  # runs the CLI in a subprocess
 def test_synth_cli_on_tiny_model(synthtune_bin, tmp_path):
+    # --sampler generate: the path `auto` takes on a GPU, here through the CLI on CPU
     out = tmp_path / "cli"
     proc = subprocess.run([synthtune_bin, "synth", "--model", "tiny-llama", "--questions", "bundled:test",
                            "--k", "2", "--rounds", "1", "--limit", "3", "--out", str(out), "--json",
-                           "max_new_tokens=12", "shots=2"], capture_output=True, text=True, timeout=300)
+                           "--sampler", "generate", "max_new_tokens=12", "shots=2"],
+                          capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
+    assert "sampler: generate" in (out / "config.yaml").read_text()
     summary = json.loads(proc.stdout)
     assert summary["questions"] == 3 and summary["stages"]["sampled"] == 6
     assert len(_rows(out / STATUS)) == 3 and (out / "config.yaml").exists()

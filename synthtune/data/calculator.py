@@ -28,7 +28,12 @@ from decimal import Decimal, localcontext
 from fractions import Fraction
 from itertools import pairwise
 
-__all__ = ["CalcError", "CalcLimit", "CalcReport", "check_calculations", "exact_value"]
+__all__ = ["CHECK_VERSION", "CalcError", "CalcLimit", "CalcReport", "check_calculations", "exact_value"]
+
+#: The rules :func:`check_calculations` judges by. A synthesis run records it in its resume fingerprint,
+#: so rows kept under other rules are not mixed into one dataset. 1: every version before it was
+#: recorded; 2: an annotation and the prose that restates it are one calculation, right only when both are.
+CHECK_VERSION = 2
 
 # 10**64 is far beyond any grade-school quantity.  Bounding exponents alone does not bound values
 # (a power of a power multiplies them), so every result is bounded too: 1,000 digits keep arithmetic in

@@ -31,6 +31,10 @@ Seq2seq models, and causal models whose attention this can't reproduce (sliding 
 soft-capping, non-"full_attention" layers), fall back to ``generate(num_return_sequences=k)``
 with the same ``Sample`` results.
 
+Which path runs is ``sample_k``'s ``sampler`` (``pick_sampler``): ``auto`` takes this sampler on CPU
+and HF's batched ``generate`` on an accelerator, where a small model is launch-bound and this
+attention's many small ops per layer lost to SDPA (bench/RESULTS.md, "k-sample sampling").
+
 Presence/frequency penalties and ``logit_bias`` (``synthtune.generation.penalties``) apply on both
 paths with the same fp32 arithmetic: per-row counts here, a logits processor inside ``generate``.
 
@@ -70,6 +74,27 @@ _PREFILL_CHUNK = 256
 # finite garbage value instead of NaN, and NaN must not reach padding slots' values, since
 # 0 * NaN would poison every row that merely masks them.
 _MASKED = -1e30
+
+
+#: ``sample_k``'s ``sampler`` choices. ``auto``: ``shared_prefix`` on CPU, where it measured 6.75x the
+#: workshop's one ``generate`` per sample and 6x HF's ``generate(num_return_sequences=k)`` (k=8, a
+#: 2,101-token 8-shot prompt, 2 cores); ``generate`` on any accelerator: on an H200 the same run took
+#: 2.05 s here against 1.67 s for HF's batched ``generate`` (0.81x), a 135M model being bound by kernel
+#: launches there. Both paths return the same ``Sample``s, and agree token for token when greedy.
+SAMPLERS = ("auto", "shared_prefix", "generate")
+
+
+def pick_sampler(sampler: str, device) -> str:
+    """The path ``sampler`` means on ``device``: ``shared_prefix`` or ``generate`` (see :data:`SAMPLERS`).
+
+    >>> pick_sampler("auto", "cpu"), pick_sampler("auto", "cuda:1"), pick_sampler("shared_prefix", "cuda")
+    ('shared_prefix', 'generate', 'shared_prefix')
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}; got {sampler!r}")
+    if sampler != "auto":
+        return sampler
+    return "shared_prefix" if torch.device(device).type == "cpu" else "generate"
 
 
 class Aborted(Exception):
@@ -257,6 +282,16 @@ def _supports_shared_prefix(model, total_len: int) -> bool:
     # every attention module must expose its layer index (the store is keyed by it)
     attn = [m for name, m in model.named_modules() if name.endswith("self_attn")]
     return bool(attn) and all(isinstance(getattr(m, "layer_idx", None), int) for m in attn)
+
+
+def resolve_sampler(lm, sampler: str = "auto") -> str:
+    """What ``sample_k(lm, ..., sampler=sampler)`` runs, for logs: :func:`pick_sampler`'s answer, or
+    ``generate`` for a model the shared-prefill sampler cannot reproduce (seq2seq, and the other
+    cases of ``_supports_shared_prefix``; a sliding window counts only for prompts longer than it)."""
+    path = pick_sampler(sampler, lm.device)
+    if path == "shared_prefix" and (lm.is_seq2seq or not _supports_shared_prefix(lm.model, 0)):
+        return "generate"
+    return path
 
 
 # --------------------------------------------------------------------------------------------
@@ -549,7 +584,7 @@ def _abort_criteria(abort: Callable[[], bool]):
 
 def sample_k(lm, prompts: Sequence[str] | Sequence[Sequence[int]], params: SamplingParams, *, add_special_tokens: bool = True,
              batch_size: int = 1, progress: bool = False, ignore_eos: bool = False,
-             abort: Callable[[], bool] | None = None) -> list[list[Sample]]:
+             abort: Callable[[], bool] | None = None, sampler: str = "auto") -> list[list[Sample]]:
     """``params.num_samples`` samples for each prompt, in prompt order.
 
     ``lm`` is a ``synthtune.models.LoadedModel`` (or anything with ``.model``, ``.tokenizer``,
@@ -558,6 +593,8 @@ def sample_k(lm, prompts: Sequence[str] | Sequence[Sequence[int]], params: Sampl
     Sampling is reproducible for a given seed, prompts and batch_size (one generator drives the
     whole call, so a different batch_size draws differently).
     ``abort`` is polled once per decoding step; when it returns true the call raises ``Aborted``.
+    ``sampler`` picks the path (:func:`pick_sampler`); ``shared_prefix`` still falls back to
+    ``generate`` for a model whose attention the shared-prefill sampler cannot reproduce.
     """
     if params.num_samples < 1:
         raise ValueError("num_samples must be >= 1")
@@ -566,6 +603,7 @@ def sample_k(lm, prompts: Sequence[str] | Sequence[Sequence[int]], params: Sampl
     # bad values fail here, before any forward pass; token ids are checked against the logits' width
     # once there are logits (the tokenizer's length can differ from the model's vocabulary)
     penalties.check(params)
+    path = pick_sampler(sampler, lm.device)
     if not prompts:
         return []
     tok, model = lm.tokenizer, lm.model
@@ -577,7 +615,7 @@ def sample_k(lm, prompts: Sequence[str] | Sequence[Sequence[int]], params: Sampl
     eos = _eos_ids(lm)
     finisher = _Finisher(tok, params, eos, ignore_eos)
     total = max(len(x) for x in all_ids) + params.max_new_tokens
-    fast = not lm.is_seq2seq and _supports_shared_prefix(model, total)
+    fast = path == "shared_prefix" and not lm.is_seq2seq and _supports_shared_prefix(model, total)
 
     bar = None
     if progress:
@@ -635,11 +673,13 @@ def _prefill_call_prefix(lm, ids: list[int], prefix_cache: dict) -> None:
 
 
 def complete(lm, prompts: Sequence[str], params: SamplingParams, *, batch_size: int = 8,
-             add_special_tokens: bool = True, progress: bool = True, desc: str = "generating") -> list[list[str]]:
+             add_special_tokens: bool = True, progress: bool = True, desc: str = "generating",
+             sampler: str = "auto") -> list[list[str]]:
     """``params.num_samples`` completions per prompt: batched greedy/sampled ``generate`` for one,
-    the shared-prefill sampler (each prompt's prefill computed once) for several."""
+    ``sample_k`` for several (the shared-prefill sampler, or ``generate``: ``sampler``)."""
+    pick_sampler(sampler, lm.device)  # a bad choice fails whatever num_samples is
     if params.num_samples == 1:
         return generate(lm, prompts, params, batch_size=batch_size, add_special_tokens=add_special_tokens,
                         progress=progress, desc=desc)
     return [[s.text for s in samples] for samples in
-            sample_k(lm, prompts, params, add_special_tokens=add_special_tokens, progress=progress)]
+            sample_k(lm, prompts, params, add_special_tokens=add_special_tokens, progress=progress, sampler=sampler)]

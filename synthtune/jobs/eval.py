@@ -73,7 +73,7 @@ def evaluate_model(cfg: EvalConfig, lm, rows: list[dict], pool: list[dict], prog
                             num_samples=cfg.k, stop=stop, seed=cfg.seed, calculator=cfg.calculator)
     t0 = time.perf_counter()
     comps = complete(lm, texts, params, batch_size=cfg.batch_size, add_special_tokens=add_special,
-                     progress=progress, desc=f"eval {lm.name}")
+                     progress=progress, desc=f"eval {lm.name}", sampler=cfg.sampler)
     seconds = time.perf_counter() - t0
     scored, summary = score_rows([{"question": r["question"], "answer": r["answer"], "completions": c}
                                   for r, c in zip(rows, comps, strict=True)])

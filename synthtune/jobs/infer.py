@@ -24,7 +24,8 @@ def infer_inputs(lm, rows: list[dict], fmt: str) -> tuple[list[str], bool, tuple
 def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None = None,
           input_path: str | None = None, out_path: str | None = None, k: int = 1, temperature: float = 0.7,
           max_new_tokens: int = 256, fmt: str = "plain", batch_size: int = 8, seed: int = 0,
-          device: str | None = None, calculator: bool = False, progress: bool = True) -> list[dict]:
+          device: str | None = None, calculator: bool = False, sampler: str = "auto",
+          progress: bool = True) -> list[dict]:
     """Rows ``{question, completions, answers}`` (plus the input row's fields), also written as JSONL."""
     from synthtune.data.answers import extract_answer
     from synthtune.data.jsonl import read_jsonl, write_jsonl
@@ -43,7 +44,7 @@ def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None =
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if k > 1 else 0.0,
                             num_samples=k, stop=stop, seed=seed, calculator=calculator)
     outs = complete(lm, texts, params, batch_size=batch_size, add_special_tokens=add_special,
-                    progress=progress, desc="infer")
+                    progress=progress, desc="infer", sampler=sampler)
     results = [{**r, "completions": c, "answers": [extract_answer(t) for t in c], "model": lm.name}
                for r, c in zip(rows, outs, strict=True)]
     if out_path:
@@ -56,4 +57,4 @@ def run(cfg: InferConfig, *, progress: bool = True) -> list[dict]:
     return infer(cfg.model, adapter=cfg.adapter, prompts=cfg.prompt or None, input_path=cfg.input, out_path=cfg.out,
                  k=cfg.k, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, fmt=cfg.prompt_format,
                  batch_size=cfg.batch_size, seed=cfg.seed, device=cfg.device, calculator=cfg.calculator,
-                 progress=progress)
+                 sampler=cfg.sampler, progress=progress)

@@ -452,7 +452,8 @@ class Engine:
     """The base model with its adapters; only the worker thread calls ``run``."""
 
     def __init__(self, model: str, adapters: Sequence[str] = (), *, served_name: str | None = None,
-                 device: str | None = None, seed: int = 0, context: int | None = None):
+                 device: str | None = None, seed: int = 0, context: int | None = None, sampler: str = "auto"):
+        from synthtune.generation.sampler import resolve_sampler
         from synthtune.models import check_adapter_dir, load_with_adapter
 
         self.base_name = served_name or model
@@ -468,6 +469,8 @@ class Engine:
         for name, path in named[1:]:
             self.lm.model.load_adapter(path, adapter_name=name)
         self.lm.model.eval()
+        # what sample_k runs (shared_prefix or generate), resolved once for this model on its device
+        self.sampler = resolve_sampler(self.lm, sampler)
         self.adapters = dict(named)
         self.names = names
         self.context = context_length(self.lm, context)
@@ -587,7 +590,7 @@ class Engine:
                                 presence_penalty=first.presence_penalty, frequency_penalty=first.frequency_penalty,
                                 logit_bias=dict(first.logit_bias) or None, calculator=first.calculator)
         with self._adapter(first.model):
-            out = sample_k(self.lm, ids, params, batch_size=len(ids), abort=abort)
+            out = sample_k(self.lm, ids, params, batch_size=len(ids), abort=abort, sampler=self.sampler)
         results, pos = [], 0
         for req in group:
             results.append([[self._raw(s, first.stop) for s in out[pos + j]] for j in range(len(req.ids))])
@@ -1432,7 +1435,7 @@ def serve(model: str, adapters: Sequence[str] = (), *, host: str = "127.0.0.1", 
         torch.set_num_threads(threads)
     try:
         engine = Engine(model, adapters, served_name=served_name, device=device, seed=seed,
-                        context=limits.context_length)
+                        context=limits.context_length, sampler=limits.sampler)
         app = build_app(engine, limits, api_key=api_key, max_batch=max_batch, batch_window_ms=batch_window_ms,
                         log=log)
     except BaseException:
@@ -1443,8 +1446,8 @@ def serve(model: str, adapters: Sequence[str] = (), *, host: str = "127.0.0.1", 
         if not _is_loopback(host) and api_key is None:
             log(f"warning: listening on {host} without an API key: anyone who can reach this port can use the model")
         ctx = f"context {engine.context} tokens" if engine.context else "context unknown (only the budget bounds it)"
-        log(f"models: {', '.join(engine.names)} ({engine.lm.device}); batching up to {max_batch} prompts within "
-            f"{batch_window_ms:g} ms; {ctx}; max_request_tokens={limits.max_request_tokens} "
+        log(f"models: {', '.join(engine.names)} ({engine.lm.device}, sampler {engine.sampler}); batching up to "
+            f"{max_batch} prompts within {batch_window_ms:g} ms; {ctx}; max_request_tokens={limits.max_request_tokens} "
             f"max_inflight_tokens={limits.max_inflight_tokens} max_connections={app.max_connections} "
             f"read_timeout={limits.read_timeout:g}s")
         log(f"serving on {url}")

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from synthtune.generation.base import SamplingParams
-from synthtune.generation.sampler import Sample, sample_k
+from synthtune.generation.sampler import Sample, resolve_sampler, sample_k
 from synthtune.synth.prompts import Prompt
 
 BACKENDS = ("hf", "openai")
@@ -36,10 +36,12 @@ class HFBackend:
     name = "hf"
     chat_on_server = False
 
-    def __init__(self, lm, batch_size: int = 1):
+    def __init__(self, lm, batch_size: int = 1, sampler: str = "auto"):
         self.lm = lm
         self.model_name = lm.name
         self.batch_size = batch_size
+        # the path sample_k takes, resolved for this model on its device (a bad choice fails here)
+        self.sampler = resolve_sampler(lm, sampler)
 
     @property
     def tokenizer(self):
@@ -53,11 +55,12 @@ class HFBackend:
         if not prompts:
             return []
         return sample_k(self.lm, [p.text for p in prompts], params,
-                        add_special_tokens=prompts[0].add_special_tokens, batch_size=self.batch_size)
+                        add_special_tokens=prompts[0].add_special_tokens, batch_size=self.batch_size,
+                        sampler=self.sampler)
 
 
 def make_backend(name: str, model: str, *, device: str | None = None, seed: int = 0,
-                 trust_remote_code: bool = False, batch_size: int = 1) -> HFBackend:
+                 trust_remote_code: bool = False, batch_size: int = 1, sampler: str = "auto") -> HFBackend:
     from synthtune.errors import ConfigError
     from synthtune.models import load_model
 
@@ -65,7 +68,7 @@ def make_backend(name: str, model: str, *, device: str | None = None, seed: int 
         raise ConfigError(f"unknown backend {name!r} for a local model; available: hf (and openai, which "
                           f"needs endpoints: see backend_for)")
     lm = load_model(model, device=device, seed=seed, trust_remote_code=trust_remote_code)
-    return HFBackend(lm, batch_size=batch_size)
+    return HFBackend(lm, batch_size=batch_size, sampler=sampler)
 
 
 def check_calculator_backend(cfg) -> None:
@@ -99,4 +102,4 @@ def backend_for(cfg):
         raise ConfigError(f"endpoints are only used by backend=openai (backend={cfg.backend}); add --backend openai "
                           f"to generate on those servers")
     return make_backend(cfg.backend, cfg.model, device=cfg.device, seed=cfg.seed,
-                        trust_remote_code=cfg.trust_remote_code)
+                        trust_remote_code=cfg.trust_remote_code, sampler=cfg.sampler)

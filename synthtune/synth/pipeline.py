@@ -43,6 +43,7 @@ import yaml
 from synthtune import paths
 from synthtune.config import SynthConfig, save_config, to_dict
 from synthtune.data.answers import extract_answer, extract_gold, is_computed
+from synthtune.data.calculator import CHECK_VERSION
 from synthtune.data.gsm8k import is_test_source, load_source
 from synthtune.data.jsonl import append_jsonl, read_appended, write_jsonl
 from synthtune.errors import ConfigError, DataError
@@ -74,7 +75,8 @@ RATIONALE_SEED_OFFSET = 1_000_003
 #: Settings that change what a question's samples are, or which of them are kept; a rerun must
 #: match them to resume (or pass allow_changed_settings). batch_size is one: a batch's seed is
 #: derived from its position. Left out on purpose: where and how fast samples are drawn
-#: (endpoints, concurrency, retries, device), how many rounds (a rerun with more rounds continues
+#: (endpoints, concurrency, retries, device, sampler: like a device, it changes the draws, never what
+#: a sample is or how it is judged), how many rounds (a rerun with more rounds continues
 #: the failed questions) and which questions (limit: a rerun with a larger one adds questions).
 FINGERPRINT_KEYS = ("model", "backend", "served_model", "questions", "exemplars", "exemplar_pool_size", "shots",
                     "strategy", "prompt_format", "seed", "use_gold",
@@ -283,11 +285,21 @@ def repair_state(out_dir: Path, state: RunState) -> None:
 def _fingerprint(cfg: SynthConfig) -> dict:
     # prompt_version is no setting: it names the prompt text this synthtune renders for the same settings.
     # hint_version names the rationalization hint's text, recorded only by runs that use it (a run
-    # without rationalization is the same whatever the hint says).
+    # without rationalization is the same whatever the hint says); check_version, likewise, the
+    # calculator check's rules, recorded by runs that filter on it.
     fp = {**{k: getattr(cfg, k) for k in FINGERPRINT_KEYS}, "prompt_version": PROMPT_VERSION}
     if cfg.rationalize:
         fp["hint_version"] = HINT_VERSION
+    if _uses_checker(fp):
+        fp["check_version"] = CHECK_VERSION
     return fp
+
+
+def _uses_checker(settings: dict) -> bool:
+    """Whether a run with these settings keeps rows by ``check_calculations`` (``min_calc`` above 0, or
+    rationalization's ``derived`` stage). A setting missing from an old fingerprint counts as its default."""
+    min_calc = settings.get("min_calc", SynthConfig.min_calc)
+    return bool(settings.get("rationalize")) or (isinstance(min_calc, (int, float)) and min_calc > 0)
 
 
 def _previous_settings(out_dir: Path) -> tuple[dict, bool] | None:
@@ -338,6 +350,8 @@ def _check_resume(out_dir: Path, cfg: SynthConfig, log: Callable[[str], None]) -
     # A run that recorded no prompt_version predates it: its prompts were version 1; likewise the
     # settings added later were off in it.
     old = {"prompt_version": 1, **ADDED_LATER, **old}
+    if "check_version" not in old and _uses_checker(old):
+        old["check_version"] = 1  # it checked calculations before their rules were recorded
     diff = {k: (old[k], v) for k, v in new.items() if k in old and old[k] != v}
     unknown = [k for k in FINGERPRINT_KEYS if k not in old]
     changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -527,7 +541,10 @@ def _run(cfg: SynthConfig, backend, out_dir: Path, items: list[Item], pool: list
     fmt, stop = prompt_setup(cfg, backend)
     chat_on_server = getattr(backend, "chat_on_server", False)
     endpoints = getattr(backend, "endpoints", None)
-    via = f", {backend.name} backend ({backend.model_name}{f' on {len(endpoints)} endpoints' if endpoints else ''})"
+    where = f" on {len(endpoints)} endpoints" if endpoints else ""
+    if getattr(backend, "sampler", None):
+        where += f", sampler {backend.sampler}"
+    via = f", {backend.name} backend ({backend.model_name}{where})"
     log(f"synth: {len(items)} questions from {cfg.questions}, {len(pool)} exemplars from {ex_spec}, "
         f"{cfg.shots}-shot {fmt} prompts, k={cfg.k}, up to {cfg.rounds} rounds{via} -> {out_dir}")
     if cfg.rationalize:
