@@ -95,8 +95,8 @@ SEED = {"ge": 0, "le": 2 ** 32 - 1}
 #: One option for every command that draws k samples with a local model (the choices are
 #: synthtune.generation.sampler.SAMPLERS; this module stays free of torch).
 SAMPLER = dict(help="how a local model draws k samples: auto = the shared-prefill sampler on CPU, HF's batched "
-               "generate(num_return_sequences=k) on a GPU (each measured the faster there: bench/RESULTS.md); "
-               "shared_prefix or generate forces one. Greedy output is the same on both; sampled draws differ",
+               "generate(num_return_sequences=k) on any accelerator (faster on one measured H200 shape: "
+               "bench/RESULTS.md); shared_prefix or generate forces one. Sampled draws differ between them",
                choices=["auto", "shared_prefix", "generate"])
 
 

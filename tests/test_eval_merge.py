@@ -92,22 +92,32 @@ def test_eval_few_shot_and_sampling(tmp_path):
     assert s["k"] == 3 and s["n_completions"] == 6 and "maj_at_k" in s and "pass_at_k" in s
 
 
-def test_eval_and_infer_take_the_sampler_option(tmp_path):
-    # greedy k=2: HF's batched generate (auto's pick on a GPU) answers what the shared-prefill sampler does
+def test_eval_and_infer_take_the_sampler_option(tmp_path, monkeypatch):
+    # greedy k=2: HF's batched generate (auto's pick on a GPU) answers what the shared-prefill sampler does,
+    # and sampler=generate really reaches sample_k (its shared-prefill path is made to fail)
+    import synthtune.generation.sampler as sampler_module
     from synthtune.config import EvalConfig
     from synthtune.jobs.eval import run_eval
     from synthtune.jobs.infer import infer
 
-    evals, infers = [], []
-    for sampler in ("shared_prefix", "generate"):
+    def run(sampler: str):
         run_eval(EvalConfig(model="tiny-llama", limit=2, k=2, temperature=0.0, max_new_tokens=6, sampler=sampler,
                             out=str(tmp_path / sampler)), progress=False)
         rows = [json.loads(line) for line in (tmp_path / sampler / "base_outputs.jsonl").read_text().splitlines()]
-        evals.append([r["completions"] for r in rows])
-        infers.append([r["completions"] for r in infer("tiny-llama", prompts=["2+2?", "3+3?"], k=2, temperature=0.0,
-                                                       max_new_tokens=6, sampler=sampler, progress=False)])
-    for outs in (evals, infers):
-        assert outs[0] == outs[1] and len(outs[0]) == 2 and all(len(c) == 2 for c in outs[0])
+        return ([r["completions"] for r in rows],
+                [r["completions"] for r in infer("tiny-llama", prompts=["2+2?", "3+3?"], k=2, temperature=0.0,
+                                                 max_new_tokens=6, sampler=sampler, progress=False)])
+
+    shared = run("shared_prefix")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the shared-prefill path ran")
+
+    monkeypatch.setattr(sampler_module, "_sample_batch_shared", refuse)
+    assert run("generate") == shared
+    assert all(len(outs) == 2 and all(len(c) == 2 for c in outs) for outs in shared)
+    with pytest.raises(AssertionError, match="shared-prefill path ran"):
+        run("shared_prefix")
     with pytest.raises(ValueError, match="sampler must be one of"):
         infer("tiny-llama", prompts=["2+2?"], sampler="fastest", progress=False)
 

@@ -579,20 +579,30 @@ def test_a_batch_that_fails_is_rerun_request_by_request(engine):
 
 
 @pytest.mark.integration  # loads a second serving engine, ~2 s
-def test_the_sampler_option_reaches_the_engine(engine):
+def test_the_sampler_option_reaches_the_engine(engine, monkeypatch):
     """--sampler generate (what auto picks on a GPU) serves n samples through HF's batched generate:
     greedy, the same text the shared-prefill sampler gives."""
+    import synthtune.generation.sampler as sampler_module
     from synthtune.jobs.serve import Engine, parse_request
 
     other = Engine("tiny-llama", device="cpu", sampler="generate")
     assert (engine.sampler, other.sampler) == ("shared_prefix", "generate")
-    texts = []
-    for e in (engine, other):
+
+    def served(e):
         req = parse_request({**_good(3), "n": 2}, chat=False, models=e.names)
         e.prepare(req, BUDGET)
         e.run([req])
-        texts.append([raw for raw, _, _ in req.samples[0]])
-    assert texts[0] == texts[1] and len(texts[0]) == 2 and texts[0][0]
+        return [raw for raw, _, _ in req.samples[0]]
+
+    shared = served(engine)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the shared-prefill path ran")
+
+    monkeypatch.setattr(sampler_module, "_sample_batch_shared", refuse)
+    assert served(other) == shared and len(shared) == 2 and shared[0]
+    with pytest.raises(AssertionError, match="shared-prefill path ran"):
+        served(engine)
 
 
 @pytest.mark.integration  # loads a serving engine, ~2 s

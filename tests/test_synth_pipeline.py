@@ -249,12 +249,13 @@ def test_a_run_kept_under_older_calculation_rules_is_not_silently_mixed(tmp_path
     logs = []
     _quiet(replace(cfg, allow_changed_settings=True), log=logs.append)
     assert any("check_version: 1 -> 2" in m for m in logs)
+    fp = json.loads((out / "fingerprint.json").read_text())
+    assert fp["check_version"] == 2 and fp["changes"][-1]["settings"] == {"check_version": [1, 2]}
     # a run that never filters on the check neither records nor compares its rules
     unchecked = _cfg(tmp_path, out=str(tmp_path / "unchecked"), rounds=1, limit=3, min_calc=0.0)
     _quiet(unchecked)
     fp_path = tmp_path / "unchecked" / "fingerprint.json"
     assert "check_version" not in json.loads(fp_path.read_text())
-    _quiet(replace(unchecked, limit=4))
 
 
 def _damage_missing_status(out):

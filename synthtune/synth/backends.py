@@ -31,7 +31,8 @@ class Backend(Protocol):
 
 
 class HFBackend:
-    """Local transformers model; causal models share each prompt's prefill among its k samples."""
+    """Local transformers model: on CPU a causal model's k samples share their prompt's prefill; on an
+    accelerator, or with ``sampler="generate"``, HF's batched ``generate`` draws them (``pick_sampler``)."""
 
     name = "hf"
     chat_on_server = False
