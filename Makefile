@@ -1,5 +1,6 @@
 # make demo      -> builds .venv/ if needed, then runs the README's main job on the embedded model
-# make test      -> builds .venv/ if needed, then lint + lock check + the whole test suite and the doctests
+# make test      -> builds .venv/ if needed, then lint + lock check + the whole test suite and the doctests,
+#                   on TEST_WORKERS pytest workers (default 2; TEST_WORKERS=0 runs them in this process)
 # make test-fast -> the unit tests and doctests only (no processes, servers, training or notebooks), ~1 min
 # make lock      -> re-resolves poetry.lock (LOCK_ARGS=--regenerate to take the newest versions the ranges
 #                   allow) and rewrites constraints.txt from it; commit both once `make test` passes on them
@@ -54,13 +55,10 @@ $(STAMP): pyproject.toml poetry.lock $(CONSTRAINTS)
 	@test -n "$(TORCH_SPEC)" || { echo "$(CONSTRAINTS) pins no torch: run make lock" >&2; exit 1; }
 	@$(MAKE) --no-print-directory $(POETRY_STAMP)
 	@$(EXPORT_HASHED) > $(LOCKED_REQS)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile --require-hashes --no-deps -r $(LOCKED_REQS)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -c $(CONSTRAINTS) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --require-hashes --no-deps -r $(LOCKED_REQS)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c $(CONSTRAINTS) "$(TORCH_SPEC)"
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	$(BIN)/python -m pip check
-	@# pip compiles bytecode one file at a time (~70 s of setup here); this uses every core. A file
-	@# that does not compile (packages ship templates named .py) is skipped, as pip skips it.
-	$(BIN)/python -c 'import compileall, sysconfig; compileall.compile_dir(sysconfig.get_path("purelib"), quiet=2, workers=0)'
 	@$(BIN)/python -c 'import torch; print("torch", torch.__version__, "cuda" if torch.cuda.is_available() else "cpu")'
 	@touch $@
 
