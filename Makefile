@@ -1,6 +1,6 @@
 # make demo      -> builds .venv/ if needed, then runs the README's main job on the embedded model
 # make test      -> builds .venv/ if needed, then lint + lock check + the whole test suite and the doctests,
-#                   on TEST_WORKERS pytest workers (default 2; TEST_WORKERS=0 runs them in this process)
+#                   on TEST_WORKERS pytest workers (default 2; TEST_WORKERS=0: one process, e.g. for --pdb)
 # make test-fast -> the unit tests and doctests only (no processes, servers, training or notebooks), ~1 min
 # make lock      -> re-resolves poetry.lock (LOCK_ARGS=--regenerate to take the newest versions the ranges
 #                   allow) and rewrites constraints.txt from it; commit both once `make test` passes on them
@@ -86,9 +86,9 @@ lock-check: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# One pytest worker per core (pytest-xdist), each with one torch thread: most of the suite is
-# subprocesses (launches, servers, notebooks, the CLI) and small-model torch, so two workers keep
-# both cores busy where one left a core idle; two workers of two threads each thrash instead.
+# Two pytest workers (pytest-xdist; the reference machine has 2 cores), each with one torch thread:
+# most of the suite is subprocesses (launches, servers, notebooks, the CLI) and small-model torch, so
+# two workers keep both cores busy where one left a core idle; two workers of two threads each thrash.
 # PASSIVE: an idle OpenMP thread sleeps instead of spinning on a core another process needs.
 TEST_WORKERS ?= 2
 test: $(STAMP) lock-check lint

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from multirank_helpers import expected_lrs
+from multirank_helpers import expected_lrs, free_port
 from safetensors.torch import load_file
 
 from synthtune.config import TrainConfig, load_config
@@ -34,8 +34,10 @@ def _cfg(tmp_path, name="run", **kw) -> TrainConfig:
 
 
 def _launch(config_file: str, *overrides: str, timeout=600):
+    # a free port, not the config's: make test runs two pytest workers, and so two launches at once
     cmd = [ACCELERATE, "launch", "--config_file", str(REPO / "configs" / "accelerate" / config_file),
-           str(REPO / "fine_tune" / "train.py"), "--config", str(SMOKE), *overrides]
+           "--main_process_port", str(free_port()), str(REPO / "fine_tune" / "train.py"), "--config", str(SMOKE),
+           *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -394,7 +396,8 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_and_the_run_resumes(tmp_p
               "trace_memory=false"]
     script = [str(REPO / "fine_tune" / "train.py"), "--config", str(SMOKE), *common]
     cmd = ([sys.executable, *script] if launcher == "python" else
-           [ACCELERATE, "launch", "--config_file", str(REPO / "configs" / "accelerate" / launcher), *script])
+           [ACCELERATE, "launch", "--config_file", str(REPO / "configs" / "accelerate" / launcher),
+            "--main_process_port", str(free_port()), *script])
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     lines: list[str] = []
