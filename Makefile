@@ -92,7 +92,7 @@ lint: $(STAMP)
 # PASSIVE: an idle OpenMP thread sleeps instead of spinning on a core another process needs.
 TEST_WORKERS ?= 2
 test: $(STAMP) lock-check lint
-	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest --hypothesis-profile=gate -n $(TEST_WORKERS) $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest --hypothesis-profile=gate -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 # Tests marked `integration` (pyproject.toml) are the slow tier: they launch the CLI, servers and
 # multi-rank runs, train, or execute the notebooks. What is left answers in about a minute.

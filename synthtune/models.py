@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -291,17 +292,59 @@ _LOAD_TIME_TOKENIZER_KEYS = ("is_local", "local_files_only")
 # Attributes we change at run time (left padding for batched generation) and put back: the saved
 # file keeps the value the base's file had, or none when the base had none.
 _RUNTIME_TOKENIZER_KEYS = ("padding_side", "truncation_side")
+# The Rust backend's padding and truncation as loaded, per tokenizer. transformers sets both on
+# every call (`padding=True` turns backend padding on until the next unpadded call) and
+# `save_pretrained` writes whatever the last call left into tokenizer.json; a weak map, so a
+# dropped tokenizer takes its entry with it.
+_LOADED_BACKEND_STATE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _backend_state(tokenizer) -> tuple[dict | None, dict | None] | None:
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # slow (pure-Python) tokenizers have none
+    return None if backend is None else (backend.padding, backend.truncation)
+
+
+def _set_backend_state(tokenizer, state: tuple[dict | None, dict | None]) -> None:
+    backend = tokenizer.backend_tokenizer
+    padding, truncation = state
+    if padding is None:
+        backend.no_padding()
+    else:
+        backend.enable_padding(**padding)
+    if truncation is None:
+        backend.no_truncation()
+    else:
+        backend.enable_truncation(**truncation)
+
+
+def _remember_loaded_state(tokenizer):
+    """Record the backend's padding/truncation as the files had them, for `save_tokenizer`."""
+    state = _backend_state(tokenizer)
+    if state is not None:
+        _LOADED_BACKEND_STATE[tokenizer] = state
+    return tokenizer
 
 
 def save_tokenizer(tokenizer, directory: str | Path) -> Path:
-    """``save_pretrained``, with a ``tokenizer_config.json`` equal to the one the tokenizer was loaded from.
+    """``save_pretrained``, with ``tokenizer_config.json`` and ``tokenizer.json`` equal to the files the tokenizer was loaded from.
 
-    transformers writes the current padding side (we set ``left`` to generate), this machine's
-    ``is_local``/``local_files_only``, and the pad token we stand in for a base that has none;
-    none of that was learned, so none of it is saved. Returns the ``tokenizer_config.json`` path.
+    transformers writes the current padding side (we set ``left`` to generate), the backend's
+    padding and truncation as the last call left them, this machine's ``is_local``/``local_files_only``,
+    and the pad token we stand in for a base that has none; none of that was learned, so none of it is saved. Returns the ``tokenizer_config.json`` path.
     """
     directory = Path(directory)
-    tokenizer.save_pretrained(str(directory))
+    now = _backend_state(tokenizer)
+    if now is None:
+        tokenizer.save_pretrained(str(directory))
+    else:
+        # tokenizer.json with the padding/truncation the tokenizer was loaded with (none for one
+        # we did not load: transformers sets both per call, so the file's values only matter to
+        # plain `tokenizers` users), then this process's state back as it was
+        _set_backend_state(tokenizer, _LOADED_BACKEND_STATE.get(tokenizer, (None, None)))
+        try:
+            tokenizer.save_pretrained(str(directory))
+        finally:
+            _set_backend_state(tokenizer, now)
     path = directory / "tokenizer_config.json"
     cfg = json.loads(path.read_text(encoding="utf-8"))
     loaded = getattr(tokenizer, "init_kwargs", {}) or {}
@@ -374,8 +417,7 @@ def _hub_error(name: str, err: Exception) -> ModelError:
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return tok
+    return _remember_loaded_state(AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code))
 
 
 def load_model(name_or_path: str = EMBEDDED_MODEL, *, device: str | None = None, dtype: str | None = None,

@@ -64,3 +64,21 @@ def pytest_collection_modifyitems(items):
     for item in items:
         if "synthtune_bin" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.integration)
+    _heavy_modules_first(items)
+
+
+def _heavy_modules_first(items) -> None:
+    """Whole modules in order of their share of integration tests, the heaviest first.
+
+    With two workers and `--dist worksteal`, the long launches start at once and the many short
+    unit tests fill the gaps at the end, instead of one worker finishing a launch-heavy file
+    alone. Modules stay contiguous (their fixtures are built once per worker) and keep their own
+    order; the sort is stable and the same on every worker, as xdist requires.
+    """
+    counts: dict[str, list[int]] = {}
+    for item in items:
+        c = counts.setdefault(item.nodeid.split("::")[0], [0, 0])
+        c[0] += item.get_closest_marker("integration") is not None
+        c[1] += 1
+    share = {module: heavy / total for module, (heavy, total) in counts.items()}
+    items.sort(key=lambda item: -share[item.nodeid.split("::")[0]])

@@ -122,6 +122,34 @@ def test_saved_tokenizer_equals_the_base_tokenizer(machines):
     assert (adapter / "chat_template.jinja").read_text() == (base / "chat_template.jinja").read_text()
 
 
+@pytest.mark.parametrize("base_truncation", [None, {"max_length": 7, "stride": 0, "strategy": "longest_first",
+                                                      "direction": "right"}])
+def test_a_padded_call_before_the_save_leaves_tokenizer_json_as_the_base_had_it(tmp_path, base_truncation):
+    # A padded call turns the Rust backend's padding on and leaves it on; save_pretrained wrote
+    # that into tokenizer.json (seen after the in-training eval, when no unpadded call followed).
+    from tokenizers import Tokenizer
+
+    from synthtune.models import load_tokenizer, save_tokenizer
+
+    base = tmp_path / "base"
+    shutil.copytree(build_tiny_model("tiny-llama"), base, ignore=shutil.ignore_patterns(".*"))
+    if base_truncation is not None:  # a base whose file configures the backend must keep it
+        raw = Tokenizer.from_file(str(base / "tokenizer.json"))
+        raw.enable_truncation(**base_truncation)
+        raw.save(str(base / "tokenizer.json"))
+    tok = load_tokenizer(str(base))
+    tok.padding_side = "left"
+    tok(["a", "a much longer line of text"], return_tensors="pt", padding=True, truncation=True, max_length=5)
+    during = (tok.backend_tokenizer.padding, tok.backend_tokenizer.truncation)
+    assert during[0] is not None  # the state this test is about
+    save_tokenizer(tok, tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
+    assert saved == json.loads((base / "tokenizer.json").read_text())
+    assert (saved["truncation"] or {}).get("max_length") == (base_truncation or {}).get("max_length")
+    # this process keeps what its last call set: only the file is the base's
+    assert (tok.backend_tokenizer.padding, tok.backend_tokenizer.truncation) == during
+
+
 def test_generation_left_pads_only_while_it_runs(tiny_llama):
     from synthtune.generation.base import SamplingParams, generate
 
