@@ -17,7 +17,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from multirank_helpers import free_port
 from safetensors.torch import load_file
 
 from synthtune.config import TrainConfig, load_config
@@ -44,12 +44,6 @@ WORLD = 2
 # (question, the digits its chain writes, gold): 1 and 234 are right, 56 is not 99
 QUESTIONS = [("How many apples", "1", "1"), ("How many pears", "234", "234"), ("How many plums", "56", "99")]
 ONE_PROC_ACCUMULATION = 4  # = 2 accumulation steps x 2 ranks: the same examples per optimizer step
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def child_env(**extra: str) -> dict:
