@@ -90,8 +90,9 @@ lint: $(STAMP)
 # most of the suite is subprocesses (launches, servers, notebooks, the CLI) and small-model torch, so
 # two workers keep both cores busy where one left a core idle; two workers of two threads each thrash.
 # PASSIVE: an idle OpenMP thread sleeps instead of spinning on a core another process needs.
-# worksteal, with tests/conftest.py putting the launch-heavy modules first: the long launches start at
-# once and the short unit tests fill the end, where an idle worker takes over the other's queue.
+# worksteal gives each worker one half of the list; tests/conftest.py puts the launch-heavy modules first,
+# so one worker starts on them and the other on the unit tests, then takes the back half of the busy
+# worker's queue again and again: both end on short tests, not one on a long launch while the other idles.
 TEST_WORKERS ?= 2
 test: $(STAMP) lock-check lint
 	OMP_NUM_THREADS=1 OMP_WAIT_POLICY=PASSIVE $(BIN)/python -m pytest --hypothesis-profile=gate -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)

@@ -330,7 +330,9 @@ def save_tokenizer(tokenizer, directory: str | Path) -> Path:
 
     transformers writes the current padding side (we set ``left`` to generate), the backend's
     padding and truncation as the last call left them, this machine's ``is_local``/``local_files_only``,
-    and the pad token we stand in for a base that has none; none of that was learned, so none of it is saved. Returns the ``tokenizer_config.json`` path.
+    and the pad token we stand in for a base that has none; none of that was learned, so none of it is saved.
+    The backend's padding and truncation are known for tokenizers from ``load_tokenizer``/``load_model``;
+    one loaded another way (or a copy) is saved with neither. Returns the ``tokenizer_config.json`` path.
     """
     directory = Path(directory)
     now = _backend_state(tokenizer)
@@ -340,8 +342,8 @@ def save_tokenizer(tokenizer, directory: str | Path) -> Path:
         # tokenizer.json with the padding/truncation the tokenizer was loaded with (none for one
         # we did not load: transformers sets both per call, so the file's values only matter to
         # plain `tokenizers` users), then this process's state back as it was
-        _set_backend_state(tokenizer, _LOADED_BACKEND_STATE.get(tokenizer, (None, None)))
         try:
+            _set_backend_state(tokenizer, _LOADED_BACKEND_STATE.get(tokenizer, (None, None)))
             tokenizer.save_pretrained(str(directory))
         finally:
             _set_backend_state(tokenizer, now)

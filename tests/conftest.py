@@ -70,10 +70,12 @@ def pytest_collection_modifyitems(items):
 def _heavy_modules_first(items) -> None:
     """Whole modules in order of their share of integration tests, the heaviest first.
 
-    With two workers and `--dist worksteal`, the long launches start at once and the many short
-    unit tests fill the gaps at the end, instead of one worker finishing a launch-heavy file
-    alone. Modules stay contiguous (their fixtures are built once per worker) and keep their own
-    order; the sort is stable and the same on every worker, as xdist requires.
+    `--dist worksteal` gives each worker one half of this list: one starts on the launches, the
+    other on the unit tests, and whichever runs dry takes the back half of the other's queue. So
+    both workers end on short tests, instead of one finishing a launch-heavy file while the other
+    idles. Modules stay contiguous (a module fixture is built again only where a steal splits its
+    module) and keep their own order; the sort is stable and the same on every worker, as xdist
+    requires.
     """
     counts: dict[str, list[int]] = {}
     for item in items:

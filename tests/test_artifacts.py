@@ -122,9 +122,14 @@ def test_saved_tokenizer_equals_the_base_tokenizer(machines):
     assert (adapter / "chat_template.jinja").read_text() == (base / "chat_template.jinja").read_text()
 
 
-@pytest.mark.parametrize("base_truncation", [None, {"max_length": 7, "stride": 0, "strategy": "longest_first",
-                                                      "direction": "right"}])
-def test_a_padded_call_before_the_save_leaves_tokenizer_json_as_the_base_had_it(tmp_path, base_truncation):
+@pytest.mark.parametrize("base_padding, base_truncation", [
+    (None, None),
+    (None, {"max_length": 7, "stride": 0, "strategy": "longest_first", "direction": "right"}),
+    ({"direction": "right", "pad_to_multiple_of": 8, "pad_id": 0, "pad_token": "<pad>"},
+     {"max_length": 9, "stride": 2, "strategy": "only_first", "direction": "left"}),
+], ids=["plain", "truncating", "padding-and-truncating"])
+def test_a_padded_call_before_the_save_leaves_tokenizer_json_as_the_base_had_it(tmp_path, base_padding,
+                                                                                 base_truncation):
     # A padded call turns the Rust backend's padding on and leaves it on; save_pretrained wrote
     # that into tokenizer.json (seen after the in-training eval, when no unpadded call followed).
     from tokenizers import Tokenizer
@@ -133,9 +138,12 @@ def test_a_padded_call_before_the_save_leaves_tokenizer_json_as_the_base_had_it(
 
     base = tmp_path / "base"
     shutil.copytree(build_tiny_model("tiny-llama"), base, ignore=shutil.ignore_patterns(".*"))
-    if base_truncation is not None:  # a base whose file configures the backend must keep it
+    if base_padding or base_truncation:  # a base whose file configures the backend must keep it
         raw = Tokenizer.from_file(str(base / "tokenizer.json"))
-        raw.enable_truncation(**base_truncation)
+        if base_padding:
+            raw.enable_padding(**base_padding)
+        if base_truncation:
+            raw.enable_truncation(**base_truncation)
         raw.save(str(base / "tokenizer.json"))
     tok = load_tokenizer(str(base))
     tok.padding_side = "left"
@@ -146,6 +154,7 @@ def test_a_padded_call_before_the_save_leaves_tokenizer_json_as_the_base_had_it(
     saved = json.loads((tmp_path / "saved" / "tokenizer.json").read_text())
     assert saved == json.loads((base / "tokenizer.json").read_text())
     assert (saved["truncation"] or {}).get("max_length") == (base_truncation or {}).get("max_length")
+    assert (saved["padding"] or {}).get("pad_to_multiple_of") == (base_padding or {}).get("pad_to_multiple_of")
     # this process keeps what its last call set: only the file is the base's
     assert (tok.backend_tokenizer.padding, tok.backend_tokenizer.truncation) == during
 
