@@ -38,7 +38,6 @@
 # and the run names `carry: [".whl", ".gpu"]`.
 set -u
 cd "$(dirname "$0")/.."
-ROOT=$PWD
 OUT=${OUT:-/tmp/gpu_train_check_out}
 mkdir -p "$OUT"
 DRY=${GPU_CHECK_DRY:-0}
@@ -46,42 +45,8 @@ BUDGET=${GPU_CHECK_BUDGET_S:-330}   # seconds for the whole script; the last run
 PY=${PYTHON:-python3}
 RUNS=${GPU_CHECK_RUNS:-ul2_lora_single ul2_lora_zero3 llama1b_lora llama1b_full padding}
 T0=$SECONDS
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-export SYNTHTUNE_CACHE_DIR=${SYNTHTUNE_CACHE_DIR:-/tmp/stcache} SYNTHTUNE_OUTPUTS_DIR=${SYNTHTUNE_OUTPUTS_DIR:-/tmp/stout}
 RUNS_DIR=/tmp/gpu_train_check_runs
-
-if [ "$DRY" != 1 ] && [ -d .whl ]; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "FATAL: wheel install failed"; exit 1; }
-  if ! $PY -c "import pyarrow,sys; sys.exit(int(pyarrow.__version__.split('.')[0]) < 24)" 2>/dev/null \
-     && ls .whl/extra/pyarrow-*.whl >/dev/null 2>&1; then
-    echo "device pyarrow missing or < 24: installing the carried one"
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/extra/pyarrow-*.whl
-  fi
-  export PYTHONPATH=/tmp/site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
-  export DS_ACCELERATOR=cuda   # the wheel was built on a CPU machine and records accelerator_name='cpu'
-else
-  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-fi
-echo "wheels ready after $((SECONDS - T0)) s"
-
-{
-  date -u +%FT%TZ
-  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || echo "no nvidia-smi"
-  $PY - <<'EOF'
-import importlib, sys
-print("python", sys.version.split()[0])
-for m in ("torch", "transformers", "peft", "accelerate", "deepspeed", "datasets", "pyarrow", "tokenizers", "nvitop"):
-    try:
-        mod = importlib.import_module(m)
-        print(m, getattr(mod, "__version__", "?"), getattr(mod, "__file__", ""))
-    except Exception as e:  # noqa: BLE001
-        print(m, "IMPORT FAILED:", repr(e)[:300])
-import torch
-print("cuda", torch.version.cuda, "available", torch.cuda.is_available(),
-      torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
-EOF
-} 2>&1 | tee "$OUT/env.txt"
+. bench/gpu_env.sh   # wheels, environment, $OUT/env.txt
 
 UL2=configs/models/flan-ul2
 LLAMA=configs/models/llama-3.2-1b-shape
@@ -109,15 +74,6 @@ fi
 COMMON="random_init=true data=bundled:train eval_data=bundled:test eval_steps=0 eval_accuracy_samples=2 \
 eval_max_new_tokens=16 save_steps=0 log_with=none logging_steps=4 warmup_steps=2 gradient_accumulation_steps=1 \
 max_steps=$STEPS"
-
-# seconds a step may take: its cap or what is left of the budget; 0 = skip (not selected, or no time)
-slot() {
-  local name=$1 cap=$2 left=$((BUDGET - (SECONDS - T0)))
-  case " $RUNS " in *" $name "*) ;; *) echo 0; return;; esac
-  local t=$((cap < left ? cap : left))
-  if [ "$t" -lt 25 ]; then echo "=== $name SKIPPED: only ${left}s of the budget left" >&2; echo 0; return; fi
-  echo "$t"
-}
 
 # run NAME CAP_S ACCEL_YAML [train.py args...]
 run() {

@@ -6,6 +6,9 @@ Run (CPU, repo root; the issue's setting):
 GPU, random-init SmolLM2-135M-shaped model in bf16, random 2,057-token prompt (imports only torch,
 transformers and synthtune.generation.sampler from the checkout):
     python bench/sampling_bench.py --random-init --device cuda --out $OUT/sampling_bench_h200.json
+With --profile DIR, each of --profile-variants then runs once more under torch.profiler: DIR gets
+its op table (sampling_profile_<variant>.txt, by self device time on a GPU) and the JSON its aten op
+and kernel-launch counts per new token, to see where sample_k's many small ops go on a GPU.
 
 Every variant decodes exactly --new tokens per sample (EOS is suppressed: ``min_new_tokens`` for
 generate, ``ignore_eos=True`` for sample_k) with the same sampling settings, so all do the same
@@ -137,6 +140,30 @@ def run_variant(name, lm, ids, args, sampler):
     return sum(s.n_tokens for s in res[0])
 
 
+def profile_variants(names, lm, ids, args, sampler, out_dir: Path) -> dict:
+    """Each variant once under torch.profiler: the op table to ``out_dir``, the counts returned."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = str(lm.device).startswith("cuda")
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    found = {}
+    for name in names:
+        sync(args.device)
+        with profile(activities=activities) as prof:
+            tokens = run_variant(name, lm, ids, args, sampler)
+            sync(args.device)
+        avg = prof.key_averages()
+        table = avg.table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total", row_limit=40)
+        (out_dir / f"sampling_profile_{name}.txt").write_text(table + "\n")
+        aten = sum(e.count for e in avg if e.key.startswith("aten::"))
+        launches = sum(e.count for e in avg if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel"))
+        found[name] = {"new_tokens": tokens, "aten_ops": aten, "aten_ops_per_new_token": round(aten / tokens, 1),
+                       "kernel_launches": launches, "kernel_launches_per_new_token": round(launches / tokens, 1)}
+        print(f"  profile {name}: {found[name]}", flush=True)
+    return found
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -153,6 +180,8 @@ def main():
     ap.add_argument("--top-k", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="write the results as JSON here")
+    ap.add_argument("--profile", type=Path, help="also profile --profile-variants, writing their op tables here")
+    ap.add_argument("--profile-variants", default="hf,ours")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     sampler = load_sampler(args.random_init)
@@ -192,13 +221,16 @@ def main():
         ratio = f"{r['tok_per_s'] / base['tok_per_s']:.2f}x" if base else "-"
         r["vs_workshop"] = r["tok_per_s"] / base["tok_per_s"] if base else None
         print(f"| {r['label']} | {r['seconds']:.2f} | {r['new_tokens']} | {r['tok_per_s']:.1f} | {ratio} |")
+    profiled = (profile_variants(args.profile_variants.split(","), lm, ids, args, sampler, args.profile)
+                if args.profile else None)
     env["loadavg_end"] = os.getloadavg()
     print(json.dumps({"loadavg_end": env["loadavg_end"]}))
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps({"env": env, "model": model_desc, "prompt": prompt_desc,
                                               "prompt_tokens": len(ids), "k": args.k, "new": args.new,
-                                              "argv": sys.argv, "rows": rows}, indent=2))
+                                              "argv": sys.argv, "rows": rows,
+                                              **({"profile": profiled} if profiled else {})}, indent=2))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,15 @@ class ServerProcess:
     def lines(self, pattern: str) -> list[str]:
         return [line for line in self.log.read_text(errors="replace").splitlines() if re.search(pattern, line)]
 
+    def logged(self, pattern: str, n: int = 1, timeout: float = 10) -> list[str]:
+        """``lines``, once ``n`` match (or what matches after ``timeout``): the server writes a request's
+        access line after the client has its response, so on a loaded machine it can come a moment later."""
+        def enough():
+            found = self.lines(pattern)
+            return found if len(found) >= n else None
+
+        return wait_for(enough, timeout) or self.lines(pattern)
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         """Signal the process group and wait; SIGKILL if it does not exit within ``timeout``."""
         if self.proc.poll() is None:

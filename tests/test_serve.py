@@ -273,7 +273,7 @@ def test_log_lines_escape_what_clients_send(server):
     assert status == 404
     text = server.log.read_text(errors="replace")
     assert "\x1b" not in text and "\x07" not in text and "\nfake log line" not in text
-    assert server.lines(r"GET /v1/\\x1b\[2J\\x1b\]0;pwned\\x07") and server.lines(r"evil\\x1b\[31m\\nfake log line")
+    assert server.logged(r"GET /v1/\\x1b\[2J\\x1b\]0;pwned\\x07") and server.logged(r"evil\\x1b\[31m\\nfake log line")
 
 
 @pytest.mark.integration  # spawns synthtune serve processes
@@ -290,7 +290,7 @@ def test_departed_clients_lose_their_work(server):
         time.sleep(0.1)
     busy.join(timeout=120)
     assert wait_for(lambda: len(server.lines(r"dropped before generation")) > dropped_before, 30)
-    assert server.lines(r'"POST /v1/completions" 499')
+    assert server.logged(r'"POST /v1/completions" 499')
     # a long generation (9 x ~2,000 tokens) whose only client leaves part-way stops early
     long = json.dumps({"model": "tiny-llama", "prompt": "x", "n": 9, "max_tokens": 2000}).encode()
     with connect(server.url) as sock:
@@ -407,7 +407,7 @@ def test_model_retrieve_and_health_routes(server):
     answers = reply.split(b"HTTP/1.1 ")[1:]
     assert [a[:3] for a in answers] == [b"200", b"200", b"405"], reply[:400]
     assert all(b"Content-Length: 0\r\n\r\n" in a for a in answers[:2])
-    assert server.lines(r'"GET /health" 200')
+    assert server.logged(r'"GET /health" 200')
 
 
 @pytest.mark.integration  # spawns synthtune serve processes
@@ -469,7 +469,7 @@ def test_chunked_bodies_are_read_within_the_same_cap(server):
             assert resp.status == 200 and json.loads(resp.read())["choices"] == want
     finally:
         conn.close()
-    assert server.lines(r'"POST /v1/completions" 200')
+    assert server.logged(r'"POST /v1/completions" 200')
 
     head = (f"POST /v1/completions HTTP/1.1\r\nAuthorization: Bearer {KEY}\r\nTransfer-Encoding: chunked\r\n"
             f"Connection: close\r\n\r\n").encode()

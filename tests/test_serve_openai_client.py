@@ -141,4 +141,4 @@ def test_errors_come_back_as_the_clients_exceptions(client, server):
         with pytest.raises(openai.AuthenticationError) as err:
             wrong.models.list()
     assert err.value.status_code == 401 and err.value.code == "invalid_api_key"
-    assert server.lines(r'"GET /v1/models/acme%2Ftiny-llama" 200')  # retrieve's id, percent-encoded
+    assert server.logged(r'"GET /v1/models/acme%2Ftiny-llama" 200')  # retrieve's id, percent-encoded
