@@ -25,7 +25,7 @@ loop ran first would pay for the shapes of all the others. An untimed one-step `
 before the timed ones, for the same reason.
 
 Throughput is steady-state real tokens/s: the first ``--warmup`` steps are left out. The plain
-loop times each step. ``train()`` runs twice, ``--warmup`` steps and ``--steps`` steps (the same
+loop times the span of its steady steps. ``train()`` runs twice, ``--warmup`` steps and ``--steps`` steps (the same
 first steps, same seed): the differences of their loop seconds and tokens are the steady steps'.
 Both wall-clock and process CPU time are reported (``*_cpu``: tokens per CPU-second of the whole
 process, all threads): on a CPU shared with other jobs the CPU-time ratio is the steadier one.
@@ -43,11 +43,13 @@ idle time here); on a GPU it also counts the device time the host syncs cost.
 
 On a CUDA GPU (picked when present, as ``train()`` picks it) the plain loop runs on the GPU with the
 recipe's precision (bf16 weights and/or bf16 autocast, as ``resolve_precision`` says for ``train()``),
-the steady span is timed between two ``torch.cuda.synchronize()`` (none per step: the plain loop
-has no host sync at all), ``train()``'s span ends on a logging step (``--steps`` a multiple of
-``--warmup``), which reads the loss and so waits for the device, and memory is the peak of
-``torch.cuda.max_memory_allocated`` above the allocation at the start of the run: live tensors,
-so every run's peak is comparable, not only the first.
+the steady span is timed between two ``torch.cuda.synchronize()`` (none per step in the loop
+itself; the batch copies are non-blocking, while accelerate's loader in ``train()`` copies
+blocking: a cost of ours, counted), ``train()``'s span ends on its last step, which always logs
+and so reads the loss and waits for the device, and memory is the peak of
+``torch.cuda.max_memory_allocated`` above the allocation at the start of the run: live tensors
+(collected between runs), so every run's peak is comparable, not only the first. The CPU-time
+ratios mean little there: a CUDA sync spins on the CPU.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ import argparse
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,9 +117,15 @@ def on_device(batch: dict) -> dict:
     return {k: v.to(DEVICE, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+def mask_bf16(cfg: TrainConfig) -> bool:
+    """``train()``'s choice of mask dtype for packed batches."""
+    prec = resolve_precision(cfg, CUDA, CUDA and torch.cuda.is_bf16_supported())
+    return "bf16" in (prec.weights_dtype, prec.mixed_precision)
+
+
 def step_batches(cfg: TrainConfig, tok, seq2seq: bool) -> list[dict]:
     """The batches ``train()`` trains on, in its order (one process, no accumulation)."""
-    data = build_train_data(cfg, tok, seq2seq)
+    data = build_train_data(cfg, tok, seq2seq, mask_bf16=mask_bf16(cfg))
     loader, out, epoch = data.train_loader, [], 0
     while len(out) < cfg.max_steps:
         loader.sampler.set_epoch(epoch)
@@ -183,8 +192,11 @@ def our_loop(cfgs: dict[int, TrainConfig], batches: list[dict], seq2seq: bool) -
     """``train()`` for the warm-up steps, then for all steps: the difference is the steady part."""
     runs = {}
     for steps, cfg in cfgs.items():
+        gc.collect()  # accelerate's forward wrapper makes a reference cycle: the last run's model goes now
         c = time.process_time()
         s = train(cfg, progress=False)
+        # the saved model: a full 1B one is ~5 GB of disk per run
+        shutil.rmtree(Path(cfg.output_dir) / "final", ignore_errors=True)
         runs[steps] = (s["train_seconds"], time.process_time() - c, s["train_tokens_run"], s)
         expected = sum(batch_tokens(b, seq2seq) for b in batches[:steps])
         if s["train_tokens_run"] != expected:
@@ -197,10 +209,10 @@ def our_loop(cfgs: dict[int, TrainConfig], batches: list[dict], seq2seq: bool) -
 
 def probe_loss(base: Path, model_name: str, impl: str, rows: int, extra: list[str]) -> dict:
     """Peak memory of one forward + backward of a packed batch of ``rows`` full rows (in a fresh process)."""
-    pcfg = load_config(TrainConfig, base, [f"model={model_name}", "packing=true", f"per_device_batch_size={rows}",
-                                           "eval_data=null", *extra])
+    pcfg = load_config(TrainConfig, base, [f"model={model_name}", *extra, "packing=true",
+                                           f"per_device_batch_size={rows}", "eval_data=null"])
     model, tok, seq2seq, autocast = plain_model(pcfg)
-    batch = on_device(next(iter(build_train_data(pcfg, tok, seq2seq).train_loader)))
+    batch = on_device(next(iter(build_train_data(pcfg, tok, seq2seq, mask_bf16=mask_bf16(pcfg)).train_loader)))
     with Peak(interval_s=0.01) as p:
         with autocast():
             loss = step_loss_sum(model, batch, seq2seq, impl)
@@ -250,6 +262,7 @@ def bench_model(base: Path, model: str, steps: int, warmup: int, extra: list[str
         # one untimed train() first: the first call in a process pays one-time costs (imports,
         # lazy initialization) that would land in the short run and inflate the difference's rate
         train(config(base, model, 1, 1, Path(tmp) / "warm", extra), progress=False)
+        shutil.rmtree(Path(tmp) / "warm" / "final", ignore_errors=True)
         ours = {}
         for impl in impls:
             name = IMPLS[impl]
@@ -306,9 +319,8 @@ def main() -> None:
     for spec in a.models.split(","):
         model, _, steps = spec.partition(":")
         steps = int(steps) if steps else a.steps
-        if steps <= a.warmup or steps % a.warmup:
-            # a multiple: train()'s last step is then a logging step, whose loss read waits for the device
-            raise SystemExit(f"{model}: steps ({steps}) must be a multiple of --warmup ({a.warmup}) above it")
+        if steps <= a.warmup:
+            raise SystemExit(f"{model}: steps ({steps}) must be more than --warmup ({a.warmup})")
         if a.loss_only:
             rows.append({"model": model, "loss_peak": loss_peak(a.config, model, a.loss_batch, a.threads, a.set)})
             print(f"{model}: {rows[-1]['loss_peak']}", file=sys.stderr)

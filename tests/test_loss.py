@@ -155,3 +155,28 @@ def test_chunked_loss_trains_like_the_standard_loss(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     assert runs["chunked"]["memory"]["estimate"]["per_gpu_gib"] < runs["standard"]["memory"]["estimate"]["per_gpu_gib"]
+
+
+def test_chunked_loss_runs_the_head_under_the_forwards_autocast():
+    # accelerate's bf16 autocast wraps the model's forward only; the chunked loss runs the lm_head
+    # after it, and ran it in fp32 (on a 128k vocabulary, the step's largest matmul) until it
+    # took over the autocast state the head saw inside the forward
+    model, seq2seq = _model("tiny-llama", "full", [])
+    inner = model.forward
+
+    def forward(*args, **kwargs):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return inner(*args, **kwargs)
+
+    model.forward = forward
+    seen = []
+    # (the capture's own empty output, during the forward, is not a head matmul)
+    model.get_output_embeddings().register_forward_hook(lambda mod, args, out: out.shape[-1] and seen.append(out.dtype))
+    batch = CountingCollator(CausalCollator(0), seq2seq)(ROWS)
+    standard = step_loss_sum(model, batch, seq2seq, "standard")
+    assert seen == [torch.bfloat16]
+    seen.clear()
+    chunked = step_loss_sum(model, batch, seq2seq, "chunked", chunk_tokens=5)
+    chunked.backward()  # the checkpointed chunks recompute under the same autocast
+    assert seen and set(seen) == {torch.bfloat16}
+    assert chunked.item() == pytest.approx(standard.item(), rel=1e-3)

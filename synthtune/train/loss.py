@@ -140,7 +140,9 @@ def chunked_loss_problem(model_config) -> str | None:
 @contextlib.contextmanager
 def capture_head_input(model):
     """While active, the model's output layer (lm_head) records its input and returns an empty
-    ``(..., 0)`` tensor instead of the full-vocabulary logits. Yields ``(head, captured)``.
+    ``(..., 0)`` tensor instead of the full-vocabulary logits. Yields ``(head, captured)``:
+    ``captured`` gets ``(input, autocast)`` per call, ``autocast`` the autocast state the head ran
+    under (None when off), so the loss can run the head as the forward would have.
 
     The input is taken at the lm_head rather than from ``output_hidden_states``, so whatever a
     model does between its last layer and the head is included: the final norm, and T5's
@@ -152,7 +154,12 @@ def capture_head_input(model):
     previous = head.__dict__.get("forward")  # an instance-level forward set by someone else
 
     def capture(x, *args, **kwargs):
-        captured.append(x)
+        import torch
+
+        kind = x.device.type
+        # accelerate's bf16 autocast wraps the model's forward only: the chunked loss runs after it
+        on = torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)
+        captured.append((x, torch.get_autocast_dtype(kind) if on else None))
         return x.new_empty((*x.shape[:-1], 0))
 
     head.forward = capture
@@ -171,14 +178,17 @@ def _chunk_loss(head, hidden, labels):
     return F.cross_entropy(head(hidden).float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def chunked_token_loss_sum(hidden, head, labels, is_seq2seq: bool, chunk_tokens: int = LOSS_CHUNK_TOKENS):
+def chunked_token_loss_sum(hidden, head, labels, is_seq2seq: bool, chunk_tokens: int = LOSS_CHUNK_TOKENS,
+                           autocast_dtype=None):
     """:func:`token_loss_sum` from the lm_head's input, ``chunk_tokens`` rows of logits at a time.
 
     Each chunk's head + cross-entropy runs under activation checkpointing: its forward keeps
     nothing but its inputs, and the backward recomputes that chunk's logits alone. So the fp32
     full-vocabulary logits of the whole batch never exist; the price is one more lm_head matmul
     per token in the backward. Causal labels are shifted left (a -100 fills the last position)
-    instead of slicing the hidden states, which would copy them.
+    instead of slicing the hidden states, which would copy them. ``autocast_dtype``: the head's
+    matmuls run under autocast to it (and the checkpoint's recompute with them), as inside the
+    model's forward; None leaves the autocast state as it is.
     """
     import torch
     from torch.utils.checkpoint import checkpoint
@@ -189,9 +199,10 @@ def chunked_token_loss_sum(hidden, head, labels, is_seq2seq: bool, chunk_tokens:
     h = hidden.reshape(-1, hidden.shape[-1])
     y = labels.reshape(-1)
     total = None
-    for hc, yc in zip(h.split(chunk_tokens), y.split(chunk_tokens), strict=True):
-        part = checkpoint(_chunk_loss, head, hc, yc, use_reentrant=False)
-        total = part if total is None else total + part
+    with torch.autocast(h.device.type, dtype=autocast_dtype) if autocast_dtype is not None else contextlib.nullcontext():
+        for hc, yc in zip(h.split(chunk_tokens), y.split(chunk_tokens), strict=True):
+            part = checkpoint(_chunk_loss, head, hc, yc, use_reentrant=False)
+            total = part if total is None else total + part
     return total
 
 
@@ -213,4 +224,5 @@ def step_loss_sum(model, batch: dict, is_seq2seq: bool, loss_impl: str = "standa
     if len(captured) != 1:
         raise RuntimeError(f"loss_impl=chunked: the output layer ran {len(captured)} times in one forward "
                            "(expected once); use loss_impl=standard for this model")
-    return chunked_token_loss_sum(captured[0], head, batch["labels"], is_seq2seq, chunk_tokens)
+    hidden, autocast_dtype = captured[0]
+    return chunked_token_loss_sum(hidden, head, batch["labels"], is_seq2seq, chunk_tokens, autocast_dtype)
