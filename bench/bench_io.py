@@ -8,6 +8,8 @@ import platform
 from datetime import datetime, timezone
 from pathlib import Path
 
+from synthtune.files import atomic_write_text
+
 
 def machine(**extra) -> dict:
     """Date and machine; the load average says whether other jobs shared the CPU."""
@@ -26,4 +28,5 @@ def emit(result: dict, out: Path | None) -> None:
 def write_json(result: dict, out: Path) -> None:
     """Write the result as indented JSON (the record a results table is generated from)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    # atomic: a bench that rewrites its file as it goes (loop_bench) can be killed mid-write
+    atomic_write_text(out, json.dumps(result, indent=2) + "\n")

@@ -21,7 +21,8 @@
 # as gpu_train_check.sh does. Data: GSM8K train from .gpu/gsm8k when carried, else the bundled 36 rows.
 # Each run writes $OUT/<run>.json (commit as bench/results/loop_bench_<card>_<run>.json and
 # sampling_bench_<card>_profile.json, with the profile tables: see bench/README.md); a failing or
-# timed-out run is logged and the script goes on. Runs go in RUNS' default order, the most wanted
+# timed-out run is logged and the script goes on, and a timed-out loop_bench run leaves the runs it
+# finished in its JSON (marked "partial": true). Runs go in RUNS' default order, the most wanted
 # first; the budget (8 min) cuts the tail. About 5-8 min on an H200 (not yet run on one).
 set -u
 cd "$(dirname "$0")/.."

@@ -49,7 +49,10 @@ blocking: a cost of ours, counted), ``train()``'s span ends on its last step, wh
 and so reads the loss and waits for the device, and memory is the peak of
 ``torch.cuda.max_memory_allocated`` above the allocation at the start of the run: live tensors
 (collected between runs), so every run's peak is comparable, not only the first. The CPU-time
-ratios mean little there: a CUDA sync spins on the CPU.
+ratios mean little there (a CUDA sync spins on the CPU), so they are left out on a GPU.
+
+The output file is written after each run (``"partial": true`` until the last), so a bench killed
+by a time limit keeps the runs it finished.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from contextlib import nullcontext  # noqa: E402
 
-from bench_io import emit, machine  # noqa: E402
+from bench_io import emit, machine, write_json  # noqa: E402
 
 from synthtune.config import TrainConfig, load_config  # noqa: E402
 from synthtune.memory.trace import MemoryTracer  # noqa: E402
@@ -243,7 +246,9 @@ def loss_peak(base: Path, model_name: str, rows: int, threads: int, extra: list[
 
 
 def bench_model(base: Path, model: str, steps: int, warmup: int, extra: list[str], loss_rows: int, threads: int,
-                impls: list[str]) -> dict:
+                impls: list[str], save=lambda row: None) -> dict:
+    """One model's row. ``save(row)`` gets the row so far after each run, so that a run killed by a
+    time limit (the GPU check gives each a cap) still leaves the runs it finished on disk."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = config(base, model, steps, warmup, Path(tmp) / "ours", extra)
         path = resolve_model(model)
@@ -259,6 +264,7 @@ def bench_model(base: Path, model: str, steps: int, warmup: int, extra: list[str
         with Peak() as p:
             row["plain_cold"] = plain_loop(cfg, batches, warmup)
         row["plain_cold"][PEAK_KEY] = p.mib
+        save(row)
         # one untimed train() first: the first call in a process pays one-time costs (imports,
         # lazy initialization) that would land in the short run and inflate the difference's rate
         train(config(base, model, 1, 1, Path(tmp) / "warm", extra), progress=False)
@@ -271,17 +277,20 @@ def bench_model(base: Path, model: str, steps: int, warmup: int, extra: list[str
             with Peak() as p:
                 ours[name] = our_loop(cfgs, batches, seq2seq)
             ours[name][PEAK_KEY] = p.mib
+            row[name] = ours[name]
+            save(row)
         with Peak() as p:
             row["plain"] = plain_loop(cfg, batches, warmup)
         row["plain"][PEAK_KEY] = p.mib
         for name, r in ours.items():
-            row[name] = r
             row[f"{name}_vs_plain"] = round(r["tokens_per_s"] / row["plain"]["tokens_per_s"], 3)
-            row[f"{name}_vs_plain_cpu"] = round(r["tokens_per_cpu_s"] / row["plain"]["tokens_per_cpu_s"], 3)
+            if not CUDA:  # a CUDA sync spins on the CPU: CPU time there is not the loop's work
+                row[f"{name}_vs_plain_cpu"] = round(r["tokens_per_cpu_s"] / row["plain"]["tokens_per_cpu_s"], 3)
+        save(row)
         if loss_rows:
             row["loss_peak"] = loss_peak(base, model, loss_rows, threads, extra)
-    said = ", ".join(f"{name} {row[name]['tokens_per_s']} ({row[f'{name}_vs_plain']}x wall, "
-                     f"{row[f'{name}_vs_plain_cpu']}x CPU time)" for name in ours)
+    said = ", ".join(f"{name} {row[name]['tokens_per_s']} ({row[f'{name}_vs_plain']}x wall"
+                     + (f", {row[f'{name}_vs_plain_cpu']}x CPU time)" if not CUDA else ")") for name in ours)
     print(f"{model} {' '.join(extra)}: plain {row['plain']['tokens_per_s']} tok/s, {said}", file=sys.stderr)
     return row
 
@@ -316,6 +325,15 @@ def main() -> None:
     card = torch.cuda.get_device_name(0) if CUDA else "cpu"
     out = a.out or REPO / "bench" / "results" / f"loop_bench_{'cpu' if not CUDA else card_slug(card)}.json"
     rows = []
+    versions = {"torch": torch.__version__, **({"cuda": torch.version.cuda} if CUDA else {})}
+    for name in ("transformers", "peft", "accelerate"):
+        versions[name] = __import__(name).__version__
+    head = {"bench": "loop_bench", "device": card, "torch_threads": torch.get_num_threads(), **versions}
+
+    def save_partial(row: dict) -> None:
+        # "partial": the last row lacks runs still to come; the finished document below drops the key
+        write_json({**head, "partial": True, "rows": [*rows, row], **machine()}, out)
+
     for spec in a.models.split(","):
         model, _, steps = spec.partition(":")
         steps = int(steps) if steps else a.steps
@@ -325,12 +343,9 @@ def main() -> None:
             rows.append({"model": model, "loss_peak": loss_peak(a.config, model, a.loss_batch, a.threads, a.set)})
             print(f"{model}: {rows[-1]['loss_peak']}", file=sys.stderr)
         else:
-            rows.append(bench_model(a.config, model, steps, a.warmup, a.set, a.loss_batch, a.threads, impls))
-    versions = {"torch": torch.__version__, **({"cuda": torch.version.cuda} if CUDA else {})}
-    for name in ("transformers", "peft", "accelerate"):
-        versions[name] = __import__(name).__version__
-    emit({"bench": "loop_bench", "device": card, "torch_threads": torch.get_num_threads(), **versions,
-          "rows": rows, **machine()}, out)
+            rows.append(bench_model(a.config, model, steps, a.warmup, a.set, a.loss_batch, a.threads, impls,
+                                    save=save_partial))
+    emit({**head, "rows": rows, **machine()}, out)
 
 
 def card_slug(name: str) -> str:

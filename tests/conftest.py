@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,27 @@ settings.register_profile("explore", print_blob=True)
 REPO = Path(__file__).resolve().parents[1]
 # The CLI under test is the one `make` installed next to this interpreter.
 SYNTHTUNE = str(Path(sys.executable).parent / "synthtune")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _temp_dir_under_basetemp(tmp_path_factory):
+    """The suite's temporary files, and its subprocesses', go under pytest's basetemp, which pytest
+    prunes (it keeps the last three runs). Left in the system's temp dir, every run added a
+    ``torchelastic_*`` log dir per launched rank (torchrun never removes them) and the mkdtemp
+    directories of session-long fixtures."""
+    # torch's compile cache defaults to the temp dir too: keep it where it was, or every run would
+    # compile flex attention again
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
+                          os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp", numbered=False))
+    tempfile.tempdir = None  # recomputed from TMPDIR on next use
+    yield
+    if saved is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved
+    tempfile.tempdir = None
 
 
 @pytest.fixture(scope="session")

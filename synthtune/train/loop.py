@@ -538,7 +538,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> dict:
         "zero_stage": getattr(plugin, "zero_stage", None) if plugin is not None else None,
         "zero3_partitions": partitions, "attn_implementation": attn,
         "trainable_params": n_train, "total_params": n_total,
-        "train_tokens_run": tokens_run, "train_seconds": round(train_s, 2),
+        "train_tokens_run": tokens_run, "train_seconds": round(train_s, 3),  # ms: loop_bench differences two runs
         "tokens_per_s": round(tokens_run / max(train_s, 1e-9), 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
         "first_train_loss": train_losses[0] if train_losses else None,
