@@ -59,3 +59,21 @@ def test_missing_and_malformed_files_name_file_line_field(tmp_path):
 def test_rationale_split():
     assert rationale_and_answer("a\nb\n#### 1,234") == ("a\nb", "1,234")
     assert rationale_and_answer("no marker") == ("no marker", "")
+
+
+def test_every_reader_of_questions_refuses_a_question_that_is_not_text(tmp_path):
+    # {"question": 12} passed `data check` (0 problems) and crashed synthesis with an AttributeError
+    from synthtune.config import SynthConfig, load_config
+    from synthtune.data.gsm8k import load_source
+    from synthtune.data.validate import check_file
+    from synthtune.synth.pipeline import load_items
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": "#### 1"}) + "\n"
+                    + json.dumps({"question": 12, "answer": "#### 3"}) + "\n")
+    where = f"{path}:2: field 'question' is a number, not a string"
+    for read in (lambda: load_source(str(path)), lambda: check_file(path),
+                 lambda: load_items(load_config(SynthConfig, None, [f"questions={path}", "exemplars=bundled:train"]))):
+        with pytest.raises(DataError, match=where):
+            read()
+    assert check_file(path, lenient=True)["n_skipped"] == 1

@@ -51,8 +51,12 @@ def test_missing_field_message_names_file_line_field_and_fix(tmp_path):
         ('{"question": "q", "answer": null}', "field 'answer' is empty"),
         ('{"question": [], "answer": "1"}', "field 'question' is empty"),
         ('{"question": "q", "answer": 1', "is not valid JSON"),
-        ('["question", "answer"]', "holds a JSON list, not an object"),
-        ('"just a string"', "holds a JSON str, not an object"),
+        ('["question", "answer"]', "holds a list, not an object"),
+        ('"just a string"', "holds a string, not an object"),
+        # a number past Python's 4,300-digit int limit raised a bare ValueError, deep nesting a
+        # RecursionError: neither named the file or line, and both escaped lenient mode
+        ('{"question": "q", "answer": 1' + "0" * 5000 + "}", "cannot be read: Exceeds the limit (4300 digits)"),
+        ("[" * 100_000, "cannot be read: nests too deeply"),
         ("{'question': 'q'}", "is not valid JSON"),  # Python repr, a common mistake
     ],
 )
@@ -62,6 +66,27 @@ def test_bad_lines_raise_in_strict_mode(tmp_path, line, problem):
         read_jsonl(path, required=("question", "answer"))
     assert str(info.value).startswith(f"{path}:2: ")
     assert problem in str(info.value)
+
+
+@pytest.mark.parametrize(("row", "field", "problem"), [
+    ({"question": 12, "answer": "#### 3"}, "question", "is a number, not a string (write 'question' as a string)"),
+    ({"question": ["q"], "answer": "#### 3"}, "question", "is a list, not a string"),
+    ({"question": "q", "answer": {"n": 3}}, "answer", "is an object, not a string or a number"),
+    ({"question": "q", "answer": True}, "answer", "is a boolean, not a string or a number"),
+])
+def test_a_field_of_the_wrong_type_is_refused_on_its_line(tmp_path, row, field, problem):
+    # {"question": 12} passed the presence check and crashed synthesis with an AttributeError
+    path = _write(tmp_path / "x.jsonl", '{"question": "q", "answer": 3}\n' + json.dumps(row) + "\n")
+    types = {"question": (str,), "answer": (str, int, float)}
+    with pytest.raises(DataError) as info:
+        read_jsonl(path, required=("question",), types=types)
+    assert str(info.value).startswith(f"{path}:2: field '{field}' {problem}")
+    assert (info.value.line, info.value.field) == (2, field)
+    lenient = read_jsonl(path, required=("question",), types=types, lenient=True)
+    assert lenient.rows == [{"question": "q", "answer": 3}] and lenient.skipped[0][0] == 2
+    # an optional field may be absent or null
+    _write(path, '{"question": "q"}\n{"question": "q", "answer": null}\n')
+    assert len(read_jsonl(path, required=("question",), types=types)) == 2
 
 
 def test_answer_zero_is_not_empty(tmp_path):
@@ -266,6 +291,9 @@ def test_read_appended_drops_only_a_torn_tail(tmp_path):
     # the newline alone lost: the row is whole, and kept
     _write(path, whole[:-1])
     assert jsonl.read_appended(path)[0].rows == rows
+    # a file's only row, with a byte-order mark and no newline, is whole too (it was read as torn)
+    _write(path, "\ufeff" + json.dumps(rows[0]))
+    assert jsonl.read_appended(path) == (jsonl.JsonlResult(rows[:1], [], [1]), False)
     # a missing file is empty, not an error (a run that has not written yet)
     assert jsonl.read_appended(tmp_path / "none.jsonl") == (jsonl.JsonlResult(), False)
 
@@ -273,7 +301,8 @@ def test_read_appended_drops_only_a_torn_tail(tmp_path):
 @pytest.mark.parametrize(("content", "problem"), [
     (b'{"i": 0}\n{"i": "\xe2\x80"}\n{"i": 2}\n', ":2: is not valid UTF-8"),  # a torn character, mid-file
     (b'{"i": 0}\n{"i": 1, "tor\n{"i": 2}\n', ":2: is not valid JSON"),
-    (b'{"i": 0}\n[1, 2]', ":2: holds a JSON list"),  # a last line that parses is whole, so checked
+    (b'{"i": 0}\n[1, 2]', ":2: holds a list"),
+    (b'{"i": 0}\n{"i": 1' + b"0" * 5000 + b"}", ":2: cannot be read"),  # whole but unreadable: no torn write  # a last line that parses is whole, so checked
 ])
 def test_read_appended_refuses_damage_anywhere_but_the_tail(tmp_path, content, problem):
     path = _write(tmp_path / "log.jsonl", content)

@@ -267,7 +267,9 @@ def _match_value(match: re.Match[str]) -> Fraction | None:
         value = Fraction(int(body)) if "." not in body else Fraction(Decimal(body))
     except InvalidOperation:  # pragma: no cover - the grammar only admits valid decimals
         return None
-    if match["den"] is not None and int(match["den"]) != 0:
+    if match["den"] is not None:
+        if int(match["den"]) == 0:  # "5/0" is no number, and reading it as 5 would be a wrong one
+            return None
         value /= int(match["den"])
     if match["scale"] is not None:
         value *= _SCALES[match["scale"].lower()]
@@ -614,12 +616,19 @@ def _is_cut_off(completion: str) -> bool:
     return _prepared(completion)[1]
 
 
+_AFTER_ANSWER = " \t\r\n.,;:!?)*"
+
+
 def _repair_truncated(text: str, match: re.Match[str]) -> Fraction | None:
     """The full number a cut-off final number repeats, if the text shows it.
 
     Small models often loop ("... The answer is 18. The answer is 18. The answer is 1") until the token
     limit cuts the last number short.  When the words before the cut number occurred earlier followed
-    by a longer number starting with the same digits, that earlier number is what was being written.
+    by a longer number starting with the same digits, and the text between that number and the cut
+    one (past its punctuation) also came right before it, the text is such a loop and the earlier
+    number is what was being written.  Without the repeat it is no loop: "I first thought the answer
+    is 12, but 3 - 2 = 1, so the answer is 1" corrects its answer, and a completion whose stop string
+    was removed (``Sample.text`` is) ends in a number just as a cut-off one does.
     """
     if match.end() != len(text):
         return None
@@ -628,6 +637,7 @@ def _repair_truncated(text: str, match: re.Match[str]) -> Fraction | None:
         return None
     digits = match["body"]
     # The last earlier occurrence that shows such a number decides, so they are read from the end.
+    context_start = match.start() - len(context)
     pos = text.rfind(context, 0, match.start() - 1)
     while pos != -1:
         at = pos + len(context)
@@ -636,7 +646,8 @@ def _repair_truncated(text: str, match: re.Match[str]) -> Fraction | None:
         if text.find(digits, at, at + 4 + len(digits)) != -1:
             earlier = NUMBER_RE.match(text, at, at + _NUMBER_SPAN)
             if earlier is not None and len(earlier["body"]) > len(digits) and earlier["body"].startswith(digits):
-                return _match_value(earlier)
+                between = text[earlier.end(): context_start].lstrip(_AFTER_ANSWER)
+                return _match_value(earlier) if text.endswith(between, 0, pos) else None
         pos = text.rfind(context, 0, pos + len(context) - 1)
     return None
 
@@ -799,8 +810,12 @@ def extract_gold(text: str | int | float) -> str | None:
         normalized = normalize_number(first_line)
         if normalized is not None:
             return normalized
-        found = _first_number_at(_clean_latex(first_line), 0)
-        return None if found is None else _canonical(found[1])
+        # "#### 72 dollars" is 72, but "#### 1 1/2" is no 1: the line's only number is the answer
+        line = _clean_latex(first_line)
+        found = _first_number_at(line, 0)
+        if found is None or any(c.isdigit() for c in line[found[0].end():]):
+            return None
+        return _canonical(found[1])
     return normalize_number(text)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 from synthtune.errors import DataError
 from synthtune.files import atomic_write_bytes
 
-__all__ = ["DataError", "JsonlResult", "append_jsonl", "read_appended", "read_jsonl", "write_jsonl"]
+__all__ = ["DataError", "JsonlResult", "append_jsonl", "json_type", "read_appended", "read_jsonl", "write_jsonl"]
 
 #: Characters json.dumps(ensure_ascii=False) leaves raw that some line splitter breaks lines on.
 _RAW_BREAKS = re.compile("[\x85\u2028\u2029]")
@@ -68,8 +68,29 @@ def _required_hint(required: Sequence[str]) -> str:
     return f"each line needs a JSON object with {names}"
 
 
+#: How a JSON user names what ``json.loads`` returns, with its article.
+_TYPE_NAMES = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
+               list: "a list", dict: "an object"}
+
+
+def json_type(value: Any) -> str:
+    """How a JSON user would name the type of ``value``, with its article: "a list", "an object"."""
+    return _TYPE_NAMES.get(type(value), f"a {type(value).__name__}")
+
+
+def _type_names(kinds: tuple[type, ...]) -> str:
+    return " or ".join(dict.fromkeys(_TYPE_NAMES[k] for k in kinds))
+
+
+def _kind_error(value: Any, kinds: tuple[type, ...]) -> str | None:
+    """Why ``value`` is not one of ``kinds`` (bool is no number here), or None if it is."""
+    if isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool)):
+        return None
+    return f"is {json_type(value)}, not {_type_names(kinds)}"
+
+
 def _parse_line(
-    path: Path, lineno: int, raw: bytes, required: Sequence[str]
+    path: Path, lineno: int, raw: bytes, required: Sequence[str], types: Mapping[str, tuple[type, ...]] = {}
 ) -> dict[str, Any] | None:
     """Parse one physical line; None for blank lines, DataError for anything unusable."""
     try:
@@ -87,21 +108,34 @@ def _parse_line(
     except json.JSONDecodeError as exc:
         raise DataError(path, lineno, f"is not valid JSON: {exc.msg} at column {exc.colno}",
                         "each line must hold exactly one JSON object") from None
+    except (ValueError, RecursionError) as exc:  # a number past int's 4,300 digits; deep nesting
+        why = "nests too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0].rstrip(".")
+        raise DataError(path, lineno, f"cannot be read: {why}",
+                        "each line must hold one JSON object of ordinary size") from None
     if not isinstance(obj, dict):
-        raise DataError(path, lineno, f"holds a JSON {type(obj).__name__}, not an object",
+        raise DataError(path, lineno, f"holds {json_type(obj)}, not an object",
                         _required_hint(required) if required else "each line must be a JSON object")
     for name in required:
         if name not in obj:
             raise DataError(path, lineno, "is missing", _required_hint(required), field=name)
         if _is_empty(obj[name]):
             raise DataError(path, lineno, "is empty", _required_hint(required), field=name)
+    for name, kinds in types.items():
+        # an optional field may be absent or null; present, it must be of its kind
+        why = _kind_error(obj[name], kinds) if obj.get(name) is not None else None
+        if why:
+            raise DataError(path, lineno, why, f"write '{name}' as {_type_names(kinds)}", field=name)
     return obj
 
 
 def read_jsonl(
-    path: str | os.PathLike[str], required: Sequence[str] = (), lenient: bool = False
+    path: str | os.PathLike[str], required: Sequence[str] = (), lenient: bool = False,
+    types: Mapping[str, tuple[type, ...]] = {},
 ) -> JsonlResult:
     """Read a JSONL file, one JSON object per non-blank line.
+
+    ``required`` fields must be present and non-empty; a field in ``types`` (e.g. ``{"question":
+    (str,)}``), where present and not null, must be of one of its types (a JSON boolean is no number).
 
     Strict mode (the default) raises :class:`DataError` at the first bad line.  ``lenient=True``
     skips bad lines instead and records ``(line, reason)`` in ``skipped``: nothing is dropped
@@ -124,7 +158,7 @@ def read_jsonl(
         # and a stray '\r' from Windows line endings is just whitespace to json.loads.
         for lineno, raw in enumerate(fh, start=1):
             try:
-                obj = _parse_line(path, lineno, raw, required)
+                obj = _parse_line(path, lineno, raw, required, types)
             except DataError as exc:
                 if not lenient:
                     raise
@@ -166,9 +200,13 @@ def read_appended(path: str | os.PathLike[str], required: Sequence[str] = ()) ->
         # decodes, so a tail that does both is a whole row that only lost its newline: keep it.
         # Only a tail that fails to decode or parse is the torn write; a parsed one is checked as usual.
         try:
-            json.loads(tail.decode("utf-8"))
+            text = tail.decode("utf-8")
+            # the file's only line may start with a byte-order mark, as _parse_line allows
+            json.loads(text.removeprefix("\ufeff") if not lines else text)
         except (UnicodeDecodeError, json.JSONDecodeError):
             return result, True
+        except (ValueError, RecursionError):
+            pass  # whole but unreadable (a huge number, deep nesting): _parse_line says so, with its line
         obj = _parse_line(path, len(lines) + 1, tail, required)
         if obj is not None:
             result.rows.append(obj)

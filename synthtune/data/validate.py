@@ -11,6 +11,7 @@ from pathlib import Path
 
 from synthtune.data.answers import extract_gold
 from synthtune.data.calculator import check_calculations
+from synthtune.data.gsm8k import FIELD_TYPES, FIELDS
 from synthtune.data.jsonl import read_jsonl
 
 PREVIEW = 10
@@ -18,7 +19,7 @@ PREVIEW = 10
 
 def check_file(path: str | Path, lenient: bool = False) -> dict:
     """Validate fields (strict unless ``lenient``), final answers and calculator annotations."""
-    res = read_jsonl(path, required=("question", "answer"), lenient=lenient)
+    res = read_jsonl(path, required=FIELDS, lenient=lenient, types=FIELD_TYPES)
     problems: list[str] = [f"{path}:{line}: skipped: {reason}" for line, reason in res.skipped]
     no_final = 0
     checked = correct = unchecked = 0

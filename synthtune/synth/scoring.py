@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from synthtune.data.answers import extract_answer, extract_flexible, extract_gold, extract_strict
+from synthtune.data.jsonl import json_type
 from synthtune.data.lmeval_gsm8k import LmEvalResult, lm_eval_score
 from synthtune.errors import DataError
 from synthtune.synth.scorers import failure_reason
@@ -48,34 +49,27 @@ def _completions(row: dict[str, Any], source: str, line: int) -> list[str]:
     if has_one:
         value = row["completion"]
         if not isinstance(value, str):
-            raise DataError(source, line, f"is {_json_type(value)}, not a string", _HINT,
+            raise DataError(source, line, f"is {json_type(value)}, not a string", _HINT,
                             field="completion")
         return [value]
     value = row["completions"]
     if not isinstance(value, list):
-        raise DataError(source, line, f"is {_json_type(value)}, not a list of strings", _HINT,
+        raise DataError(source, line, f"is {json_type(value)}, not a list of strings", _HINT,
                         field="completions")
     if not value:
         raise DataError(source, line, "is an empty list", "give at least one completion per question",
                         field="completions")
     for i, item in enumerate(value):
         if not isinstance(item, str):
-            raise DataError(source, line, f"item {i} is {_json_type(item)}, not a string",
+            raise DataError(source, line, f"item {i} is {json_type(item)}, not a string",
                             "write a failed generation as an empty string", field="completions")
     return value
-
-
-def _json_type(value: Any) -> str:
-    """How a JSON user would name the type of ``value``, with its article: "a list", "an object"."""
-    names = {type(None): "null", bool: "a boolean", int: "a number", float: "a number", str: "a string",
-             list: "a list", dict: "an object"}
-    return names.get(type(value), f"a {type(value).__name__}")
 
 
 def _gold(row: dict[str, Any], source: str, line: int) -> str:
     value = row.get("answer")
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise DataError(source, line, f"is {_json_type(value)}, not a string or number", _HINT,
+        raise DataError(source, line, f"is {json_type(value)}, not a string or number", _HINT,
                         field="answer")
     gold = extract_gold(value)
     if gold is None:
@@ -156,7 +150,7 @@ def score_lines(
         line = lines[index] if lines is not None else index + 1
         try:
             if not isinstance(row, dict):
-                raise DataError(source, line, f"holds {_json_type(row)}, not an object", _HINT)
+                raise DataError(source, line, f"holds {json_type(row)}, not an object", _HINT)
             for name in REQUIRED:
                 if name not in row:
                     raise DataError(source, line, "is missing", _HINT, field=name)
