@@ -87,6 +87,8 @@ def _check(raw: bytes, chat: bool) -> None:
     assert req.fit_max_tokens == (body.get("max_tokens") is None and body.get("max_completion_tokens") is None)
     assert (req.max_tokens is None) == (chat and req.fit_max_tokens)
     assert req.max_tokens is None or 1 <= req.max_tokens <= 1 << 20
+    if body.get("max_completion_tokens") is not None:  # the newer name is read, never dropped
+        assert req.max_tokens == body["max_completion_tokens"]
     assert math.isfinite(req.temperature) and 0 <= req.temperature <= 2
     assert 0 < req.top_p <= 1 and req.top_k >= 0
     assert req.seed is None or 0 <= req.seed <= SEED_MAX

@@ -113,7 +113,9 @@ def test_a_request_over_the_token_budget_is_refused_naming_the_limit(server):
     assert status == 400 and err["error"]["code"] == "request_too_large"
     assert "max_request_tokens of 20,000" in err["error"]["message"] and "--max-request-tokens" in err["error"]["message"]
     # over the budget only once tokenized: the exact count is named
-    words = " ".join(["apples"] * 40)
+    # (a prompt within 8 characters a token of what the budget leaves it, 16 tokens here: a longer one
+    # is measured on a prefix and refused with "at least", test_a_flood_of_text_is_refused_...)
+    words = " ".join(["apples"] * 19)
     status, err = _post(server.url, {**BIG, "prompt": words})
     assert status == 400 and "needs " in err["error"]["message"] and "at least" not in err["error"]["message"]
     status, ok = _post(server.url, {**BIG, "n": 2, "max_tokens": 4})  # the same server still works
@@ -347,6 +349,7 @@ def test_token_ids_outside_the_vocabulary_or_malformed_get_a_400_naming_where(se
         (["text", [1, 2]], "prompt[1] is [1, 2]"),
         ([1, 1 << 40], "prompt[1] is 1099511627776"),
         ([], "prompt must be"),
+        ("", "prompt must be"),  # was accepted, then failed as "tokenizes to nothing"
     ]
     for prompt, message in cases:
         status, err = _post(server.url, {"model": "tiny-llama", "prompt": prompt, "max_tokens": 2})
@@ -636,6 +639,48 @@ def test_default_max_tokens_are_fitted_to_the_context_and_the_budget(engine):
         engine.context = saved
 
 
+class _Recording:
+    """A tokenizer that records the length of each text it is asked to tokenize."""
+
+    def __init__(self, tok):
+        self._tok, self.lengths = tok, []
+
+    def __call__(self, text, **kwargs):
+        self.lengths.append(len(text))
+        return self._tok(text, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self._tok, name)
+
+
+@pytest.mark.integration  # loads a serving engine, ~2 s
+def test_a_flood_of_text_is_refused_after_tokenizing_a_prefix(engine, monkeypatch):
+    """A 16 MiB prompt was tokenized whole (~12 s on the one parsing thread, every other client
+    waiting) before the budget refused it; a prefix now shows it is over the budget."""
+    from synthtune.jobs.serve import PREFIX_CHARS_PER_TOKEN, RequestError, parse_request
+
+    rec = _Recording(engine.lm.tokenizer)
+    monkeypatch.setattr(engine.lm, "tokenizer", rec)
+    budget = 4096
+    flood = "word " * 400_000  # 2 MB, 400k tokens
+    for body, chat in (({"prompt": flood, "max_tokens": 16}, False),
+                       ({"messages": [{"role": "user", "content": flood}], "max_tokens": 16}, True)):
+        req = parse_request({"model": "tiny-llama", **body}, chat=chat, models=engine.names)
+        rec.lengths.clear()
+        with pytest.raises(RequestError) as err:
+            engine.prepare(req, budget)
+        assert (err.value.status, err.value.code) == (400, "request_too_large")
+        assert "needs at least" in err.value.message
+        assert max(rec.lengths) <= PREFIX_CHARS_PER_TOKEN * budget < len(flood) // 50
+    # text of more characters per token than the prefix allows for, within the budget, still runs:
+    # " kilometers" is one token of 11 characters
+    dense = " kilometers" * 1000
+    req = parse_request({"model": "tiny-llama", "prompt": dense, "max_tokens": 16}, chat=False, models=engine.names)
+    rec.lengths.clear()
+    engine.prepare(req, 1216)
+    assert req.prompt_tokens == 1000 and len(rec.lengths) == 2  # the prefix, then the whole
+
+
 @pytest.mark.integration  # runs a server in this process
 def test_connections_over_the_cap_get_a_quick_503(engine):
     from synthtune.config import ServeConfig
@@ -738,6 +783,11 @@ def _parse(**extra):
     ({"logit_bias": {"29": None}}, "logit_bias", "logit_bias['29'] must be a number"),
     ({"logit_bias": {"29": 1, "029": 2}}, "logit_bias", "logit_bias names token 29 twice"),
     ({"logit_bias": {str(i): 1 for i in range(301)}}, "logit_bias", "logit_bias has 301 entries; at most 300"),
+    # max_completion_tokens was copied into max_tokens (errors named that) or, beside it, ignored
+    ({"max_completion_tokens": 0}, "max_completion_tokens", "max_completion_tokens must be"),
+    ({"max_completion_tokens": "abc", "max_tokens": 5}, "max_completion_tokens", "max_completion_tokens must be"),
+    ({"max_completion_tokens": 4, "max_tokens": 5}, "max_completion_tokens",
+     "max_tokens (5) and max_completion_tokens (4) differ; send one of them"),
 ])
 def test_bad_penalties_and_logit_bias_get_a_400_naming_them(extra, param, message):
     from synthtune.jobs.serve import RequestError
@@ -745,6 +795,11 @@ def test_bad_penalties_and_logit_bias_get_a_400_naming_them(extra, param, messag
     with pytest.raises(RequestError) as info:
         _parse(**extra)
     assert info.value.status == 400 and info.value.param == param and message in info.value.message
+
+
+def test_max_completion_tokens_is_max_tokens():
+    assert _parse(max_completion_tokens=7).max_tokens == 7
+    assert _parse(max_completion_tokens=7, max_tokens=7).max_tokens == 7
 
 
 def test_penalties_and_logit_bias_parse_and_split_batches():

@@ -96,6 +96,14 @@ WAIT_S = 600.0
 #: after an error that leaves a body unread: how long (and how much) to drain before closing, so the
 #: client reads the error instead of a connection reset (closing with unread input sends RST)
 LINGER_S, LINGER_BYTES = 1.0, 1 << 20
+#: A prompt longer than this many characters per token it may hold is measured on a prefix first
+#: (text runs about 4 characters a token): a body of 16 MiB of text is refused after tokenizing some
+#: 8 characters per token of the budget, where tokenizing it all held the one parsing thread, and with
+#: it every other client's request, for seconds.
+PREFIX_CHARS_PER_TOKEN = 8
+#: tokens a cut can add at the prefix's end (a word split in two): a prefix over the cap by more than
+#: this is a whole prompt over it
+PREFIX_CUT_SLACK = 8
 #: T5 and its kin have relative positions and name no context; they were pretrained on 512 tokens
 SEQ2SEQ_DEFAULT_CONTEXT = 512
 #: chat roles and the role the chat template sees; OpenAI's ``developer`` is its newer name for ``system``
@@ -308,7 +316,7 @@ def _prompts(prompt) -> tuple[list, bool]:
     one flat list of ids. Accepted as vLLM does: a string, a list of strings, a list of token ids,
     or a list of such lists."""
     shapes = "a non-empty string, a list of them, a list of token ids, or a list of such lists"
-    if isinstance(prompt, str):
+    if isinstance(prompt, str) and prompt:  # "" falls through to the error below
         return [_string(prompt, "prompt[0]", "prompt")], False
     flat = _token_ids(prompt, "prompt")
     if flat is not None:
@@ -345,8 +353,12 @@ def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
     if best_of is not None and (isinstance(best_of, bool) or best_of != n):
         raise RequestError(400, "best_of is not supported by synthtune serve; leave it out or equal to n",
                            param="best_of")
-    if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
-        body = {**body, "max_tokens": body["max_completion_tokens"]}
+    if body.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens, checked as itself
+        newer = _number(body, "max_completion_tokens", None, 1, 1 << 20, integer=True)
+        if body.get("max_tokens") is not None and body["max_tokens"] != newer:
+            raise RequestError(400, f"max_tokens ({_show(body['max_tokens'])}) and max_completion_tokens ({newer}) "
+                               f"differ; send one of them", param="max_completion_tokens")
+        body = {**body, "max_tokens": newer}
     # without max_tokens: OpenAI's 16 for completions, the rest of the context for chat (as vLLM),
     # fitted by Engine.prepare so that a default alone never makes a request fail
     default = None if chat else COMPLETIONS_MAX_TOKENS
@@ -490,12 +502,18 @@ class Engine:
         floor = len(req.prompts) * req.n * (1 + (1 if req.fit_max_tokens else req.max_tokens))
         if floor > max_request_tokens:  # refuse before tokenizing a huge list
             raise self._over_budget(req, floor, max_request_tokens, at_least=True)
+        # the most tokens one prompt may have within the budget
+        least_new = 1 if req.fit_max_tokens else req.max_tokens
+        cap = max_request_tokens // req.n - least_new
         ids = []
         for i, p in enumerate(req.prompts):
             try:
-                x = self._encode(p, req.chat)
+                x = self._encode(p, req.chat, cap)
             except RequestError:
                 raise
+            except _TooLong as err:
+                raise self._over_budget(req, req.n * (err.tokens + least_new), max_request_tokens,
+                                        at_least=True) from None
             except Exception as err:  # a template or tokenizer refusing this client's text
                 raise RequestError(400, f"{'messages' if req.chat else f'prompt[{i}]'} could not be tokenized: "
                                    f"{type(err).__name__}: {err}"[:300], param="messages" if req.chat else "prompt") from None
@@ -599,18 +617,26 @@ class Engine:
             req.samples = samples
             req.batch_prompts = len(ids)
 
-    def _encode(self, prompt, chat: bool) -> list[int]:
+    def _encode(self, prompt, chat: bool, cap: int | None = None) -> list[int]:
         """Prompt ids: a completions prompt verbatim (encoded as a plain-format prompt is), a chat
-        conversation rendered by the chat format, as training and ``synthtune eval`` render it."""
+        conversation rendered by the chat format, as training and ``synthtune eval`` render it.
+        ``_TooLong`` when a prefix of the text alone has more than ``cap`` tokens."""
         tok = self.lm.tokenizer
         if not chat and isinstance(prompt, list):  # token ids: used as sent, as vLLM does
             return list(prompt)
-        if not chat:
-            return tok(prompt, add_special_tokens=add_special_tokens("plain"))["input_ids"]
-        if not has_chat_template(tok):
+        if chat and not has_chat_template(tok):
             raise RequestError(400, "this model has no chat template; use /v1/completions with a plain prompt",
                                param="messages")
-        return tok(render_chat(prompt, tok), add_special_tokens=add_special_tokens("chat"))["input_ids"]
+        text = render_chat(prompt, tok) if chat else prompt
+        special = add_special_tokens("chat" if chat else "plain")
+        limit = PREFIX_CHARS_PER_TOKEN * (cap + 1) if cap is not None else len(text)
+        if len(text) > limit:
+            # cut at a space, so that the prefix's words are the whole text's first words
+            cut = text.rfind(" ", limit // 2, limit)
+            head = len(tok(text[:cut if cut > 0 else limit], add_special_tokens=special)["input_ids"])
+            if head > cap + PREFIX_CUT_SLACK:
+                raise _TooLong(head - PREFIX_CUT_SLACK)
+        return tok(text, add_special_tokens=special)["input_ids"]
 
     def _raw(self, sample, stop: tuple[str, ...]) -> tuple[str, object, str | None]:
         """The completion as OpenAI returns it: unstripped, cut before the stop string that ended it."""
@@ -818,6 +844,14 @@ def _clean(text: str, limit: int = 300) -> str:
     if len(text) > limit:
         out.append(f"...(+{len(text) - limit} chars)")
     return "".join(out)
+
+
+class _TooLong(Exception):
+    """A prompt has at least ``tokens`` tokens, more than its request's budget leaves it."""
+
+    def __init__(self, tokens: int):
+        super().__init__(tokens)
+        self.tokens = tokens
 
 
 @dataclass
