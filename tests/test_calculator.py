@@ -128,6 +128,13 @@ def test_wrong_annotation_inside_right_prose_is_reported():
         ("2^3 = 8", 1, 1),
         ("Total: -5 + 3 = -2", 1, 1),
         ("5 + 3 = 8, 2 + 2 = 5", 2, 1),
+        # a result in another unit of the left side's is a conversion the reader does not make: a
+        # failing one is not judged ("left side is 100" was an error), a plain product still is
+        ("25 cents x 4 = $1", 0, 0),
+        ("30 minutes x 4 = 2 hours", 0, 0),
+        ("2 hours x 60 = 120 minutes", 1, 1),
+        ("30 minutes x 4 = 121 minutes", 1, 0),  # one unit on both sides: judged
+        ("3 boxes x 4 = 13 pencils", 1, 0),  # not units that convert: judged
     ],
 )
 def test_prose_equation(text, checked, correct):

@@ -241,16 +241,16 @@ def test_a_run_kept_under_older_calculation_rules_is_not_silently_mixed(tmp_path
     _quiet(cfg)
     out = Path(cfg.out)
     fp = json.loads((out / "fingerprint.json").read_text())
-    assert fp["check_version"] == CHECK_VERSION == 2 and fp["min_calc"] == 1.0
+    assert fp["check_version"] == CHECK_VERSION == 3 and fp["min_calc"] == 1.0
     del fp["check_version"]
     (out / "fingerprint.json").write_text(json.dumps(fp))
-    with pytest.raises(ConfigError, match="check_version: 1 -> 2"):
+    with pytest.raises(ConfigError, match=f"check_version: 1 -> {CHECK_VERSION}"):
         _quiet(cfg)
     logs = []
     _quiet(replace(cfg, allow_changed_settings=True), log=logs.append)
-    assert any("check_version: 1 -> 2" in m for m in logs)
+    assert any(f"check_version: 1 -> {CHECK_VERSION}" in m for m in logs)
     fp = json.loads((out / "fingerprint.json").read_text())
-    assert fp["check_version"] == 2 and fp["changes"][-1]["settings"] == {"check_version": [1, 2]}
+    assert fp["check_version"] == CHECK_VERSION and fp["changes"][-1]["settings"] == {"check_version": [1, CHECK_VERSION]}
     # a run that never filters on the check neither records nor compares its rules
     unchecked = _cfg(tmp_path, out=str(tmp_path / "unchecked"), rounds=1, limit=3, min_calc=0.0)
     _quiet(unchecked)

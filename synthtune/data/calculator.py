@@ -32,8 +32,9 @@ __all__ = ["CHECK_VERSION", "CalcError", "CalcLimit", "CalcReport", "check_calcu
 
 #: The rules :func:`check_calculations` judges by. A synthesis run records it in its resume fingerprint,
 #: so rows kept under other rules are not mixed into one dataset. 1: every version before it was
-#: recorded; 2: an annotation and the prose that restates it are one calculation, right only when both are.
-CHECK_VERSION = 2
+#: recorded; 2: an annotation and the prose that restates it are one calculation, right only when both are;
+#: 3: a prose equation that converts units ("25 cents x 4 = $1") is not judged wrong.
+CHECK_VERSION = 3
 
 # 10**64 is far beyond any grade-school quantity.  Bounding exponents alone does not bound values
 # (a power of a power multiplies them), so every result is bounded too: 1,000 digits keep arithmetic in
@@ -632,8 +633,46 @@ def _prose_equations(text: str, annotated: list[tuple[int, int]], shown: str) ->
             # as one number token, "$" to "24").
             j = bisect_left(starts, left[-1].end)  # the first annotation after the left side (in order)
             restated = j if j < len(annotated) and annotated[j][1] <= right[-1].end else None
-            results.append((_check_equation(text, left, right, parts[i + 1], shown), restated))
+            problem = _check_equation(text, left, right, parts[i + 1], shown)
+            if problem is not None and _converts_units(text, left, right):
+                continue  # "25 cents x 4 = $1": right once converted, and not read as a conversion
+            results.append((problem, restated))
     return results
+
+
+# Units that convert into one another, by dimension: "25 cents x 4 = $1" and "30 minutes x 4 = 2 hours"
+# are right, but only once converted, and the reader does not convert.
+_UNIT_DIMENSIONS = {
+    **dict.fromkeys(("cent", "dollar"), "money"),
+    **dict.fromkeys(("second", "minute", "hour", "day", "week", "month", "year"), "time"),
+    **dict.fromkeys(("inch", "foot", "feet", "yard", "mile"), "length"),
+    **dict.fromkeys(("ounce", "pound"), "mass"),
+    **dict.fromkeys(("cup", "pint", "quart", "gallon"), "volume"),
+}
+_UNIT_AFTER_RE = re.compile(r"[ \t]*([^\W\d_]+|¢)")
+_WORD_RE = re.compile(r"[^\W\d_]+")
+
+
+def _unit(word: str) -> str | None:
+    """The unit ``word`` names ("minutes" -> "minute", "¢" -> "cent"), if it is one that converts."""
+    w = word.lower()
+    if w == "¢":
+        return "cent"
+    for stem in (w, w[:-1] if w.endswith("s") else "", w[:-2] if w.endswith("es") else ""):
+        if stem in _UNIT_DIMENSIONS:
+            return stem
+    return None
+
+
+def _converts_units(text: str, left: list[_Tok], right: list[_Tok]) -> bool:
+    """Whether the left side names a unit that the result is in another unit of: a conversion."""
+    units = {u for a, b in pairwise(left) for w in _WORD_RE.findall(text, a.end, b.start) if (u := _unit(w))}
+    if not units:
+        return False
+    after = _UNIT_AFTER_RE.match(text, right[-1].end)
+    result = "dollar" if "$" in right[-1].text else (_unit(after.group(1)) if after else None)
+    return result is not None and result not in units and any(
+        _UNIT_DIMENSIONS[result] == _UNIT_DIMENSIONS[u] for u in units)
 
 
 def _check_equation(text: str, left: list[_Tok], right: list[_Tok], right_part: list[_Tok], shown: str) -> str | None:
