@@ -705,9 +705,12 @@ class _Text:
     flow: list | str | None = None  # an override written as [a, b]: its items, or why it is not a list
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class _Mapping:
     """A YAML mapping where a value was expected: no field takes one."""
+
+    def __repr__(self) -> str:  # what "got ..." in an error shows
+        return "a mapping (key: value)"
 
 
 _NULLS = frozenset({"", "~", "null", "Null", "NULL"})
@@ -733,6 +736,9 @@ def _read_yaml(path: Path) -> dict[str, tuple[Any, str]]:
     try:
         # compose, never construct: values stay the text the user wrote, and no tag runs code
         root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.reader.ReaderError as err:  # a character YAML forbids: it names a position, not a line
+        line = text[:err.position].count("\n") + 1
+        raise ConfigError(f"{path}:{line}: not valid YAML: {str(err).splitlines()[0]}") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -927,7 +933,10 @@ def _to_int(value: Any) -> int:
 
 def _to_float(value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int past float's range, given from code
+            raise ValueError(f"a {len(str(abs(value)))}-digit integer is too large for a number") from None
     if not isinstance(value, _Text):
         raise ValueError(f"expected a number, got {value!r}")
     text = value.text.strip()

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from synthtune.config import DemoConfig, SynthConfig, TrainConfig, field_help, load_config
+from synthtune.config import DemoConfig, ServeConfig, SynthConfig, TrainConfig, field_help, load_config
 from synthtune.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +67,18 @@ def test_bad_yaml_points_at_line(tmp_path):
     p.write_text("model: tiny-llama\nshots: [1, 2\n")
     with pytest.raises(ConfigError, match=r"c.yaml:\d+: not valid YAML"):
         load_config(DemoConfig, p)
+
+
+def test_a_forbidden_character_a_mapping_and_a_huge_number_are_config_errors(tmp_path):
+    p = tmp_path / "c.yaml"
+    p.write_text("model: tiny-llama\nshots: \x07 3\n")  # named a position, not a line
+    with pytest.raises(ConfigError, match=r"c.yaml:2: not valid YAML: unacceptable character #x0007"):
+        load_config(DemoConfig, p)
+    p.write_text("model: tiny-llama\nlora_targets:\n  q: 1\n")  # showed an internal class
+    with pytest.raises(ConfigError, match=r"c.yaml:2: lora_targets: expected a list .*, got a mapping \(key: value\)"):
+        load_config(TrainConfig, p)
+    with pytest.raises(ConfigError, match="a 401-digit integer is too large"):  # was an OverflowError
+        load_config(ServeConfig, None, (), read_timeout=10**400)
 
 
 @pytest.mark.parametrize("cls", [DemoConfig, SynthConfig, TrainConfig])
