@@ -289,6 +289,7 @@ def bench_model(base: Path, model: str, steps: int, warmup: int, extra: list[str
         save(row)
         if loss_rows:
             row["loss_peak"] = loss_peak(base, model, loss_rows, threads, extra)
+            save(row)
     said = ", ".join(f"{name} {row[name]['tokens_per_s']} ({row[f'{name}_vs_plain']}x wall"
                      + (f", {row[f'{name}_vs_plain_cpu']}x CPU time)" if not CUDA else ")") for name in ours)
     print(f"{model} {' '.join(extra)}: plain {row['plain']['tokens_per_s']} tok/s, {said}", file=sys.stderr)

@@ -936,7 +936,9 @@ def _to_float(value: Any) -> float:
         try:
             return float(value)
         except OverflowError:  # an int past float's range, given from code
-            raise ValueError(f"a {len(str(abs(value)))}-digit integer is too large for a number") from None
+            # (str() of such an int can itself fail past 4,300 digits: its size comes from its bits)
+            raise ValueError(f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits is too large "
+                             f"for a number") from None
     if not isinstance(value, _Text):
         raise ValueError(f"expected a number, got {value!r}")
     text = value.text.strip()

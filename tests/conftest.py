@@ -32,8 +32,11 @@ def _temp_dir_under_basetemp(tmp_path_factory):
     directories of session-long fixtures."""
     # torch's compile cache defaults to the temp dir too: keep it where it was, or every run would
     # compile flex attention again
-    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR",
-                          os.path.join(tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}"))
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container's arbitrary uid with no name: torch's own fallback
+        user = f"uid_{os.getuid()}"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(tempfile.gettempdir(), f"torchinductor_{user}"))
     saved = os.environ.get("TMPDIR")
     os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("tmp", numbered=False))
     tempfile.tempdir = None  # recomputed from TMPDIR on next use

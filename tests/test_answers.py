@@ -300,11 +300,17 @@ SMALL_MODELS = [
     ("The answer is 125. The answer is 12", 125, "125", True),
     ("So she makes 9 * 2 = $18 a day. The answer is 18.\n\nSo she makes 9 * 2 = $18 a day. The answer is 1",
      18, "18", True),
-    # No loop: the text between the two answers did not come before the first. A completion whose stop
-    # string was removed (Sample.text) ends in a number like a cut-off one, and this one changed its mind.
-    ("The answer is 5/0.", None, None, False),  # a zero denominator is no number, not its numerator
+    # a loop of two: the same clause leads to both numbers
+    ("The answer is $18 per day. The answer is $1", 18, "18", True),
+    ("The answer is 18 dollars.\nThe answer is 1", 18, "18", True),
+    ("She sells 9 eggs. She makes 9 * 2 = 18 dollars. She makes 9 * 2 = 1", 18, "18", True),
+    # No loop: other clauses lead to the two answers. A completion whose stop string was removed
+    # (Sample.text) ends in a number like a cut-off one, and these changed their minds.
     ("I first thought the answer is 12, but 3 - 2 = 1, so the answer is 1", 1, "1", True),
     ("Sam has 18 cats, so the answer is 18. Then he sells 17, and the answer is 1", 1, "1", True),
+    # a zero denominator is no number: neither its numerator nor the number before it is the answer
+    ("The answer is 5/0.", None, None, False),
+    ("Step 1: 10 - 3 = 7. So 5/0", None, None, False),
     # A newline after the number means generation stopped there: the number is whole.
     ("The answer is 18.\nThe answer is 1\n", 1, "1", True),
     ("If the answer is 10, then 10 * 2 = 20 eggs, which is too many. So she makes 9 * 2 = "
@@ -396,9 +402,10 @@ def test_normalize_number_is_exact_for_floats_and_ints():
         (NATALIA, "72"), ("#### 1,234", "1234"), ("#### -5", "-5"), ("#### $18", "18"), (72, "72"),
         (18.5, "18.5"), (" 72 ", "72"), ("72", "72"), ("#### 72\n", "72"), ("a #### 1 #### 2", "2"),
         ("no answer here", None), ("####", None), (None, None), (True, None), ("#### 18 apples", "18"),
-        # the line's only number is the answer: a mixed number or a zero denominator is none (a data
-        # file with one is refused with its line), never the first number in it
-        ("#### 1 1/2", None), ("#### 5/0", None), ("#### 3/4", "0.75"),
+        # a mixed number or a zero denominator is no gold (a data file with one is refused with its
+        # line), never the first number in it; a unit or a note after the number is read past
+        ("#### 1 1/2", None), ("#### 5/0", None), ("#### 3/4", "0.75"), ("#### 25 m^2", "25"),
+        ("#### 18 (9 * 2)", "18"),
     ],
 )
 def test_extract_gold(gold, expected):

@@ -128,13 +128,19 @@ def test_wrong_annotation_inside_right_prose_is_reported():
         ("2^3 = 8", 1, 1),
         ("Total: -5 + 3 = -2", 1, 1),
         ("5 + 3 = 8, 2 + 2 = 5", 2, 1),
-        # a result in another unit of the left side's is a conversion the reader does not make: a
-        # failing one is not judged ("left side is 100" was an error), a plain product still is
-        ("25 cents x 4 = $1", 0, 0),
-        ("30 minutes x 4 = 2 hours", 0, 0),
-        ("2 hours x 60 = 120 minutes", 1, 1),
-        ("30 minutes x 4 = 121 minutes", 1, 0),  # one unit on both sides: judged
-        ("3 boxes x 4 = 13 pencils", 1, 0),  # not units that convert: judged
+        # a result in another unit of the left side's is read converted too ("left side is 100" was
+        # an error), and a wrong one is still wrong
+        ("25 cents x 4 = $1", 1, 1),
+        ("25 cents x 4 = $2", 1, 0),
+        ("30 minutes x 4 = 2 hours", 1, 1),
+        ("2 hours x 60 = 120 minutes", 1, 1),  # the multiplier converts: right as written
+        ("2 hours x 60 = 121 minutes", 1, 0),
+        ("2 dollars x 4 = 800 cents", 1, 1),
+        ("2 dollars x 4 = 900 cents", 1, 0),
+        ("30 minutes x 4 = 121 minutes", 1, 0),  # one unit on both sides
+        ("3 boxes x 4 = 13 pencils", 1, 0),  # not units that convert
+        ("6 months x 2 = 1 year", 0, 0),  # no fixed factor: not judged when wrong as written
+        ("6 months x 2 = 12 months", 1, 1),
     ],
 )
 def test_prose_equation(text, checked, correct):

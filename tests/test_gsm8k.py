@@ -77,3 +77,15 @@ def test_every_reader_of_questions_refuses_a_question_that_is_not_text(tmp_path)
         with pytest.raises(DataError, match=where):
             read()
     assert check_file(path, lenient=True)["n_skipped"] == 1
+
+
+def test_a_gold_answer_given_as_a_number_reaches_every_reader_as_text(tmp_path):
+    # {"answer": 72} passed the type check, then crashed prompts and training targets on .strip()
+    from synthtune.data.gsm8k import load_source
+    from synthtune.formats import plain_example
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"question": "q", "answer": 72}) + "\n" + json.dumps({"question": "r", "answer": 2.5}) + "\n")
+    rows = load_source(str(path)).rows
+    assert [r["answer"] for r in rows] == ["72", "2.5"]
+    assert plain_example(rows[0]["question"], rows[0]["answer"]).endswith(" 72")

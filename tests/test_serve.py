@@ -411,6 +411,9 @@ def test_model_retrieve_and_health_routes(server):
     assert [a[:3] for a in answers] == [b"200", b"200", b"405"], reply[:400]
     assert all(b"Content-Length: 0\r\n\r\n" in a for a in answers[:2])
     assert server.logged(r'"GET /health" 200')
+    # the absolute form of the target routes by its path (RFC 9112 3.2.2: a server must accept it)
+    reply = raw_exchange(root, f"GET {root}/health HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:200]
 
 
 @pytest.mark.integration  # spawns synthtune serve processes
@@ -663,22 +666,32 @@ def test_a_flood_of_text_is_refused_after_tokenizing_a_prefix(engine, monkeypatc
     monkeypatch.setattr(engine.lm, "tokenizer", rec)
     budget = 4096
     flood = "word " * 400_000  # 2 MB, 400k tokens
+    # " kilometers" is one token of 11 characters: a first piece of it holds fewer tokens than the
+    # budget, and the flood comes after it
+    disguised = " kilometers" * 3000 + flood
     for body, chat in (({"prompt": flood, "max_tokens": 16}, False),
-                       ({"messages": [{"role": "user", "content": flood}], "max_tokens": 16}, True)):
+                       ({"messages": [{"role": "user", "content": flood}], "max_tokens": 16}, True),
+                       ({"prompt": disguised, "max_tokens": 16}, False)):
         req = parse_request({"model": "tiny-llama", **body}, chat=chat, models=engine.names)
         rec.lengths.clear()
         with pytest.raises(RequestError) as err:
             engine.prepare(req, budget)
         assert (err.value.status, err.value.code) == (400, "request_too_large")
         assert "needs at least" in err.value.message
-        assert max(rec.lengths) <= PREFIX_CHARS_PER_TOKEN * budget < len(flood) // 50
-    # text of more characters per token than the prefix allows for, within the budget, still runs:
-    # " kilometers" is one token of 11 characters
+        assert max(rec.lengths) <= PREFIX_CHARS_PER_TOKEN * budget and sum(rec.lengths) < len(flood) // 20
+    # many prompts, each short: the running total refuses before the rest are tokenized
+    req = parse_request({"model": "tiny-llama", "prompt": ["word " * 100] * 1000, "max_tokens": 1}, chat=False,
+                        models=engine.names)
+    rec.lengths.clear()
+    with pytest.raises(RequestError, match="needs at least"):
+        engine.prepare(req, budget)
+    assert len(rec.lengths) < 50
+    # text of more characters per token than the pieces allow for, within the budget, still runs
     dense = " kilometers" * 1000
     req = parse_request({"model": "tiny-llama", "prompt": dense, "max_tokens": 16}, chat=False, models=engine.names)
     rec.lengths.clear()
     engine.prepare(req, 1216)
-    assert req.prompt_tokens == 1000 and len(rec.lengths) == 2  # the prefix, then the whole
+    assert req.prompt_tokens == 1000 and len(rec.lengths) == 3  # two pieces, then the whole
 
 
 @pytest.mark.integration  # runs a server in this process
@@ -788,6 +801,8 @@ def _parse(**extra):
     ({"max_completion_tokens": "abc", "max_tokens": 5}, "max_completion_tokens", "max_completion_tokens must be"),
     ({"max_completion_tokens": 4, "max_tokens": 5}, "max_completion_tokens",
      "max_tokens (5) and max_completion_tokens (4) differ; send one of them"),
+    ({"max_completion_tokens": 1, "max_tokens": True}, "max_tokens", "max_tokens must be an integer"),
+    ({"max_completion_tokens": 1, "max_tokens": 1.0}, "max_tokens", "max_tokens must be an integer"),
 ])
 def test_bad_penalties_and_logit_bias_get_a_400_naming_them(extra, param, message):
     from synthtune.jobs.serve import RequestError

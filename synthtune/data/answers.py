@@ -619,16 +619,23 @@ def _is_cut_off(completion: str) -> bool:
 _AFTER_ANSWER = " \t\r\n.,;:!?)*"
 
 
+def _clause_before(text: str, start: int) -> str:
+    """The words from the last comma, full stop, semicolon or line break up to ``start``."""
+    begin = max(text.rfind(c, 0, start) for c in ",.;!?\n") + 1
+    return text[begin:start].strip()
+
+
 def _repair_truncated(text: str, match: re.Match[str]) -> Fraction | None:
     """The full number a cut-off final number repeats, if the text shows it.
 
     Small models often loop ("... The answer is 18. The answer is 18. The answer is 1") until the token
     limit cuts the last number short.  When the words before the cut number occurred earlier followed
-    by a longer number starting with the same digits, and the text between that number and the cut
-    one (past its punctuation) also came right before it, the text is such a loop and the earlier
-    number is what was being written.  Without the repeat it is no loop: "I first thought the answer
-    is 12, but 3 - 2 = 1, so the answer is 1" corrects its answer, and a completion whose stop string
-    was removed (``Sample.text`` is) ends in a number just as a cut-off one does.
+    by a longer number starting with the same digits, and the clause that leads to each (from the
+    last comma, full stop or line break) is the same, or the text between the two (past the earlier
+    one's punctuation) also came right before the earlier one, the text is such a loop and the
+    earlier number is what was being written.  Otherwise it is no loop: "I first thought the answer is 12, but
+    3 - 2 = 1, so the answer is 1" corrects its answer, and a completion whose stop string was
+    removed (``Sample.text`` is) ends in a number just as a cut-off one does.
     """
     if match.end() != len(text):
         return None
@@ -637,7 +644,6 @@ def _repair_truncated(text: str, match: re.Match[str]) -> Fraction | None:
         return None
     digits = match["body"]
     # The last earlier occurrence that shows such a number decides, so they are read from the end.
-    context_start = match.start() - len(context)
     pos = text.rfind(context, 0, match.start() - 1)
     while pos != -1:
         at = pos + len(context)
@@ -646,8 +652,12 @@ def _repair_truncated(text: str, match: re.Match[str]) -> Fraction | None:
         if text.find(digits, at, at + 4 + len(digits)) != -1:
             earlier = NUMBER_RE.match(text, at, at + _NUMBER_SPAN)
             if earlier is not None and len(earlier["body"]) > len(digits) and earlier["body"].startswith(digits):
-                between = text[earlier.end(): context_start].lstrip(_AFTER_ANSWER)
-                return _match_value(earlier) if text.endswith(between, 0, pos) else None
+                # a loop: the same clause leads to both, or what lies between them came before too
+                # ("18 18 18 1": nothing but spaces between)
+                between = text[earlier.end(): match.start() - len(context)].lstrip(_AFTER_ANSWER)
+                loop = (_clause_before(text, earlier.start()) == _clause_before(text, match.start())
+                        or text.endswith(between, 0, pos))
+                return _match_value(earlier) if loop else None
         pos = text.rfind(context, 0, pos + len(context) - 1)
     return None
 
@@ -738,6 +748,9 @@ def _fallback_answer(text: str, cut_off: bool = False) -> str | None:
         numbers.pop()
     if not numbers:
         return None
+    last = _number_matches(text)[-1]
+    if last.start() > numbers[-1][0].start() and last["den"] is not None and not int(last["den"]):
+        return None  # "... = 7. So 5/0": the last number is none, and the one before it no answer
     last_match, last_value = numbers[-1]
     if cut_off:
         repaired = _repair_truncated(text, last_match)
@@ -810,13 +823,16 @@ def extract_gold(text: str | int | float) -> str | None:
         normalized = normalize_number(first_line)
         if normalized is not None:
             return normalized
-        # "#### 72 dollars" is 72, but "#### 1 1/2" is no 1: the line's only number is the answer
+        # "#### 72 dollars" and "#### 25 m^2" are 72 and 25, but "#### 1 1/2" is no 1
         line = _clean_latex(first_line)
         found = _first_number_at(line, 0)
-        if found is None or any(c.isdigit() for c in line[found[0].end():]):
+        if found is None or _MIXED_REST_RE.match(line, found[0].end()):
             return None
         return _canonical(found[1])
     return normalize_number(text)
+
+
+_MIXED_REST_RE = re.compile(r"[ \t]+\d+[ \t]*/[ \t]*\d")
 
 
 def is_correct(completion: str, gold: str | int | float) -> bool:

@@ -33,7 +33,7 @@ __all__ = ["CHECK_VERSION", "CalcError", "CalcLimit", "CalcReport", "check_calcu
 #: The rules :func:`check_calculations` judges by. A synthesis run records it in its resume fingerprint,
 #: so rows kept under other rules are not mixed into one dataset. 1: every version before it was
 #: recorded; 2: an annotation and the prose that restates it are one calculation, right only when both are;
-#: 3: a prose equation that converts units ("25 cents x 4 = $1") is not judged wrong.
+#: 3: a prose equation that converts units ("25 cents x 4 = $1") is read in both units.
 CHECK_VERSION = 3
 
 # 10**64 is far beyond any grade-school quantity.  Bounding exponents alone does not bound values
@@ -633,21 +633,25 @@ def _prose_equations(text: str, annotated: list[tuple[int, int]], shown: str) ->
             # as one number token, "$" to "24").
             j = bisect_left(starts, left[-1].end)  # the first annotation after the left side (in order)
             restated = j if j < len(annotated) and annotated[j][1] <= right[-1].end else None
-            problem = _check_equation(text, left, right, parts[i + 1], shown)
-            if problem is not None and _converts_units(text, left, right):
-                continue  # "25 cents x 4 = $1": right once converted, and not read as a conversion
+            factors = _conversions(text, left, right)
+            problem = _check_equation(text, left, right, parts[i + 1], shown, factors or set())
+            if problem is not None and factors is None:
+                continue  # "6 months x 2 = 1 year": a conversion without a fixed factor
             results.append((problem, restated))
     return results
 
 
-# Units that convert into one another, by dimension: "25 cents x 4 = $1" and "30 minutes x 4 = 2 hours"
-# are right, but only once converted, and the reader does not convert.
-_UNIT_DIMENSIONS = {
-    **dict.fromkeys(("cent", "dollar"), "money"),
-    **dict.fromkeys(("second", "minute", "hour", "day", "week", "month", "year"), "time"),
-    **dict.fromkeys(("inch", "foot", "feet", "yard", "mile"), "length"),
-    **dict.fromkeys(("ounce", "pound"), "mass"),
-    **dict.fromkeys(("cup", "pint", "quart", "gallon"), "volume"),
+# Units that convert into one another: each dimension's units in its smallest, so "25 cents x 4 = $1"
+# and "30 minutes x 4 = 2 hours" are read as right once converted. Months and years have no fixed size
+# (4 weeks or 30 days; 52 weeks or 365 days): such a conversion is not judged when it fails as written.
+_UNIT_SIZES = {
+    "cent": ("money", 1), "dollar": ("money", 100),
+    "second": ("time", 1), "minute": ("time", 60), "hour": ("time", 3600), "day": ("time", 86400),
+    "week": ("time", 604800), "month": ("time", None), "year": ("time", None),
+    "inch": ("length", 1), "foot": ("length", 12), "feet": ("length", 12), "yard": ("length", 36),
+    "mile": ("length", 63360),
+    "ounce": ("mass", 1), "pound": ("mass", 16),
+    "cup": ("volume", 1), "pint": ("volume", 2), "quart": ("volume", 4), "gallon": ("volume", 16),
 }
 _UNIT_AFTER_RE = re.compile(r"[ \t]*([^\W\d_]+|¢)")
 _WORD_RE = re.compile(r"[^\W\d_]+")
@@ -659,31 +663,46 @@ def _unit(word: str) -> str | None:
     if w == "¢":
         return "cent"
     for stem in (w, w[:-1] if w.endswith("s") else "", w[:-2] if w.endswith("es") else ""):
-        if stem in _UNIT_DIMENSIONS:
+        if stem in _UNIT_SIZES:
             return stem
     return None
 
 
-def _converts_units(text: str, left: list[_Tok], right: list[_Tok]) -> bool:
-    """Whether the left side names a unit that the result is in another unit of: a conversion."""
+def _conversions(text: str, left: list[_Tok], right: list[_Tok]) -> set[Fraction] | None:
+    """Factors that turn the left side's unit into the result's: empty when the two name no
+    different units of one dimension, None when such a conversion has no fixed factor (months)."""
     units = {u for a, b in pairwise(left) for w in _WORD_RE.findall(text, a.end, b.start) if (u := _unit(w))}
     if not units:
-        return False
+        return set()
     after = _UNIT_AFTER_RE.match(text, right[-1].end)
     result = "dollar" if "$" in right[-1].text else (_unit(after.group(1)) if after else None)
-    return result is not None and result not in units and any(
-        _UNIT_DIMENSIONS[result] == _UNIT_DIMENSIONS[u] for u in units)
+    if result is None or result in units:
+        return set()
+    dimension, size = _UNIT_SIZES[result]
+    factors: set[Fraction] = set()
+    for u in units:
+        dim, from_size = _UNIT_SIZES[u]
+        if dim != dimension:
+            continue
+        if size is None or from_size is None:
+            return None
+        factors.add(Fraction(from_size, size))
+    return factors
 
 
-def _check_equation(text: str, left: list[_Tok], right: list[_Tok], right_part: list[_Tok], shown: str) -> str | None:
+def _check_equation(text: str, left: list[_Tok], right: list[_Tok], right_part: list[_Tok], shown: str,
+                    factors: set[Fraction]) -> str | None:
+    """A problem with the equation, or None when it is right. ``factors``: unit conversions from
+    the left side's unit to the result's (:func:`_conversions`); the left side may be read in either."""
     try:
         lhs_values = _values(left)
         rhs_values = _values(right)
     except CalcError:  # pragma: no cover - both sides were chosen because they parse
         return None
+    lhs_values = lhs_values | {v * f for v in lhs_values for f in factors}
     # A single written number, possibly negative, is compared allowing for rounding.
     written = right[-1] if len(right) == 1 or (len(right) == 2 and right[0].text == "-") else None
-    if written is not None and _CENTS_TAIL_RE.match(text, right[-1].end):
+    if written is not None and not factors and _CENTS_TAIL_RE.match(text, right[-1].end):
         # "$2.50 - $2.24 = 26 cents": dollars on the left, cents on the right.
         lhs_values = lhs_values | {v * 100 for v in lhs_values}
     if written is not None and _REMAINDER_TAIL_RE.match(text, right[-1].end):

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthtune import paths
-from synthtune.data.jsonl import read_jsonl
+from synthtune.data.answers import normalize_number
+from synthtune.data.jsonl import JsonlResult, read_jsonl
 from synthtune.errors import DataError
 
 SPLITS = ("train", "test")
@@ -25,6 +26,16 @@ FIELDS = ("question", "answer")
 #: What each field holds, checked where a file is read: ``{"question": 12}`` is refused on its line,
 #: not an AttributeError deep in synthesis. A gold answer may be a bare number.
 FIELD_TYPES = {"question": (str,), "answer": (str, int, float)}
+
+
+def read_rows(path: str | Path, required: tuple[str, ...] = FIELDS, lenient: bool = False) -> JsonlResult:
+    """GSM8K-format rows of a JSONL file, checked against :data:`FIELD_TYPES`. A gold answer given as
+    a number becomes its text (``72`` -> ``"72"``): prompts and training targets take strings."""
+    res = read_jsonl(path, required=required, lenient=lenient, types=FIELD_TYPES)
+    for row in res.rows:
+        if isinstance(row.get("answer"), (int, float)):
+            row["answer"] = normalize_number(row["answer"])
+    return res
 
 
 @dataclass
@@ -64,14 +75,14 @@ def load_split(split: str, source: str = "auto", gsm8k_dir: str | Path | None = 
         raise DataError("--split", None, f"unknown split {split!r}", f"GSM8K has {', '.join(SPLITS)}")
     kind, directory = resolve_source(source, gsm8k_dir)
     if kind == "bundled":
-        res = read_jsonl(paths.BUNDLED_GSM8K_DIR / f"{split}.jsonl", required=FIELDS, lenient=lenient, types=FIELD_TYPES)
+        res = read_rows(paths.BUNDLED_GSM8K_DIR / f"{split}.jsonl", lenient=lenient)
         out = Split(res.rows, "bundled", split, res.skipped)
     elif kind == "dir":
         path = directory / f"{split}.jsonl"
         if not path.exists():
             raise DataError(path, None, "does not exist", "the GSM8K directory must hold train.jsonl and test.jsonl "
                             "as published in github.com/openai/grade-school-math")
-        res = read_jsonl(path, required=FIELDS, lenient=lenient, types=FIELD_TYPES)
+        res = read_rows(path, lenient=lenient)
         out = Split(res.rows, str(directory), split, res.skipped)
     else:
         out = _load_hub(split, lenient)
@@ -107,7 +118,7 @@ def _load_hub(split: str, lenient: bool) -> Split:
 def bundled_texts() -> Iterator[str]:
     """Every question and answer of the bundled sample (the tiny tokenizers train on it)."""
     for split in SPLITS:
-        for row in read_jsonl(paths.BUNDLED_GSM8K_DIR / f"{split}.jsonl", required=FIELDS, types=FIELD_TYPES).rows:
+        for row in read_rows(paths.BUNDLED_GSM8K_DIR / f"{split}.jsonl").rows:
             yield row["question"]
             yield row["answer"]
 
@@ -135,7 +146,7 @@ def load_source(spec: str, gsm8k_dir: str | Path | None = None, *, lenient: bool
     if not path.exists():
         raise DataError(spec, None, "is neither an existing JSONL file nor a source spec",
                         "use bundled:train, gsm8k:train, hub:train, dir:train or a path to a .jsonl file")
-    res = read_jsonl(path, required=("question",), lenient=lenient, types=FIELD_TYPES)
+    res = read_rows(path, required=("question",), lenient=lenient)
     rows = res.rows[:limit] if limit is not None else res.rows
     return Split(rows, str(path), path.stem, res.skipped)
 

@@ -11,15 +11,14 @@ from pathlib import Path
 
 from synthtune.data.answers import extract_gold
 from synthtune.data.calculator import check_calculations
-from synthtune.data.gsm8k import FIELD_TYPES, FIELDS
-from synthtune.data.jsonl import read_jsonl
+from synthtune.data.gsm8k import read_rows
 
 PREVIEW = 10
 
 
 def check_file(path: str | Path, lenient: bool = False) -> dict:
     """Validate fields (strict unless ``lenient``), final answers and calculator annotations."""
-    res = read_jsonl(path, required=FIELDS, lenient=lenient, types=FIELD_TYPES)
+    res = read_rows(path, lenient=lenient)
     problems: list[str] = [f"{path}:{line}: skipped: {reason}" for line, reason in res.skipped]
     no_final = 0
     checked = correct = unchecked = 0

@@ -28,8 +28,8 @@ def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None =
           progress: bool = True) -> list[dict]:
     """Rows ``{question, completions, answers}`` (plus the input row's fields), also written as JSONL."""
     from synthtune.data.answers import extract_answer
-    from synthtune.data.gsm8k import FIELD_TYPES
-    from synthtune.data.jsonl import read_jsonl, write_jsonl
+    from synthtune.data.gsm8k import read_rows
+    from synthtune.data.jsonl import write_jsonl
     from synthtune.generation.base import SamplingParams
     from synthtune.generation.sampler import complete
     from synthtune.models import load_with_adapter
@@ -39,7 +39,7 @@ def infer(model: str, *, adapter: str | None = None, prompts: list[str] | None =
     if out_path and input_path and Path(out_path).resolve() == Path(input_path).resolve():
         raise ConfigError("--out is the --input file; pick another path so the input is kept")
     rows = [{"question": p} for p in prompts] if prompts is not None else \
-        read_jsonl(input_path, required=("question",), types=FIELD_TYPES).rows
+        read_rows(input_path, required=("question",)).rows
     lm = load_with_adapter(model, adapter, device=device, seed=seed)
     texts, add_special, stop = infer_inputs(lm, rows, fmt)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature if k > 1 else 0.0,

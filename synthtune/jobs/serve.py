@@ -96,13 +96,13 @@ WAIT_S = 600.0
 #: after an error that leaves a body unread: how long (and how much) to drain before closing, so the
 #: client reads the error instead of a connection reset (closing with unread input sends RST)
 LINGER_S, LINGER_BYTES = 1.0, 1 << 20
-#: A prompt longer than this many characters per token it may hold is measured on a prefix first
+#: A prompt longer than this many characters per token it may hold is counted piece by piece first
 #: (text runs about 4 characters a token): a body of 16 MiB of text is refused after tokenizing some
 #: 8 characters per token of the budget, where tokenizing it all held the one parsing thread, and with
 #: it every other client's request, for seconds.
 PREFIX_CHARS_PER_TOKEN = 8
-#: tokens a cut can add at the prefix's end (a word split in two): a prefix over the cap by more than
-#: this is a whole prompt over it
+#: tokens a cut can add to a piece (a word split in two): pieces over the cap by more than this each
+#: are a whole prompt over it
 PREFIX_CUT_SLACK = 8
 #: T5 and its kin have relative positions and name no context; they were pretrained on 512 tokens
 SEQ2SEQ_DEFAULT_CONTEXT = 512
@@ -355,9 +355,10 @@ def parse_request(body, *, chat: bool, models: Sequence[str]) -> GenRequest:
                            param="best_of")
     if body.get("max_completion_tokens") is not None:  # OpenAI's newer name for max_tokens, checked as itself
         newer = _number(body, "max_completion_tokens", None, 1, 1 << 20, integer=True)
-        if body.get("max_tokens") is not None and body["max_tokens"] != newer:
-            raise RequestError(400, f"max_tokens ({_show(body['max_tokens'])}) and max_completion_tokens ({newer}) "
-                               f"differ; send one of them", param="max_completion_tokens")
+        older = _number(body, "max_tokens", None, 1, 1 << 20, integer=True)
+        if older is not None and older != newer:
+            raise RequestError(400, f"max_tokens ({older}) and max_completion_tokens ({newer}) differ; send one "
+                               f"of them", param="max_completion_tokens")
         body = {**body, "max_tokens": newer}
     # without max_tokens: OpenAI's 16 for completions, the rest of the context for chat (as vLLM),
     # fitted by Engine.prepare so that a default alone never makes a request fail
@@ -502,17 +503,20 @@ class Engine:
         floor = len(req.prompts) * req.n * (1 + (1 if req.fit_max_tokens else req.max_tokens))
         if floor > max_request_tokens:  # refuse before tokenizing a huge list
             raise self._over_budget(req, floor, max_request_tokens, at_least=True)
-        # the most tokens one prompt may have within the budget
         least_new = 1 if req.fit_max_tokens else req.max_tokens
-        cap = max_request_tokens // req.n - least_new
+        k = len(req.prompts)
+        # the prompt tokens the request may hold: n x (their sum + k x least_new) within the budget
+        room = max_request_tokens // req.n - k * least_new
+        used = 0
         ids = []
         for i, p in enumerate(req.prompts):
+            later = k - i - 1  # prompts still to come, at least a token each
             try:
-                x = self._encode(p, req.chat, cap)
+                x = self._encode(p, req.chat, room - used - later)
             except RequestError:
                 raise
             except _TooLong as err:
-                raise self._over_budget(req, req.n * (err.tokens + least_new), max_request_tokens,
+                raise self._over_budget(req, req.n * (used + err.tokens + later + k * least_new), max_request_tokens,
                                         at_least=True) from None
             except Exception as err:  # a template or tokenizer refusing this client's text
                 raise RequestError(400, f"{'messages' if req.chat else f'prompt[{i}]'} could not be tokenized: "
@@ -522,6 +526,10 @@ class Engine:
             if not req.chat and isinstance(p, list):
                 self._check_ids(req, i, x)
             ids.append(x)
+            used += len(x)
+            if used + later > room:  # over already: the prompts after this one are not tokenized
+                raise self._over_budget(req, req.n * (used + later + k * least_new), max_request_tokens,
+                                        at_least=later > 0 or req.fit_max_tokens)
         if req.fit_max_tokens:
             req.max_tokens = self.default_max_tokens(req, [len(x) for x in ids], max_request_tokens)
         for i, x in enumerate(ids):
@@ -628,15 +636,27 @@ class Engine:
             raise RequestError(400, "this model has no chat template; use /v1/completions with a plain prompt",
                                param="messages")
         text = render_chat(prompt, tok) if chat else prompt
-        special = add_special_tokens("chat" if chat else "plain")
-        limit = PREFIX_CHARS_PER_TOKEN * (cap + 1) if cap is not None else len(text)
-        if len(text) > limit:
-            # cut at a space, so that the prefix's words are the whole text's first words
-            cut = text.rfind(" ", limit // 2, limit)
-            head = len(tok(text[:cut if cut > 0 else limit], add_special_tokens=special)["input_ids"])
-            if head > cap + PREFIX_CUT_SLACK:
-                raise _TooLong(head - PREFIX_CUT_SLACK)
-        return tok(text, add_special_tokens=special)["input_ids"]
+        if cap is not None and len(text) > PREFIX_CHARS_PER_TOKEN * (cap + 1):
+            self._count_within(text, cap)
+        return tok(text, add_special_tokens=add_special_tokens("chat" if chat else "plain"))["input_ids"]
+
+    def _count_within(self, text: str, cap: int) -> None:
+        """Tokenize ``text`` piece by piece, each of ``PREFIX_CHARS_PER_TOKEN x cap`` characters cut at
+        whitespace, and raise ``_TooLong`` as soon as the pieces so far hold more than ``cap`` tokens:
+        a flood of text costs one piece or a few, however long the body."""
+        step = PREFIX_CHARS_PER_TOKEN * (cap + 1)
+        counted = pieces = start = 0
+        while start < len(text):
+            end = start + step
+            if end < len(text):
+                # at whitespace, so that a piece's words are words of the whole text
+                cut = max(text.rfind(c, start + step // 2, end) for c in " \n\t")
+                end = cut if cut > start else end
+            counted += len(self.lm.tokenizer(text[start:end], add_special_tokens=False)["input_ids"])
+            pieces += 1
+            if counted > cap + PREFIX_CUT_SLACK * pieces:
+                raise _TooLong(counted - PREFIX_CUT_SLACK * pieces)
+            start = end
 
     def _raw(self, sample, stop: tuple[str, ...]) -> tuple[str, object, str | None]:
         """The completion as OpenAI returns it: unstripped, cut before the stop string that ended it."""
@@ -918,7 +938,12 @@ class _Head:
 
     @property
     def path(self) -> str:
-        return self.target.split("?", 1)[0].rstrip("/")
+        target = self.target
+        if target[:7].lower() == "http://" or target[:8].lower() == "https://":
+            # the absolute form ("POST http://host/v1/completions"), which RFC 9112 (3.2.2) says a
+            # server must accept though clients send it mostly to proxies: its path routes
+            target = "/" + target.split("://", 1)[1].partition("/")[2]
+        return target.split("?", 1)[0].rstrip("/")
 
 
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
