@@ -271,3 +271,10 @@ def test_the_prose_around_an_annotation_too_long_to_check_is_checked_alone():
     report = check_calculations(f"So 3 + 4 = <<{long_sum}=400>>8 apples.")
     assert report.unchecked and (report.n_checked, report.n_correct) == (1, 0)
     assert report.errors == [f"3 + 4 = <<{long_sum}=400>>8: left side is 7"]
+
+
+def test_a_prose_equation_with_a_number_too_long_to_read_is_listed_as_unchecked():
+    # It was dropped without a note, where an annotation as long is listed (the report's promise)
+    report = check_calculations("So 5 * 2 = 10, and " + "9" * 1500 + " * 2 = 3.")
+    assert (report.n_checked, report.n_correct, report.errors) == (1, 1, [])
+    assert len(report.unchecked) == 1 and report.unchecked[0].endswith("number longer than 1000 digits")

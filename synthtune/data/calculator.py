@@ -596,7 +596,8 @@ def _right_side(text: str, part: list[_Tok]) -> list[_Tok] | None:
     return right
 
 
-def _prose_equations(text: str, annotated: list[tuple[int, int]], shown: str) -> list[tuple[str | None, int | None]]:
+def _prose_equations(text: str, annotated: list[tuple[int, int]], shown: str,
+                     unchecked: list[str] | None = None) -> list[tuple[str | None, int | None]]:
     """Check "a op b = c" equations in prose: one (problem or None when right, index of the
     annotation it restates or None) per equation. ``text`` has its annotations blanked; a problem
     quotes the equation from ``shown``, the same text with them.
@@ -625,6 +626,10 @@ def _prose_equations(text: str, annotated: list[tuple[int, int]], shown: str) ->
                 left = None
             right = _right_side(text, parts[i + 1])
             if not left or not right or not _has_operator(left):
+                too_long = [t for t in (*parts[i], *parts[i + 1]) if t.kind == "num" and t.value is None]
+                if too_long and unchecked is not None:  # it may be an equation; it cannot be read
+                    equation = shown[(parts[i] or parts[i + 1])[0].start: (parts[i + 1] or parts[i])[-1].end]
+                    unchecked.append(f"{_clip(equation)}: number longer than {MAX_DIGITS} digits")
                 continue
             if _percent_after_sign(left) or _percent_after_sign(right):
                 continue
@@ -782,7 +787,7 @@ def check_calculations(text: str) -> CalcReport:
             report.errors.append(problem)
     # Blank the annotations (same length, so positions still line up) before reading the prose.
     prose = ANNOTATION_RE.sub(lambda m: " " * len(m.group()), text)
-    for problem, restated in _prose_equations(prose, annotated, text):
+    for problem, restated in _prose_equations(prose, annotated, text, report.unchecked):
         if restated is None or right[restated] is None:  # its own calculation, or the only check of one
             report.n_checked += 1
             if problem is None:
