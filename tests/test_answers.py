@@ -307,10 +307,12 @@ SMALL_MODELS = [
     # No loop: other clauses lead to the two answers. A completion whose stop string was removed
     # (Sample.text) ends in a number like a cut-off one, and these changed their minds.
     ("I first thought the answer is 12, but 3 - 2 = 1, so the answer is 1", 1, "1", True),
+    ("The answer is 12.\n\nWait, let me check again: 15 - 14 = 1. The answer is 1", 1, "1", True),
     ("Sam has 18 cats, so the answer is 18. Then he sells 17, and the answer is 1", 1, "1", True),
     # a zero denominator is no number: neither its numerator nor the number before it is the answer
     ("The answer is 5/0.", None, None, False),
     ("Step 1: 10 - 3 = 7. So 5/0", None, None, False),
+    ("Step 1: 10 - 3 = 7. So 5/" + "0" * 5000, None, None, False),  # int() of 5,000 zeros raised
     # A newline after the number means generation stopped there: the number is whole.
     ("The answer is 18.\nThe answer is 1\n", 1, "1", True),
     ("If the answer is 10, then 10 * 2 = 20 eggs, which is too many. So she makes 9 * 2 = "
@@ -402,10 +404,11 @@ def test_normalize_number_is_exact_for_floats_and_ints():
         (NATALIA, "72"), ("#### 1,234", "1234"), ("#### -5", "-5"), ("#### $18", "18"), (72, "72"),
         (18.5, "18.5"), (" 72 ", "72"), ("72", "72"), ("#### 72\n", "72"), ("a #### 1 #### 2", "2"),
         ("no answer here", None), ("####", None), (None, None), (True, None), ("#### 18 apples", "18"),
-        # a mixed number or a zero denominator is no gold (a data file with one is refused with its
-        # line), never the first number in it; a unit or a note after the number is read past
+        # past the number, a unit (with its exponent) is read past, but a line with another number
+        # is no gold (a data file with one is refused with its line), never its first number
         ("#### 1 1/2", None), ("#### 5/0", None), ("#### 3/4", "0.75"), ("#### 25 m^2", "25"),
-        ("#### 18 (9 * 2)", "18"),
+        ("#### 25 m\u00b2", "25"), ("#### 3 and 1/2", None), ("#### 3 hours 20 minutes", None),
+        ("#### 4:30", None), ("#### 10 - 2 = 8", None), ("#### 12 or 13", None),
     ],
 )
 def test_extract_gold(gold, expected):

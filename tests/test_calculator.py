@@ -141,6 +141,12 @@ def test_wrong_annotation_inside_right_prose_is_reported():
         ("3 boxes x 4 = 13 pencils", 1, 0),  # not units that convert
         ("6 months x 2 = 1 year", 0, 0),  # no fixed factor: not judged when wrong as written
         ("6 months x 2 = 12 months", 1, 1),
+        # units that mix within the left side: one factor cannot read it, so it is not judged
+        ("50 cents + $2 = $2.50", 0, 0),
+        ("20 cents x 5 + $3 = $4", 0, 0),
+        ("1 hour 30 minutes x 2 = 3 hours", 0, 0),
+        ("$2 and 50 cents x 2 = $5", 0, 0),
+        ("5 pounds 8 ounces x 2 = 11 pounds", 0, 0),
     ],
 )
 def test_prose_equation(text, checked, correct):

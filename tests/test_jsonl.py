@@ -78,7 +78,7 @@ def test_bad_lines_raise_in_strict_mode(tmp_path, line, problem):
     ({"question": ["q"], "answer": "#### 3"}, "question", "is a list, not a string"),
     ({"question": "q", "answer": {"n": 3}}, "answer", "is an object, not a string or a number"),
     ({"question": "q", "answer": True}, "answer", "is a boolean, not a string or a number"),
-    ({"question": "q", "answer": float("nan")}, "answer", "is NaN or an infinity"),  # Python's json reads NaN
+    ({"question": "q", "answer": float("nan")}, "answer", "is not a finite number"),  # Python's json reads NaN
 ])
 def test_a_field_of_the_wrong_type_is_refused_on_its_line(tmp_path, row, field, problem):
     # {"question": 12} passed the presence check and crashed synthesis with an AttributeError

@@ -686,6 +686,23 @@ def test_a_flood_of_text_is_refused_after_tokenizing_a_prefix(engine, monkeypatc
     with pytest.raises(RequestError, match="needs at least"):
         engine.prepare(req, budget)
     assert len(rec.lengths) < 50
+    # a max_tokens that leaves a prompt a token or two: pieces of a few KB, not of a few characters
+    # (counting then cost more than tokenizing it all); past the context: refused untokenized
+    saved, engine.context = engine.context, None
+    try:
+        req = parse_request({"model": "tiny-llama", "prompt": flood, "max_tokens": 65535}, chat=False,
+                            models=engine.names)
+        rec.lengths.clear()
+        with pytest.raises(RequestError, match="needs at least"):
+            engine.prepare(req, 65536)
+        assert len(rec.lengths) == 1
+    finally:
+        engine.context = saved
+    req = parse_request({"model": "tiny-llama", "prompt": flood, "max_tokens": 2048}, chat=False, models=engine.names)
+    rec.lengths.clear()
+    with pytest.raises(RequestError, match=r"max_tokens \(2048\) leaves no room for a prompt in the model's context"):
+        engine.prepare(req, 1 << 20)
+    assert rec.lengths == []
     # text of more characters per token than the pieces allow for, within the budget, still runs
     dense = " kilometers" * 1000
     req = parse_request({"model": "tiny-llama", "prompt": dense, "max_tokens": 16}, chat=False, models=engine.names)

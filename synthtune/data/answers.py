@@ -631,9 +631,9 @@ def _repair_truncated(text: str, match: re.Match[str]) -> Fraction | None:
     Small models often loop ("... The answer is 18. The answer is 18. The answer is 1") until the token
     limit cuts the last number short.  When the words before the cut number occurred earlier followed
     by a longer number starting with the same digits, and the clause that leads to each (from the
-    last comma, full stop or line break) is the same, or the text between the two (past the earlier
-    one's punctuation) also came right before the earlier one, the text is such a loop and the
-    earlier number is what was being written.  Otherwise it is no loop: "I first thought the answer is 12, but
+    last comma, full stop or line break) is the same with no other number between them, or the text
+    between the two (past the earlier one's punctuation) also came right before the earlier one, the
+    text is such a loop and the earlier number is what was being written.  Otherwise it is no loop: "I first thought the answer is 12, but
     3 - 2 = 1, so the answer is 1" corrects its answer, and a completion whose stop string was
     removed (``Sample.text`` is) ends in a number just as a cut-off one does.
     """
@@ -655,9 +655,13 @@ def _repair_truncated(text: str, match: re.Match[str]) -> Fraction | None:
                 # a loop: the same clause leads to both, or what lies between them came before too
                 # ("18 18 18 1": nothing but spaces between)
                 between = text[earlier.end(): match.start() - len(context)].lstrip(_AFTER_ANSWER)
-                loop = (_clause_before(text, earlier.start()) == _clause_before(text, match.start())
-                        or text.endswith(between, 0, pos))
-                return _match_value(earlier) if loop else None
+                value = _match_value(earlier)
+                # ... and no other number between them: "The answer is 12. Wait: 15 - 14 = 1. The
+                # answer is 1" corrects itself with the same words
+                same = (_clause_before(text, earlier.start()) == _clause_before(text, match.start())
+                        and all(_match_value(m) == value
+                                for m in NUMBER_RE.finditer(text, earlier.end(), match.start() - len(context))))
+                return value if same or text.endswith(between, 0, pos) else None
         pos = text.rfind(context, 0, pos + len(context) - 1)
     return None
 
@@ -749,7 +753,7 @@ def _fallback_answer(text: str, cut_off: bool = False) -> str | None:
     if not numbers:
         return None
     last = _number_matches(text)[-1]
-    if last.start() > numbers[-1][0].start() and last["den"] is not None and not int(last["den"]):
+    if last.start() > numbers[-1][0].start() and last["den"] is not None and not last["den"].strip("0"):
         return None  # "... = 7. So 5/0": the last number is none, and the one before it no answer
     last_match, last_value = numbers[-1]
     if cut_off:
@@ -823,16 +827,17 @@ def extract_gold(text: str | int | float) -> str | None:
         normalized = normalize_number(first_line)
         if normalized is not None:
             return normalized
-        # "#### 72 dollars" and "#### 25 m^2" are 72 and 25, but "#### 1 1/2" is no 1
+        # "#### 72 dollars" and "#### 25 m^2" are 72 and 25; "#### 1 1/2", "#### 3 hours 20 minutes"
+        # and "#### 4:30" are no 1, 3 or 4: past a unit's exponent, the rest holds no digit
         line = _clean_latex(first_line)
         found = _first_number_at(line, 0)
-        if found is None or _MIXED_REST_RE.match(line, found[0].end()):
+        if found is None or any(c.isdigit() for c in _EXPONENT_RE.sub("", line[found[0].end():])):
             return None
         return _canonical(found[1])
     return normalize_number(text)
 
 
-_MIXED_REST_RE = re.compile(r"[ \t]+\d+[ \t]*/[ \t]*\d")
+_EXPONENT_RE = re.compile(r"(?<=[^\W\d_])(?:\^\{?\d\}?|[²³])")
 
 
 def is_correct(completion: str, gold: str | int | float) -> bool:

@@ -640,8 +640,10 @@ def _prose_equations(text: str, annotated: list[tuple[int, int]], shown: str,
             restated = j if j < len(annotated) and annotated[j][1] <= right[-1].end else None
             factors = _conversions(text, left, right)
             problem = _check_equation(text, left, right, parts[i + 1], shown, factors or set())
-            if problem is not None and factors is None:
-                continue  # "6 months x 2 = 1 year": a conversion without a fixed factor
+            if problem is not None and (factors is None or (factors and _mixed_units(text, left))):
+                # "6 months x 2 = 1 year" (no fixed factor), "50 cents + $2 = $2.50" (the units mix
+                # within the left side): one factor cannot read it, so it is not judged
+                continue
             results.append((problem, restated))
     return results
 
@@ -693,6 +695,19 @@ def _conversions(text: str, left: list[_Tok], right: list[_Tok]) -> set[Fraction
             return None
         factors.add(Fraction(from_size, size))
     return factors
+
+
+_COMPOUND_BEFORE_RE = re.compile(r"(?:\d[ \t]*([^\W\d_]+)|\$[ \t]*\d[\d,.]*)[ \t]+(?:and[ \t]+)?$")
+
+
+def _mixed_units(text: str, left: list[_Tok]) -> bool:
+    """Whether the left side holds more than one unit of a dimension: a sum or difference, a dollar
+    amount beside cents, or the tail of a compound quantity ("1 hour 30 minutes x 2", "$2 and 50
+    cents x 2")."""
+    if any(t.kind == "op" and t.text in "+-\u2212" for t in left) or any("$" in t.text for t in left):
+        return True
+    before = _COMPOUND_BEFORE_RE.search(text, max(0, left[0].start - 40), left[0].start)
+    return before is not None and (before.group(1) is None or _unit(before.group(1)) is not None)
 
 
 def _check_equation(text: str, left: list[_Tok], right: list[_Tok], right_part: list[_Tok], shown: str,

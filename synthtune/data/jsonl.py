@@ -85,7 +85,8 @@ def _type_names(kinds: tuple[type, ...]) -> str:
 def _kind_error(value: Any, kinds: tuple[type, ...]) -> str | None:
     """Why ``value`` is not one of ``kinds`` (bool is no number here), or None if it is."""
     if isinstance(value, float) and float in kinds and not math.isfinite(value):
-        return "is NaN or an infinity, which JSON has no number for"  # Python's json reads them anyway
+        # Python's json reads NaN and Infinity, and 1e400 as an infinity; JSON has no such numbers
+        return "is not a finite number (NaN, an infinity, or past a float's range)"
     if isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool)):
         return None
     return f"is {json_type(value)}, not {_type_names(kinds)}"

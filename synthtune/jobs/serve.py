@@ -104,6 +104,7 @@ PREFIX_CHARS_PER_TOKEN = 8
 #: tokens a cut can add to a piece (a word split in two): pieces over the cap by more than this each
 #: are a whole prompt over it
 PREFIX_CUT_SLACK = 8
+MIN_PIECE_CHARS = 4096
 #: T5 and its kin have relative positions and name no context; they were pretrained on 512 tokens
 SEQ2SEQ_DEFAULT_CONTEXT = 512
 #: chat roles and the role the chat template sees; OpenAI's ``developer`` is its newer name for ``system``
@@ -504,6 +505,10 @@ class Engine:
         if floor > max_request_tokens:  # refuse before tokenizing a huge list
             raise self._over_budget(req, floor, max_request_tokens, at_least=True)
         least_new = 1 if req.fit_max_tokens else req.max_tokens
+        if self.context is not None and not self.lm.is_seq2seq and least_new >= self.context:
+            # no prompt can fit beside it: refused before any text is tokenized
+            raise RequestError(400, f"max_tokens ({least_new}) leaves no room for a prompt in the model's context "
+                               f"of {self.context} tokens; lower max_tokens", param="max_tokens")
         k = len(req.prompts)
         # the prompt tokens the request may hold: n x (their sum + k x least_new) within the budget
         room = max_request_tokens // req.n - k * least_new
@@ -644,7 +649,9 @@ class Engine:
         """Tokenize ``text`` piece by piece, each of ``PREFIX_CHARS_PER_TOKEN x cap`` characters cut at
         whitespace, and raise ``_TooLong`` as soon as the pieces so far hold more than ``cap`` tokens:
         a flood of text costs one piece or a few, however long the body."""
-        step = PREFIX_CHARS_PER_TOKEN * (cap + 1)
+        # at least a few KB a piece: with a cap of a few tokens, pieces of a few characters each
+        # made counting cost more than one whole tokenization
+        step = max(PREFIX_CHARS_PER_TOKEN * (cap + 1), MIN_PIECE_CHARS)
         counted = pieces = start = 0
         while start < len(text):
             end = start + step
