@@ -136,6 +136,8 @@ def test_wrong_annotation_inside_right_prose_is_reported():
         ("2 hours x 60 = 120 minutes", 1, 1),  # the multiplier converts: right as written
         ("2 hours x 60 = 121 minutes", 1, 0),
         ("2 dollars x 4 = 800 cents", 1, 1),
+        ("30 min x 4 = 2 hours", 1, 1),  # abbreviations
+        ("8 oz x 6 = 3 lbs", 1, 1),
         ("2 dollars x 4 = 900 cents", 1, 0),
         ("30 minutes x 4 = 121 minutes", 1, 0),  # one unit on both sides
         ("3 boxes x 4 = 13 pencils", 1, 0),  # not units that convert

@@ -660,6 +660,9 @@ _UNIT_SIZES = {
     "ounce": ("mass", 1), "pound": ("mass", 16),
     "cup": ("volume", 1), "pint": ("volume", 2), "quart": ("volume", 4), "gallon": ("volume", 16),
 }
+#: abbreviations as GSM8K-style text writes them ("in" is left out: it is a preposition first)
+_UNIT_ABBREVIATIONS = {"sec": "second", "min": "minute", "hr": "hour", "wk": "week", "yr": "year",
+                       "ft": "foot", "yd": "yard", "oz": "ounce", "lb": "pound", "qt": "quart", "gal": "gallon"}
 _UNIT_AFTER_RE = re.compile(r"[ \t]*([^\W\d_]+|¢)")
 _WORD_RE = re.compile(r"[^\W\d_]+")
 
@@ -672,6 +675,8 @@ def _unit(word: str) -> str | None:
     for stem in (w, w[:-1] if w.endswith("s") else "", w[:-2] if w.endswith("es") else ""):
         if stem in _UNIT_SIZES:
             return stem
+        if stem in _UNIT_ABBREVIATIONS:
+            return _UNIT_ABBREVIATIONS[stem]
     return None
 
 
