@@ -700,7 +700,7 @@ def test_a_flood_of_text_is_refused_after_tokenizing_a_prefix(engine, monkeypatc
         engine.context = saved
     req = parse_request({"model": "tiny-llama", "prompt": flood, "max_tokens": 2048}, chat=False, models=engine.names)
     rec.lengths.clear()
-    with pytest.raises(RequestError, match=r"max_tokens \(2048\) leaves no room for a prompt in the model's context"):
+    with pytest.raises(RequestError, match=r"max_tokens \(2048\) plus a prompt of at least one token exceeds the model's context"):
         engine.prepare(req, 1 << 20)
     assert rec.lengths == []
     # text of more characters per token than the pieces allow for, within the budget, still runs

@@ -507,8 +507,8 @@ class Engine:
         least_new = 1 if req.fit_max_tokens else req.max_tokens
         if self.context is not None and not self.lm.is_seq2seq and least_new >= self.context:
             # no prompt can fit beside it: refused before any text is tokenized
-            raise RequestError(400, f"max_tokens ({least_new}) leaves no room for a prompt in the model's context "
-                               f"of {self.context} tokens; lower max_tokens", param="max_tokens")
+            raise RequestError(400, f"max_tokens ({least_new}) plus a prompt of at least one token exceeds the "
+                               f"model's context of {self.context} tokens; lower max_tokens", param="max_tokens")
         k = len(req.prompts)
         # the prompt tokens the request may hold: n x (their sum + k x least_new) within the budget
         room = max_request_tokens // req.n - k * least_new
