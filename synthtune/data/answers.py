@@ -633,9 +633,10 @@ def _repair_truncated(text: str, match: re.Match[str]) -> Fraction | None:
     by a longer number starting with the same digits, and the clause that leads to each (from the
     last comma, full stop or line break) is the same with no other number between them, or the text
     between the two (past the earlier one's punctuation) also came right before the earlier one, the
-    text is such a loop and the earlier number is what was being written.  Otherwise it is no loop: "I first thought the answer is 12, but
-    3 - 2 = 1, so the answer is 1" corrects its answer, and a completion whose stop string was
-    removed (``Sample.text`` is) ends in a number just as a cut-off one does.
+    text is such a loop and the earlier number is what was being written.  Otherwise it is no loop:
+    "I first thought the answer is 12, but 3 - 2 = 1, so the answer is 1" corrects its answer, and a
+    completion whose stop string was removed (``Sample.text`` is) ends in a number just as a cut-off
+    one does.
     """
     if match.end() != len(text):
         return None

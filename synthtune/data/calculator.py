@@ -709,7 +709,7 @@ def _mixed_units(text: str, left: list[_Tok]) -> bool:
     """Whether the left side holds more than one unit of a dimension: a sum or difference, a dollar
     amount beside cents, or the tail of a compound quantity ("1 hour 30 minutes x 2", "$2 and 50
     cents x 2")."""
-    if any(t.kind == "op" and t.text in "+-\u2212" for t in left) or any("$" in t.text for t in left):
+    if any(t.kind == "op" and t.text in ("+", "-", "\u2212") for t in left) or any("$" in t.text for t in left):
         return True
     before = _COMPOUND_BEFORE_RE.search(text, max(0, left[0].start - 40), left[0].start)
     return before is not None and (before.group(1) is None or _unit(before.group(1)) is not None)

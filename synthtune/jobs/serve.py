@@ -104,6 +104,8 @@ PREFIX_CHARS_PER_TOKEN = 8
 #: tokens a cut can add to a piece (a word split in two): pieces over the cap by more than this each
 #: are a whole prompt over it
 PREFIX_CUT_SLACK = 8
+#: the least characters a piece holds: with a cap of a few tokens, pieces of a few characters each
+#: made the count cost more than one whole tokenization
 MIN_PIECE_CHARS = 4096
 #: T5 and its kin have relative positions and name no context; they were pretrained on 512 tokens
 SEQ2SEQ_DEFAULT_CONTEXT = 512
@@ -649,8 +651,6 @@ class Engine:
         """Tokenize ``text`` piece by piece, each of ``PREFIX_CHARS_PER_TOKEN x cap`` characters cut at
         whitespace, and raise ``_TooLong`` as soon as the pieces so far hold more than ``cap`` tokens:
         a flood of text costs one piece or a few, however long the body."""
-        # at least a few KB a piece: with a cap of a few tokens, pieces of a few characters each
-        # made counting cost more than one whole tokenization
         step = max(PREFIX_CHARS_PER_TOKEN * (cap + 1), MIN_PIECE_CHARS)
         counted = pieces = start = 0
         while start < len(text):
