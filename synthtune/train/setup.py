@@ -343,7 +343,23 @@ def deepspeed_cpu_process_group():
     from accelerate.utils import InitProcessGroupKwargs
     from deepspeed.accelerator import get_accelerator
 
+    _skip_deepspeed_shm_build()
     return InitProcessGroupKwargs(backend=get_accelerator().communication_backend_name())
+
+
+def _skip_deepspeed_shm_build() -> None:
+    """Keep DeepSpeed from compiling its CPU shared-memory all-reduce op at its first init.
+
+    Its CPU comm backend JIT-builds ``deepspeed_shm_comm`` (C++, with g++ and ninja) in each new
+    environment, ~45 s of CPU with every rank of the launch waiting, for ``inference_all_reduce``
+    alone; training's collectives (ZeRO's gathers and reductions) go through torch.distributed.
+    Marked incompatible in DeepSpeed's table of ops, it is not built and nothing else changes.
+    """
+    import deepspeed.ops
+
+    table = getattr(deepspeed.ops, "__compatible_ops__", None)  # probed lazily, on first access
+    if isinstance(table, dict):  # a DeepSpeed without the table builds the op as before
+        table["deepspeed_shm_comm"] = False
 
 
 def trainable_parameters(model) -> tuple[int, int]:
