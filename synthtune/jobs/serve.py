@@ -635,7 +635,7 @@ class Engine:
     def _encode(self, prompt, chat: bool, cap: int | None = None) -> list[int]:
         """Prompt ids: a completions prompt verbatim (encoded as a plain-format prompt is), a chat
         conversation rendered by the chat format, as training and ``synthtune eval`` render it.
-        ``_TooLong`` when a prefix of the text alone has more than ``cap`` tokens."""
+        ``_TooLong`` when the text, counted in pieces (:meth:`_count_within`), has more than ``cap`` tokens."""
         tok = self.lm.tokenizer
         if not chat and isinstance(prompt, list):  # token ids: used as sent, as vLLM does
             return list(prompt)
@@ -648,8 +648,8 @@ class Engine:
         return tok(text, add_special_tokens=add_special_tokens("chat" if chat else "plain"))["input_ids"]
 
     def _count_within(self, text: str, cap: int) -> None:
-        """Tokenize ``text`` piece by piece, each of ``PREFIX_CHARS_PER_TOKEN x cap`` characters cut at
-        whitespace, and raise ``_TooLong`` as soon as the pieces so far hold more than ``cap`` tokens:
+        """Tokenize ``text`` piece by piece, each of ``PREFIX_CHARS_PER_TOKEN x cap`` characters (at least
+        ``MIN_PIECE_CHARS``) cut at whitespace, and raise ``_TooLong`` as soon as the pieces so far hold more than ``cap`` tokens:
         a flood of text costs one piece or a few, however long the body."""
         step = max(PREFIX_CHARS_PER_TOKEN * (cap + 1), MIN_PIECE_CHARS)
         counted = pieces = start = 0
